@@ -1,0 +1,185 @@
+"""The `edged` command line: run the daemon, check a config, and run the models on files.
+
+Errors a user can fix (bad config, missing file, bad model) print one line on stderr and exit
+with status 2; nothing here prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edged import __version__
+
+EXIT_USAGE = 2
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="PATH",
+                   help="TOML config file (default: /etc/edged/edged.toml if it exists, "
+                        "else the embedded defaults: demo sources, broker on 127.0.0.1:1883)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edged",
+        description="Edge-ML daemon: runs TFLite models on camera frames and IMU samples "
+                    "in-process and publishes compact results over MQTT.")
+    p.add_argument("--version", action="version", version=f"edged {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="run the daemon until SIGTERM/Ctrl-C",
+                       description="Run the daemon: sources → models → outbox → MQTT.")
+    _config_arg(r)
+
+    c = sub.add_parser("check-config", help="validate a config file without starting",
+                       description="Validate a config file; print one line per problem; exit 2 if any.")
+    c.add_argument("path", help="TOML config file")
+
+    d = sub.add_parser("detect", help="run the vision model on image files, one JSON line each",
+                       description="Run the vision model on image files and print one JSON line "
+                                   'per image: {"image": PATH, "objects": [{label, score, box}]}.')
+    d.add_argument("images", nargs="+", metavar="IMAGE")
+    d.add_argument("--model", help="vision model name from the manifest (default: the config's vision.model)")
+    d.add_argument("--threshold", type=float, help="minimum score (default: the model's own)")
+    _config_arg(d)
+
+    m = sub.add_parser("motion", help="run the motion model on an IMU CSV, one JSON line per window",
+                       description="Run the motion stage on a CSV with columns t,ax,ay,az,gx,gy,gz "
+                                   "(seconds, m/s², rad/s, as a chip reports them) and print one "
+                                   'JSON line per window: {"t", "label", "score", "signature"}.')
+    m.add_argument("csv", metavar="CSV")
+    m.add_argument("--model", help="motion model name from the manifest (default: the config's motion.model)")
+    _config_arg(m)
+
+    mo = sub.add_parser("models", help="list or verify the shipped models",
+                        description="List the models in the manifest, or verify their files' sha256.")
+    mo.add_argument("action", choices=("list", "verify"))
+    _config_arg(mo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from edged.camera import CameraError
+    from edged.config import ConfigError
+    from edged.models import ModelError
+    from edged.outbox import OutboxError
+    from edged.runtime import RuntimeUnavailable
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"edged: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ModelError, RuntimeUnavailable, CameraError, OutboxError) as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _load_config(args) -> "Config":
+    from edged import config
+
+    path = args.config
+    if path is None and config.DEFAULT_PATH.is_file():
+        path = config.DEFAULT_PATH
+    return config.load(path)
+
+
+def cmd_run(args) -> int:
+    from edged import log
+    from edged.daemon import Daemon
+
+    cfg = _load_config(args)
+    log.setup(cfg.log_level)
+    daemon = Daemon(cfg)
+    daemon.open()
+    return daemon.run()
+
+
+def cmd_check_config(args) -> int:
+    from edged import config
+
+    cfg = config.load(args.path)
+    print(f"{args.path}: ok (device_id={cfg.device_id}, broker={cfg.mqtt.host}:{cfg.mqtt.port})")
+    return 0
+
+
+def _stage_model(args, task: str, default: str):
+    from edged.daemon import _entry
+    from edged.models import default_models_dir, load_manifest, open_model
+
+    cfg = _load_config(args) if args.config else None
+    models_dir = Path(cfg.models_dir) if cfg and cfg.models_dir else default_models_dir()
+    name = args.model or default
+    entry = _entry(load_manifest(models_dir), name, task, "--model")
+    return entry, open_model(entry)
+
+
+def cmd_detect(args) -> int:
+    from edged.camera import CameraError, decode_image
+    from edged.vision import VisionStage
+
+    entry, model = _stage_model(args, "vision", "face")
+    stage = VisionStage(model, entry, score_threshold=args.threshold)
+    failed = 0
+    for path in args.images:
+        try:
+            image = decode_image(Path(path))
+        except CameraError as exc:
+            print(f"edged: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        objects = stage.detect(image)
+        print(json.dumps({"image": path, "objects": [
+            {"label": o.label, "score": round(o.score, 3), "box": [round(x, 4) for x in o.box]}
+            for o in objects]}), flush=True)
+    return EXIT_USAGE if failed else 0
+
+
+def cmd_motion(args) -> int:
+    from edged.motion import MotionStage, read_imu_csv
+
+    entry, model = _stage_model(args, "motion", "motion")
+    stage = MotionStage(model, entry)
+    batch = read_imu_csv(Path(args.csv))
+    for sig in stage.push(batch):
+        print(json.dumps({"t": round(sig.ts, 3), "label": sig.label, "score": round(sig.score, 3),
+                          "signature": list(sig.signature)}), flush=True)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from edged.models import ModelError, default_models_dir, load_manifest, verify
+
+    cfg = _load_config(args) if args.config else None
+    models_dir = Path(cfg.models_dir) if cfg and cfg.models_dir else default_models_dir()
+    manifest = load_manifest(models_dir)
+    bad = 0
+    for e in manifest.values():
+        if args.action == "list":
+            print(f"{e.name:10} {e.task:7} {e.path.name:40} {e.size:>9}  {e.license:12} labels={','.join(e.labels[:6])}")
+            continue
+        try:
+            verify(e)
+            print(f"{e.name}: ok ({e.path.name}, sha256 {e.sha256[:12]}…)")
+        except ModelError as exc:
+            print(f"{e.name}: FAILED: {exc}")
+            bad += 1
+    return 1 if bad else 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "detect": cmd_detect,
+    "motion": cmd_motion,
+    "models": cmd_models,
+}

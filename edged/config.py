@@ -1,0 +1,283 @@
+"""edged's configuration: one TOML file, typed sections, strict validation with one line per problem.
+
+Every key has a default, so an empty or missing file runs the demo pipeline (replay camera on the
+shipped sample images, replay IMU on the shipped recording, local broker). Validation reports
+every problem at once as `FILE:LINE: KEY: expected …, got …` so an operator can fix a config in
+one pass; the CLI turns a `ConfigError` into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+DEFAULT_PATH = Path("/etc/edged/edged.toml")
+_REPO = Path(__file__).resolve().parent.parent
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; `problems` holds one user-facing line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _samples_dir() -> Path:
+    import sys
+
+    for c in (_REPO / "samples", Path(sys.prefix) / "share" / "edged" / "samples"):
+        if c.is_dir():
+            return c
+    return _REPO / "samples"
+
+
+def _state_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; elsewhere follow XDG.
+    env = os.environ.get("STATE_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edged"
+
+
+def _check(**meta: Any) -> Any:
+    return meta
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=1883, metadata=_check(min=1, max=65535))
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    client_id: str = ""
+    topic_prefix: str = field(default="edged", metadata=_check(pattern=r"^[^#+\s]+$"))
+    keepalive_s: int = field(default=30, metadata=_check(min=5, max=3600))
+    max_inflight: int = field(default=32, metadata=_check(min=1, max=1000))
+    reconnect_min_s: float = field(default=1.0, metadata=_check(min=0.1, max=60))
+    reconnect_max_s: float = field(default=60.0, metadata=_check(min=1, max=3600))
+
+
+@dataclass
+class CameraConfig:
+    enabled: bool = True
+    source: str = field(default="replay", metadata=_check(choices=("replay",)))
+    path: str = field(default_factory=lambda: str(_samples_dir() / "images"))
+    fps: float = field(default=2.0, metadata=_check(min=0.01, max=120))
+    loop: bool = True
+
+
+@dataclass
+class VisionConfig:
+    model: str = "face"
+    score_threshold: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # 0 = model's own
+    heartbeat_s: float = field(default=30.0, metadata=_check(min=1, max=86400))
+    threads: int = field(default=0, metadata=_check(min=0, max=16))  # 0 = one per core, up to 4
+
+
+@dataclass
+class ImuConfig:
+    enabled: bool = True
+    source: str = field(default="replay", metadata=_check(choices=("replay",)))
+    path: str = field(default_factory=lambda: str(_samples_dir() / "imu" / "basicmotions_demo.csv"))
+    speed: float = field(default=1.0, metadata=_check(min=0.01, max=1000))
+    loop: bool = True
+
+
+@dataclass
+class MotionConfig:
+    model: str = "motion"
+    threads: int = field(default=1, metadata=_check(min=0, max=16))
+
+
+@dataclass
+class OutboxConfig:
+    path: str = ""  # default: <state_dir>/outbox.db
+    max_bytes: int = field(default=64 * 1024 * 1024, metadata=_check(min=64 * 1024, max=1 << 40))
+    synchronous: str = field(default="full", metadata=_check(choices=("full", "normal")))
+
+
+@dataclass
+class StatsConfig:
+    interval_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
+
+
+@dataclass
+class Config:
+    device_id: str = field(default_factory=lambda: _sanitize_id(socket.gethostname()),
+                           metadata=_check(pattern=_ID_RE.pattern))
+    log_level: str = field(default="info", metadata=_check(choices=("debug", "info", "warning", "error")))
+    state_dir: str = field(default_factory=lambda: str(_state_dir()))
+    models_dir: str = ""  # default: the shipped models
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    imu: ImuConfig = field(default_factory=ImuConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    source_path: str = field(default="<defaults>", metadata=_check(internal=True))
+
+    @property
+    def outbox_path(self) -> Path:
+        return Path(self.outbox.path) if self.outbox.path else Path(self.state_dir) / "outbox.db"
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.device_id}/{leaf}"
+
+
+def _sanitize_id(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64].strip("-")
+    return cleaned or "edged"
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a config file; `None` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}"]) from None
+    return parse(text, str(path))
+
+
+def parse(text: str, name: str = "<config>") -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        line = f":{m.group(1)}" if m else ""
+        raise ConfigError([f"{name}{line}: TOML syntax error: {re.sub(r' [(]at line.*', '', msg)}"]) from None
+    lines = _key_lines(text)
+    problems: list[str] = []
+    cfg = _build(Config, doc, "", name, lines, problems)
+    cfg.source_path = name
+    _cross_checks(cfg, name, lines, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _build(cls: type, table: dict, prefix: str, name: str, lines: dict[str, int], problems: list[str]):
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        where = f"{name}:{lines[dotted]}" if dotted in lines else name
+        f = known.get(key)
+        if f is None:
+            hint = ", ".join(sorted(known))
+            problems.append(f"{where}: {dotted}: unknown key (known here: {hint})")
+            continue
+        typ = hints[f.name]
+        if is_dataclass(typ):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: {dotted}: expected a table [{dotted}], got {_tname(value)}")
+                continue
+            kwargs[key] = _build(typ, value, dotted + ".", name, lines, problems)
+            continue
+        err = _validate(value, typ, f.metadata)
+        if err:
+            problems.append(f"{where}: {dotted}: {err}")
+            continue
+        kwargs[key] = float(value) if typ is float else value
+    return cls(**kwargs)
+
+
+def _validate(value: Any, typ: Any, meta: dict) -> str | None:
+    want = typ
+    if get_origin(typ) is not None:  # e.g. list[str]
+        want = get_origin(typ)
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif want is str:
+        ok = isinstance(value, str)
+    elif want is list:
+        ok = isinstance(value, list) and all(isinstance(v, get_args(typ)[0]) for v in value)
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        return f"expected {_tname_of(typ)}, got {_tname(value)} {value!r}"
+    if "min" in meta and value < meta["min"] or "max" in meta and value > meta["max"]:
+        return f"expected {meta.get('min')} to {meta.get('max')}, got {value!r}"
+    if "choices" in meta and value not in meta["choices"]:
+        return f"expected one of {', '.join(map(repr, meta['choices']))}, got {value!r}"
+    if "pattern" in meta and not re.match(meta["pattern"], value):
+        return f"expected text matching {meta['pattern']}, got {value!r}"
+    return None
+
+
+def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[str]) -> None:
+    def where(key: str) -> str:
+        return f"{name}:{lines[key]}" if key in lines else name
+
+    m = cfg.mqtt
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(m, key)
+        if value and not Path(value).is_file():
+            problems.append(f"{where('mqtt.' + key)}: mqtt.{key}: file not found: {value}")
+    if bool(m.cert_file) != bool(m.key_file):
+        problems.append(f"{where('mqtt.cert_file')}: mqtt.cert_file/key_file: give both or neither")
+    if m.reconnect_min_s > m.reconnect_max_s:
+        problems.append(f"{where('mqtt.reconnect_min_s')}: mqtt.reconnect_min_s: must not exceed reconnect_max_s")
+    for section in ("camera", "imu"):
+        sec = getattr(cfg, section)
+        if sec.enabled and sec.source == "replay" and not Path(sec.path).exists():
+            problems.append(f"{where(section + '.path')}: {section}.path: not found: {sec.path}")
+
+
+_KEY = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
+_TABLE_RE = re.compile(rf"^\s*\[\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*\]")
+_ASSIGN_RE = re.compile(rf"^\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*=")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted keys to the line that sets them (for error messages; best effort)."""
+    out: dict[str, int] = {}
+    table = ""
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _TABLE_RE.match(line)
+        if m:
+            table = _dotted(m.group(1))
+            out.setdefault(table, n)
+            continue
+        m = _ASSIGN_RE.match(line)
+        if m:
+            key = _dotted(m.group(1))
+            out.setdefault(f"{table}.{key}" if table else key, n)
+    return out
+
+
+def _dotted(raw: str) -> str:
+    return ".".join(p.strip().strip("\"'") for p in re.split(r"\s*\.\s*(?=(?:[^\"']|[\"'][^\"']*[\"'])*$)", raw))
+
+
+def _tname(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+def _tname_of(typ: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        typ, "an array" if get_origin(typ) is list else getattr(typ, "__name__", str(typ)))

@@ -1,0 +1,68 @@
+"""Typed records that cross edged's internal boundaries: source → stage → outbox.
+
+Sources produce `Frame` and `ImuBatch` (SI units); stages produce `Detections` and
+`MotionSignature`. Nothing here knows about MQTT or SQLite; `codec.py` turns results into
+payloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# Column order of IMU samples everywhere in edged: accelerometer in m/s², gyroscope in rad/s.
+IMU_CHANNELS = ("ax", "ay", "az", "gx", "gy", "gz")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One camera frame: RGB, uint8, shape (H, W, 3); `ts` is the capture time (UNIX seconds)."""
+
+    ts: float
+    image: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class ImuBatch:
+    """Consecutive IMU samples: `t` float64 (N,) UNIX seconds, `data` float32 (N, 6) in IMU_CHANNELS order."""
+
+    t: np.ndarray
+    data: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+@dataclass(frozen=True, slots=True)
+class DetectedObject:
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # normalised [x0, y0, x1, y1], origin top-left
+
+
+@dataclass(frozen=True, slots=True)
+class Detections:
+    """What the vision stage saw in one frame."""
+
+    ts: float
+    objects: tuple[DetectedObject, ...]
+    inference_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class MotionSignature:
+    """What the motion stage made of one IMU window.
+
+    `signature` is the model's embedding output as int8 values (the quantised tensor as the model
+    produced it); `ts` is the capture time of the window's last sample.
+    """
+
+    ts: float
+    label: str
+    score: float
+    signature: tuple[int, ...]
+    window_s: float
+    inference_ms: float

@@ -1,0 +1,187 @@
+"""The in-process TFLite runtime: picks the interpreter library, loads one model, reuses its buffers.
+
+edged runs models inside the daemon's own process. The interpreter comes from LiteRT
+(`ai_edge_litert`, the default on 64-bit Pi OS and x86_64) or, where LiteRT has no wheel
+(32-bit Pi OS), from `tflite_runtime`. A `Model` owns one interpreter; an interpreter is not
+thread-safe, so each stage owns its own `Model` and calls it from one thread.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+# Tried in this order; the first importable one wins.
+_RUNTIMES = (
+    ("ai_edge_litert", "ai_edge_litert.interpreter"),
+    ("tflite_runtime", "tflite_runtime.interpreter"),
+)
+
+INSTALL_HINT = (
+    "no TFLite runtime is installed: on 64-bit Pi OS or x86_64 run "
+    "'pip install ai-edge-litert'; on 32-bit Pi OS run \"pip install tflite-runtime 'numpy<2'\""
+)
+
+
+class RuntimeUnavailable(RuntimeError):
+    """No usable TFLite interpreter library, or a model the runtime cannot load."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    version: str
+    interpreter_cls: Any
+    load_delegate: Callable[..., Any]
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The interpreter library this process uses (imported once, on first use)."""
+    global _runtime
+    if _runtime is None:
+        for dist, module in _RUNTIMES:
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                continue
+            top = importlib.import_module(dist)
+            version = getattr(top, "__version__", None) or _dist_version(dist)
+            _runtime = Runtime(dist, version, mod.Interpreter, mod.load_delegate)
+            break
+        else:
+            raise RuntimeUnavailable(INSTALL_HINT)
+    return _runtime
+
+
+def _dist_version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor as the model declares it."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float  # 0.0 when the tensor is not quantised
+    zero_point: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale != 0.0 and np.issubdtype(self.dtype, np.integer)
+
+    @classmethod
+    def from_details(cls, d: dict) -> "TensorSpec":
+        scale, zero = d.get("quantization", (0.0, 0))
+        return cls(
+            index=d["index"],
+            name=d["name"],
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=np.dtype(d["dtype"]),
+            scale=float(scale),
+            zero_point=int(zero),
+        )
+
+
+def default_threads() -> int:
+    """One interpreter thread per core, at most 4 (a Pi 4 has 4 cores)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Model:
+    """One loaded model with preallocated input and output buffers.
+
+    `set_input` quantises float data into a reused buffer when the input tensor is integer;
+    `output` dequantises into a reused float32 buffer. Callers must copy what they keep
+    across calls.
+    """
+
+    def __init__(self, path: Path, *, threads: int | None = None, delegates: list | None = None,
+                 backend: str = "cpu") -> None:
+        rt = runtime()
+        self.path = Path(path)
+        self.backend = backend
+        self.runtime = f"{rt.name} {rt.version}"
+        try:
+            self._interp = rt.interpreter_cls(
+                model_path=str(self.path),
+                num_threads=threads or default_threads(),
+                experimental_delegates=delegates or None,
+            )
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeUnavailable(f"{self.path}: cannot load model: {_first_line(exc)}") from None
+        self.inputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_input_details())
+        self.outputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_output_details())
+        self._in_bufs = [np.zeros(t.shape, t.dtype) for t in self.inputs]
+        self._out_bufs = [np.zeros(t.shape, np.float32) for t in self.outputs]
+        self._scratch = [np.zeros(t.shape, np.float32) if t.quantized else None for t in self.inputs]
+
+    def input_buffer(self, i: int = 0) -> np.ndarray:
+        """The reused array `set_input(i)` copies from; fill it in place, then call `commit_input`."""
+        return self._in_bufs[i]
+
+    def set_input(self, i: int, data: np.ndarray) -> None:
+        """Copy (and quantise, for integer inputs) `data` into input tensor `i`."""
+        spec = self.inputs[i]
+        buf = self._in_bufs[i]
+        if spec.quantized and not np.issubdtype(data.dtype, np.integer):
+            tmp = self._scratch[i]
+            np.divide(data, spec.scale, out=tmp, casting="unsafe")
+            np.add(tmp, spec.zero_point, out=tmp)
+            np.rint(tmp, out=tmp)
+            info = np.iinfo(spec.dtype)
+            np.clip(tmp, info.min, info.max, out=tmp)
+            buf[...] = tmp
+        else:
+            buf[...] = data
+        self._interp.set_tensor(spec.index, buf)
+
+    def commit_input(self, i: int = 0) -> None:
+        """Hand `input_buffer(i)`, filled in place by the caller, to the interpreter."""
+        self._interp.set_tensor(self.inputs[i].index, self._in_bufs[i])
+
+    def invoke(self) -> None:
+        self._interp.invoke()
+
+    def output(self, i: int) -> np.ndarray:
+        """Output tensor `i` as float32 (dequantised), in a buffer reused by the next call."""
+        spec = self.outputs[i]
+        raw = self._interp.get_tensor(spec.index)
+        out = self._out_bufs[i]
+        if spec.quantized:
+            np.subtract(raw, spec.zero_point, out=out, casting="unsafe")
+            out *= spec.scale
+        else:
+            out[...] = raw
+        return out
+
+    def raw_output(self, i: int) -> np.ndarray:
+        """Output tensor `i` as the model stores it (e.g. int8), a fresh copy."""
+        return self._interp.get_tensor(self.outputs[i].index)
+
+    def output_by_name(self, name: str) -> int:
+        for i, t in enumerate(self.outputs):
+            if t.name == name:
+                return i
+        raise KeyError(f"{self.path.name}: no output tensor named {name!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,200 @@
+"""Shared test fixtures: a real mosquitto broker on a free loopback port, a real MQTT subscriber,
+and the real daemon as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_bin() -> str:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(found, os.X_OK):
+        pytest.fail("mosquitto is not installed (make test installs it: apt-get install mosquitto)")
+    return found
+
+
+def wait_until(pred, timeout: float, interval: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    return pred()
+
+
+class Broker:
+    """A mosquitto process we can stop and start again on the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        user = f"user {_username()}\n"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}")
+
+    def start(self) -> "Broker":
+        self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        if not wait_until(self._listening, 10):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-500:]}")
+        return self
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def _username() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+class Subscriber:
+    """A real MQTT client that records every message under a topic filter."""
+
+    def __init__(self, broker: Broker, topic: str = "edged/#") -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.topic = topic
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1)
+        c.on_subscribe = lambda *a: self._subscribed.set()
+        c.on_message = self._on_message
+        c.reconnect_delay_set(0.1, 0.5)
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        self.client = c
+        if not self._subscribed.wait(10):
+            raise RuntimeError("test subscriber could not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+    def on(self, leaf: str) -> list[bytes]:
+        with self._lock:
+            return [p for t, p, _ in self.messages if t.endswith("/" + leaf)]
+
+    def json(self, leaf: str) -> list[dict]:
+        return [json.loads(p) for p in self.on(leaf)]
+
+    def wait(self, pred, timeout: float = 30.0):
+        return wait_until(pred, timeout, 0.05)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def subscriber(broker):
+    s = Subscriber(broker)
+    yield s
+    s.close()
+
+
+class DaemonProc:
+    """The real daemon, `python -m edged run`, as systemd would run it."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProc":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(self.config)],
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def write_config(path: Path, broker: Broker, *, device_id: str = "test-dev", extra: str = "") -> Path:
+    path.write_text(
+        f'device_id = "{device_id}"\n'
+        f'state_dir = "{path.parent / "state"}"\n'
+        f"{extra}\n"
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nreconnect_max_s = 2\n')
+    return path
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    procs: list[DaemonProc] = []
+
+    def make(config: Path) -> DaemonProc:
+        d = DaemonProc(config, tmp_path / f"daemon{len(procs)}.log")
+        procs.append(d)
+        return d
+
+    yield make
+    for d in procs:
+        d.kill()

@@ -1,0 +1,70 @@
+"""Config validation: every kind of bad input gives one line naming file, line and key; exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from edged import config
+
+GOOD = 'device_id = "pi-kitchen"\n[mqtt]\nhost = "127.0.0.1"\nport = 1883\n'
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "edged", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_minimal_config_from_the_issue(tmp_path):
+    p = tmp_path / "edged.toml"
+    p.write_text(GOOD)
+    cfg = config.load(p)
+    assert cfg.device_id == "pi-kitchen" and cfg.mqtt.port == 1883
+    assert cfg.topic("status") == "edged/pi-kitchen/status"
+    r = run_cli("check-config", str(p))
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_defaults_need_no_file():
+    cfg = config.load(None)
+    assert cfg.mqtt.host == "127.0.0.1" and cfg.camera.enabled and cfg.imu.enabled
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('device_id = "a"\n[mqtt]\nport = 0\n', "bad.toml:3: mqtt.port: expected 1 to 65535, got 0"),
+    ('[mqtt]\nhost = "h"\nprot = 1883\n', "bad.toml:3: mqtt.prot: unknown key"),
+    ('[mqtt]\nport = "1883"\n', "bad.toml:2: mqtt.port: expected an integer, got string '1883'"),
+    ('device_id = "a b"\n', "bad.toml:1: device_id: expected text matching"),
+    ('[camera]\nfps = -1\n', "bad.toml:2: camera.fps: expected 0.01 to 120, got -1"),
+    ('[mqtt\nport = 1\n', "bad.toml:1: TOML syntax error"),
+    ('mqtt = 1\n', "bad.toml:1: mqtt: expected a table [mqtt], got integer"),
+    ('[imu]\npath = "/nonexistent.csv"\n', "bad.toml:2: imu.path: not found: /nonexistent.csv"),
+    ('[outbox]\nsynchronous = "off"\n', "bad.toml:2: outbox.synchronous: expected one of 'full', 'normal'"),
+])
+def test_bad_config_one_line_exit_2(tmp_path, text, expected):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    for cmd in (("check-config", str(p)), ("run", "--config", str(p))):
+        r = run_cli(*cmd)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert lines[0].startswith("edged: " + str(tmp_path)), lines
+        assert expected in lines[0], lines
+        assert "Traceback" not in r.stderr
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('log_level = "loud"\n[mqtt]\nport = 70000\nkeepalive_s = 1\n')
+    r = run_cli("check-config", str(p))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert [ln.split(": ")[2] for ln in lines] == ["log_level", "mqtt.port", "mqtt.keepalive_s"]
+    assert [ln.split(": ")[1].rsplit(":", 1)[1] for ln in lines] == ["1", "3", "4"]
+
+
+def test_missing_file(tmp_path):
+    r = run_cli("check-config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"edged: {tmp_path / 'nope.toml'}: config file not found"

@@ -1,0 +1,159 @@
+"""The real daemon process against a real mosquitto, on the shipped sample data and real models."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+
+from conftest import Broker, Subscriber, wait_until, write_config
+
+FAST = """
+[camera]
+fps = 5
+[imu]
+speed = 10
+[stats]
+interval_s = 1
+"""
+
+
+def last_seq(state_dir) -> int:
+    db = sqlite3.connect(state_dir / "outbox.db")
+    try:
+        return db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def result_seqs(sub: Subscriber) -> list[int]:
+    return [m["seq"] for leaf in ("detections", "motion") for m in sub.json(leaf)]
+
+
+def assert_no_gap(seqs: list[int], last: int) -> None:
+    assert last > 0
+    missing = sorted(set(range(1, last + 1)) - set(seqs))
+    assert not missing, f"seqs missing at the subscriber: {missing[:20]}"
+
+
+def test_end_to_end_labels_signatures_status_stats(tmp_path, broker, subscriber, daemon_factory):
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    d = daemon_factory(cfg).start()
+    assert subscriber.wait(lambda: len(subscriber.on("motion")) >= 3 and subscriber.on("stats")
+                           and any(m["objects"] for m in subscriber.json("detections")), 60), d.output()
+
+    status = [(t, p, r) for t, p, r in subscriber.messages if t == "edged/test-dev/status"]
+    assert status[0][1] == b"online"
+
+    dets = subscriber.json("detections")
+    labels = {o["label"] for m in dets for o in m["objects"]}
+    assert "face" in labels
+    for m in dets:
+        assert m["device_id"] == "test-dev" and m["v"] == 1
+        for o in m["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and 0 < o["score"] <= 1
+
+    motion = subscriber.json("motion")
+    lengths = {len(m["signature"]) for m in motion}
+    assert len(lengths) == 1 and 1 <= lengths.pop() <= 16
+    assert all(isinstance(v, int) and -128 <= v <= 127 for m in motion for v in m["signature"])
+    assert {m["label"] for m in motion} <= {"standing", "walking", "running", "badminton"}
+
+    stats = subscriber.json("stats")[-1]
+    assert stats["frames"] > 0 and stats["imu_samples"] > 0 and stats["raw_bytes"] > stats["bytes_sent"] > 0
+
+    t0 = time.monotonic()
+    assert d.stop(timeout=10) == 0
+    assert time.monotonic() - t0 < 2.0, "SIGTERM must stop the daemon within 2 s"
+    assert subscriber.wait(lambda: subscriber.on("status")[-1:] == [b"offline"], 5)
+
+    # One seq counter shared by all result topics: contiguous, no gap, nothing left unsent.
+    seqs = result_seqs(subscriber)
+    assert_no_gap(seqs, last_seq(tmp_path / "state"))
+    assert len(seqs) == len(set(seqs))
+
+    # A late subscriber sees the retained status.
+    late = Subscriber(broker, "edged/test-dev/status")
+    assert late.wait(lambda: late.messages, 5)
+    assert late.messages[-1][1:] == (b"offline", True)
+    late.close()
+
+
+def test_broker_down_at_start_everything_arrives_in_order(tmp_path, daemon_factory):
+    broker = Broker(tmp_path)  # port reserved, broker not running yet
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    d = daemon_factory(cfg).start()
+    state = tmp_path / "state"
+    assert wait_until(lambda: (state / "outbox.db").exists() and last_seq(state) >= 8, 60), d.output()
+    assert "broker unreachable" in d.output()
+    broker.start()
+    try:
+        sub = Subscriber(broker)
+        time.sleep(1.0)
+        d.stop()
+        last = last_seq(state)
+        assert sub.wait(lambda: set(range(1, last + 1)) <= set(result_seqs(sub)), 30), d.output()
+        seqs = result_seqs(sub)
+        assert_no_gap(seqs, last)
+        # Per topic, the spooled results arrive in the order they were produced.
+        for leaf in ("detections", "motion"):
+            got = [m["seq"] for m in sub.json(leaf)]
+            assert got == sorted(got)
+        assert d.output().count("broker unreachable") == 1, "an outage is logged once, not per retry"
+        sub.close()
+    finally:
+        broker.stop()
+
+
+def test_sigkill_and_restart_loses_nothing(tmp_path, broker, subscriber, daemon_factory):
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    state = tmp_path / "state"
+    for _ in range(3):
+        d = daemon_factory(cfg).start()
+        n = len(result_seqs(subscriber))
+        assert subscriber.wait(lambda: len(result_seqs(subscriber)) >= n + 5, 60), d.output()
+        d.signal(signal.SIGKILL)
+        d.wait(10)
+    d = daemon_factory(cfg).start()
+    assert subscriber.wait(lambda: len(result_seqs(subscriber)) >= 5, 30)
+    time.sleep(1)
+    assert d.stop() == 0
+    last = last_seq(state)
+    assert subscriber.wait(lambda: set(range(1, last + 1)) <= set(result_seqs(subscriber)), 30)
+    seqs = result_seqs(subscriber)
+    assert_no_gap(seqs, last)
+    assert max(seqs) == last
+    # Every SIGKILL leaves a retained offline via the broker's last will before the next online.
+    status = subscriber.on("status")
+    assert status.count(b"offline") >= 3
+
+
+def test_cli_detect_and_motion_on_samples(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, SAMPLES
+
+    images = sorted((SAMPLES / "images").iterdir())
+    r = subprocess.run([sys.executable, "-m", "edged", "detect", *map(str, images)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["image"] for x in lines] == [str(p) for p in images]
+    assert any(o["label"] == "face" for x in lines for o in x["objects"])
+
+    r = subprocess.run([sys.executable, "-m", "edged", "motion", str(SAMPLES / "imu" / "basicmotions_demo.csv")],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    windows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(windows) >= 4
+    assert {"label", "score", "signature"} <= set(windows[0])
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = subprocess.run([sys.executable, "-m", "edged", "detect", str(bad)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"edged: {bad}: cannot decode image")
