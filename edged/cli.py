@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from edged.camera import CameraError
     from edged.config import ConfigError
+    from edged.imucsv import ImuCsvError
     from edged.models import ModelError
     from edged.outbox import OutboxError
     from edged.runtime import RuntimeUnavailable
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"edged: {line}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelError, RuntimeUnavailable, CameraError, OutboxError) as exc:
+    except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, OutboxError) as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -84,22 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _config_path(args) -> Path | None:
+    from edged import config
+
+    if args.config is None and config.DEFAULT_PATH.is_file():
+        return config.DEFAULT_PATH
+    return Path(args.config) if args.config else None
+
+
 def _load_config(args) -> "Config":
     from edged import config
 
-    path = args.config
-    if path is None and config.DEFAULT_PATH.is_file():
-        path = config.DEFAULT_PATH
-    return config.load(path)
+    return config.load(_config_path(args))
 
 
 def cmd_run(args) -> int:
-    from edged import log
+    from edged import config, log
     from edged.daemon import Daemon
 
-    cfg = _load_config(args)
+    path = _config_path(args)
+    cfg = config.load(path)
     log.setup(cfg.log_level)
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, path)
     daemon.open()
     return daemon.run()
 
@@ -145,7 +152,8 @@ def cmd_detect(args) -> int:
 
 
 def cmd_motion(args) -> int:
-    from edged.motion import MotionStage, read_imu_csv
+    from edged.imucsv import read_imu_csv
+    from edged.motion import MotionStage
 
     entry, model = _stage_model(args, "motion", "motion")
     stage = MotionStage(model, entry)

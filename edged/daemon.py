@@ -23,6 +23,7 @@ from pathlib import Path
 from edged import __version__, codec
 from edged.config import Config
 from edged.log import Once, fields
+from edged.notify import Notifier, ProgressWatchdog
 from edged.outbox import Outbox
 from edged.records import Detections, Frame
 
@@ -87,79 +88,274 @@ class DetectionPolicy:
         return False
 
 
-class Daemon:
+class Pipeline:
+    """The sources and stages built from one config, with their threads.
+
+    On reload a new Pipeline is opened beside the running one (models loaded, sources opened);
+    only when that succeeded is the old one stopped and the new one started, so a bad new model
+    or a missing camera leaves the device running as it was.
+    """
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.camera = self.imu = self.vision = self.motion = None
         self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.mailbox = Mailbox()
+
+    @classmethod
+    def open(cls, cfg: Config) -> "Pipeline":
+        """Open models and sources; errors here are the user's to fix."""
+        from edged.models import default_models_dir, load_manifest, open_model
+
+        p = cls(cfg)
+        manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+        try:
+            if cfg.camera.enabled:
+                from edged.camera import ReplayCamera
+                from edged.vision import VisionStage
+
+                entry = _entry(manifest, cfg.vision.model, "vision", "vision.model")
+                model = open_model(entry, threads=cfg.vision.threads or None)
+                p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
+                p.camera = ReplayCamera(cfg.camera.path, fps=cfg.camera.fps, loop=cfg.camera.loop)
+                log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
+                                                      backend=model.backend, camera=p.camera.name))
+            if cfg.imu.enabled:
+                from edged.imu.replay import ReplayImu
+                from edged.motion import MotionStage
+
+                entry = _entry(manifest, cfg.motion.model, "motion", "motion.model")
+                model = open_model(entry, threads=cfg.motion.threads or None)
+                p.motion = MotionStage(model, entry)
+                p.imu = ReplayImu(cfg.imu.path, speed=cfg.imu.speed, loop=cfg.imu.loop)
+                log.info("motion ready", extra=fields(model=entry.name, runtime=model.runtime,
+                                                      backend=model.backend, imu=p.imu.chip_name))
+        except BaseException:
+            p.close_sources()
+            raise
+        return p
+
+    @property
+    def backend(self) -> str:
+        model = getattr(self.vision, "model", None) or getattr(self.motion, "model", None)
+        return getattr(model, "backend", "cpu")
+
+    def start(self, d: "Daemon") -> None:
+        wd = d.watchdog
+        if self.camera:
+            # A slow replay or camera must not look like a stall: allow a few frame periods.
+            frame_deadline = max(wd.deadline_s, 3.0 / self.cfg.camera.fps)
+            wd.register("camera", frame_deadline)
+            wd.register("vision", frame_deadline)
+            self.threads.append(d.spawn("camera", lambda: self._camera_loop(d)))
+            self.threads.append(d.spawn("vision", lambda: self._vision_loop(d)))
+        if self.imu:
+            wd.register("imu")
+            self.threads.append(d.spawn("imu", lambda: self._imu_loop(d)))
+
+    def close_sources(self) -> None:
+        for src in (self.camera, self.imu):
+            if src:
+                src.close()
+
+    def stop(self, d: "Daemon") -> None:
+        self.stop_event.set()
+        self.close_sources()
+        for t in self.threads:
+            t.join(0.5)
+        for part in ("camera", "vision", "imu"):
+            d.watchdog.unregister(part)
+
+    def _camera_loop(self, d: "Daemon") -> None:
+        c = d.counters
+        while not self.stop_event.is_set():
+            frame = self.camera.read()
+            d.watchdog.beat("camera")
+            if frame is None:
+                if not self.stop_event.is_set():
+                    log.info("camera replay finished")
+                    d.watchdog.unregister("camera")
+                return
+            c.raw_bytes += frame.image.nbytes
+            self.mailbox.put(frame)
+
+    def _vision_loop(self, d: "Daemon") -> None:
+        c = d.counters
+        policy = DetectionPolicy(self.cfg.vision.heartbeat_s)
+        skipped_before = c.frames_skipped
+        while not self.stop_event.is_set():
+            frame = self.mailbox.take(0.25)
+            d.watchdog.beat("vision")
+            if frame is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                objects = self.vision.detect(frame.image)
+            except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
+                c.frames_failed += 1
+                d.once("bad-frame", f"frame skipped: {exc}")
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            c.frames += 1
+            c.vision_runs += 1
+            c.vision_ms_total += ms
+            c.frames_skipped = skipped_before + self.mailbox.replaced
+            det = Detections(frame.ts, objects, ms)
+            if policy.should_publish(det):
+                c.detections_queued += 1
+                d.results.put(("detections", det))
+
+    def _imu_loop(self, d: "Daemon") -> None:
+        c = d.counters
+        while not self.stop_event.is_set():
+            batch = self.imu.read(0.5)
+            d.watchdog.beat("imu")
+            if batch is None:
+                if not self.stop_event.is_set():
+                    log.info("IMU replay finished")
+                    d.watchdog.unregister("imu")
+                return
+            if not len(batch):
+                continue
+            c.imu_samples += len(batch)
+            c.raw_bytes += len(batch) * IMU_RAW_BYTES_PER_SAMPLE
+            for sig in self.motion.push(batch):
+                c.motion_windows += 1
+                c.motion_ms_total += sig.inference_ms
+                d.results.put(("motion", sig))
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path  # re-read on SIGHUP
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
         self.exit_code = 0
         self.counters = Counters()
-        self.mailbox = Mailbox()
         self.results: queue.Queue = queue.Queue()
-        self._threads: list[threading.Thread] = []
-        self._once = Once(log)
-        self.camera = self.imu = self.vision = self.motion = None
+        self.once = Once(log)
+        self.pipeline: Pipeline | None = None
         self.outbox: Outbox | None = None
         self.link = None
+        self._writer: threading.Thread | None = None
+        self.notifier = Notifier.from_env()
+        self.watchdog = ProgressWatchdog(self.notifier)
 
     # -- set-up -------------------------------------------------------------------------------
 
     def open(self) -> None:
         """Open models, sources and the outbox; errors here are the user's to fix (exit 2)."""
-        from edged.models import default_models_dir, load_manifest, open_model
+        self.pipeline = Pipeline.open(self.cfg)
+        self.outbox = self._open_outbox(self.cfg)
 
-        cfg = self.cfg
-        manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
-        if cfg.camera.enabled:
-            from edged.camera import ReplayCamera
-            from edged.vision import VisionStage
-
-            entry = _entry(manifest, cfg.vision.model, "vision", "vision.model")
-            model = open_model(entry, threads=cfg.vision.threads or None)
-            self.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
-            self.camera = ReplayCamera(cfg.camera.path, fps=cfg.camera.fps, loop=cfg.camera.loop)
-            log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
-                                                  backend=model.backend, camera=self.camera.name))
-        if cfg.imu.enabled:
-            from edged.imu.replay import ReplayImu
-            from edged.motion import MotionStage
-
-            entry = _entry(manifest, cfg.motion.model, "motion", "motion.model")
-            model = open_model(entry, threads=cfg.motion.threads or None)
-            self.motion = MotionStage(model, entry)
-            self.imu = ReplayImu(cfg.imu.path, speed=cfg.imu.speed, loop=cfg.imu.loop)
-            log.info("motion ready", extra=fields(model=entry.name, runtime=model.runtime,
-                                                  backend=model.backend, imu=self.imu.chip_name))
-        self.outbox = Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes,
-                             synchronous=cfg.outbox.synchronous)
-        log.info("outbox ready", extra=fields(path=str(self.outbox.path), spooled=self.outbox.depth,
-                                              last_seq=self.outbox.last_seq))
+    @staticmethod
+    def _open_outbox(cfg: Config) -> Outbox:
+        ob = Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, synchronous=cfg.outbox.synchronous)
+        log.info("outbox ready", extra=fields(path=str(ob.path), spooled=ob.depth, last_seq=ob.last_seq))
+        return ob
 
     # -- running ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from edged.link import Link
-
         cfg = self.cfg
         log.info("starting", extra=fields(version=__version__, device_id=cfg.device_id,
                                           config=cfg.source_path))
-        self.link = Link(cfg, self.outbox)
-        self.link.start()
-        self._spawn("writer", self._writer_loop)
-        if self.camera:
-            self._spawn("camera", self._camera_loop)
-            self._spawn("vision", self._vision_loop)
-        if self.imu:
-            self._spawn("imu", self._imu_loop)
+        wd = self.watchdog
+        wd.register("writer")
+        self._start_link()
+        self._writer = self.spawn("writer", self._writer_loop)
+        self.pipeline.start(self)
         self._install_signals()
-        next_stats = time.monotonic() + min(5.0, cfg.stats.interval_s)
+        # READY only now: models loaded, sources open, outbox open. The broker may still be down;
+        # that is what the outbox is for, not a reason to fail start-up.
+        self.notifier.ready(self.status_line())
+        log.info("ready", extra=fields(notify=self.notifier.backend))
+        now = time.monotonic()
+        next_stats = now + min(5.0, cfg.stats.interval_s)
+        tick = wd.tick_interval
+        next_tick = now
+        next_status = now + 10.0
         while not self.stop_event.wait(0.25):
-            if time.monotonic() >= next_stats:
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload()
+            now = time.monotonic()
+            if tick and now >= next_tick:
+                wd.tick()
+                next_tick = now + tick
+            if now >= next_status:
+                self.notifier.status(self.status_line())
+                next_status = now + 10.0
+            if now >= next_stats:
                 self.publish_stats()
-                next_stats = time.monotonic() + cfg.stats.interval_s
+                next_stats = now + self.cfg.stats.interval_s
+        self.notifier.stopping()
         self._shutdown()
         return self.exit_code
 
-    def _spawn(self, name: str, target) -> None:
+    def status_line(self) -> str:
+        """systemctl status's one-line summary."""
+        c = self.counters
+        up = max(time.time() - c.started, 1e-9)
+        connected = self.link.connected.is_set() if self.link else False
+        return " ".join([f"backend={self.pipeline.backend if self.pipeline else 'cpu'}",
+                         f"fps={c.frames / up:.1f}", f"outbox={self.outbox.depth if self.outbox else 0}",
+                         f"broker={'connected' if connected else 'down'}"])
+
+    def _start_link(self) -> None:
+        from edged.link import Link
+
+        self.watchdog.register("mqtt")
+        self.link = Link(self.cfg, self.outbox, on_turn=lambda: self.watchdog.beat("mqtt"))
+        self.link.start()
+
+    def reload(self) -> bool:
+        """Re-read the config and swap in a new pipeline; keep the old one if anything fails."""
+        from edged import config as config_mod
+        from edged.camera import CameraError
+        from edged.config import ConfigError
+        from edged.imucsv import ImuCsvError
+        from edged.models import ModelError
+        from edged.runtime import RuntimeUnavailable
+
+        self.notifier.reloading()
+        log.info("reloading", extra=fields(config=str(self.config_path or "<defaults>")))
+        try:
+            new_cfg = config_mod.load(self.config_path)
+            new = Pipeline.open(new_cfg)
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("reload refused; keeping the running configuration", extra=fields(problem=line))
+            self.notifier.ready(self.status_line())
+            return False
+        except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, OSError) as exc:
+            log.error("reload failed; keeping the running pipeline", extra=fields(error=str(exc)))
+            self.notifier.ready(self.status_line())
+            return False
+        old_cfg = self.cfg
+        self.pipeline.stop(self)
+        relink = (new_cfg.mqtt != old_cfg.mqtt or new_cfg.device_id != old_cfg.device_id
+                  or new_cfg.outbox != old_cfg.outbox or new_cfg.state_dir != old_cfg.state_dir)
+        if relink:
+            # Flush what the old pipeline queued under the old settings, then reconnect.
+            self._stop_writer()
+            self.link.stop(timeout=0.5, say_offline=new_cfg.device_id != old_cfg.device_id)
+            if new_cfg.outbox_path != old_cfg.outbox_path or new_cfg.outbox != old_cfg.outbox:
+                self.outbox.close()
+                self.outbox = self._open_outbox(new_cfg)
+        self.cfg = new_cfg
+        if relink:
+            self._start_link()
+            self._writer = self.spawn("writer", self._writer_loop)
+        self.pipeline = new
+        new.start(self)
+        self.notifier.ready(self.status_line())
+        log.info("reloaded", extra=fields(relinked=relink))
+        return True
+
+    def spawn(self, name: str, target) -> threading.Thread:
         def guarded() -> None:
             try:
                 target()
@@ -170,89 +366,34 @@ class Daemon:
 
         t = threading.Thread(target=guarded, name=name, daemon=True)
         t.start()
-        self._threads.append(t)
+        return t
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda s, f: self.stop(f"signal {signal.Signals(s).name}"))
+        signal.signal(signal.SIGHUP, lambda s, f: self.reload_event.set())
 
     def stop(self, reason: str = "") -> None:
         if not self.stop_event.is_set():
             log.info("stopping", extra=fields(reason=reason))
         self.stop_event.set()
 
-    def _shutdown(self) -> None:
-        for src in (self.camera, self.imu):
-            if src:
-                src.close()
-        for t in self._threads:
-            if t.name != "writer":
-                t.join(0.5)
+    def _stop_writer(self) -> None:
         self.results.put(None)  # writer: flush what is queued, then exit
-        for t in self._threads:
-            if t.name == "writer":
-                t.join(1.0)
+        if self._writer:
+            self._writer.join(1.0)
+
+    def _shutdown(self) -> None:
+        if self.pipeline:
+            self.pipeline.stop(self)
+        self._stop_writer()
         if self.link:
             self.link.stop(timeout=0.5)
         if self.outbox:
             self.outbox.close()
         log.info("stopped", extra=fields(exit_code=self.exit_code))
-
-    # -- pipeline threads ---------------------------------------------------------------------
-
-    def _camera_loop(self) -> None:
-        c = self.counters
-        while not self.stop_event.is_set():
-            frame = self.camera.read()
-            if frame is None:
-                if not self.stop_event.is_set():
-                    log.info("camera replay finished")
-                return
-            c.raw_bytes += frame.image.nbytes
-            self.mailbox.put(frame)
-
-    def _vision_loop(self) -> None:
-        c = self.counters
-        policy = DetectionPolicy(self.cfg.vision.heartbeat_s)
-        while not self.stop_event.is_set():
-            frame = self.mailbox.take(0.25)
-            if frame is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                objects = self.vision.detect(frame.image)
-            except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
-                c.frames_failed += 1
-                self._once("bad-frame", f"frame skipped: {exc}")
-                continue
-            ms = (time.perf_counter() - t0) * 1000.0
-            c.frames += 1
-            c.vision_runs += 1
-            c.vision_ms_total += ms
-            c.frames_skipped = self.mailbox.replaced
-            det = Detections(frame.ts, objects, ms)
-            if policy.should_publish(det):
-                c.detections_queued += 1
-                self.results.put(("detections", det))
-
-    def _imu_loop(self) -> None:
-        c = self.counters
-        while not self.stop_event.is_set():
-            batch = self.imu.read(0.5)
-            if batch is None:
-                if self.stop_event.is_set():
-                    return
-                continue
-            if not len(batch):
-                continue
-            c.imu_samples += len(batch)
-            c.raw_bytes += len(batch) * IMU_RAW_BYTES_PER_SAMPLE
-            for sig in self.motion.push(batch):
-                c.motion_windows += 1
-                c.motion_ms_total += sig.inference_ms
-                self.results.put(("motion", sig))
 
     def _writer_loop(self) -> None:
         device = self.cfg.device_id
@@ -260,7 +401,11 @@ class Daemon:
         topics = {leaf: self.cfg.topic(leaf) for leaf in encoders}
         done = False
         while not done:
-            item = self.results.get()
+            self.watchdog.beat("writer")
+            try:
+                item = self.results.get(timeout=1.0)
+            except queue.Empty:
+                continue
             batch = []
             while True:
                 if item is None:

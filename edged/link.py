@@ -33,8 +33,9 @@ OFFLINE = b"offline"
 
 
 class Link:
-    def __init__(self, cfg: Config, outbox: Outbox) -> None:
+    def __init__(self, cfg: Config, outbox: Outbox, *, on_turn=None) -> None:
         self.cfg = cfg
+        self._on_turn = on_turn or (lambda: None)  # called every drain-loop turn (watchdog)
         self.outbox = outbox
         m = cfg.mqtt
         self.broker = f"{m.host}:{m.port}"
@@ -82,14 +83,15 @@ class Link:
         """New rows are in the outbox."""
         self._wake.set()
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """Say `offline`, stop draining, disconnect. Unacknowledged rows stay in the outbox."""
+    def stop(self, timeout: float = 1.0, *, say_offline: bool = True) -> None:
+        """Say `offline`, stop draining, disconnect. Unacknowledged rows stay in the outbox.
+        A reload that keeps the device id passes say_offline=False: it is back in a moment."""
         self._stop.set()
         self._wake.set()
         if self._thread:
             self._thread.join(timeout)
         self._collect_acks()
-        if self.connected.is_set():
+        if self.connected.is_set() and say_offline:
             info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
@@ -155,6 +157,7 @@ class Link:
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
+            self._on_turn()
             self._collect_acks()
             if not self.connected.is_set():
                 continue

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from edged.log import Once, fields
+
 log = logging.getLogger("edged.outbox")
 
 _SCHEMA = """
@@ -48,23 +50,68 @@ class OutboxError(Exception):
 
 
 class Outbox:
-    def __init__(self, path: Path, *, max_bytes: int = 64 << 20, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, *, max_bytes: int = 64 << 20, synchronous: str = "full",
+                 max_file_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.max_file_bytes = max_file_bytes  # a hard cap on the database file (SQLITE_FULL beyond)
+        self.synchronous = synchronous.upper()
+        self.write_errors = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._once = Once(log)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            # A corrupted or truncated file must not keep a device offline: keep it for
+            # inspection, start a fresh outbox, and continue the seq above anything it held.
+            floor = self._salvage_seq()
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    src.rename(Path(str(aside) + suffix))
+            log.error("outbox file unreadable; moved aside, starting a fresh outbox", extra=fields(
+                path=str(self.path), moved_to=str(aside), error=str(exc), seq_from=floor))
+            try:
+                self._open(seq_floor=floor)
+            except sqlite3.DatabaseError as exc2:
+                raise OutboxError(f"{self.path}: cannot open outbox: {exc2}") from None
+
+    def _open(self, seq_floor: int = 0) -> None:
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed row survives a power cut, so a published seq is never reused.
-            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            if self.max_file_bytes:
+                page = self._db.execute("PRAGMA page_size").fetchone()[0]
+                self._db.execute(f"PRAGMA max_page_count={max(8, self.max_file_bytes // page)}")
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             self._db.executescript(_SCHEMA)
+            if seq_floor:
+                self._db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'seq'", (seq_floor,))
             self._seq = self._meta("seq")
             self.dropped = self._meta("dropped")
             self._bytes, self._depth = self._db.execute(
                 "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise OutboxError(f"{self.path}: cannot open outbox: {exc}") from None
+        except sqlite3.DatabaseError:
+            self._db.close()
+            raise
+
+    def _salvage_seq(self) -> int:
+        """The highest seq the damaged file still shows; else a floor above any seq it could hold."""
+        try:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                return int(db.execute("SELECT MAX(value) FROM meta WHERE key = 'seq'").fetchone()[0])
+            finally:
+                db.close()
+        except (sqlite3.DatabaseError, TypeError, ValueError):
+            # Milliseconds since the epoch: larger than any seq a device produces at its rates.
+            return int(time.time() * 1000)
 
     def _meta(self, key: str) -> int:
         return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
@@ -83,7 +130,12 @@ class Outbox:
 
     def append(self, items: Sequence[tuple[str, Callable[[int], bytes]]]) -> list[int]:
         """Store a batch in one transaction. Each item is (topic, encode) where `encode(seq)`
-        returns the payload for the sequence number assigned to it. Returns the seqs."""
+        returns the payload for the sequence number assigned to it. Returns the seqs.
+
+        When the disk (or the file's size cap) is full, the oldest rows are dropped to make
+        room, as the size bound would; if even that does not help, the batch itself is dropped.
+        Either way it is counted in `dropped`, and the daemon carries on.
+        """
         if not items:
             return []
         now = time.time()
@@ -91,41 +143,66 @@ class Outbox:
             first = self._seq + 1
             rows = [(first + i, topic, encode(first + i), now) for i, (topic, encode) in enumerate(items)]
             added = sum(len(r[2]) for r in rows)
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT INTO outbox (seq, topic, payload, created) VALUES (?, ?, ?, ?)", rows)
-                last = first + len(rows) - 1
-                db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (last,))
-                dropped = self._enforce_bound(self._bytes + added)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            self._seq = last
+            for attempt in range(3):
+                try:
+                    dropped = self._insert(rows, self._bytes + added, make_room=attempt)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _is_full(exc):
+                        raise
+                    self.write_errors += 1
+                    self._once("full", "outbox storage full; dropping oldest results to make room",
+                               level=logging.ERROR, path=str(self.path), error=str(exc))
+            else:
+                # Nothing could be written: these results are lost, and counted as such.
+                self._seq = rows[-1][0]
+                self.dropped += len(rows)
+                return []
+            self._once.clear("full")
+            self._seq = rows[-1][0]
             self._bytes += added - dropped[1]
             self._depth += len(rows) - dropped[0]
             self.dropped += dropped[0]
         if dropped[0]:
-            log.warning("outbox full: dropped oldest results", extra={"fields": {
-                "dropped": dropped[0], "dropped_total": self.dropped, "max_bytes": self.max_bytes}})
+            self._once("bound", "outbox full: dropping the oldest results (see stats.dropped)",
+                       max_bytes=self.max_bytes)
+        elif self._bytes < self.max_bytes // 2:
+            self._once.clear("bound")
         return [r[0] for r in rows]
 
-    def _enforce_bound(self, total: int) -> tuple[int, int]:
-        """Delete the oldest rows until the outbox fits; runs inside the caller's transaction."""
-        if total <= self.max_bytes:
+    def _insert(self, rows: list, total: int, make_room: int) -> tuple[int, int]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            freed = (0, 0)
+            if make_room:
+                # Storage is full below our own bound: free a tenth of the outbox (at least the
+                # batch's size), oldest first, per attempt.
+                want = max(self._bytes // 10, sum(len(r[2]) for r in rows)) * make_room
+                freed = self._drop_oldest(want)
+            db.executemany("INSERT INTO outbox (seq, topic, payload, created) VALUES (?, ?, ?, ?)", rows)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (rows[-1][0],))
+            more = self._drop_oldest(total - freed[1] - self.max_bytes)
+            db.execute(f"UPDATE meta SET value = {self.dropped + freed[0] + more[0]} WHERE key = 'dropped'")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return freed[0] + more[0], freed[1] + more[1]
+
+    def _drop_oldest(self, excess: int) -> tuple[int, int]:
+        """Delete the oldest rows covering `excess` bytes, inside the caller's transaction.
+        Returns (rows, bytes) deleted."""
+        if excess <= 0:
             return 0, 0
-        excess = total - self.max_bytes
-        # Walk oldest-first, summing sizes, and cut where the excess is covered.
         cut_seq, n, freed = None, 0, 0
         for seq, size in self._db.execute("SELECT seq, LENGTH(payload) FROM outbox ORDER BY seq"):
             cut_seq, n, freed = seq, n + 1, freed + size
             if freed >= excess:
                 break
-        if cut_seq is None:
-            return 0, 0
-        self._db.execute("DELETE FROM outbox WHERE seq <= ?", (cut_seq,))
-        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (n,))
+        if cut_seq is not None:
+            self._db.execute("DELETE FROM outbox WHERE seq <= ?", (cut_seq,))
         return n, freed
 
     def pending(self, after_seq: int, limit: int) -> list[Row]:
@@ -159,3 +236,8 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _is_full(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()

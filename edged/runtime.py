@@ -8,8 +8,11 @@ thread-safe, so each stage owns its own `Model` and calls it from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -118,12 +121,13 @@ class Model:
         self.backend = backend
         self.runtime = f"{rt.name} {rt.version}"
         try:
-            self._interp = rt.interpreter_cls(
-                model_path=str(self.path),
-                num_threads=threads or default_threads(),
-                experimental_delegates=delegates or None,
-            )
-            self._interp.allocate_tensors()
+            with _quiet_native_info():
+                self._interp = rt.interpreter_cls(
+                    model_path=str(self.path),
+                    num_threads=threads or default_threads(),
+                    experimental_delegates=delegates or None,
+                )
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise RuntimeUnavailable(f"{self.path}: cannot load model: {_first_line(exc)}") from None
         self.inputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_input_details())
@@ -165,7 +169,8 @@ class Model:
         raw = self._interp.get_tensor(spec.index)
         out = self._out_bufs[i]
         if spec.quantized:
-            np.subtract(raw, spec.zero_point, out=out, casting="unsafe")
+            # Compute in float32: int8 arithmetic would wrap (127 - (-128) overflows).
+            np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
             out *= spec.scale
         else:
             out[...] = raw
@@ -180,6 +185,28 @@ class Model:
             if t.name == name:
                 return i
         raise KeyError(f"{self.path.name}: no output tensor named {name!r}")
+
+
+@contextlib.contextmanager
+def _quiet_native_info():
+    """Drop the runtime's native `INFO:` banner lines (one per interpreter, on stderr) so the
+    daemon's output stays structured; anything else the native code prints is passed through."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not line.startswith("INFO: "):
+                    sys.stderr.write(line)
 
 
 def _first_line(exc: BaseException) -> str:

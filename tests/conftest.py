@@ -47,7 +47,7 @@ def wait_until(pred, timeout: float, interval: float = 0.05):
 class Broker:
     """A mosquitto process we can stop and start again on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = workdir
@@ -55,8 +55,10 @@ class Broker:
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         user = f"user {_username()}\n"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}")
+        # persistent: sessions and queued QoS 1 messages survive a broker restart (saved on stop).
+        persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
+                       else "persistence false\n")
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}{user}")
 
     def start(self) -> "Broker":
         self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
@@ -93,12 +95,14 @@ def _username() -> str:
 class Subscriber:
     """A real MQTT client that records every message under a topic filter."""
 
-    def __init__(self, broker: Broker, topic: str = "edged/#") -> None:
+    def __init__(self, broker: Broker, topic: str = "edged/#", *, persistent: bool = False) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.topic = topic
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        # persistent: a fixed session that the broker keeps (and queues for) while we are away.
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}",
+                        clean_session=not persistent)
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1)
         c.on_subscribe = lambda *a: self._subscribed.set()
         c.on_message = self._on_message

@@ -82,28 +82,32 @@ def test_end_to_end_labels_signatures_status_stats(tmp_path, broker, subscriber,
 
 
 def test_broker_down_at_start_everything_arrives_in_order(tmp_path, daemon_factory):
-    broker = Broker(tmp_path)  # port reserved, broker not running yet
+    # The subscriber's session is made (and kept by a persistent broker) before the outage, so
+    # whatever the daemon drains the moment the broker is back is queued for it, not missed.
+    broker = Broker(tmp_path, persistent=True).start()
+    sub = Subscriber(broker, persistent=True)
+    broker.stop()
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
     d = daemon_factory(cfg).start()
     state = tmp_path / "state"
-    assert wait_until(lambda: (state / "outbox.db").exists() and last_seq(state) >= 8, 60), d.output()
-    assert "broker unreachable" in d.output()
-    broker.start()
     try:
-        sub = Subscriber(broker)
-        time.sleep(1.0)
-        d.stop()
+        assert wait_until(lambda: (state / "outbox.db").exists() and last_seq(state) >= 8, 60), d.output()
+        assert "broker unreachable" in d.output()
+        spooled = last_seq(state)
+        broker.start()
+        # The daemon reconnects within its backoff (here at most 2 s) and drains the spool.
+        assert sub.wait(lambda: set(range(1, spooled + 1)) <= set(result_seqs(sub)), 30), d.output()
+        assert d.stop() == 0
         last = last_seq(state)
         assert sub.wait(lambda: set(range(1, last + 1)) <= set(result_seqs(sub)), 30), d.output()
-        seqs = result_seqs(sub)
-        assert_no_gap(seqs, last)
+        assert_no_gap(result_seqs(sub), last)
         # Per topic, the spooled results arrive in the order they were produced.
         for leaf in ("detections", "motion"):
             got = [m["seq"] for m in sub.json(leaf)]
             assert got == sorted(got)
         assert d.output().count("broker unreachable") == 1, "an outage is logged once, not per retry"
-        sub.close()
     finally:
+        sub.close()
         broker.stop()
 
 
@@ -157,3 +161,29 @@ def test_cli_detect_and_motion_on_samples(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith(f"edged: {bad}: cannot decode image")
+
+
+def test_broker_restart_mid_stream_no_gap(tmp_path, daemon_factory):
+    # A persistent broker and a persistent subscriber session, so that what the daemon publishes
+    # after a restart, before the subscriber is back, is queued for it rather than missed.
+    broker = Broker(tmp_path, persistent=True).start()
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    state = tmp_path / "state"
+    d = daemon_factory(cfg).start()
+    sub = Subscriber(broker, persistent=True)
+    try:
+        for _ in range(2):
+            n = len(set(result_seqs(sub)))
+            assert sub.wait(lambda: len(set(result_seqs(sub))) >= n + 5, 60), d.output()
+            broker.stop()
+            time.sleep(2.0)  # the daemon keeps producing and spools meanwhile
+            broker.start()
+        n = len(set(result_seqs(sub)))
+        assert sub.wait(lambda: len(set(result_seqs(sub))) >= n + 5, 60), d.output()
+        assert d.stop() == 0
+        last = last_seq(state)
+        assert sub.wait(lambda: set(range(1, last + 1)) <= set(result_seqs(sub)), 30), d.output()
+        assert d.output().count("connection lost") == 2
+    finally:
+        sub.close()
+        broker.stop()

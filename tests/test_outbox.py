@@ -50,3 +50,39 @@ def test_size_bound_drops_oldest_and_counts(tmp_path):
     ob = Outbox(tmp_path / "o.db", max_bytes=1000)
     assert ob.dropped == 15  # the counter is persisted
     assert ob.size_bytes == 1000 and ob.depth == 10
+
+
+def test_storage_full_drops_oldest_keeps_going(tmp_path):
+    # A 64 KiB file cap stands in for a full SD card: SQLite reports SQLITE_FULL the same way.
+    ob = Outbox(tmp_path / "o.db", max_bytes=10 << 20, max_file_bytes=64 << 10)
+    payload = b"y" * 1000
+    stored = []
+    for _ in range(300):
+        stored += ob.append([("t", lambda seq: payload)])
+    assert ob.write_errors > 0 and ob.dropped > 0
+    kept = [r.seq for r in ob.pending(0, 1000)]
+    # What is kept is the newest, contiguous; what is gone is counted, and seqs kept rising.
+    assert kept == list(range(kept[0], 301))
+    assert ob.dropped + len(kept) == 300
+    assert ob.last_seq == 300 and ob.depth == len(kept)
+
+
+def test_corrupt_file_is_moved_aside_and_seq_continues(tmp_path):
+    path = tmp_path / "o.db"
+    ob = Outbox(path)
+    ob.append([("t", enc(b"a")) for _ in range(7)])
+    ob.close()
+    # Overwrite the database header and first page, and scramble the WAL.
+    with open(path, "r+b") as fh:
+        fh.write(b"garbage" * 200)
+    for extra in ("-wal", "-shm"):
+        p = tmp_path / ("o.db" + extra)
+        if p.exists():
+            p.write_bytes(b"\0garbage" * 100)
+    ob = Outbox(path)
+    assert ob.depth == 0
+    aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert any(n.startswith("o.db.corrupt-") and not n.endswith(("-wal", "-shm")) for n in aside)
+    seqs = ob.append([("t", enc(b"b"))])
+    assert seqs[0] > 7  # never reuses a seq a subscriber may already have seen
+    ob.close()

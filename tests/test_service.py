@@ -1,0 +1,136 @@
+"""The daemon as systemd runs it: notify protocol on a real NOTIFY_SOCKET, watchdog, SIGHUP reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import REPO, wait_until, write_config
+
+FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket; records every message."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._rx, daemon=True)
+        self._t.start()
+
+    def _rx(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def keys(self) -> list[str]:
+        """Every KEY=VALUE line, in order."""
+        return [line for _, m in self.messages for line in m.splitlines()]
+
+    def count(self, line: str) -> int:
+        return self.keys().count(line)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(1)
+        self.sock.close()
+
+
+def start_daemon(cfg, log, notify_path, watchdog_usec: int | None = None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NOTIFY_SOCKET=str(notify_path))
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+        env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(cfg)],
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def test_ready_status_watchdog_reload_stopping(tmp_path, broker, subscriber):
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    ns = NotifySocket(tmp_path / "notify.sock")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log, ns.path, watchdog_usec=2_000_000)
+    try:
+        assert wait_until(lambda: ns.count("READY=1") >= 1, 30), log.read_text()
+        ready_at = next(t for t, m in ns.messages if "READY=1" in m)
+        status = [k for k in ns.keys() if k.startswith("STATUS=")]
+        assert status and "backend=cpu" in status[0] and "outbox=" in status[0]
+        # Pets arrive at about half of WatchdogSec while the pipeline moves.
+        assert wait_until(lambda: ns.count("WATCHDOG=1") >= 3, 10), ns.keys()
+        assert all(t >= ready_at for t, m in ns.messages if "WATCHDOG=1" in m)
+
+        # SIGHUP with a broken config: RELOADING then READY, the old pipeline keeps running.
+        cfg.write_text(cfg.read_text() + "\n[vision]\nmodel = \"nosuch\"\n")
+        n_motion = len(subscriber.on("motion"))
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: ns.count("RELOADING=1") == 1 and ns.count("READY=1") == 2, 10), ns.keys()
+        assert "reload failed; keeping the running pipeline" in log.read_text()
+        assert subscriber.wait(lambda: len(subscriber.on("motion")) >= n_motion + 2, 20)
+
+        # A good change is applied: the camera is switched off on reload.
+        cfg.write_text(cfg.read_text().replace('model = "nosuch"', 'model = "face"')
+                       .replace("[camera]\nfps = 5", "[camera]\nenabled = false\nfps = 5"))
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: ns.count("RELOADING=1") == 2 and ns.count("READY=1") == 3, 10), ns.keys()
+        assert wait_until(lambda: "msg=reloaded" in log.read_text(), 5)
+        time.sleep(1.0)
+        n_det = len(subscriber.on("detections"))
+        n_motion = len(subscriber.on("motion"))
+        assert subscriber.wait(lambda: len(subscriber.on("motion")) >= n_motion + 2, 20)
+        assert len(subscriber.on("detections")) == n_det, "camera disabled by reload still publishes"
+        assert subscriber.on("status") == [b"online"], "a reload must not flap the status"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert ns.keys()[-1] == "STOPPING=1" or "STOPPING=1" in ns.keys()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ns.close()
+
+
+def test_watchdog_stops_when_the_camera_hangs(tmp_path, broker):
+    # A camera read that never returns, like a wedged V4L2 driver: the replay folder holds one
+    # real photo and a named pipe with an image name, which blocks the camera thread on open.
+    # Every other thread keeps running, so only progress-gated petting can notice.
+    import shutil
+
+    from conftest import SAMPLES
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SAMPLES / "images" / "astronaut.jpg", images / "a.jpg")
+    os.mkfifo(images / "z.jpg")
+    cfg = write_config(tmp_path / "edged.toml", broker,
+                       extra=f'[camera]\npath = "{images}"\nfps = 5\n[imu]\nspeed = 10\n')
+    ns = NotifySocket(tmp_path / "notify.sock")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log, ns.path, watchdog_usec=1_000_000)
+    try:
+        assert wait_until(lambda: ns.count("READY=1") == 1, 30), log.read_text()
+        # The camera part's deadline (1 s) runs out shortly after the hang begins.
+        assert wait_until(lambda: "not petting the watchdog" in log.read_text(), 10), log.read_text()
+        assert "part=camera" in log.read_text()
+        n = ns.count("WATCHDOG=1")
+        time.sleep(2.0)
+        assert ns.count("WATCHDOG=1") == n, "petting went on while the camera was hung"
+        assert proc.poll() is None  # the daemon does not kill itself: systemd restarts it
+    finally:
+        proc.kill()
+        proc.wait()
+        ns.close()
