@@ -44,6 +44,8 @@ class Counters:
     motion_windows: int = 0
     motion_ms_total: float = 0.0
     raw_bytes: int = 0
+    published_before: int = 0   # acknowledged by links replaced on reload
+    bytes_sent_before: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -112,13 +114,13 @@ class Pipeline:
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
         try:
             if cfg.camera.enabled:
-                from edged.camera import ReplayCamera
+                from edged.camera import open_replay
                 from edged.vision import VisionStage
 
                 entry = _entry(manifest, cfg.vision.model, "vision", "vision.model")
                 model = open_model(entry, threads=cfg.vision.threads or None)
                 p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
-                p.camera = ReplayCamera(cfg.camera.path, fps=cfg.camera.fps, loop=cfg.camera.loop)
+                p.camera = open_replay(cfg.camera.path, fps=cfg.camera.fps, loop=cfg.camera.loop)
                 log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
                                                       backend=model.backend, camera=p.camera.name))
             if cfg.imu.enabled:
@@ -242,6 +244,7 @@ class Daemon:
         self._writer: threading.Thread | None = None
         self.notifier = Notifier.from_env()
         self.watchdog = ProgressWatchdog(self.notifier)
+        self._stats_prev = (self.counters.started, 0, 0.0, 0)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -342,6 +345,8 @@ class Daemon:
             # Flush what the old pipeline queued under the old settings, then reconnect.
             self._stop_writer()
             self.link.stop(timeout=0.5, say_offline=new_cfg.device_id != old_cfg.device_id)
+            self.counters.published_before += self.link.published
+            self.counters.bytes_sent_before += self.link.bytes_sent
             if new_cfg.outbox_path != old_cfg.outbox_path or new_cfg.outbox != old_cfg.outbox:
                 self.outbox.close()
                 self.outbox = self._open_outbox(new_cfg)
@@ -427,15 +432,20 @@ class Daemon:
     # -- stats ---------------------------------------------------------------------------------
 
     def stats_values(self) -> dict:
+        """Health figures; rates and means are over the interval since the previous call."""
         c = self.counters
         ob = self.outbox
-        link = self.link
-        up = time.time() - c.started
+        now = time.time()
+        prev_t, prev_frames, prev_ms, prev_runs = self._stats_prev
+        self._stats_prev = (now, c.frames, c.vision_ms_total, c.vision_runs)
+        dt = now - prev_t
+        runs = c.vision_runs - prev_runs
+        link_pub, link_bytes = (self.link.published, self.link.bytes_sent) if self.link else (0, 0)
         return {
-            "ts": round(time.time(), 3),
-            "uptime_s": round(up, 1),
-            "fps": round(c.frames / up, 2) if up > 0 else 0.0,
-            "inference_ms": round(c.vision_ms_total / c.vision_runs, 2) if c.vision_runs else None,
+            "ts": round(now, 3),
+            "uptime_s": round(now - c.started, 1),
+            "fps": round((c.frames - prev_frames) / dt, 2) if dt > 0 else 0.0,
+            "inference_ms": round((c.vision_ms_total - prev_ms) / runs, 2) if runs else None,
             "frames": c.frames,
             "skipped_frames": c.frames_skipped,
             "failed_frames": c.frames_failed,
@@ -445,8 +455,8 @@ class Daemon:
             "outbox_depth": ob.depth,
             "outbox_bytes": ob.size_bytes,
             "dropped": ob.dropped,
-            "published": link.published if link else 0,
-            "bytes_sent": link.bytes_sent if link else 0,
+            "published": c.published_before + link_pub,
+            "bytes_sent": c.bytes_sent_before + link_bytes,
             "raw_bytes": c.raw_bytes,
             "pid": os.getpid(),
         }

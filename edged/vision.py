@@ -2,8 +2,8 @@
 
 `VisionStage` owns the frame → model-input path (letterbox or stretch, nearest or bilinear
 resampling through precomputed index maps, normalisation and quantisation through a 256-entry
-lookup table, all into buffers reused from frame to frame) and the model-output → objects path. How outputs become
-boxes is a small decoder plugin chosen by the manifest's `decoder` key:
+lookup table, all into buffers reused from frame to frame) and the model-output → objects path.
+How outputs become boxes is a small decoder plugin chosen by the manifest's `decoder` key:
 
 - `blazeface`: MediaPipe-style SSD anchors, raw box regression, sigmoid scores, weighted NMS.
 - `ssd`: TF Object Detection API box encoding (centre/size with scale factors), sigmoid class
@@ -37,7 +37,7 @@ __all__ = [
 
 
 def _where(entry: ModelEntry, key: str) -> str:
-    return f"models/manifest.toml: models.{entry.name}.{key}"
+    return f"{entry.path.parent / 'manifest.toml'}: models.{entry.name}.{key}"
 
 
 def _num(entry: ModelEntry, table: dict, section: str, key: str, default: Any = None, *,
@@ -203,7 +203,8 @@ class Preprocessor:
         self.letterbox = letterbox
         resize = cfg.get("resize", "nearest")
         if resize not in ("nearest", "bilinear"):
-            raise ModelError(f"{_where(entry, 'input')}.resize: expected \"nearest\" or \"bilinear\", got {resize!r}")
+            raise ModelError(f"{_where(entry, 'input')}.resize: expected \"nearest\" or "
+                             f"\"bilinear\", got {resize!r}")
         self.bilinear = resize == "bilinear"
         pad = _num(entry, cfg, "input", "pad", 0, lo=0, hi=255)
         self._lut = _input_lut(entry, spec)
@@ -264,10 +265,10 @@ def _input_lut(entry: ModelEntry, spec: TensorSpec) -> np.ndarray:
         if np.any(std == 0):
             raise ModelError(f"{_where(entry, 'input')}.std: must not be 0")
         real = ((pixels[None, :] - mean[:, None]) / std[:, None]).reshape(-1)
-    elif np.issubdtype(spec.dtype, np.integer):
-        return np.tile(pixels, 3).astype(spec.dtype)
+    elif spec.dtype == np.uint8:
+        return np.tile(pixels, 3).astype(np.uint8)
     else:
-        raise ModelError(f"{_where(entry, 'input')}: float input needs `range` or `mean`/`std`")
+        raise ModelError(f"{_where(entry, 'input')}: a {spec.dtype} input needs `range` or `mean`/`std`")
     if spec.quantized:
         info = np.iinfo(spec.dtype)
         q = np.rint(real / spec.scale + spec.zero_point)
@@ -485,11 +486,15 @@ class BlazeFaceDecoder(Decoder):
         if len(self.anchors) != n:
             raise ModelError(f"{_where(entry, 'params')}.anchors: generate {len(self.anchors)} anchors, "
                              f"the model has {n}")
-        scale = p.get("box_scale", [float(input_hw[1]), float(input_hw[0]), float(input_hw[1]), float(input_hw[0])])
-        self.box_scale = _per4(entry, "box_scale", scale)
+        h, w = input_hw
+        self.box_scale = _per4(entry, "box_scale", p.get("box_scale", [w, h, w, h]))
         self.score_clip = _num(entry, p, "params", "score_clip", 100.0, lo=0.0)
         self.nms_iou = _num(entry, p, "params", "nms_iou", 0.3, lo=0.0, hi=1.0)
-        self.weighted = p.get("nms", "weighted") == "weighted"
+        nms_kind = p.get("nms", "weighted")
+        if nms_kind not in ("weighted", "hard"):
+            raise ModelError(f"{_where(entry, 'params')}.nms: expected \"weighted\" or \"hard\", "
+                             f"got {nms_kind!r}")
+        self.weighted = nms_kind == "weighted"
 
     def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
         raw = outputs[self._boxes].reshape(-1, outputs[self._boxes].shape[-1])
@@ -627,7 +632,8 @@ class VisionStage:
 
     def __init__(self, model: Model, entry: ModelEntry, *, score_threshold: float | None = None) -> None:
         if entry.task != "vision":
-            raise ModelError(f"{_where(entry, 'task')}: the vision stage needs a vision model, got {entry.task!r}")
+            raise ModelError(f"{_where(entry, 'task')}: the vision stage needs a vision model, "
+                             f"got {entry.task!r}")
         cls = DECODERS.get(entry.decoder)
         if cls is None:
             raise ModelError(f"{_where(entry, 'decoder')}: unknown decoder {entry.decoder!r} "
@@ -638,7 +644,8 @@ class VisionStage:
         self.decoder = cls(entry, model.outputs, (self.preprocess.height, self.preprocess.width))
         if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"vision: score_threshold must be within 0..1, got {score_threshold}")
-        self.score_threshold = self.decoder.score_threshold if score_threshold is None else float(score_threshold)
+        self.score_threshold = (self.decoder.score_threshold if score_threshold is None
+                                else float(score_threshold))
         self.last_inference_ms = 0.0
 
     @property

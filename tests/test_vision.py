@@ -168,7 +168,7 @@ def test_score_threshold_override(manifest):
 
 def test_unknown_decoder_is_one_clear_line(manifest):
     entry = dataclasses.replace(manifest["face"], decoder="yolo")
-    with pytest.raises(ModelError, match=r"models\.face\.decoder: unknown decoder 'yolo' \(known: "):
+    with pytest.raises(ModelError, match=r"manifest\.toml: models\.face\.decoder: unknown decoder 'yolo' \(known: "):
         VisionStage(open_model(entry, threads=1), entry)
 
 
@@ -178,6 +178,28 @@ def test_wrong_anchor_config_is_caught(manifest):
     bad = dataclasses.replace(entry, params=params)
     with pytest.raises(ModelError, match=r"anchors: generate 768 anchors, the model has 896"):
         VisionStage(open_model(entry, threads=1), bad)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("resize", "cubic", r"models\.face\.input\.resize: expected \"nearest\" or \"bilinear\", got 'cubic'"),
+    ("range", [0, 1, 2], r"models\.face\.input\.range: expected \[low, high\], got \[0, 1, 2\]"),
+    ("letterbox", "yes", r"models\.face\.input\.letterbox: expected true or false, got 'yes'"),
+    ("pad", 300, r"models\.face\.input\.pad: expected 0\.\.255, got 300"),
+])
+def test_bad_input_table_is_one_clear_line(manifest, face, key, value, message):
+    entry = dataclasses.replace(manifest["face"], input=dict(manifest["face"].input, **{key: value}))
+    with pytest.raises(ModelError, match=message) as info:
+        VisionStage(face.model, entry)
+    assert "\n" not in str(info.value)
+
+
+def test_quantised_input_gets_pixels_within_one_code(person):
+    pre = person.preprocess
+    img = np.arange(300 * 300 * 3, dtype=np.uint32).reshape(300, 300, 3).astype(np.uint8)
+    pre(img)
+    q = person.model.input_buffer(0)[0].astype(int)
+    # Scale 2/255 with zero point 127: pixel p lands half a code from p, so p or p - 1.
+    assert np.all((img - q >= 0) & (img - q <= 1))
 
 
 # --------------------------------------------------------------------------- decoder units
@@ -280,7 +302,7 @@ def test_person_precision_recall_on_labelled_set(person):
 
 
 def test_face_precision_recall_on_labelled_set(face):
-    # Faces under ~16 model pixels (pair.jpg's astronaut, the cameraman pasted small) are out of
+    # Faces under ~15 model pixels (pair.jpg's astronaut, the cameraman pasted small) are out of
     # the short-range model's reach; the rest must be found.
     tp, fp, fn = _score_set(face, "face")
     assert tp + fn == 7
