@@ -4,34 +4,38 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?=
 
-.PHONY: run test bench deps venv broker clean
+.PHONY: run test deps test-deps venv test-venv broker clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
 	$(VENV)/bin/edged run $(if $(CONFIG),--config $(CONFIG))
 
-test: deps venv
+test: deps test-deps test-venv
 	$(PY) -m pytest -q
 
 venv: $(VENV)/.installed
+test-venv: $(VENV)/.installed-test
 
-# Debian packages: the broker and its clients, and venv support for the system Python.
+# Debian packages `make run` needs: the broker and its clients, venv support for the system Python.
 deps:
-	@missing=""; \
-	[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
-	command -v mosquitto_sub >/dev/null || missing="$$missing mosquitto-clients"; \
-	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
-	if [ -n "$$missing" ]; then \
-		echo "edged: installing Debian packages:$$missing"; \
-		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@scripts/apt-ensure mosquitto:/usr/sbin/mosquitto mosquitto-clients:mosquitto_sub \
+		python3-venv:'$(PYTHON) -c "import ensurepip"'
+
+# What the tests need beyond that: systemd's tools (the unit is checked with systemd-analyze)
+# and what systemd-python builds against.
+test-deps:
+	@scripts/apt-ensure systemd:systemd-analyze 'libsystemd-dev:pkg-config --exists libsystemd' \
+		pkg-config:pkg-config gcc:gcc \
+		python3-dev:'$(PYTHON) -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()[\"include\"], \"Python.h\")))"'
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed setup.cfg
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 

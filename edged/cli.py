@@ -13,7 +13,8 @@ from pathlib import Path
 
 from edged import __version__
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2        # bad config or input: restarting cannot help (systemd: RestartPreventExitStatus=2)
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a device or runtime is not there (yet): systemd retries
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -76,9 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"edged: {line}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, OutboxError) as exc:
+    except (ModelError, ImuCsvError) as exc:  # a file the user gave or installed is wrong
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeUnavailable, CameraError, OutboxError) as exc:  # may be fine on the next start
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

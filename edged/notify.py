@@ -209,16 +209,17 @@ class ProgressWatchdog:
 
     def beat(self, name: str) -> None:
         """Record progress of `name`; cheap enough for every frame. Unknown names are a bug."""
-        if name not in self._last:
-            raise KeyError(f"watchdog part {name!r} was never registered")
+        if name not in self._deadline:
+            raise KeyError(f"watchdog part {name!r} is not registered")
         self._last[name] = self._clock()
 
     def stale(self, now: float | None = None) -> dict[str, float]:
         """Parts whose last beat is older than their deadline, with the age in seconds."""
         now = self._clock() if now is None else now
         with self._lock:
-            items = [(n, t, self._deadline[n]) for n, t in self._last.items()]
-        return {n: now - t for n, t, limit in items if now - t > limit}
+            # .get: a beat racing an unregister may leave a last-beat time without a deadline.
+            items = [(n, t, self._deadline.get(n)) for n, t in self._last.items()]
+        return {n: now - t for n, t, limit in items if limit is not None and now - t > limit}
 
     def tick(self, now: float | None = None) -> bool:
         """Send WATCHDOG=1 if every part is fresh; returns whether the pet went out."""
@@ -235,7 +236,7 @@ class ProgressWatchdog:
 
     def _registered(self) -> list[str]:
         with self._lock:
-            return list(self._last)
+            return list(self._deadline)
 
 
 def _positive_int(value: str | None) -> int | None:

@@ -76,7 +76,7 @@ def test_missing_runtime_says_what_to_install():
             "from edged.cli import main; sys.exit(main(['detect', sys.argv[1]]))")
     r = subprocess.run([sys.executable, "-c", code, str(SAMPLES / "images" / "astronaut.jpg")],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert r.returncode == 2
+    assert r.returncode == 69  # unavailable, not a config error: systemd retries
     assert r.stderr.strip().splitlines() == [
         "edged: no TFLite runtime is installed: on 64-bit Pi OS or x86_64 run 'pip install ai-edge-litert'; "
         "on 32-bit Pi OS run \"pip install tflite-runtime 'numpy<2'\""]

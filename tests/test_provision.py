@@ -1,0 +1,351 @@
+"""scripts/provision and scripts/uninstall on a scratch root (--root): the files they write, the
+commands they would run on a live Pi, idempotence, --dry-run, and a clean reversal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from edged import config as edged_config
+
+REPO = Path(__file__).resolve().parent.parent
+PROVISION = REPO / "scripts" / "provision"
+UNINSTALL = REPO / "scripts" / "uninstall"
+
+# A bookworm image as it boots the first time, reduced to what provisioning reads.
+BOOT_CONFIG = """\
+# For more options and information see
+# http://rptl.io/configtxt
+#dtparam=i2c_arm=on
+#dtparam=spi=on
+dtparam=audio=on
+camera_auto_detect=1
+display_auto_detect=1
+
+[cm4]
+otg_mode=1
+
+[pi4]
+arm_boost=1
+"""
+PASSWD = "root:x:0:0:root:/root:/bin/bash\npi:x:1000:1000:,,,:/home/pi:/bin/bash\n"
+GROUP = "root:x:0:\nvideo:x:44:pi\nplugdev:x:46:pi\ni2c:x:994:pi\npi:x:1000:\n"
+DPKG_STATUS = ("Package: python3-venv\nStatus: install ok installed\nVersion: 3.11.2-1+b1\n\n"
+               "Package: mosquitto-clients\nStatus: install ok installed\nVersion: 2.0.11-1.2\n\n"
+               "Package: i2c-tools\nStatus: deinstall ok config-files\nVersion: 4.3-2+b3\n")
+SEED_DIRS = ("etc/systemd/system", "etc/udev/rules.d", "etc/modules-load.d",
+             "etc/apt/sources.list.d", "etc/apt/keyrings", "opt", "var/lib/dpkg", "boot/firmware")
+PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n"
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIBtest\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    r = tmp_path / "root"
+    for d in SEED_DIRS:
+        (r / d).mkdir(parents=True)
+    (r / "etc/passwd").write_text(PASSWD)
+    (r / "etc/group").write_text(GROUP)
+    (r / "var/lib/dpkg/status").write_text(DPKG_STATUS)
+    (r / "boot/firmware/config.txt").write_text(BOOT_CONFIG)
+    return r
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """A frozen copy of the checkout's installable parts (others may edit the live one)."""
+    s = tmp_path / "src"
+    for name in ("setup.cfg", "pyproject.toml", "systemd/edged.service", "docs/deploy.md"):
+        (s / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, s / name)
+    shutil.copytree(REPO / "edged", s / "edged", ignore=shutil.ignore_patterns("__pycache__"))
+    return s
+
+
+@pytest.fixture
+def certs(tmp_path) -> dict[str, Path]:
+    d = tmp_path / "certs"
+    d.mkdir()
+    out = {"ca": d / "ca.pem", "cert": d / "device.pem", "key": d / "device.key"}
+    out["ca"].write_text(PEM_CERT)
+    out["cert"].write_text(PEM_CERT.replace("test", "device"))
+    out["key"].write_text(PEM_KEY)
+    return out
+
+
+def run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def full_args(root: Path, source: Path, certs: dict[str, Path], broker: str) -> list[str]:
+    return ["--root", str(root), "--source", str(source), "--device-id", "pi-cam-7",
+            "--broker", broker, "--ca-file", str(certs["ca"]), "--cert-file", str(certs["cert"]),
+            "--key-file", str(certs["key"]), "--with-tpu"]
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every path under root with its type, mode and content digest."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
+    return out
+
+
+def commands(root: Path) -> list[str]:
+    log = root / ".edged-provision" / "commands.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+BROKER = "mqtts://edge:s%40cret@broker.example.net:8884"
+
+
+def test_provision_writes_everything(root, source, certs):
+    res = run(PROVISION, *full_args(root, source, certs, BROKER))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+
+    # Config: the lead's schema, values from the flags, secrets not world-readable.
+    conf = root / "etc/edged/edged.toml"
+    doc = tomllib.loads(conf.read_text())
+    assert doc["device_id"] == "pi-cam-7"
+    assert doc["mqtt"] == {
+        "host": "broker.example.net", "port": 8884, "tls": True, "username": "edge",
+        "password": "s@cret", "ca_file": "/etc/edged/tls/ca.crt",
+        "cert_file": "/etc/edged/tls/client.crt", "key_file": "/etc/edged/tls/client.key"}
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o640
+    assert stat.S_IMODE((root / "etc/edged/tls/client.key").stat().st_mode) == 0o640
+    assert (root / "etc/edged/tls/ca.crt").read_text() == PEM_CERT
+    assert (root / "etc/edged/tls/client.key").read_text() == PEM_KEY
+    # edged itself accepts it (paths moved under the scratch root, demo sources off).
+    text = conf.read_text().replace('"/etc/edged/', f'"{root}/etc/edged/')
+    text = text.replace("[mqtt]", "[camera]\nenabled = false\n[imu]\nenabled = false\n[mqtt]")
+    cfg = edged_config.parse(text, str(conf))
+    assert (cfg.device_id, cfg.mqtt.port, cfg.mqtt.tls) == ("pi-cam-7", 8884, True)
+    assert set(doc["mqtt"]) <= {f.name for f in fields(edged_config.MqttConfig)}
+
+    # The unit, byte for byte, and the docs it points at.
+    unit = root / "etc/systemd/system/edged.service"
+    assert unit.read_bytes() == (source / "systemd/edged.service").read_bytes()
+    assert (root / "opt/edged/doc/deploy.md").read_bytes() == (source / "docs/deploy.md").read_bytes()
+
+    rules = (root / "etc/udev/rules.d/60-edged.rules").read_text()
+    for needle in ('ATTR{idVendor}=="1a6e", ATTR{idProduct}=="089a"',
+                   'ATTR{idVendor}=="18d1", ATTR{idProduct}=="9302"',
+                   'SUBSYSTEM=="apex", GROUP="apex"', 'SUBSYSTEM=="i2c-dev", GROUP="i2c"'):
+        assert needle in rules
+    assert (root / "etc/modules-load.d/edged.conf").read_text().splitlines()[-1] == "i2c-dev"
+    assert (root / "etc/apt/sources.list.d/coral-edgetpu.list").read_text() == (
+        "deb [signed-by=/etc/apt/keyrings/coral-edgetpu.asc] "
+        "https://packages.cloud.google.com/apt coral-edgetpu-stable main\n")
+
+    # Boot config: the original untouched, I2C switched on for every board, the camera line
+    # (already there) not duplicated.
+    boot = (root / "boot/firmware/config.txt").read_text()
+    assert boot.startswith(BOOT_CONFIG)
+    added = boot[len(BOOT_CONFIG):].splitlines()
+    assert "[all]" in added and "dtparam=i2c_arm=on" in added
+    assert added.index("[all]") < added.index("dtparam=i2c_arm=on")
+    assert "camera_auto_detect=1" not in added
+    assert "reboot needed" in res.stdout
+
+    cmds = commands(root)
+    assert cmds == [
+        "curl -fsSL -o /etc/apt/keyrings/coral-edgetpu.asc https://packages.cloud.google.com/apt/doc/apt-key.gpg",
+        "apt-get update",
+        # python3-venv and mosquitto-clients are installed; i2c-tools was removed (config-files)
+        "env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+        "python3-picamera2 python3-systemd i2c-tools libedgetpu1-std",
+        "modprobe i2c-dev",
+        "groupadd --system apex",  # video, i2c, plugdev exist on Raspberry Pi OS
+        "useradd --system --user-group --home-dir /var/lib/edged --no-create-home "
+        "--shell /usr/sbin/nologin --comment 'edged daemon' edged",
+        "usermod --append --groups video,i2c,plugdev,apex edged",
+        "udevadm control --reload-rules",
+        "udevadm trigger --action=change --subsystem-match=usb --subsystem-match=i2c-dev "
+        "--subsystem-match=apex",
+        "python3 -m venv --system-site-packages /opt/edged/venv",
+        f"/opt/edged/venv/bin/pip install --disable-pip-version-check --no-cache-dir '{source}[pi]'",
+        "chown root:edged /etc/edged/edged.toml",
+        "chown root:edged /etc/edged/tls/client.key",
+        "systemctl daemon-reload",
+        "systemctl enable --now edged.service",
+    ]
+    assert "skip: edged doctor" in res.stdout
+
+    record = json.loads((root / "opt/edged/provision.json").read_text())
+    assert record["created_groups"] == ["apex"] and record["created_user"] is True
+    assert record["installed_packages"] == sorted(
+        ["python3-picamera2", "python3-systemd", "i2c-tools", "libedgetpu1-std"])
+
+
+def test_second_run_changes_nothing(root, source, certs):
+    args = full_args(root, source, certs, BROKER)
+    assert run(PROVISION, *args).returncode == 0
+    before, cmds = tree(root), commands(root)
+    res = run(PROVISION, *args)
+    assert res.returncode == 0, res.stderr
+    assert tree(root) == before  # byte-identical, same modes, log included
+    assert commands(root) == cmds
+    assert "nothing to do" in res.stdout
+    assert "write:" not in res.stdout and "run:" not in res.stdout
+
+
+def test_existing_system_state_is_respected(root, source):
+    """What is already on the host is detected, not redone (the checks read the root's files)."""
+    (root / "etc/passwd").write_text(PASSWD + "edged:x:999:995:edged daemon:/var/lib/edged:/usr/sbin/nologin\n")
+    (root / "etc/group").write_text(GROUP.replace("video:x:44:pi", "video:x:44:pi,edged")
+                                    + "edged:x:995:\napex:x:993:edged\n")
+    status = DPKG_STATUS.replace("deinstall ok config-files", "install ok installed")
+    for pkg in ("python3-picamera2", "python3-systemd"):
+        status += f"\nPackage: {pkg}\nStatus: install ok installed\nVersion: 1\n"
+    (root / "var/lib/dpkg/status").write_text(status)
+    (root / "boot/firmware/config.txt").write_text(BOOT_CONFIG + "[all]\ndtparam=i2c_arm=on\n")
+    res = run(PROVISION, "--root", str(root), "--source", str(source))
+    assert res.returncode == 0, res.stderr
+    cmds = commands(root)
+    assert not any(c.startswith(("apt-get", "env DEBIAN", "groupadd", "useradd")) for c in cmds)
+    assert "usermod --append --groups i2c,plugdev edged" in cmds
+    assert (root / "boot/firmware/config.txt").read_text() == BOOT_CONFIG + "[all]\ndtparam=i2c_arm=on\n"
+    assert "reboot needed" not in res.stdout
+    assert json.loads((root / "opt/edged/provision.json").read_text())["created_user"] is False
+
+
+def test_i2c_enabled_only_for_one_board_is_not_enough(root, source):
+    (root / "boot/firmware/config.txt").write_text(BOOT_CONFIG + "dtparam=i2c_arm=on\n")  # under [pi4]
+    assert run(PROVISION, "--root", str(root), "--source", str(source)).returncode == 0
+    boot = (root / "boot/firmware/config.txt").read_text()
+    assert boot.splitlines().count("dtparam=i2c_arm=on") == 2  # the [pi4] one and ours
+    assert boot.startswith(BOOT_CONFIG) and boot.rstrip().endswith("# <<< edged")
+
+
+def test_flags_update_config_in_place(root, source, certs):
+    assert run(PROVISION, *full_args(root, source, certs, BROKER)).returncode == 0
+    conf = root / "etc/edged/edged.toml"
+    # The operator tunes something provisioning does not manage.
+    conf.write_text(conf.read_text() + "\n[vision]\nscore_threshold = 0.6  # fewer false faces\n")
+    n_cmds = len(commands(root))
+
+    res = run(PROVISION, "--root", str(root), "--source", str(source), "--broker",
+              "mqtt://10.0.0.5")
+    assert res.returncode == 0, res.stderr
+    doc = tomllib.loads(conf.read_text())
+    assert doc["mqtt"]["host"] == "10.0.0.5" and doc["mqtt"]["port"] == 1883
+    assert doc["mqtt"]["tls"] is False
+    # The new URL has no user and no TLS: the old credentials and certificates are cleared.
+    assert all(doc["mqtt"][k] == "" for k in ("username", "password", "ca_file", "cert_file", "key_file"))
+    assert doc["device_id"] == "pi-cam-7"
+    assert doc["vision"]["score_threshold"] == 0.6
+    assert "# fewer false faces" in conf.read_text()
+    assert commands(root)[n_cmds:] == ["systemctl restart edged.service"]
+    assert "s@cret" not in res.stdout  # the config is secret: no diff printed
+
+
+def test_dry_run_writes_nothing(root, source, certs):
+    before = tree(root)
+    res = run(PROVISION, *full_args(root, source, certs, BROKER), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert tree(root) == before
+    out = res.stdout
+    for change in ("would run: apt-get update", "would run: useradd --system",
+                   "would write: /etc/edged/edged.toml (new", "would write: /boot/firmware/config.txt",
+                   "would write: /etc/systemd/system/edged.service", "would run: systemctl enable --now",
+                   "would write: /etc/udev/rules.d/60-edged.rules", "would create: /opt/edged/"):
+        assert change in out, change
+    assert "s@cret" not in out
+
+
+def test_uninstall_purge_restores_the_image(root, source, certs):
+    seed = tree(root)
+    assert run(PROVISION, *full_args(root, source, certs, BROKER)).returncode == 0
+    (root / "var/lib/edged").mkdir(parents=True)  # systemd's StateDirectory= with an outbox
+    (root / "var/lib/edged/outbox.db").write_bytes(b"SQLite format 3\0")
+    n_cmds = len(commands(root))
+
+    dry = run(UNINSTALL, "--root", str(root), "--purge", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove: /opt/edged" in dry.stdout
+
+    res = run(UNINSTALL, "--root", str(root), "--purge")
+    assert res.returncode == 0, res.stderr
+    after = {k: v for k, v in tree(root).items() if not k.startswith(".edged-provision")}
+    assert after == seed
+    assert commands(root)[n_cmds:] == [
+        "systemctl disable --now edged.service",
+        "systemctl daemon-reload",
+        "udevadm control --reload-rules",
+        "userdel edged",
+        "groupdel apex",
+        "env DEBIAN_FRONTEND=noninteractive apt-get remove -y "
+        "i2c-tools libedgetpu1-std python3-picamera2 python3-systemd",
+    ]
+    again = run(UNINSTALL, "--root", str(root), "--purge")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    # And provisioning again starts from scratch.
+    assert run(PROVISION, *full_args(root, source, certs, BROKER)).returncode == 0
+    again_cmds = commands(root)[n_cmds + 6:]
+    assert "groupadd --system apex" in again_cmds
+    assert any(c.startswith("useradd --system") for c in again_cmds)
+    assert "systemctl enable --now edged.service" in again_cmds
+
+
+def test_uninstall_keeps_config_and_data_without_purge(root, source):
+    assert run(PROVISION, "--root", str(root), "--source", str(source),
+               "--broker", "mqtt://broker.lan").returncode == 0
+    res = run(UNINSTALL, "--root", str(root))
+    assert res.returncode == 0, res.stderr
+    assert (root / "etc/edged/edged.toml").is_file()
+    assert not (root / "opt/edged").exists()
+    assert not (root / "etc/systemd/system/edged.service").exists()
+    assert "kept: /etc/edged" in res.stdout
+    assert not any(c.startswith(("userdel", "groupdel")) for c in commands(root))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--broker", "http://broker"], "--broker: expected mqtt://host[:port] or mqtts://host[:port], got 'http://broker'"),
+    (["--broker", "mqtt://broker:0"], "--broker: expected"),
+    (["--device-id", "my pi"], "--device-id: expected 1-64 of A-Z a-z 0-9 _ -, got 'my pi'"),
+    (["--broker", "mqtt://b", "--ca-file", "/etc/hostname"], "need an mqtts:// --broker"),
+    (["--broker", "mqtts://b", "--ca-file", "/nonexistent/ca.pem"], "--ca-file /nonexistent/ca.pem: No such file or directory"),
+    (["--broker", "mqtts://b", "--ca-file", "/etc/passwd"], "--ca-file /etc/passwd: not a PEM file"),
+    (["--broker", "mqtts://b", "--cert-file", "/etc/passwd"], "--cert-file and --key-file: give both or neither"),
+])
+def test_bad_input_is_one_clear_line(root, source, args, message):
+    before = tree(root)
+    res = run(PROVISION, "--root", str(root), "--source", str(source), *args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("provision: ") and message in lines[0], res.stderr
+    assert tree(root) == before
+
+
+def test_live_dry_run_reads_the_host_and_touches_nothing(source):
+    watched = [Path(p) for p in ("/opt/edged", "/etc/edged", "/etc/systemd/system/edged.service",
+                                 "/etc/udev/rules.d/60-edged.rules")]
+    before = [p.exists() for p in watched]
+    res = run(PROVISION, "--source", str(source), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "would " in res.stdout or "nothing to do" in res.stdout
+    assert [p.exists() for p in watched] == before
+
+
+def test_live_mode_needs_root():
+    cmd = [sys.executable, str(PROVISION), "--source", str(REPO)]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == "provision: run as root (sudo scripts/provision ...), or try --dry-run"
