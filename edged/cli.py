@@ -55,10 +55,50 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="motion model name from the manifest (default: the config's motion.model)")
     _config_arg(m)
 
+    s = sub.add_parser("subscribe", help="receive results from devices (the reference cloud subscriber)",
+                       description="Subscribe to every device's results under a prefix, decode JSON or "
+                                   "CBOR, store them in SQLite, print one JSON line per result, and on "
+                                   "exit report per device how many arrived, duplicates and missing seqs.")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=1883)
+    s.add_argument("--prefix", default="edged", help="topic prefix (default: edged)")
+    s.add_argument("--db", default="edged-results.db", help="SQLite file to store results in (default: %(default)s)")
+    s.add_argument("--client-id", help="a fixed client id: the broker keeps the session and queues results while away")
+    s.add_argument("--username")
+    s.add_argument("--password")
+    s.add_argument("--ca-file")
+    s.add_argument("--cert-file")
+    s.add_argument("--key-file")
+    s.add_argument("--count", type=int, default=0, help="stop after N results (default: run until Ctrl-C)")
+    s.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
+    s.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+
+    sg = sub.add_parser("signatures", help="cloud side: build motion centroids, classify signatures",
+                        description="Work with motion signatures as a cloud subscriber would. "
+                                    "Input files are JSON lines with a 'signature' (int8 list) and, "
+                                    "for build, a 'label': motion payloads as they arrive over MQTT.")
+    sgs = sg.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = sgs.add_parser("build", help="centroids (and 'unknown' thresholds) from labelled signatures")
+    b.add_argument("signatures", metavar="SIGNATURES_JSONL")
+    b.add_argument("--out", "-o", required=True, metavar="CENTROIDS_JSON")
+    b.add_argument("--label-key", default="label", help="field holding the true label (default: label)")
+    cl = sgs.add_parser("classify", help="nearest centroid per signature, or 'unknown'")
+    cl.add_argument("signatures", metavar="SIGNATURES_JSONL")
+    cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
+                    help="from 'edged signatures build' (the shipped model's: models/motion.centroids.json)")
+
     mo = sub.add_parser("models", help="list or verify the shipped models",
                         description="List the models in the manifest, or verify their files' sha256.")
     mo.add_argument("action", choices=("list", "verify"))
     _config_arg(mo)
+
+    dr = sub.add_parser("doctor", help="check this machine against the config: hardware, groups, broker",
+                        description="Check what the config needs on this machine (Python and runtime, "
+                                    "models, camera, I2C bus and IMU chip, Edge TPU, groups, broker, "
+                                    "outbox space) and print one line per check with the fix for each "
+                                    "failure. Exit status 1 when something the config needs is missing.")
+    dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+    _config_arg(dr)
     return p
 
 
@@ -69,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from edged.imucsv import ImuCsvError
     from edged.models import ModelError
     from edged.outbox import OutboxError
+    from edged.signatures import SignatureError
     from edged.runtime import RuntimeUnavailable
 
     try:
@@ -77,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"edged: {line}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelError, ImuCsvError) as exc:  # a file the user gave or installed is wrong
+    except (ModelError, ImuCsvError, SignatureError) as exc:  # a file the user gave or installed is wrong
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RuntimeUnavailable, CameraError, OutboxError) as exc:  # may be fine on the next start
@@ -188,10 +229,46 @@ def cmd_models(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_signatures(args) -> int:
+    from edged import signatures
+
+    if args.action == "build":
+        cents = signatures.build(args.signatures, args.out, label_key=args.label_key)
+        print(f"{args.out}: {len(cents.labels)} centroids ({', '.join(cents.labels)})", file=sys.stderr)
+        return 0
+    for m in signatures.classify_path(args.centroids, args.signatures):
+        print(json.dumps({"label": m.label, "nearest": m.nearest, "distance": round(m.distance, 2)}), flush=True)
+    return 0
+
+
+def cmd_subscribe(args) -> int:
+    from edged.subscriber import run_cli
+
+    return run_cli(args)
+
+
+def cmd_doctor(args) -> int:
+    from edged import config, doctor
+
+    path = _config_path(args)
+    cfg, problems = None, None
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as exc:
+        problems = exc.problems
+    name = str(path) if path else "<defaults>"
+    checks = doctor.run(cfg, config_path=name, problems=problems)
+    print(doctor.to_json(checks, name) if args.json else doctor.render(checks, name))
+    return doctor.exit_status(checks)
+
+
 COMMANDS = {
+    "subscribe": cmd_subscribe,
+    "signatures": cmd_signatures,
     "run": cmd_run,
     "check-config": cmd_check_config,
     "detect": cmd_detect,
     "motion": cmd_motion,
     "models": cmd_models,
+    "doctor": cmd_doctor,
 }

@@ -67,15 +67,24 @@ class MqttConfig:
     max_inflight: int = field(default=32, metadata=_check(min=1, max=1000))
     reconnect_min_s: float = field(default=1.0, metadata=_check(min=0.1, max=60))
     reconnect_max_s: float = field(default=60.0, metadata=_check(min=1, max=3600))
+    protocol: str = field(default="5", metadata=_check(choices=("5", "3.1.1")))
+    codec: str = field(default="json", metadata=_check(choices=("json", "cbor")))
+    message_expiry_s: int = field(default=86400, metadata=_check(min=0, max=1 << 31))  # 0 = never (MQTT 5)
+    session_expiry_s: int = field(default=3600, metadata=_check(min=0, max=1 << 31))  # MQTT 5
 
 
 @dataclass
 class CameraConfig:
     enabled: bool = True
-    source: str = field(default="replay", metadata=_check(choices=("replay",)))
-    path: str = field(default_factory=lambda: str(_samples_dir() / "images"))
+    source: str = field(default="replay", metadata=_check(choices=("replay", "picamera2", "v4l2")))
+    path: str = field(default_factory=lambda: str(_samples_dir() / "images"))  # replay; what a fake camera shows
     fps: float = field(default=2.0, metadata=_check(min=0.01, max=120))
     loop: bool = True
+    device: str = ""  # v4l2: /dev/videoN (default /dev/video0); picamera2: camera number (default 0)
+    width: int = field(default=640, metadata=_check(min=16, max=8192))   # capture / main stream size
+    height: int = field(default=480, metadata=_check(min=16, max=8192))
+    fourcc: str = field(default="", metadata=_check(pattern=r"^([A-Za-z0-9 ]{4})?$"))  # v4l2 pixel format
+    fake: bool = False  # a fake camera of `source`'s kind showing the images at `path`
 
 
 @dataclass
@@ -86,13 +95,24 @@ class VisionConfig:
     threads: int = field(default=0, metadata=_check(min=0, max=16))  # 0 = one per core, up to 4
 
 
+IMU_CHIPS = ("mpu6050", "mpu6000", "mpu6500", "mpu9250", "lsm6ds3", "lsm6dsl", "lsm6ds3tr-c",
+             "lsm6dsox", "lsm6dso", "bmi160")  # edged.imu.source.CHIP_ALIASES
+
+
 @dataclass
 class ImuConfig:
     enabled: bool = True
-    source: str = field(default="replay", metadata=_check(choices=("replay",)))
+    source: str = field(default="replay", metadata=_check(choices=("replay", "auto") + IMU_CHIPS))
     path: str = field(default_factory=lambda: str(_samples_dir() / "imu" / "basicmotions_demo.csv"))
     speed: float = field(default=1.0, metadata=_check(min=0.01, max=1000))
     loop: bool = True
+    bus: int = field(default=1, metadata=_check(min=0, max=255))          # /dev/i2c-N
+    address: int = field(default=0, metadata=_check(min=0, max=0x77))     # 0 = scan / the chip's usual ones
+    rate_hz: float = field(default=100.0, metadata=_check(min=1, max=2000))
+    accel_range_g: float = field(default=4.0, metadata=_check(min=2, max=16))
+    gyro_range_dps: float = field(default=500.0, metadata=_check(min=125, max=2000))
+    lpf_hz: float = field(default=0.0, metadata=_check(min=0, max=1000))  # 0 = the chip's default
+    fake: bool = False  # an emulated chip on a fake I2C bus, moving as the recording at `path`
 
 
 @dataclass
@@ -106,11 +126,34 @@ class OutboxConfig:
     path: str = ""  # default: <state_dir>/outbox.db
     max_bytes: int = field(default=64 * 1024 * 1024, metadata=_check(min=64 * 1024, max=1 << 40))
     synchronous: str = field(default="full", metadata=_check(choices=("full", "normal")))
+    max_file_bytes: int = field(default=0, metadata=_check(min=0, max=1 << 40))  # 0 = only the disk limits it
 
 
 @dataclass
 class StatsConfig:
     interval_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
+
+
+@dataclass
+class HomeAssistantConfig:
+    enabled: bool = True
+    prefix: str = field(default="homeassistant", metadata=_check(pattern=r"^[^#+\s]+$"))
+    labels: list[str] = field(default_factory=list)  # presence sensors; default: the model's labels
+
+
+@dataclass
+class CommandsConfig:
+    enabled: bool = False
+    snapshot: bool = False  # allow `cmd/snapshot` (publishes a JPEG of the current frame)
+    snapshot_max_bytes: int = field(default=256 * 1024, metadata=_check(min=4096, max=16 << 20))
+
+
+@dataclass
+class AcceleratorConfig:
+    device: str = field(default="cpu", metadata=_check(choices=(
+        "cpu", "auto", "usb", "pci", "usb:0", "usb:1", "usb:2", "usb:3", "pci:0", "pci:1", "pci:2", "pci:3")))
+    fallback: bool = True   # run on the CPU while the Edge TPU is missing or failing
+    retry_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
 
 
 @dataclass
@@ -127,6 +170,9 @@ class Config:
     motion: MotionConfig = field(default_factory=MotionConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
     source_path: str = field(default="<defaults>", metadata=_check(internal=True))
 
     @property
@@ -280,4 +326,8 @@ def _tname(value: Any) -> str:
 
 def _tname_of(typ: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        typ, "an array" if get_origin(typ) is list else getattr(typ, "__name__", str(typ)))
+        typ, f"an array of {_PLURAL.get(get_args(typ)[0], 'values')}" if get_origin(typ) is list
+        else getattr(typ, "__name__", str(typ)))
+
+
+_PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}

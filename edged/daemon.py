@@ -41,11 +41,13 @@ class Counters:
     vision_runs: int = 0
     detections_queued: int = 0
     imu_samples: int = 0
+    imu_failed_batches: int = 0
     motion_windows: int = 0
     motion_ms_total: float = 0.0
     raw_bytes: int = 0
     published_before: int = 0   # acknowledged by links replaced on reload
     bytes_sent_before: int = 0
+    rejected_before: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -104,35 +106,60 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.mailbox = Mailbox()
+        self.last_frame: Frame | None = None  # for snapshots
 
     @classmethod
     def open(cls, cfg: Config) -> "Pipeline":
         """Open models and sources; errors here are the user's to fix."""
-        from edged.models import default_models_dir, load_manifest, open_model
+        from edged.models import default_models_dir, load_manifest
+        from edged.tpu import open_for_backend
 
         p = cls(cfg)
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+        acc = cfg.accelerator
         try:
             if cfg.camera.enabled:
-                from edged.camera import open_replay
+                from edged.camera import open_camera
                 from edged.vision import VisionStage
 
                 entry = _entry(manifest, cfg.vision.model, "vision", "vision.model")
-                model = open_model(entry, threads=cfg.vision.threads or None)
+                model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                                         threads=cfg.vision.threads or None)
                 p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
-                p.camera = open_replay(cfg.camera.path, fps=cfg.camera.fps, loop=cfg.camera.loop)
+                pre = p.vision.preprocess
+                snapshots = bool(getattr(cfg, "commands", None) and cfg.commands.enabled and cfg.commands.snapshot)
+                # A live camera is asked for frames at the model's input size (the ISP scales).
+                p.camera = open_camera(cfg.camera, model_size=(pre.width, pre.height),
+                                       letterbox=pre.letterbox, snapshots=snapshots)
                 log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
                                                       backend=model.backend, camera=p.camera.name))
             if cfg.imu.enabled:
-                from edged.imu.replay import ReplayImu
                 from edged.motion import MotionStage
 
                 entry = _entry(manifest, cfg.motion.model, "motion", "motion.model")
-                model = open_model(entry, threads=cfg.motion.threads or None)
+                model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                                         threads=cfg.motion.threads or None)
                 p.motion = MotionStage(model, entry)
-                p.imu = ReplayImu(cfg.imu.path, speed=cfg.imu.speed, loop=cfg.imu.loop)
+                imu = cfg.imu
+                if imu.source == "replay":
+                    from edged.imu.replay import ReplayImu
+
+                    p.imu = ReplayImu(imu.path, speed=imu.speed, loop=imu.loop)
+                else:
+                    from edged.imu.source import ImuSource
+
+                    factory = None
+                    if imu.fake:
+                        from edged.fakes import imu_bus_factory
+
+                        factory = imu_bus_factory(imu)
+                    p.imu = ImuSource(chip=imu.source, bus=imu.bus, address=imu.address or None,
+                                      rate_hz=imu.rate_hz, accel_range_g=imu.accel_range_g,
+                                      gyro_range_dps=imu.gyro_range_dps, lpf_hz=imu.lpf_hz or None,
+                                      smbus_factory=factory)
                 log.info("motion ready", extra=fields(model=entry.name, runtime=model.runtime,
-                                                      backend=model.backend, imu=p.imu.chip_name))
+                                                      backend=model.backend, imu=p.imu.chip_name,
+                                                      fake_bus=imu.fake and imu.source != "replay"))
         except BaseException:
             p.close_sources()
             raise
@@ -140,8 +167,15 @@ class Pipeline:
 
     @property
     def backend(self) -> str:
-        model = getattr(self.vision, "model", None) or getattr(self.motion, "model", None)
-        return getattr(model, "backend", "cpu")
+        """Where inference runs: "edgetpu:usb" (or another Edge TPU) when a model is on one, "cpu",
+        or "cpu-fallback" while a model that should be on the Edge TPU runs on the CPU."""
+        models = [m for m in (getattr(self.vision, "model", None), getattr(self.motion, "model", None)) if m]
+        for m in models:
+            if getattr(m, "backend", "cpu").startswith("edgetpu"):
+                return m.backend
+        if any(getattr(m, "wants_tpu", False) for m in models):
+            return "cpu-fallback"
+        return "cpu"
 
     def start(self, d: "Daemon") -> None:
         wd = d.watchdog
@@ -203,10 +237,12 @@ class Pipeline:
             c.vision_runs += 1
             c.vision_ms_total += ms
             c.frames_skipped = skipped_before + self.mailbox.replaced
+            self.last_frame = frame
             det = Detections(frame.ts, objects, ms)
             if policy.should_publish(det):
                 c.detections_queued += 1
                 d.results.put(("detections", det))
+                d.update_state(labels=sorted(o.label for o in objects))
 
     def _imu_loop(self, d: "Daemon") -> None:
         c = d.counters
@@ -222,10 +258,17 @@ class Pipeline:
                 continue
             c.imu_samples += len(batch)
             c.raw_bytes += len(batch) * IMU_RAW_BYTES_PER_SAMPLE
-            for sig in self.motion.push(batch):
+            try:
+                sigs = self.motion.push(batch)
+            except ValueError as exc:  # samples the stage cannot use (e.g. too slow): say once, skip
+                c.imu_failed_batches += 1
+                d.once("bad-imu", f"IMU samples skipped: {exc}")
+                continue
+            for sig in sigs:
                 c.motion_windows += 1
                 c.motion_ms_total += sig.inference_ms
                 d.results.put(("motion", sig))
+                d.update_state(motion=(sig.label, sig.score))
 
 
 class Daemon:
@@ -245,6 +288,11 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self.watchdog = ProgressWatchdog(self.notifier)
         self._stats_prev = (self.counters.started, 0, 0.0, 0)
+        self.commands: queue.Queue = queue.Queue()
+        self._state_lock = threading.Lock()
+        self._state: dict = {"labels": [], "motion": None, "motion_score": None}
+        # Early, so a SIGTERM while models load still ends in an orderly stop.
+        self._install_signals()
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -255,7 +303,8 @@ class Daemon:
 
     @staticmethod
     def _open_outbox(cfg: Config) -> Outbox:
-        ob = Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, synchronous=cfg.outbox.synchronous)
+        ob = Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, synchronous=cfg.outbox.synchronous,
+                    max_file_bytes=cfg.outbox.max_file_bytes or None)
         log.info("outbox ready", extra=fields(path=str(ob.path), spooled=ob.depth, last_seq=ob.last_seq))
         return ob
 
@@ -270,7 +319,6 @@ class Daemon:
         self._start_link()
         self._writer = self.spawn("writer", self._writer_loop)
         self.pipeline.start(self)
-        self._install_signals()
         # READY only now: models loaded, sources open, outbox open. The broker may still be down;
         # that is what the outbox is for, not a reason to fail start-up.
         self.notifier.ready(self.status_line())
@@ -284,6 +332,8 @@ class Daemon:
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self.reload()
+            if not self.commands.empty():
+                self._run_commands()
             now = time.monotonic()
             if tick and now >= next_tick:
                 wd.tick()
@@ -311,8 +361,105 @@ class Daemon:
         from edged.link import Link
 
         self.watchdog.register("mqtt")
-        self.link = Link(self.cfg, self.outbox, on_turn=lambda: self.watchdog.beat("mqtt"))
+        self.link = Link(self.cfg, self.outbox, content_type=codec.get(self.cfg.mqtt.codec).content_type,
+                         on_turn=lambda: self.watchdog.beat("mqtt"),
+                         on_connected=self._on_link_connected,
+                         on_command=self._enqueue_command if self.cfg.commands.enabled else None)
         self.link.start()
+
+    # -- things published outside the outbox: Home Assistant, command replies ---------------------
+
+    def _on_link_connected(self, link) -> None:
+        """On paho's thread, after each connect: announce to Home Assistant, restate the state."""
+        if not self.cfg.homeassistant.enabled:
+            return
+        from edged import homeassistant as ha
+
+        vision = self.pipeline.vision if self.pipeline else None
+        labels = ha.presence_labels(self.cfg, list(getattr(vision, "labels", [])) if vision else [])
+        for topic, payload in ha.discovery(self.cfg, labels):
+            link.publish_now("", payload, topic=topic, qos=1, retain=True)
+        self._publish_state(force=True)
+
+    def update_state(self, *, labels: list[str] | None = None, motion: tuple[str, float] | None = None) -> None:
+        """Called by the pipeline threads when what is in view or the motion label changes."""
+        with self._state_lock:
+            changed = False
+            if labels is not None and labels != self._state["labels"]:
+                self._state["labels"] = labels
+                changed = True
+            if motion is not None:
+                if motion[0] != self._state["motion"]:
+                    changed = True
+                self._state["motion"], self._state["motion_score"] = motion
+        if changed:
+            self._publish_state()
+
+    def _publish_state(self, force: bool = False) -> None:
+        if not self.cfg.homeassistant.enabled or not self.link:
+            return
+        from edged import homeassistant as ha
+
+        with self._state_lock:
+            payload = ha.state_payload(self._state["labels"], self._state["motion"], self._state["motion_score"])
+        # QoS 0: the state is superseded by the next one, and unacknowledged QoS 1 side messages
+        # would take room in the client's in-flight window from the results.
+        self.link.publish_now("state", payload, qos=0, retain=True)
+
+    def _enqueue_command(self, name: str, payload: bytes, properties) -> None:
+        self.commands.put((name, payload, properties))
+
+    def _run_commands(self) -> None:
+        from edged import commands
+
+        while True:
+            try:
+                name, payload, properties = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            cmd, error = commands.parse(name, payload, properties)
+            try:
+                if error:
+                    answer = commands.reply(cmd, False, error=error)
+                else:
+                    answer = self._run_command(cmd)
+            except Exception as exc:  # nothing remote may take the daemon down
+                log.exception("command failed", extra=fields(cmd=name))
+                answer = commands.reply(cmd, False, error=f"{type(exc).__name__}: {exc}")
+            if error:
+                self.once(f"cmd-error:{name}", "command refused", level=logging.WARNING, cmd=name, error=error)
+            else:
+                log.info("command", extra=fields(cmd=name))
+            self._reply(cmd, answer)
+
+    def _run_command(self, cmd) -> bytes:
+        from edged import commands
+
+        if cmd.name == "stats":
+            self.publish_stats()
+            return commands.reply(cmd, True)
+        if cmd.name == "reload":
+            ok = self.reload()
+            return commands.reply(cmd, ok, **({} if ok else {"error": "reload failed; see the device log"}))
+        # snapshot
+        if not self.cfg.commands.snapshot:
+            return commands.reply(cmd, False, error="snapshots are disabled (commands.snapshot = false)")
+        frame = self.pipeline.last_frame if self.pipeline else None
+        if frame is None:
+            return commands.reply(cmd, False, error="no camera frame yet")
+        jpeg = commands.jpeg_snapshot(frame.image, self.cfg.commands.snapshot_max_bytes)
+        self.link.publish_now("snapshot", jpeg, qos=1)
+        return commands.reply(cmd, True, bytes=len(jpeg), ts=round(frame.ts, 3), topic=self.cfg.topic("snapshot"))
+
+    def _reply(self, cmd, answer: bytes) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = None
+        if cmd.correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = cmd.correlation
+        self.link.publish_now("response", answer, qos=1, topic=cmd.response_topic, properties=props)
 
     def reload(self) -> bool:
         """Re-read the config and swap in a new pipeline; keep the old one if anything fails."""
@@ -347,6 +494,7 @@ class Daemon:
             self.link.stop(timeout=0.5, say_offline=new_cfg.device_id != old_cfg.device_id)
             self.counters.published_before += self.link.published
             self.counters.bytes_sent_before += self.link.bytes_sent
+            self.counters.rejected_before += self.link.rejected
             if new_cfg.outbox_path != old_cfg.outbox_path or new_cfg.outbox != old_cfg.outbox:
                 self.outbox.close()
                 self.outbox = self._open_outbox(new_cfg)
@@ -402,7 +550,8 @@ class Daemon:
 
     def _writer_loop(self) -> None:
         device = self.cfg.device_id
-        encoders = {"detections": codec.detections, "motion": codec.motion}
+        c = codec.get(self.cfg.mqtt.codec)
+        encoders = {"detections": c.detections, "motion": c.motion}
         topics = {leaf: self.cfg.topic(leaf) for leaf in encoders}
         done = False
         while not done:
@@ -457,7 +606,9 @@ class Daemon:
             "dropped": ob.dropped,
             "published": c.published_before + link_pub,
             "bytes_sent": c.bytes_sent_before + link_bytes,
+            "rejected": c.rejected_before + (self.link.rejected if self.link else 0),
             "raw_bytes": c.raw_bytes,
+            "backend": self.pipeline.backend if self.pipeline else "cpu",
             "pid": os.getpid(),
         }
 

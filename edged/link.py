@@ -8,19 +8,28 @@
   was in flight (with DUP set), so the drain only moves forward; after a daemon restart it starts
   again from the oldest row still stored (at-least-once: a subscriber may see a duplicate seq,
   never a gap that the outbox did not count as dropped).
-- The broker being down is normal: paho reconnects with exponential backoff between
-  `reconnect_min_s` and `reconnect_max_s`, and the outbox spools meanwhile.
+- MQTT 5 by default: a session that outlives reconnects (`session_expiry_s`), results that expire
+  on the broker after `message_expiry_s`, a content type on every result. MQTT 3.1.1 on request.
+- The broker being down is normal: reconnects back off exponentially with jitter between
+  `reconnect_min_s` and `reconnect_max_s`, the outbox spools meanwhile, and each distinct
+  failure (refused, unreachable, certificate expired, client certificate rejected, …) is logged
+  once, in words, until the link is up again.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import random
+import socket
 import ssl
+import sys
 import threading
-import time
+from typing import Callable
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edged.config import Config
 from edged.log import Once, fields
@@ -30,51 +39,82 @@ log = logging.getLogger("edged.mqtt")
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+# Publishes that are not outbox rows (status, stats, discovery, replies) get this much room in
+# paho's own in-flight window on top of the drain window, so they never queue behind it.
+_SIDE_WINDOW = 16
 
 
 class Link:
-    def __init__(self, cfg: Config, outbox: Outbox, *, on_turn=None) -> None:
+    def __init__(self, cfg: Config, outbox: Outbox, *, content_type: str = "application/json",
+                 on_turn: Callable[[], None] | None = None,
+                 on_connected: Callable[["Link"], None] | None = None,
+                 on_command: Callable[[str, bytes, object], None] | None = None) -> None:
         self.cfg = cfg
-        self._on_turn = on_turn or (lambda: None)  # called every drain-loop turn (watchdog)
         self.outbox = outbox
+        self._on_turn = on_turn or (lambda: None)      # every drain-loop turn (watchdog)
+        self._on_connected = on_connected              # after each connect (discovery, …)
+        self._on_command = on_command                  # messages under <prefix>/<device>/cmd/
         m = cfg.mqtt
         self.broker = f"{m.host}:{m.port}"
         self.status_topic = cfg.topic("status")
+        self.cmd_prefix = cfg.topic("cmd/")
+        self.v5 = m.protocol == "5"
         self.window = m.max_inflight
         self.connected = threading.Event()
         self.published = 0          # rows acknowledged by the broker (this run)
         self.bytes_sent = 0         # payload bytes acknowledged by the broker (this run)
+        self.rejected = 0           # rows the broker refused in its PUBACK (MQTT 5 reason ≥ 0x80)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acked_mids: collections.deque[int] = collections.deque()
+        self._acked: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, accepted)
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, payload bytes)
         self._last_sent = 0
         self._once = Once(log)
+        self._last_error: str | None = None
+        self._attempt = 0
         self._thread: threading.Thread | None = None
+        self._rng = random.Random()
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                        client_id=m.client_id or f"edged-{cfg.device_id}",
-                        protocol=mqtt.MQTTv311, clean_session=True)
+        if self.v5:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id or f"edged-{cfg.device_id}",
+                            protocol=mqtt.MQTTv5)
+            self._result_props = Properties(PacketTypes.PUBLISH)
+            self._result_props.ContentType = content_type
+            if m.message_expiry_s:
+                self._result_props.MessageExpiryInterval = m.message_expiry_s
+        else:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id or f"edged-{cfg.device_id}",
+                            protocol=mqtt.MQTTv311, clean_session=True)
+            self._result_props = None
         if m.username:
             c.username_pw_set(m.username, m.password or None)
         if m.tls or m.ca_file:
             c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None,
                       keyfile=m.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
         c.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
-        c.reconnect_delay_set(min_delay=max(1, round(m.reconnect_min_s)), max_delay=max(1, round(m.reconnect_max_s)))
-        c.max_inflight_messages_set(self.window)
+        c.max_inflight_messages_set(self.window + _SIDE_WINDOW)
+        self.client = c
+        self._next_delay()  # sets paho's first reconnect delay
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
-        self.client = c
+        c.on_message = self._on_message
+        c.on_log = self._on_log
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         m = self.cfg.mqtt
-        log.info("connecting", extra=fields(broker=self.broker, client_id=self.client._client_id.decode()))
-        self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
+        log.info("connecting", extra=fields(broker=self.broker, protocol=m.protocol,
+                                            tls=bool(m.tls or m.ca_file), client_id=self.client._client_id.decode()))
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = m.session_expiry_s
+            self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
+                                      properties=props)
+        else:
+            self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
         self.client.loop_start()
         self._thread = threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True)
         self._thread.start()
@@ -102,56 +142,111 @@ class Link:
         self.client.loop_stop()
         log.info("disconnected", extra=fields(broker=self.broker, unsent=self.outbox.depth))
 
-    def publish_now(self, leaf: str, payload: bytes) -> bool:
-        """Publish something that is not worth spooling (stats): now, or not at all."""
+    def publish_now(self, leaf: str, payload: bytes, *, qos: int = 0, retain: bool = False,
+                    topic: str | None = None, properties: Properties | None = None) -> bool:
+        """Publish something that is not worth spooling (stats, discovery, replies): now, or not
+        at all."""
         if not self.connected.is_set():
             return False
-        self.client.publish(self.cfg.topic(leaf), payload, qos=0)
-        return True
+        info = self.client.publish(topic or self.cfg.topic(leaf), payload, qos=qos, retain=retain,
+                                   properties=properties if self.v5 else None)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    # -- reconnect backoff ------------------------------------------------------------------
+
+    def _next_delay(self) -> float:
+        """Exponential backoff with 'equal jitter': half fixed, half random, capped; many devices
+        that lost the same broker do not all come back in the same second."""
+        m = self.cfg.mqtt
+        base = min(m.reconnect_max_s, m.reconnect_min_s * (2 ** min(self._attempt, 30)))
+        delay = base / 2 + self._rng.uniform(0, base / 2)
+        delay = max(min(delay, m.reconnect_max_s), min(m.reconnect_min_s, m.reconnect_max_s) / 2)
+        self._attempt += 1
+        # paho waits min(previous * 2, max) after the first failure; pinning min = max makes it
+        # wait exactly our delay.
+        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)
+        return delay
 
     # -- paho callbacks (run on paho's network thread) ----------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self._once("connect-refused", "broker refused the connection; retrying",
-                       broker=self.broker, reason=str(reason_code))
+            self._fail("refused", f"broker refused the connection: {reason_code}")
+            self._next_delay()
             return
-        self._once.clear("connect-refused")
-        self._once.clear("unreachable")
+        for kind in ("refused", "error"):
+            self._once.clear(kind)
+        self._attempt = 0
+        self._next_delay()
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        if self._on_command is not None:
+            client.subscribe(self.cmd_prefix + "+", qos=1)
         self.connected.set()
         self._wake.set()
-        log.info("connected", extra=fields(broker=self.broker, spooled=self.outbox.depth))
+        log.info("connected", extra=fields(broker=self.broker, spooled=self.outbox.depth,
+                                           session_present=bool(flags.session_present)))
+        if self._on_connected:
+            self._on_connected(self)
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self._once("unreachable", "broker unreachable; results are spooled in the outbox until it is back",
-                   broker=self.broker, outbox=str(self.outbox.path))
+        # paho calls this from inside its `except OSError:` block, so the error is at hand.
+        exc = sys.exc_info()[1]
+        self._fail("error", describe_error(exc) if exc else (self._last_error or "connection failed"))
+        self._next_delay()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was and not self._stop.is_set():
+        if self._stop.is_set():
+            return
+        if was:
+            why = describe_error_text(self._last_error) if self._last_error else str(reason_code)
             log.warning("connection lost; spooling and reconnecting",
-                        extra=fields(broker=self.broker, reason=str(reason_code)))
+                        extra=fields(broker=self.broker, reason=why))
+        elif self._last_error:
+            # Dropped before CONNACK: typically the broker rejecting our client certificate.
+            self._fail("error", describe_error_text(self._last_error))
+        self._last_error = None
+        self._next_delay()
+
+    def _fail(self, kind: str, text: str) -> None:
+        self._once(kind, "cannot connect to the broker; results are spooled in the outbox until it "
+                   "is back", broker=self.broker, error=text, outbox=str(self.outbox.path))
+
+    def _on_log(self, client, userdata, level, buf) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_error = buf
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         # Never take our own locks here: paho holds its message lock while calling this.
-        self._acked_mids.append(mid)
+        self._acked.append((mid, not reason_code.is_failure))
         self._wake.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if self._on_command is not None and msg.topic.startswith(self.cmd_prefix):
+            self._on_command(msg.topic[len(self.cmd_prefix):], msg.payload, msg.properties)
 
     # -- drain thread ---------------------------------------------------------------------------
 
     def _collect_acks(self) -> None:
         done = []
-        while self._acked_mids:
-            mid = self._acked_mids.popleft()
+        while self._acked:
+            mid, accepted = self._acked.popleft()
             hit = self._inflight.pop(mid, None)
-            if hit is not None:
-                done.append(hit[0])
+            if hit is None:
+                continue
+            done.append(hit[0])
+            if accepted:
                 self.bytes_sent += hit[1]
+                self.published += 1
+            else:
+                # The broker said no (e.g. not authorised for the topic): retrying cannot help
+                # and would block everything behind it, so it is counted and let go.
+                self.rejected += 1
+                self._once("rejected", "broker rejected a result (check its ACL for this device)",
+                           seq=hit[0])
         if done:
             self.outbox.delete(done)
-            self.published += len(done)
 
     def _drain_loop(self) -> None:
         while not self._stop.is_set():
@@ -165,12 +260,42 @@ class Link:
             if room <= 0:
                 continue
             for row in self.outbox.pending(self._last_sent, room):
-                info = self.client.publish(row.topic, row.payload, qos=1)
+                info = self.client.publish(row.topic, row.payload, qos=1, properties=self._result_props)
                 if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     self._once("publish-error", "publish failed; will retry", rc=mqtt.error_string(info.rc))
                     break
                 self._inflight[info.mid] = (row.seq, len(row.payload))
                 self._last_sent = row.seq
-            else:
-                continue
-            time.sleep(0.1)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A connection error in words an operator can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or str(exc)
+        if "expired" in detail:
+            return f"the broker's certificate has expired ({detail}); renew it on the broker"
+        if "hostname" in detail.lower() or "IP address mismatch" in detail:
+            return f"the broker's certificate does not match the host name ({detail}); check mqtt.host"
+        return f"the broker's certificate is not trusted ({detail}); check mqtt.ca_file"
+    if isinstance(exc, ssl.SSLError):
+        return describe_error_text(str(exc))
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: is the broker running and listening on this port?"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker's host name ({exc.strerror})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out: the broker is unreachable from here (network, firewall?)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def describe_error_text(text: str) -> str:
+    low = text.lower()
+    if "certificate required" in low:
+        return "the broker requires a client certificate: set mqtt.cert_file and mqtt.key_file"
+    if "unknown ca" in low or "bad certificate" in low or "certificate unknown" in low:
+        return "the broker rejected the client certificate (not signed by a CA it trusts)"
+    if "certificate expired" in low:
+        return "the broker rejected the client certificate: it has expired"
+    if "wrong version number" in low or "unexpected eof" in low and "ssl" in low:
+        return f"TLS handshake failed ({text}); is the port a TLS listener?"
+    return text

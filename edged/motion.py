@@ -160,7 +160,7 @@ class Preprocessor:
     def __init__(self, spec: InputSpec, max_samples: int = 0) -> None:
         self.spec = spec
         m = spec.window
-        # Output sample times relative to the window's last raw sample, in output periods.
+        # Output sample times relative to the window's end, in output periods.
         self._tau = np.arange(m, dtype=np.float64) - (m - 1)
         self._cap = 0
         self._grow(max(max_samples, m))
@@ -236,8 +236,8 @@ class Preprocessor:
         feat[:, :6] = self._res
         acc = feat[:, :3]
         # Gravity: the mean acceleration over the window, removed per axis. Exact for a sensor
-        # whose orientation holds still during the window, whatever the mounting tilt; training
-        # applies the same removal, so the model only ever sees gravity-free acceleration.
+        # whose orientation holds still during the window, whatever the mounting tilt; what a
+        # turning sensor leaves behind, training leaves behind too (it calls this same code).
         acc -= acc.mean(axis=0)
         np.einsum("ij,ij->i", acc, acc, out=self._norm)
         np.sqrt(self._norm, out=feat[:, 6])
@@ -366,19 +366,18 @@ class MotionStage:
             raise ValueError(f"ImuBatch data must be (N, {len(IMU_CHANNELS)}), got {x.shape}")
         out: list[MotionSignature] = []
         spec = self.spec
+        steps = np.diff(t)
+        # Indices where the batch breaks (too long a pause, or time going back): a new segment.
+        breaks = np.flatnonzero((steps > spec.max_gap_s) | (steps <= 0)) + 1
         i = 0
         while i < len(t):
             if self._n and not (0 < t[i] - self._t[self._n - 1] <= spec.max_gap_s):
                 self.gaps += 1
                 self.reset()
             # Take up to the next break (or the buffer's room) in one copy.
-            j = i + 1
-            if j < len(t):
-                steps = np.diff(t[i:])
-                bad = np.flatnonzero((steps > spec.max_gap_s) | (steps <= 0))
-                j = i + 1 + int(bad[0]) if bad.size else len(t)
-            room = self._room()
-            j = min(j, i + room)
+            k = int(np.searchsorted(breaks, i, side="right"))
+            j = int(breaks[k]) if k < len(breaks) else len(t)
+            j = min(j, i + self._room())
             n = self._n
             self._t[n:n + j - i] = t[i:j]
             self._x[n:n + j - i] = x[i:j]

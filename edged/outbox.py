@@ -145,7 +145,8 @@ class Outbox:
             added = sum(len(r[2]) for r in rows)
             for attempt in range(3):
                 try:
-                    dropped = self._insert(rows, self._bytes + added, make_room=attempt)
+                    room, bound = self._insert(rows, self._bytes + added, make_room=attempt)
+                    dropped = (room[0] + bound[0], room[1] + bound[1])
                     break
                 except sqlite3.OperationalError as exc:
                     if not _is_full(exc):
@@ -158,19 +159,18 @@ class Outbox:
                 self._seq = rows[-1][0]
                 self.dropped += len(rows)
                 return []
-            self._once.clear("full")
             self._seq = rows[-1][0]
             self._bytes += added - dropped[1]
             self._depth += len(rows) - dropped[0]
             self.dropped += dropped[0]
-        if dropped[0]:
-            self._once("bound", "outbox full: dropping the oldest results (see stats.dropped)",
-                       max_bytes=self.max_bytes)
-        elif self._bytes < self.max_bytes // 2:
-            self._once.clear("bound")
+        if bound[0]:
+            self._once("bound", "outbox reached outbox.max_bytes: dropping the oldest results "
+                       "(see stats.dropped)", max_bytes=self.max_bytes)
         return [r[0] for r in rows]
 
-    def _insert(self, rows: list, total: int, make_room: int) -> tuple[int, int]:
+    def _insert(self, rows: list, total: int, make_room: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Insert a batch; returns (rows, bytes) dropped to make room and (rows, bytes) dropped
+        by the size bound."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -189,7 +189,7 @@ class Outbox:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return freed[0] + more[0], freed[1] + more[1]
+        return freed, more
 
     def _drop_oldest(self, excess: int) -> tuple[int, int]:
         """Delete the oldest rows covering `excess` bytes, inside the caller's transaction.
@@ -232,6 +232,10 @@ class Outbox:
                 raise
             self._bytes -= freed
             self._depth -= n
+            if self._depth == 0:
+                # Drained: a later full disk or full bound is a new episode, worth a new line.
+                self._once.clear("full")
+                self._once.clear("bound")
 
     def close(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -115,11 +116,17 @@ class Model:
     """
 
     def __init__(self, path: Path, *, threads: int | None = None, delegates: list | None = None,
-                 backend: str = "cpu") -> None:
-        rt = runtime()
+                 backend: str = "cpu", rt: Runtime | None = None) -> None:
+        rt = rt or runtime()
         self.path = Path(path)
         self.backend = backend
         self.runtime = f"{rt.name} {rt.version}"
+        if not delegates and EDGETPU_OP in custom_ops(self.path):
+            # The interpreter would only say "unresolved custom op"; say what it means.
+            raise RuntimeUnavailable(
+                f"{self.path}: compiled for the Edge TPU (it contains {EDGETPU_OP}), so it cannot run "
+                "on the CPU: give the manifest the uncompiled model as `file` and this one as "
+                "`edgetpu_file`, and set accelerator.device")
         try:
             with _quiet_native_info():
                 self._interp = rt.interpreter_cls(
@@ -185,6 +192,50 @@ class Model:
             if t.name == name:
                 return i
         raise KeyError(f"{self.path.name}: no output tensor named {name!r}")
+
+
+EDGETPU_OP = "edgetpu-custom-op"  # the one custom op edgetpu_compiler puts in a compiled model
+
+
+def custom_ops(path: Path) -> set[str]:
+    """Names of the custom operators a .tflite file declares (empty if it cannot be parsed).
+
+    Reads the flatbuffer directly (Model.operator_codes[].custom_code) so it works with every
+    runtime, including tflite_runtime, which ships no schema module."""
+    try:
+        buf = Path(path).read_bytes()
+        return _flatbuffer_custom_codes(buf)
+    except (OSError, struct.error, IndexError, UnicodeDecodeError):
+        return set()
+
+
+def _flatbuffer_custom_codes(buf: bytes) -> set[str]:
+    u32 = lambda at: struct.unpack_from("<I", buf, at)[0]  # noqa: E731
+    u16 = lambda at: struct.unpack_from("<H", buf, at)[0]  # noqa: E731
+
+    def field(table: int, index: int) -> int | None:
+        """Absolute position of field `index` of the table at `table`, None when absent."""
+        vtable = table - struct.unpack_from("<i", buf, table)[0]
+        slot = 4 + 2 * index
+        if slot >= u16(vtable):
+            return None
+        off = u16(vtable + slot)
+        return table + off if off else None
+
+    model = u32(0)
+    codes_at = field(model, 1)  # Model.operator_codes
+    if codes_at is None:
+        return set()
+    vec = codes_at + u32(codes_at)
+    names = set()
+    for k in range(u32(vec)):
+        elem = vec + 4 + 4 * k
+        code = elem + u32(elem)
+        s_at = field(code, 1)  # OperatorCode.custom_code
+        if s_at is not None:
+            s = s_at + u32(s_at)
+            names.add(buf[s + 4:s + 4 + u32(s)].decode())
+    return names
 
 
 @contextlib.contextmanager

@@ -141,6 +141,9 @@ def build_centroids(signatures: Sequence[Sequence[int]] | np.ndarray, labels: Se
     cents, ths, counts = [], [], []
     for name in names:
         members = sig[lab == name]
+        if len(members) < 2:
+            raise SignatureError(f"build_centroids: {name!r} has {len(members)} signature; "
+                                 "a threshold needs at least 2")
         c = members.mean(axis=0)
         d = np.sqrt(((members - c) ** 2).sum(axis=1))
         cents.append(c)

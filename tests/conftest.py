@@ -34,6 +34,22 @@ def mosquitto_bin() -> str:
     return found
 
 
+def last_seq(state_dir: Path) -> int:
+    """The outbox's seq counter as the daemon last committed it (0 before it exists)."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{state_dir / 'outbox.db'}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        return db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
+    except sqlite3.OperationalError:  # created, schema not yet committed
+        return 0
+    finally:
+        db.close()
+
+
 def wait_until(pred, timeout: float, interval: float = 0.05):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -47,7 +63,8 @@ def wait_until(pred, timeout: float, interval: float = 0.05):
 class Broker:
     """A mosquitto process we can stop and start again on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False,
+                 listener_conf: str = "") -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = workdir
@@ -58,7 +75,9 @@ class Broker:
         # persistent: sessions and queued QoS 1 messages survive a broker restart (saved on stop).
         persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
                        else "persistence false\n")
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}{user}")
+        # listener_conf: lines for the listener, e.g. cafile/certfile/keyfile for TLS.
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{listener_conf}allow_anonymous true\n"
+                             f"{persistence}{user}")
 
     def start(self) -> "Broker":
         self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
@@ -181,12 +200,13 @@ class DaemonProc:
         return self.log.read_text(errors="replace")
 
 
-def write_config(path: Path, broker: Broker, *, device_id: str = "test-dev", extra: str = "") -> Path:
+def write_config(path: Path, broker: Broker, *, device_id: str = "test-dev", extra: str = "",
+                 mqtt: str = "") -> Path:
     path.write_text(
         f'device_id = "{device_id}"\n'
         f'state_dir = "{path.parent / "state"}"\n'
         f"{extra}\n"
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nreconnect_max_s = 2\n')
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nreconnect_max_s = 2\n{mqtt}')
     return path
 
 

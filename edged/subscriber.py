@@ -1,0 +1,196 @@
+"""The reference subscriber: what a cloud service runs to receive edged results.
+
+It subscribes to every device's results under a prefix, decodes either codec (JSON or CBOR),
+stores each result once in SQLite (keyed by device and seq, so redeliveries are counted, not
+stored twice), records device status, and tells which seqs never arrived. `edged subscribe` is
+its command line; the end-to-end tests use it to check delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edged import codec
+
+RESULT_LEAVES = ("detections", "motion")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    device_id TEXT    NOT NULL,
+    seq       INTEGER NOT NULL,
+    leaf      TEXT    NOT NULL,
+    ts        REAL,
+    received  REAL    NOT NULL,
+    body      TEXT    NOT NULL,     -- the decoded payload, as JSON
+    PRIMARY KEY (device_id, seq)
+);
+CREATE TABLE IF NOT EXISTS status (
+    device_id TEXT PRIMARY KEY,
+    status    TEXT NOT NULL,
+    changed   REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class DeviceTally:
+    received: int = 0
+    duplicates: int = 0
+    undecodable: int = 0
+    seqs: set[int] = field(default_factory=set)
+
+    def gaps(self) -> list[int]:
+        """Seqs between the lowest and highest seen that never arrived."""
+        if not self.seqs:
+            return []
+        return sorted(set(range(min(self.seqs), max(self.seqs) + 1)) - self.seqs)
+
+
+class Collector:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, db_path: str | Path = ":memory:", *,
+                 prefix: str = "edged", client_id: str | None = None, persistent: bool = False,
+                 username: str = "", password: str = "", ca_file: str = "", cert_file: str = "",
+                 key_file: str = "", on_result=None) -> None:
+        self.prefix = prefix
+        self.tally: dict[str, DeviceTally] = {}
+        self.statuses: dict[str, list[str]] = {}
+        self.on_result = on_result
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._subscribed = threading.Event()
+        # persistent: the broker keeps our session and queues QoS 1 results while we are away.
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                        client_id=client_id or f"edged-subscriber-{time.monotonic_ns()}",
+                        protocol=mqtt.MQTTv5)
+        self._connect_kw = {"clean_start": not persistent}
+        if persistent:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 86400
+            self._connect_kw["properties"] = props
+        if username:
+            c.username_pw_set(username, password or None)
+        if ca_file or cert_file:
+            c.tls_set(ca_certs=ca_file or None, certfile=cert_file or None, keyfile=key_file or None,
+                      cert_reqs=ssl.CERT_REQUIRED)
+        c.on_connect = self._on_connect
+        c.on_subscribe = lambda *a: self._subscribed.set()
+        c.on_message = self._on_message
+        c.reconnect_delay_set(0.1, 1)
+        self.client = c
+        self.host, self.port = host, port
+
+    def start(self, timeout: float = 10.0) -> "Collector":
+        self.client.connect(self.host, self.port, **self._connect_kw)
+        self.client.loop_start()
+        if not self._subscribed.wait(timeout):
+            raise ConnectionError(f"could not subscribe at {self.host}:{self.port}")
+        return self
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        self._db.close()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
+
+    def _on_message(self, client, userdata, msg) -> None:
+        parts = msg.topic.split("/")
+        if len(parts) < 3:
+            return
+        device, leaf = parts[-2], parts[-1]
+        now = time.time()
+        if leaf == "status":
+            with self._lock:
+                self.statuses.setdefault(device, []).append(msg.payload.decode(errors="replace"))
+                self._db.execute("INSERT OR REPLACE INTO status VALUES (?, ?, ?)",
+                                 (device, msg.payload.decode(errors="replace"), now))
+            return
+        content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        with self._lock:
+            t = self.tally.setdefault(device, DeviceTally())
+            try:
+                body = codec.decode(msg.payload, content_type)
+                seq = int(body["seq"])
+            except Exception:
+                t.undecodable += 1
+                return
+            t.received += 1
+            if seq in t.seqs:
+                t.duplicates += 1
+                return
+            t.seqs.add(seq)
+            self._db.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                             (device, seq, leaf, body.get("ts"), now, json.dumps(body)))
+        if self.on_result:
+            self.on_result(device, leaf, body)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def seqs(self, device: str) -> set[int]:
+        with self._lock:
+            return set(self.tally.get(device, DeviceTally()).seqs)
+
+    def results(self, device: str, leaf: str | None = None) -> list[dict]:
+        with self._lock:
+            q = "SELECT body FROM results WHERE device_id = ?" + (" AND leaf = ?" if leaf else "") + " ORDER BY received"
+            rows = self._db.execute(q, (device, leaf) if leaf else (device,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {d: {"received": t.received, "unique": len(t.seqs), "duplicates": t.duplicates,
+                        "undecodable": t.undecodable, "first_seq": min(t.seqs) if t.seqs else None,
+                        "last_seq": max(t.seqs) if t.seqs else None, "gaps": t.gaps()}
+                    for d, t in self.tally.items()}
+
+
+def run_cli(args) -> int:
+    """`edged subscribe`: print each result as a JSON line; a delivery summary at the end."""
+    import sys
+
+    stop = threading.Event()
+    count = [0]
+
+    def show(device: str, leaf: str, body: dict) -> None:
+        if not args.quiet:
+            print(json.dumps({"device": device, "topic": leaf, **body}), flush=True)
+        count[0] += 1
+        if args.count and count[0] >= args.count:
+            stop.set()
+
+    col = Collector(args.host, args.port, args.db, prefix=args.prefix, username=args.username or "",
+                    password=args.password or "", ca_file=args.ca_file or "", cert_file=args.cert_file or "",
+                    key_file=args.key_file or "", client_id=args.client_id,
+                    persistent=bool(args.client_id), on_result=show)
+    try:
+        col.start()
+    except (OSError, ConnectionError) as exc:
+        print(f"edged: cannot subscribe at {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 69
+    try:
+        stop.wait(args.seconds if args.seconds else None)
+    except KeyboardInterrupt:
+        pass
+    summary = col.summary()
+    col.stop()
+    for device, s in sorted(summary.items()):
+        gaps = s["gaps"]
+        shown = ",".join(map(str, gaps[:20])) + ("…" if len(gaps) > 20 else "")
+        print(f"edged: {device}: {s['unique']} results (seq {s['first_seq']}–{s['last_seq']}), "
+              f"{s['duplicates']} duplicates, {len(gaps)} missing{': ' + shown if gaps else ''}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,387 @@
+"""Edge TPU support: loading the Coral delegate, choosing the compiled or the CPU model, falling back.
+
+A stage asks `open_for_backend(entry, accelerator)` for its model instead of `Model(...)`. With
+`accelerator = "cpu"` that is the manifest's `file` on the CPU. Otherwise, and when the manifest
+gives the model an `edgetpu_file`, edged loads libedgetpu the way Coral documents it for TFLite
+(`load_delegate("libedgetpu.so.1", {"device": "usb" | "usb:0" | "pci" | "pci:0"})`, no options
+for "auto") through the process's own TFLite runtime, and runs the compiled model with it.
+
+What happens when the TPU is not there:
+- configured but absent, or the delegate does not load: one log line saying which (library not
+  installed, or no device answering) and how to fix it; then the CPU model (or, with
+  `fallback = false`, a `TpuError` that stops the daemon);
+- lost mid-run (a USB reset makes `invoke()` raise): one log line, the same input is run again on
+  the CPU model so no frame is lost, and the stats show the fallback;
+- in both cases the TPU is tried again every `retry_s` seconds, from inside `invoke()` (the stage's
+  own thread, since an interpreter is not thread-safe); when it answers, inference moves back.
+
+A compiled model cannot run on the CPU (its layers live inside one `edgetpu-custom-op`), so the
+fallback model is the manifest's `file`, which must have the same input and output tensors (it is
+the int8 model that was compiled). `edged.runtime.Model` refuses a compiled model without a
+delegate with a message that says so.
+
+pycoral is used only to list Edge TPUs when it is importable; it is never needed (it has no build
+for Raspberry Pi OS bookworm's Python 3.11).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import glob
+import logging
+import os
+import re
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edged.log import Once, fields
+from edged.models import ModelEntry, ModelError, verify
+from edged.runtime import EDGETPU_OP, Model, Runtime, RuntimeUnavailable, custom_ops, runtime
+
+log = logging.getLogger("edged.tpu")
+
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+# USB ids of the Coral USB Accelerator: it enumerates as Global Unichip until libedgetpu has
+# loaded its firmware, then as Google.
+USB_IDS = {("1a6e", "089a"): "Coral USB Accelerator (firmware not loaded yet)",
+           ("18d1", "9302"): "Coral USB Accelerator"}
+ACCELERATOR_RE = re.compile(r"^(cpu|auto|(usb|pci)(:\d{1,2})?)$")
+
+INSTALL_LIBEDGETPU = ("install the Edge TPU runtime from Coral's apt repository: "
+                      "sudo apt install libedgetpu1-std (see docs/hardware.md)")
+FIX_USB = ("plug the Coral USB Accelerator into a USB 3 port (lsusb lists 1a6e:089a or 18d1:9302); "
+           "the user running edged needs the plugdev group (the udev rule from libedgetpu1-std)")
+FIX_PCI = ("check that the PCIe/M.2 Coral has its driver (sudo apt install gasket-dkms; /dev/apex_0 "
+           "must exist) and that the user running edged is in the apex group")
+
+
+class TpuError(RuntimeUnavailable):
+    """The Edge TPU is required (`accelerator.fallback = false`) but cannot be used."""
+
+
+class _Unavailable(Exception):
+    """The TPU cannot be used right now; `kind` is library | device | model."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def delegate_options(accelerator: str) -> dict[str, str]:
+    """libedgetpu's options for an `accelerator.device` value ("auto": the first TPU found)."""
+    return {} if accelerator == "auto" else {"device": accelerator}
+
+
+def backend_name(accelerator: str) -> str:
+    return "edgetpu" if accelerator == "auto" else f"edgetpu:{accelerator}"
+
+
+def system_loader(library: str = EDGETPU_LIBRARY) -> Runtime:
+    """The process's TFLite runtime, whose `load_delegate` first checks that the library loads.
+
+    The check spares the log the runtime's own noise: when the library is missing, LiteRT's
+    Delegate fails half-built and Python prints an ignored AttributeError from its __del__."""
+    rt = runtime()
+
+    def load_delegate(lib: str, options: dict | None = None):
+        ctypes.CDLL(lib)  # OSError: "<lib>: cannot open shared object file"
+        return rt.load_delegate(lib, options or {})
+
+    return dataclasses.replace(rt, load_delegate=load_delegate)
+
+
+def library_loadable(library: str = EDGETPU_LIBRARY) -> tuple[bool, str]:
+    """(True, where it was found) or (False, why not)."""
+    try:
+        handle = ctypes.CDLL(library)
+    except OSError as exc:
+        return False, str(exc)
+    return True, getattr(handle, "_name", library)
+
+
+def list_edge_tpus() -> list[dict] | None:
+    """pycoral's list of Edge TPUs ({"type": "usb"|"pci", "path": ...}), or None without pycoral."""
+    try:
+        from pycoral.utils.edgetpu import list_edge_tpus as pycoral_list
+    except ImportError:
+        return None
+    try:
+        return [dict(t) for t in pycoral_list()]
+    except (RuntimeError, OSError, ValueError):
+        return []
+
+
+def find_usb_tpus(root: str | Path = "/") -> list[tuple[str, str]]:
+    """Coral USB Accelerators in sysfs: (device directory name, description)."""
+    found = []
+    for d in sorted(glob.glob(os.path.join(str(root), "sys/bus/usb/devices/*"))):
+        try:
+            vid = Path(d, "idVendor").read_text().strip().lower()
+            pid = Path(d, "idProduct").read_text().strip().lower()
+        except OSError:
+            continue
+        desc = USB_IDS.get((vid, pid))
+        if desc:
+            found.append((os.path.basename(d), f"{desc} {vid}:{pid}"))
+    return found
+
+
+def find_pci_tpus(root: str | Path = "/") -> list[str]:
+    """PCIe/M.2 Edge TPU device nodes (/dev/apex_N), made by the gasket/apex driver."""
+    return sorted(glob.glob(os.path.join(str(root), "dev/apex_*")))
+
+
+def _fix_for(accelerator: str) -> str:
+    if accelerator.startswith("usb"):
+        return FIX_USB
+    if accelerator.startswith("pci"):
+        return FIX_PCI
+    return f"{FIX_USB}; or for PCIe: {FIX_PCI}"
+
+
+def _classify(exc: BaseException, accelerator: str) -> _Unavailable:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) or "cannot open shared object" in text:
+        return _Unavailable("library", f"{EDGETPU_LIBRARY} is not installed ({text}): {INSTALL_LIBEDGETPU}")
+    where = "any" if accelerator == "auto" else repr(accelerator)
+    return _Unavailable("device", f"no Edge TPU answers on device {where} ({text}): {_fix_for(accelerator)}")
+
+
+def edgetpu_digest(entry: ModelEntry) -> tuple[str, int]:
+    """The manifest's sha256 and size of the model's `edgetpu_file`.
+
+    Read from the entry when the manifest loader provides them, else from the manifest table."""
+    sha = getattr(entry, "edgetpu_sha256", None)
+    size = getattr(entry, "edgetpu_size", None)
+    manifest = entry.path.parent / "manifest.toml"
+    if sha is None or size is None:
+        try:
+            with manifest.open("rb") as fh:
+                table = tomllib.load(fh).get("models", {}).get(entry.name, {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ModelError(f"{manifest}: cannot read: {exc}") from None
+        sha, size = table.get("edgetpu_sha256"), table.get("edgetpu_size")
+    if not isinstance(sha, str) or not isinstance(size, int) or isinstance(size, bool):
+        raise ModelError(f"{manifest}: models.{entry.name}: edgetpu_file needs edgetpu_sha256 (hex text) "
+                         "and edgetpu_size (bytes) so the compiled model can be verified")
+    return sha.lower(), size
+
+
+def verify_edgetpu(entry: ModelEntry) -> Path:
+    path = entry.edgetpu_path
+    sha, size = edgetpu_digest(entry)
+    verify(dataclasses.replace(entry, path=path, sha256=sha, size=size))
+    return path
+
+
+def _same_tensors(a: Model, b: Model) -> str | None:
+    """Why `a` and `b` cannot stand in for each other (None when they can)."""
+    for kind in ("inputs", "outputs"):
+        ta, tb = getattr(a, kind), getattr(b, kind)
+        if len(ta) != len(tb):
+            return f"{len(ta)} {kind} vs {len(tb)}"
+        for x, y in zip(ta, tb):
+            if (x.shape, x.dtype, x.scale, x.zero_point) != (y.shape, y.dtype, y.scale, y.zero_point):
+                return (f"{kind[:-1]} {x.name!r} is {x.dtype}{list(x.shape)} (scale {x.scale:g}) vs "
+                        f"{y.dtype}{list(y.shape)} (scale {y.scale:g})")
+    return None
+
+
+class BackendModel:
+    """A model on the Edge TPU or the CPU, switching between them; used like `edged.runtime.Model`.
+
+    Call from one thread (the stage's). `backend` says where the next inference runs
+    ("edgetpu:usb", "edgetpu", "cpu"); `stats` counts TPU failures, fallbacks and recoveries.
+    """
+
+    def __init__(self, entry: ModelEntry, *, accelerator: str = "cpu", fallback: bool = True,
+                 retry_s: float = 60.0, threads: int | None = None, loader: Runtime | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not ACCELERATOR_RE.match(accelerator):
+            raise TpuError(f"accelerator.device: expected cpu, auto, usb, usb:N, pci or pci:N, got {accelerator!r}")
+        self.entry = entry
+        self.accelerator = accelerator
+        self.fallback = fallback
+        self.retry_s = retry_s
+        self._threads = threads
+        self._loader = loader
+        self._clock = clock
+        self._once = Once(log)
+        self.tpu_failures = 0    # delegate loads that failed and invokes that raised on the TPU
+        self.fallbacks = 0       # switches from the TPU to the CPU, at start or mid-run
+        self.recoveries = 0      # switches back
+        self.last_error = ""
+        self._tpu: Model | None = None
+        self._cpu: Model | None = None
+        self._next_retry: float | None = None
+        self.wants_tpu = accelerator != "cpu" and entry.edgetpu_path is not None
+        if accelerator != "cpu" and entry.edgetpu_path is None:
+            log.info("model has no edgetpu_file in the manifest; it runs on the CPU",
+                     extra=fields(model=entry.name, accelerator=accelerator))
+        if self.wants_tpu:
+            try:
+                self._tpu = self._open_tpu()
+            except _Unavailable as exc:
+                self._unavailable(exc, at_start=True)
+        if self._tpu is None or fallback:
+            self._cpu = Model(entry.path, threads=threads, rt=loader)
+        if self._tpu is not None and self._cpu is not None:
+            why = _same_tensors(self._tpu, self._cpu)
+            if why:
+                raise ModelError(f"models.{entry.name}: edgetpu_file {entry.edgetpu_path.name} and file "
+                                 f"{entry.path.name} differ ({why}); the CPU fallback must be the int8 model "
+                                 "the Edge TPU model was compiled from")
+        self._active: Model = self._tpu or self._cpu
+        self.inputs = self._active.inputs
+        self.outputs = self._active.outputs
+        if self._tpu is not None:
+            log.info("model on the Edge TPU", extra=fields(model=entry.name, backend=self._tpu.backend,
+                                                           file=entry.edgetpu_path.name))
+
+    # -- the Model interface the stages use ---------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._active.backend
+
+    @property
+    def runtime(self) -> str:
+        return self._active.runtime
+
+    @property
+    def path(self) -> Path:
+        return self._active.path
+
+    def input_buffer(self, i: int = 0) -> np.ndarray:
+        return self._active.input_buffer(i)
+
+    def set_input(self, i: int, data: np.ndarray) -> None:
+        self._active.set_input(i, data)
+
+    def commit_input(self, i: int = 0) -> None:
+        self._active.commit_input(i)
+
+    def output(self, i: int) -> np.ndarray:
+        return self._active.output(i)
+
+    def raw_output(self, i: int) -> np.ndarray:
+        return self._active.raw_output(i)
+
+    def output_by_name(self, name: str) -> int:
+        return self._active.output_by_name(name)
+
+    def invoke(self) -> None:
+        if self._next_retry is not None and self._clock() >= self._next_retry:
+            self._retry()
+        active = self._active
+        try:
+            active.invoke()
+            return
+        except RuntimeError as exc:
+            if active is not self._tpu:
+                raise
+            self._lost(exc)
+        self._active.invoke()  # the same input, now on the CPU
+
+    @property
+    def stats(self) -> dict:
+        return {"backend": self.backend, "tpu_failures": self.tpu_failures, "fallbacks": self.fallbacks,
+                "recoveries": self.recoveries}
+
+    # -- switching ------------------------------------------------------------------------------
+    def _open_tpu(self) -> Model:
+        entry = self.entry
+        path = verify_edgetpu(entry)  # a bad file is the user's to fix, not a reason to fall back
+        if EDGETPU_OP not in custom_ops(path):
+            self._once("not-compiled", "edgetpu_file contains no edgetpu-custom-op: it was not compiled "
+                       "with edgetpu_compiler, so the delegate leaves all of it on the CPU",
+                       model=entry.name, file=path.name)
+        loader = self._loader or system_loader()
+        try:
+            delegate = loader.load_delegate(EDGETPU_LIBRARY, delegate_options(self.accelerator))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise _classify(exc, self.accelerator) from None
+        try:
+            return Model(path, threads=self._threads, delegates=[delegate],
+                         backend=backend_name(self.accelerator), rt=loader)
+        except RuntimeUnavailable as exc:
+            raise _Unavailable("model", f"{exc}") from None
+
+    def _unavailable(self, exc: _Unavailable, *, at_start: bool) -> None:
+        self.tpu_failures += 1
+        self.last_error = str(exc)
+        if not self.fallback:
+            raise TpuError(f"model {self.entry.name!r}: Edge TPU required (accelerator.fallback = false) "
+                           f"but unusable: {exc}") from None
+        if at_start:
+            self.fallbacks += 1
+        self._next_retry = self._clock() + self.retry_s
+        # "auto" means "use one if there is one": its absence is not a warning.
+        quiet = self.accelerator == "auto" and exc.kind in ("library", "device")
+        self._once(f"unavailable:{exc.kind}", f"Edge TPU unavailable; running on the CPU, retrying every "
+                   f"{self.retry_s:g} s", level=logging.INFO if quiet else logging.WARNING,
+                   model=self.entry.name, error=str(exc))
+
+    def _lost(self, exc: RuntimeError) -> None:
+        """The TPU failed in invoke(): move this model to the CPU (or fail)."""
+        self.tpu_failures += 1
+        text = " ".join(str(exc).split())
+        self.last_error = text
+        tpu, self._tpu = self._tpu, None
+        if not self.fallback:
+            raise TpuError(f"model {self.entry.name!r}: the Edge TPU failed mid-run ({text}) and "
+                           "accelerator.fallback = false") from None
+        self.fallbacks += 1
+        self._switch(tpu, self._cpu)
+        self._next_retry = self._clock() + self.retry_s
+        log.error("Edge TPU failed mid-run (unplugged or reset?); this model now runs on the CPU",
+                  extra=fields(model=self.entry.name, error=text, retry_s=self.retry_s))
+
+    def _retry(self) -> None:
+        try:
+            tpu = self._open_tpu()
+        except _Unavailable as exc:
+            self.tpu_failures += 1
+            self.last_error = str(exc)
+            self._next_retry = self._clock() + self.retry_s
+            log.debug("Edge TPU still unavailable", extra=fields(model=self.entry.name, error=str(exc)))
+            return
+        except ModelError as exc:
+            self._next_retry = None  # the file changed under us: retrying cannot help
+            log.error("Edge TPU retries stopped", extra=fields(model=self.entry.name, error=str(exc)))
+            return
+        why = _same_tensors(tpu, self._cpu)
+        if why:
+            self._next_retry = None
+            log.error("Edge TPU model does not match the CPU model; staying on the CPU",
+                      extra=fields(model=self.entry.name, why=why))
+            return
+        self._next_retry = None
+        self.recoveries += 1
+        self._tpu = tpu
+        self._switch(self._cpu, tpu)
+        for kind in ("unavailable:library", "unavailable:device", "unavailable:model"):
+            self._once.clear(kind)
+        log.info("Edge TPU is back; model moved to it", extra=fields(model=self.entry.name, backend=tpu.backend))
+
+    def _switch(self, old: Model, new: Model) -> None:
+        """Make `new` the active model, carrying over the input already committed to `old`."""
+        for i in range(len(new.inputs)):
+            new.set_input(i, old.input_buffer(i))
+        self._active = new
+
+
+def open_for_backend(entry: ModelEntry, accelerator: str = "cpu", fallback: bool = True, loader=None, *,
+                     retry_s: float = 60.0, threads: int | None = None,
+                     clock: Callable[[], float] = time.monotonic) -> BackendModel:
+    """The model for a stage: verified, on the Edge TPU when configured and present, else the CPU.
+
+    `loader` is a `Runtime`-like object (`load_delegate`, `interpreter_cls`, `name`, `version`);
+    default: the process's TFLite runtime with libedgetpu. Tests pass `edged.fakes.tpu.FakeEdgeTpu`."""
+    verify(entry)
+    return BackendModel(entry, accelerator=accelerator, fallback=fallback, retry_s=retry_s,
+                        threads=threads, loader=loader, clock=clock)
