@@ -150,7 +150,7 @@ def cmd_run(args) -> int:
 
     path = _config_path(args)
     cfg = config.load(path)
-    log.setup(cfg.log_level)
+    log.setup(cfg.log_level, device_id=cfg.device_id)
     daemon = Daemon(cfg, path)
     daemon.open()
     return daemon.run()

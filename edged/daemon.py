@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edged import __version__, codec
 from edged.config import Config
+from edged import log as logsetup
 from edged.log import Once, fields
 from edged.notify import Notifier, ProgressWatchdog
 from edged.outbox import Outbox
@@ -299,6 +300,7 @@ class Daemon:
     def open(self) -> None:
         """Open models, sources and the outbox; errors here are the user's to fix (exit 2)."""
         self.pipeline = Pipeline.open(self.cfg)
+        logsetup.set_static(backend=self.pipeline.backend)
         self.outbox = self._open_outbox(self.cfg)
 
     @staticmethod
@@ -503,6 +505,7 @@ class Daemon:
             self._start_link()
             self._writer = self.spawn("writer", self._writer_loop)
         self.pipeline = new
+        logsetup.set_static(backend=new.backend)
         new.start(self)
         self.notifier.ready(self.status_line())
         log.info("reloaded", extra=fields(relinked=relink))

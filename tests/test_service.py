@@ -134,3 +134,52 @@ def test_watchdog_stops_when_the_camera_hangs(tmp_path, broker):
         proc.kill()
         proc.wait()
         ns.close()
+
+
+def test_logs_go_to_journald_with_structured_fields(tmp_path, broker):
+    """Under systemd, stdout is the journal: events then go to journald's native socket with
+    DEVICE, BACKEND, EDGED_COMPONENT and the line's own fields."""
+    jsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    jpath = str(tmp_path / "journal.sock")
+    jsock.bind(jpath)
+    jsock.settimeout(0.2)
+    out = tmp_path / "stdout"
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    with out.open("wb") as fh:
+        st = os.fstat(fh.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", EDGED_JOURNAL_SOCKET=jpath)
+        proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(cfg)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    entries = []
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not any("msg=connected" in e.get("MESSAGE", "") for e in entries):
+            try:
+                data = jsock.recv(65536)
+            except socket.timeout:
+                continue
+            entries.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        jsock.close()
+    connected = next(e for e in entries if "msg=connected" in e["MESSAGE"])
+    assert connected["DEVICE"] == "test-dev" and connected["BACKEND"] == "cpu"
+    assert connected["EDGED_COMPONENT"] == "mqtt" and connected["PRIORITY"] == "6"
+    assert connected["EDGED_BROKER"] == f"127.0.0.1:{broker.port}"
+    assert connected["SYSLOG_IDENTIFIER"] == "edged"
+    assert not connected["MESSAGE"].startswith("ts=")  # journald stamps the time itself
+    assert "level=" not in out.read_text()  # nothing logged twice through stdout
+
+
+def test_journal_encoding_of_multiline_values():
+    import struct
+
+    from edged.log import encode_journal
+
+    data = encode_journal({"MESSAGE": "one line", "EDGED_TRACEBACK": "a\nb"})
+    assert data.startswith(b"MESSAGE=one line\nEDGED_TRACEBACK\n")
+    n = struct.unpack("<Q", data[len(b"MESSAGE=one line\nEDGED_TRACEBACK\n"):][:8])[0]
+    assert n == 3 and data.endswith(b"a\nb\n")
