@@ -34,8 +34,9 @@ def mosquitto_bin() -> str:
     return found
 
 
-def last_seq(state_dir: Path) -> int:
-    """The outbox's seq counter as the daemon last committed it (0 before it exists)."""
+def outbox_meta(state_dir: Path, key: str) -> int:
+    """A counter the daemon's outbox keeps ('seq', 'dropped'), as last committed (0 before the
+    outbox exists)."""
     import sqlite3
 
     try:
@@ -43,11 +44,15 @@ def last_seq(state_dir: Path) -> int:
     except sqlite3.OperationalError:
         return 0
     try:
-        return db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
+        return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
     except sqlite3.OperationalError:  # created, schema not yet committed
         return 0
     finally:
         db.close()
+
+
+def last_seq(state_dir: Path) -> int:
+    return outbox_meta(state_dir, "seq")
 
 
 def wait_until(pred, timeout: float, interval: float = 0.05):

@@ -9,25 +9,16 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import time
 
-from conftest import Broker, last_seq, wait_until, write_config
+from conftest import Broker, last_seq, outbox_meta, wait_until, write_config
 from edged.subscriber import Collector
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 
 
 def dropped(state) -> int:
-    if not (state / "outbox.db").exists():
-        return 0
-    db = sqlite3.connect(f"file:{state / 'outbox.db'}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()[0]
-    except sqlite3.OperationalError:  # created, schema not yet committed
-        return 0
-    finally:
-        db.close()
+    return outbox_meta(state, "dropped")
 
 
 def account(col: Collector, state, *, device: str = "test-dev") -> dict:
