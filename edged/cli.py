@@ -164,14 +164,15 @@ def cmd_check_config(args) -> int:
     return 0
 
 
-def _stage_model(args, task: str, default: str):
+def _stage_model(args, task: str):
+    """The model `--model` names, else the one the config (or its defaults) runs for `task`."""
     from edged.daemon import _entry
     from edged.models import default_models_dir, load_manifest, open_model
 
-    cfg = _load_config(args) if args.config else None
-    models_dir = Path(cfg.models_dir) if cfg and cfg.models_dir else default_models_dir()
-    name = args.model or default
-    entry = _entry(load_manifest(models_dir), name, task, "--model")
+    cfg = _load_config(args)
+    models_dir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
+    name = args.model or (cfg.vision.model if task == "vision" else cfg.motion.model)
+    entry = _entry(load_manifest(models_dir), name, task, "--model" if args.model else f"{task}.model")
     return entry, open_model(entry)
 
 
@@ -179,7 +180,7 @@ def cmd_detect(args) -> int:
     from edged.camera import CameraError, decode_image
     from edged.vision import VisionStage
 
-    entry, model = _stage_model(args, "vision", "face")
+    entry, model = _stage_model(args, "vision")
     stage = VisionStage(model, entry, score_threshold=args.threshold)
     failed = 0
     for path in args.images:
@@ -200,7 +201,7 @@ def cmd_motion(args) -> int:
     from edged.imucsv import read_imu_csv
     from edged.motion import MotionStage
 
-    entry, model = _stage_model(args, "motion", "motion")
+    entry, model = _stage_model(args, "motion")
     stage = MotionStage(model, entry)
     batch = read_imu_csv(Path(args.csv))
     for sig in stage.push(batch):

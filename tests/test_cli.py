@@ -72,3 +72,15 @@ def test_subscribe_reports_results_and_gaps(tmp_path, broker, daemon_factory):
 
     db = sqlite3.connect(tmp_path / "r.db")
     assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 20
+
+
+def test_detect_uses_the_configs_model_unless_told(tmp_path):
+    cfg = tmp_path / "edged.toml"
+    cfg.write_text('[vision]\nmodel = "person"\n')
+    img = str(SAMPLES / "images" / "astronaut.jpg")
+    by_config = json.loads(edged("detect", "--config", str(cfg), img).stdout)
+    assert [o["label"] for o in by_config["objects"]] == ["person"]
+    by_flag = json.loads(edged("detect", "--config", str(cfg), "--model", "face", img).stdout)
+    assert [o["label"] for o in by_flag["objects"]] == ["face"]
+    r = edged("detect", "--model", "motion", img)
+    assert r.returncode == 2 and "is a motion model, not a vision model" in r.stderr
