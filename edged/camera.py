@@ -305,6 +305,9 @@ class _LiveCamera:
     `backoff_min_s` to `backoff_max_s`. `read()` never raises for it; it returns None only once
     `close()` was called. While it waits for a camera that is down it calls `on_idle` about every
     `idle_s` seconds, so a supervisor can tell "waiting on purpose" from "stuck".
+
+    The device is opened by the first `read()`, not by the constructor: on a reload the new
+    pipeline is built while the old one still holds the camera, and a camera opens only once.
     """
 
     name = "camera"
@@ -316,7 +319,7 @@ class _LiveCamera:
         self.frames = 0
         self.errors = 0
         self.error_counts = dict.fromkeys(ERROR_KINDS, 0)
-        self.reopens = 0
+        self.opens = 0  # successful opens: more than one means the camera was reopened
         self.on_idle = None
         self._backoff_min = backoff_min_s
         self._backoff_max = backoff_max_s
@@ -344,15 +347,6 @@ class _LiveCamera:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
-    def _try_open(self) -> None:
-        """First open, from the constructor: a failure is counted and retried, not raised."""
-        with self._lock:
-            try:
-                self._open()
-                self._open_now = True
-            except CameraFault as fault:
-                self._fault(fault)
-
     def _next_ring(self, shape: tuple[int, ...]) -> np.ndarray:
         if not self._ring or self._ring[0].shape != shape:
             self._ring = [np.empty(shape, np.uint8) for _ in range(self.RING)]
@@ -372,7 +366,7 @@ class _LiveCamera:
                     try:
                         self._open()
                         self._open_now = True
-                        self.reopens += 1
+                        self.opens += 1
                     except CameraFault as fault:
                         self._fault(fault)
                         continue
@@ -432,7 +426,7 @@ class _LiveCamera:
 
     @property
     def stats(self) -> dict:
-        return {"frames": self.frames, "errors": self.errors, "reopens": self.reopens,
+        return {"frames": self.frames, "errors": self.errors, "reopens": max(0, self.opens - 1),
                 **{f"errors_{k}": v for k, v in self.error_counts.items()}}
 
     def close(self) -> None:
@@ -499,7 +493,6 @@ class Picamera2Source(_LiveCamera):
         self._frame_us = int(1e6 / max(fps, 10.0))
         self._cam = None
         self._yuv: Yuv420ToRgb | None = None
-        self._try_open()
 
     def _open(self) -> None:
         try:
@@ -625,7 +618,6 @@ class V4l2Source(_LiveCamera):
         self.fourcc = fourcc
         self._cap = None
         self._bgr: np.ndarray | None = None
-        self._try_open()
 
     def _node_fault(self, state: str) -> CameraFault:
         if state == "unplugged":

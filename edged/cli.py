@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from edged.camera import CameraError
     from edged.config import ConfigError
+    from edged.imu import ImuError
     from edged.imucsv import ImuCsvError
     from edged.models import ModelError
     from edged.outbox import OutboxError
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, ImuCsvError, SignatureError) as exc:  # a file the user gave or installed is wrong
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (RuntimeUnavailable, CameraError, OutboxError) as exc:  # may be fine on the next start
+    except (RuntimeUnavailable, CameraError, ImuError, OutboxError) as exc:  # may be fine on the next start
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:

@@ -108,10 +108,15 @@ class Pipeline:
         self.threads: list[threading.Thread] = []
         self.mailbox = Mailbox()
         self.last_frame: Frame | None = None  # for snapshots
+        self.imu_handed_over_from: Pipeline | None = None
+        self.keep_imu_open = False  # set when a reload hands our IMU to the next pipeline
 
     @classmethod
-    def open(cls, cfg: Config) -> "Pipeline":
-        """Open models and sources; errors here are the user's to fix."""
+    def open(cls, cfg: Config, *, running: "Pipeline | None" = None) -> "Pipeline":
+        """Open models and sources; errors here are the user's to fix.
+
+        On reload, `running` is the pipeline in service: an IMU chip whose settings did not change
+        is handed over rather than opened (and reconfigured) a second time while it is read."""
         from edged.models import default_models_dir, load_manifest
         from edged.tpu import open_for_backend
 
@@ -142,7 +147,10 @@ class Pipeline:
                                          threads=cfg.motion.threads or None)
                 p.motion = MotionStage(model, entry)
                 imu = cfg.imu
-                if imu.source == "replay":
+                if running is not None and running.imu is not None and imu.source != "replay" \
+                        and running.cfg.imu == imu:
+                    p.imu, p.imu_handed_over_from = running.imu, running
+                elif imu.source == "replay":
                     from edged.imu.replay import ReplayImu
 
                     p.imu = ReplayImu(imu.path, speed=imu.speed, loop=imu.loop)
@@ -181,6 +189,9 @@ class Pipeline:
     def start(self, d: "Daemon") -> None:
         wd = d.watchdog
         if self.camera:
+            if hasattr(self.camera, "on_idle"):
+                # A live camera that is down retries inside read(); it is alive, not stuck.
+                self.camera.on_idle = lambda: d.watchdog.beat("camera")
             # A slow replay or camera must not look like a stall: allow a few frame periods.
             frame_deadline = max(wd.deadline_s, 3.0 / self.cfg.camera.fps)
             wd.register("camera", frame_deadline)
@@ -192,9 +203,10 @@ class Pipeline:
             self.threads.append(d.spawn("imu", lambda: self._imu_loop(d)))
 
     def close_sources(self) -> None:
-        for src in (self.camera, self.imu):
-            if src:
-                src.close()
+        if self.camera:
+            self.camera.close()
+        if self.imu and not self.keep_imu_open:
+            self.imu.close()
 
     def stop(self, d: "Daemon") -> None:
         self.stop_event.set()
@@ -446,12 +458,17 @@ class Daemon:
         # snapshot
         if not self.cfg.commands.snapshot:
             return commands.reply(cmd, False, error="snapshots are disabled (commands.snapshot = false)")
+        cam = self.pipeline.camera if self.pipeline else None
+        full = cam.snapshot() if cam is not None and hasattr(cam, "snapshot") else None
         frame = self.pipeline.last_frame if self.pipeline else None
-        if frame is None:
+        if full is None and frame is None:
             return commands.reply(cmd, False, error="no camera frame yet")
-        jpeg = commands.jpeg_snapshot(frame.image, self.cfg.commands.snapshot_max_bytes)
+        # The camera's full-size main stream when it has one; else the newest frame, copied now
+        # because the camera thread reuses its buffers.
+        image, ts = (full, time.time()) if full is not None else (frame.image.copy(), frame.ts)
+        jpeg = commands.jpeg_snapshot(image, self.cfg.commands.snapshot_max_bytes)
         self.link.publish_now("snapshot", jpeg, qos=1)
-        return commands.reply(cmd, True, bytes=len(jpeg), ts=round(frame.ts, 3), topic=self.cfg.topic("snapshot"))
+        return commands.reply(cmd, True, bytes=len(jpeg), ts=round(ts, 3), topic=self.cfg.topic("snapshot"))
 
     def _reply(self, cmd, answer: bytes) -> None:
         from paho.mqtt.packettypes import PacketTypes
@@ -468,6 +485,7 @@ class Daemon:
         from edged import config as config_mod
         from edged.camera import CameraError
         from edged.config import ConfigError
+        from edged.imu import ImuError
         from edged.imucsv import ImuCsvError
         from edged.models import ModelError
         from edged.runtime import RuntimeUnavailable
@@ -476,17 +494,18 @@ class Daemon:
         log.info("reloading", extra=fields(config=str(self.config_path or "<defaults>")))
         try:
             new_cfg = config_mod.load(self.config_path)
-            new = Pipeline.open(new_cfg)
+            new = Pipeline.open(new_cfg, running=self.pipeline)
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("reload refused; keeping the running configuration", extra=fields(problem=line))
             self.notifier.ready(self.status_line())
             return False
-        except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, OSError) as exc:
+        except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, ImuError, OSError) as exc:
             log.error("reload failed; keeping the running pipeline", extra=fields(error=str(exc)))
             self.notifier.ready(self.status_line())
             return False
         old_cfg = self.cfg
+        self.pipeline.keep_imu_open = new.imu_handed_over_from is self.pipeline
         self.pipeline.stop(self)
         relink = (new_cfg.mqtt != old_cfg.mqtt or new_cfg.device_id != old_cfg.device_id
                   or new_cfg.outbox != old_cfg.outbox or new_cfg.state_dir != old_cfg.state_dir)
@@ -593,7 +612,7 @@ class Daemon:
         dt = now - prev_t
         runs = c.vision_runs - prev_runs
         link_pub, link_bytes = (self.link.published, self.link.bytes_sent) if self.link else (0, 0)
-        return {
+        values = {
             "ts": round(now, 3),
             "uptime_s": round(now - c.started, 1),
             "fps": round((c.frames - prev_frames) / dt, 2) if dt > 0 else 0.0,
@@ -614,6 +633,23 @@ class Daemon:
             "backend": self.pipeline.backend if self.pipeline else "cpu",
             "pid": os.getpid(),
         }
+        for k, v in self._source_stats().items():
+            values.setdefault(k, v)  # the daemon's own counters win over a source's same-named one
+        return values
+
+    def _source_stats(self) -> dict:
+        """Counters the sources and backends keep, flattened (camera_errors, imu_lost_samples, …)."""
+        out: dict = {}
+        p = self.pipeline
+        if p is None:
+            return out
+        for prefix, obj in (("camera", p.camera), ("imu", p.imu),
+                            ("vision", getattr(p.vision, "model", None)),
+                            ("motion", getattr(p.motion, "model", None))):
+            stats = getattr(obj, "stats", None) if obj is not None else None
+            if isinstance(stats, dict):
+                out.update({f"{prefix}_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        return out
 
     def publish_stats(self) -> None:
         values = self.stats_values()

@@ -15,6 +15,7 @@ from pathlib import Path
 from edged.runtime import Model
 
 MANIFEST = "manifest.toml"
+DROP_INS = "manifest.d"  # more tables, one file per model scripts/fetch-models added
 TASKS = ("vision", "motion")
 
 
@@ -50,21 +51,41 @@ class ModelEntry:
     params: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     edgetpu_path: Path | None = None
+    edgetpu_sha256: str | None = None
+    edgetpu_size: int | None = None
+
+
+def _manifest_docs(models_dir: Path) -> list[tuple[Path, dict]]:
+    """manifest.toml, then manifest.d/*.toml in name order. Fetched models get a file of their
+    own there, so a reinstall that replaces manifest.toml keeps them."""
+    paths = [models_dir / MANIFEST]
+    if (models_dir / DROP_INS).is_dir():
+        paths += sorted(p for p in (models_dir / DROP_INS).glob("*.toml") if not p.name.startswith("."))
+    docs = []
+    for path in paths:
+        try:
+            with path.open("rb") as fh:
+                docs.append((path, tomllib.load(fh)))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: model manifest not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ModelError(f"{path}: {exc}") from None
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read the manifest: {exc.strerror}") from None
+    return docs
 
 
 def load_manifest(models_dir: Path | None = None) -> dict[str, ModelEntry]:
     models_dir = Path(models_dir) if models_dir else default_models_dir()
-    path = models_dir / MANIFEST
-    try:
-        with path.open("rb") as fh:
-            doc = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: model manifest not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelError(f"{path}: {exc}") from None
+    tables = [(path, name, t) for path, doc in _manifest_docs(models_dir)
+              for name, t in (doc.get("models") or {}).items()]
     entries = {}
-    for name, t in (doc.get("models") or {}).items():
+    defined_in: dict[str, Path] = {}
+    for path, name, t in tables:
         where = f"{path}: models.{name}"
+        if name in defined_in:
+            raise ModelError(f"{where}: model {name!r} is already defined in {defined_in[name]}")
+        defined_in[name] = path
         try:
             labels_file = models_dir / t["labels"]
             labels = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
@@ -86,6 +107,8 @@ def load_manifest(models_dir: Path | None = None) -> dict[str, ModelEntry]:
                 params=dict(t.get("params", {})),
                 metrics=dict(t.get("metrics", {})),
                 edgetpu_path=models_dir / edgetpu if edgetpu else None,
+                edgetpu_sha256=str(t["edgetpu_sha256"]).lower() if edgetpu else None,
+                edgetpu_size=int(t["edgetpu_size"]) if edgetpu else None,
             )
         except KeyError as exc:
             raise ModelError(f"{where}: missing key {exc.args[0]!r}") from None

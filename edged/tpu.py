@@ -153,23 +153,11 @@ def _classify(exc: BaseException, accelerator: str) -> _Unavailable:
 
 
 def edgetpu_digest(entry: ModelEntry) -> tuple[str, int]:
-    """The manifest's sha256 and size of the model's `edgetpu_file`.
-
-    Read from the entry when the manifest loader provides them, else from the manifest table."""
-    sha = getattr(entry, "edgetpu_sha256", None)
-    size = getattr(entry, "edgetpu_size", None)
-    manifest = entry.path.parent / "manifest.toml"
-    if sha is None or size is None:
-        try:
-            with manifest.open("rb") as fh:
-                table = tomllib.load(fh).get("models", {}).get(entry.name, {})
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ModelError(f"{manifest}: cannot read: {exc}") from None
-        sha, size = table.get("edgetpu_sha256"), table.get("edgetpu_size")
-    if not isinstance(sha, str) or not isinstance(size, int) or isinstance(size, bool):
-        raise ModelError(f"{manifest}: models.{entry.name}: edgetpu_file needs edgetpu_sha256 (hex text) "
-                         "and edgetpu_size (bytes) so the compiled model can be verified")
-    return sha.lower(), size
+    """The manifest's sha256 and size of the model's `edgetpu_file` (load_manifest requires both)."""
+    if entry.edgetpu_sha256 is None or entry.edgetpu_size is None:
+        raise ModelError(f"models.{entry.name}: edgetpu_file needs edgetpu_sha256 and edgetpu_size "
+                         "so the compiled model can be verified")
+    return entry.edgetpu_sha256, entry.edgetpu_size
 
 
 def verify_edgetpu(entry: ModelEntry) -> Path:
