@@ -304,6 +304,7 @@ class Daemon:
         self.commands: queue.Queue = queue.Queue()
         self._state_lock = threading.Lock()
         self._state: dict = {"labels": [], "motion": None, "motion_score": None}
+        self._state_dirty = False
         # Early, so a SIGTERM while models load still ends in an orderly stop.
         self._install_signals()
 
@@ -348,6 +349,7 @@ class Daemon:
                 self.reload()
             if not self.commands.empty():
                 self._run_commands()
+            self._publish_state()
             now = time.monotonic()
             if tick and now >= next_tick:
                 wd.tick()
@@ -396,18 +398,16 @@ class Daemon:
         self._publish_state(force=True)
 
     def update_state(self, *, labels: list[str] | None = None, motion: tuple[str, float] | None = None) -> None:
-        """Called by the pipeline threads when what is in view or the motion label changes."""
+        """Called by the pipeline threads when what is in view or the motion label changes. Only
+        records it: the main loop publishes (at most every 0.25 s), off the inference threads."""
         with self._state_lock:
-            changed = False
             if labels is not None and labels != self._state["labels"]:
                 self._state["labels"] = labels
-                changed = True
+                self._state_dirty = True
             if motion is not None:
                 if motion[0] != self._state["motion"]:
-                    changed = True
+                    self._state_dirty = True
                 self._state["motion"], self._state["motion_score"] = motion
-        if changed:
-            self._publish_state()
 
     def _publish_state(self, force: bool = False) -> None:
         if not self.cfg.homeassistant.enabled or not self.link:
@@ -415,6 +415,9 @@ class Daemon:
         from edged import homeassistant as ha
 
         with self._state_lock:
+            if not (force or self._state_dirty):
+                return
+            self._state_dirty = False
             payload = ha.state_payload(self._state["labels"], self._state["motion"], self._state["motion_score"])
         # QoS 0: the state is superseded by the next one, and unacknowledged QoS 1 side messages
         # would take room in the client's in-flight window from the results.
