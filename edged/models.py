@@ -53,6 +53,7 @@ class ModelEntry:
     edgetpu_path: Path | None = None
     edgetpu_sha256: str | None = None
     edgetpu_size: int | None = None
+    manifest: Path | None = None  # the file that defines it (manifest.toml or manifest.d/*.toml)
 
 
 def _manifest_docs(models_dir: Path) -> list[tuple[Path, dict]]:
@@ -109,9 +110,12 @@ def load_manifest(models_dir: Path | None = None) -> dict[str, ModelEntry]:
                 edgetpu_path=models_dir / edgetpu if edgetpu else None,
                 edgetpu_sha256=str(t["edgetpu_sha256"]).lower() if edgetpu else None,
                 edgetpu_size=int(t["edgetpu_size"]) if edgetpu else None,
+                manifest=path,
             )
         except KeyError as exc:
             raise ModelError(f"{where}: missing key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:  # e.g. size = "big"
+            raise ModelError(f"{where}: a value has the wrong type ({exc})") from None
         except OSError as exc:
             raise ModelError(f"{where}.labels: cannot read {exc.filename}: {exc.strerror}") from None
     return entries

@@ -155,7 +155,7 @@ def _classify(exc: BaseException, accelerator: str) -> _Unavailable:
 def edgetpu_digest(entry: ModelEntry) -> tuple[str, int]:
     """The manifest's sha256 and size of the model's `edgetpu_file` (load_manifest requires both)."""
     if entry.edgetpu_sha256 is None or entry.edgetpu_size is None:
-        raise ModelError(f"models.{entry.name}: edgetpu_file needs edgetpu_sha256 and edgetpu_size "
+        raise ModelError(f"{entry.manifest}: models.{entry.name}: edgetpu_file needs edgetpu_sha256 and edgetpu_size "
                          "so the compiled model can be verified")
     return entry.edgetpu_sha256, entry.edgetpu_size
 

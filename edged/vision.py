@@ -37,7 +37,7 @@ __all__ = [
 
 
 def _where(entry: ModelEntry, key: str) -> str:
-    return f"{entry.path.parent / 'manifest.toml'}: models.{entry.name}.{key}"
+    return f"{entry.manifest or entry.path.parent / 'manifest.toml'}: models.{entry.name}.{key}"
 
 
 def _num(entry: ModelEntry, table: dict, section: str, key: str, default: Any = None, *,
@@ -81,16 +81,31 @@ class Letterbox:
 
 
 class _Plan:
-    """Index maps and scratch buffers for one frame size; built once, reused for every frame."""
+    """Index maps and buffers for one frame size; built once, reused for every frame.
+
+    `scratch` holds the buffers that depend only on the region's size (the resampled image,
+    the bilinear blend's work arrays): plans for frame sizes that land on the same region share
+    them, since one stage runs one frame at a time. Without it the plan allocates its own.
+    """
 
     def __init__(self, frame_h: int, frame_w: int, model_h: int, model_w: int, letterbox: bool,
-                 bilinear: bool, in_dtype: np.dtype) -> None:
+                 bilinear: bool, in_dtype: np.dtype, *, gather: bool = True,
+                 scratch: dict | None = None) -> None:
         if letterbox:
             s = min(model_h / frame_h, model_w / frame_w)
             rh = min(model_h, max(1, round(frame_h * s)))
             rw = min(model_w, max(1, round(frame_w * s)))
         else:
             rh, rw = model_h, model_w
+        shape = (rh, rw, 3)
+        scratch = {} if scratch is None else scratch
+
+        def shared(name: str, dtype, count: int | None = None):
+            if name not in scratch:
+                scratch[name] = (np.empty(shape, dtype) if count is None
+                                 else [np.empty(shape, dtype) for _ in range(count)])
+            return scratch[name]
+
         self.box = Letterbox((model_h - rh) // 2, (model_w - rw) // 2, rh, rw)
         self.identity = (rh, rw) == (frame_h, frame_w)
         self.full = (rh, rw) == (model_h, model_w)
@@ -101,29 +116,32 @@ class _Plan:
             self.y0, self.y1, wy = _taps(frame_h, rh)
             self.x0, self.x1, wx = _taps(frame_w, rw)
             # Full-size weights: a broadcast operand makes numpy allocate a scratch buffer per call.
-            self.wy = np.ascontiguousarray(np.broadcast_to(wy[:, None, None], (rh, rw, 3)))
-            self.wx = np.ascontiguousarray(np.broadcast_to(wx[None, :, None], (rh, rw, 3)))
+            self.wy = np.ascontiguousarray(np.broadcast_to(wy[:, None, None], shape))
+            self.wx = np.ascontiguousarray(np.broadcast_to(wx[None, :, None], shape))
             # Gather the four neighbours as uint8 first, so the float work is on the model-sized
             # region only, whatever the frame size.
             self.row_buf = np.empty((rh, frame_w, 3), np.uint8)
-            self.corners = [np.empty((rh, rw, 3), np.uint8) for _ in range(4)]
-            self.f = [np.empty((rh, rw, 3), np.float32) for _ in range(3)]
+            self.corners = shared("corners", np.uint8, 4)
+            self.f = shared("blend", np.float32, 3)
         elif not self.identity:
             # Pixel centres of the resampled grid mapped back to the nearest source pixel.
             self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
             self.cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
             self.row_buf = np.empty((rh, frame_w, 3), np.uint8)
-        self.region = None if self.identity else np.empty((rh, rw, 3), np.uint8)
-        # LUT indices are pixel + 256 * channel, and np.take wants them as intp. Writing the
-        # pixel into the low byte of a preset intp buffer (channel already in the next byte)
-        # is a plain uint8 copy: no per-call cast buffer, no conversion array.
-        self.idx = np.zeros((rh, rw, 3), np.intp)
-        size = self.idx.itemsize
-        b = self.idx.view(np.uint8).reshape(rh, rw, 3, size)
-        low, high = (0, 1) if sys.byteorder == "little" else (size - 1, size - 2)
-        b[..., high] = np.arange(3, dtype=np.uint8)
-        self.idx_low = b[..., low]
-        self.values = None if self.full else np.empty((rh, rw, 3), in_dtype)
+        self.region = None if self.identity else shared("region", np.uint8)
+        self.mask = shared("mask", np.bool_)
+        self.idx = self.idx_low = self.values = None
+        if gather:
+            # LUT indices are pixel + 256 * channel, and np.take wants them as intp. Writing the
+            # pixel into the low byte of a preset intp buffer (channel already in the next byte)
+            # is a plain uint8 copy: no per-call cast buffer, no conversion array.
+            self.idx = np.zeros(shape, np.intp)
+            size = self.idx.itemsize
+            b = self.idx.view(np.uint8).reshape(rh, rw, 3, size)
+            low, high = (0, 1) if sys.byteorder == "little" else (size - 1, size - 2)
+            b[..., high] = np.arange(3, dtype=np.uint8)
+            self.idx_low = b[..., low]
+            self.values = None if self.full else shared("values", in_dtype)
 
     def resample(self, image: np.ndarray) -> np.ndarray:
         """The frame resampled to the region size (uint8), or the frame itself at identity."""
@@ -161,7 +179,8 @@ def resize_frame(image: np.ndarray, height: int, width: int, *, letterbox: bool 
     For tools (calibration, evaluation) that must feed a model what the device feeds it; the
     stage itself keeps its plans and buffers.
     """
-    plan = _Plan(image.shape[0], image.shape[1], height, width, letterbox, bilinear, np.dtype(np.uint8))
+    plan = _Plan(image.shape[0], image.shape[1], height, width, letterbox, bilinear, np.dtype(np.uint8),
+                 gather=False)
     return np.array(plan.resample(image), copy=True)
 
 
@@ -207,10 +226,12 @@ class Preprocessor:
                              f"\"bilinear\", got {resize!r}")
         self.bilinear = resize == "bilinear"
         pad = _num(entry, cfg, "input", "pad", 0, lo=0, hi=255)
-        self._lut = _input_lut(entry, spec)
+        self._lut, affine = _input_lut(entry, spec)
+        self._map = PixelMap(self._lut, spec.dtype, affine)
         self._offsets = np.array([0, 256, 512], np.intp)
         self._pad_values = self._lut[self._offsets + int(pad)]
         self._plans: dict[tuple[int, int], _Plan] = {}
+        self._scratch: dict[tuple[int, int], dict] = {}  # per region size, shared by plans
         self._painted: _Plan | None = None
 
     def plan(self, frame_h: int, frame_w: int) -> _Plan:
@@ -220,7 +241,8 @@ class Preprocessor:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             plan = _Plan(frame_h, frame_w, self.height, self.width, self.letterbox, self.bilinear,
-                         self.model.inputs[self.index].dtype)
+                         self.model.inputs[self.index].dtype, gather=self._map.kind == "gather",
+                         scratch=self._scratch.setdefault(self._region_size(frame_h, frame_w), {}))
             self._plans[key] = plan
         return plan
 
@@ -237,19 +259,31 @@ class Preprocessor:
             if not plan.full:
                 buf[...] = self._pad_values
             self._painted = plan
-        np.copyto(plan.idx_low, plan.resample(image))
-        if plan.full:
-            np.take(self._lut, plan.idx, out=buf, mode="clip")
+        pixels = plan.resample(image)
+        b = plan.box
+        dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
+        if self._map.kind == "gather":
+            np.copyto(plan.idx_low, pixels)
+            if plan.full:
+                np.take(self._lut, plan.idx, out=buf, mode="clip")
+            else:
+                np.take(self._lut, plan.idx, out=plan.values, mode="clip")
+                dst[...] = plan.values
         else:
-            np.take(self._lut, plan.idx, out=plan.values, mode="clip")
-            b = plan.box
-            buf[b.top:b.top + b.height, b.left:b.left + b.width] = plan.values
+            self._map(pixels, dst, plan.mask)
         self.model.commit_input(self.index)
         return plan.box
 
+    def _region_size(self, frame_h: int, frame_w: int) -> tuple[int, int]:
+        if not self.letterbox:
+            return self.height, self.width
+        s = min(self.height / frame_h, self.width / frame_w)
+        return (min(self.height, max(1, round(frame_h * s))), min(self.width, max(1, round(frame_w * s))))
 
-def _input_lut(entry: ModelEntry, spec: TensorSpec) -> np.ndarray:
-    """Pixel value → model input value, for each channel: shape (3*256,), channel-major."""
+
+def _input_lut(entry: ModelEntry, spec: TensorSpec) -> tuple[np.ndarray, tuple | None]:
+    """Pixel value → model input value, for each channel: shape (3*256,), channel-major; and the
+    affine map it comes from, (form, a, b) per channel, when there is one (see PixelMap)."""
     cfg = entry.input
     pixels = np.arange(256, dtype=np.float64)
     if "range" in cfg:
@@ -259,24 +293,114 @@ def _input_lut(entry: ModelEntry, spec: TensorSpec) -> np.ndarray:
             raise ModelError(f"{_where(entry, 'input')}.range: expected [low, high], got {rng!r}")
         lo, hi = float(rng[0]), float(rng[1])
         real = np.tile(lo + pixels * ((hi - lo) / 255.0), 3)
+        affine = ("scale", np.full(3, (hi - lo) / 255.0), np.full(3, lo))
     elif "mean" in cfg or "std" in cfg:
         mean = _per_channel(entry, "mean", cfg.get("mean", 0.0))
         std = _per_channel(entry, "std", cfg.get("std", 1.0))
         if np.any(std == 0):
             raise ModelError(f"{_where(entry, 'input')}.std: must not be 0")
         real = ((pixels[None, :] - mean[:, None]) / std[:, None]).reshape(-1)
+        affine = ("standardise", mean, std)
     elif spec.dtype == np.uint8:
-        return np.tile(pixels, 3).astype(np.uint8)
+        return np.tile(pixels, 3).astype(np.uint8), None
     else:
         raise ModelError(f"{_where(entry, 'input')}: a {spec.dtype} input needs `range` or `mean`/`std`")
     if spec.quantized:
         info = np.iinfo(spec.dtype)
         q = np.rint(real / spec.scale + spec.zero_point)
-        return np.clip(q, info.min, info.max).astype(spec.dtype)
+        return np.clip(q, info.min, info.max).astype(spec.dtype), None
     if np.issubdtype(spec.dtype, np.integer):
         raise ModelError(f"{entry.path.name}: integer input {spec.name!r} has no quantisation "
                          "parameters; remove `range`/`mean`/`std` from its [input] table")
-    return real.astype(spec.dtype)
+    return real.astype(spec.dtype), affine
+
+
+class PixelMap:
+    """Applies the 256-entry lookup table (pixel → model input value) to a whole region, by the
+    cheapest numpy route that gives exactly the table's values. Each route is checked against
+    the table for all 256 pixel values when the map is built; a route that differs anywhere is
+    not used.
+
+    - `steps`, for 1-byte inputs (uint8, or int8 viewed as its bytes): the table minus the pixel
+      value, modulo 256, is constant except for a few steps (a quantisation whose scale is close
+      to one code per pixel value: `p`, `p - 128`, `p - (p >= 128)`...). One wrapping add, then a
+      compare and an add per step, on bytes: a few times faster than a gather through 8-byte
+      indices, and no index buffer.
+    - `affine`, for float inputs from `range` or scalar `mean`/`std`: a cast copy and two
+      in-place float ops with scalars.
+    - `gather`: np.take through the table (anything else: per-channel tables, wide integers).
+    """
+
+    MAX_STEPS = 3
+
+    def __init__(self, lut: np.ndarray, dtype: np.dtype, affine: tuple | None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.kind = "gather"
+        self.base = 0
+        self.steps: list[tuple[np.uint8, int]] = []
+        self.ops: tuple = ()
+        tables = lut.reshape(3, 256)
+        same = bool((tables == tables[0]).all())
+        if same and self.dtype.itemsize == 1:
+            d = (tables[0].view(np.uint8).astype(np.int16) - np.arange(256)) % 256
+            jumps = np.flatnonzero(np.diff(d)) + 1
+            if len(jumps) <= self.MAX_STEPS:
+                self.kind = "steps"
+                self.base = int(d[0])
+                self.steps = [(np.uint8(p), int((d[p] - d[p - 1]) % 256)) for p in jumps]
+        elif same and self.dtype.kind == "f" and affine is not None:
+            # Scalar forms of the map, tried in turn; the first that reproduces the table wins.
+            # A range lo..hi is also (p - c) / s with s = 255 / (hi - lo), c = -lo * s, which
+            # rounds like the table's float64 values more often than p * step + lo does.
+            kind, a, b = affine
+            if np.all(a == a[0]) and np.all(b == b[0]):
+                a, b = float(a[0]), float(b[0])
+                if kind == "scale":
+                    s = 1.0 / a
+                    candidates = [(np.subtract, -b * s, np.divide, s), (np.multiply, a, np.add, b)]
+                else:
+                    candidates = [(np.subtract, a, np.divide, b), (np.multiply, 1.0 / b, np.add, -a / b)]
+                t = self.dtype.type
+                for op1, x, op2, y in candidates:
+                    self.kind, self.ops = "affine", (op1, t(x), op2, t(y))
+                    if self._reproduces(lut):
+                        break
+                    self.kind = "gather"
+        if self.kind == "steps" and not self._reproduces(lut):
+            self.kind = "gather"
+
+    def _reproduces(self, lut: np.ndarray) -> bool:
+        probe = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
+        out = np.empty(probe.shape, self.dtype)
+        self(probe, out, np.empty(probe.shape, np.bool_))
+        return np.array_equal(out.reshape(256, 3).T.reshape(-1), lut)
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray, mask: np.ndarray) -> None:
+        """Map uint8 `pixels` into `out` (same shape, the model's dtype; may be a strided view
+        into the input tensor). `mask` is a bool scratch array of the same shape."""
+        if self.kind == "steps":
+            raw = out.view(np.uint8)
+            if self.base:
+                np.add(pixels, np.uint8(self.base), out=raw)  # uint8 arithmetic wraps: mod 256
+            else:
+                np.copyto(raw, pixels)
+            m8 = mask.view(np.uint8)
+            for threshold, delta in self.steps:
+                np.greater_equal(pixels, threshold, out=mask)
+                if delta == 1:
+                    np.add(raw, m8, out=raw)
+                elif delta == 255:
+                    np.subtract(raw, m8, out=raw)
+                else:
+                    np.multiply(m8, np.uint8(delta), out=m8)
+                    np.add(raw, m8, out=raw)
+        elif self.kind == "affine":
+            op1, a, op2, b = self.ops
+            np.copyto(out, pixels)  # the cast copy needs no scratch buffer, unlike a mixed ufunc
+            op1(out, a, out=out)
+            op2(out, b, out=out)
+        else:
+            raise RuntimeError("PixelMap: the gather route is run by the Preprocessor")
 
 
 # --------------------------------------------------------------------------- shared decoding
@@ -341,15 +465,19 @@ def ssd_anchors(*, input_size: Sequence[int], strides: Sequence[int], min_scale:
     return np.concatenate(out)
 
 
-def _iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _iou_one(box: np.ndarray, boxes: np.ndarray, areas: np.ndarray | None = None) -> np.ndarray:
     ix0 = np.maximum(box[0], boxes[:, 0])
     iy0 = np.maximum(box[1], boxes[:, 1])
     ix1 = np.minimum(box[2], boxes[:, 2])
     iy1 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    # np.maximum, not np.clip: the same result without clip's Python-level dispatch.
+    inter = np.maximum(ix1 - ix0, 0) * np.maximum(iy1 - iy0, 0)
     area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
+    union = area + (_areas(boxes) if areas is None else areas) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -361,17 +489,21 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_out: int, *,
     of the boxes it suppresses, which steadies boxes between frames; the score stays the best one.
     The loop runs once per kept detection, never per anchor.
     """
+    if len(scores) == 0 or max_out < 1:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    if len(scores) == 1:  # the common case of one object in view: nothing to suppress
+        return np.asarray(boxes, np.float32).reshape(1, 4), np.asarray(scores, np.float32).reshape(1)
     order = np.argsort(-scores, kind="stable")
     boxes, scores = boxes[order], scores[order]
+    areas = _areas(boxes)
     kept_b, kept_s = [], []
     alive = np.ones(len(scores), bool)
-    for i in range(len(scores)):
-        if len(kept_s) >= max_out:
+    while len(kept_s) < max_out:
+        live = np.flatnonzero(alive)
+        if live.size == 0:
             break
-        if not alive[i]:
-            continue
-        overlap = _iou_one(boxes[i], boxes) > iou
-        group = overlap & alive
+        i = live[0]  # the best box still alive
+        group = (_iou_one(boxes[i], boxes, areas) > iou) & alive
         group[i] = True
         if weighted:
             w = scores[group]
@@ -380,8 +512,6 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_out: int, *,
             kept_b.append(boxes[i])
         kept_s.append(scores[i])
         alive &= ~group
-    if not kept_s:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     return np.asarray(kept_b, np.float32), np.asarray(kept_s, np.float32)
 
 
@@ -459,8 +589,11 @@ def _label_map(entry: ModelEntry) -> dict[int, str]:
     """Label id → plain lowercase label. Accepts `name` per line or `id name` (Coral's files)."""
     numbered = [_NUMBERED.match(ln) for ln in entry.labels]
     if entry.labels and all(numbered):
-        return {int(m.group(1)): m.group(2).strip().lower() for m in numbered}
-    return {i: ln.strip().lower() for i, ln in enumerate(entry.labels)}
+        pairs = [(int(m.group(1)), m.group(2).strip().lower()) for m in numbered]
+    else:
+        pairs = [(i, ln.strip().lower()) for i, ln in enumerate(entry.labels)]
+    # "n/a" (and "???") mark ids a dataset does not use (COCO has ten): no label, so no object.
+    return {i: lb for i, lb in pairs if lb not in ("n/a", "???")}
 
 
 class BlazeFaceDecoder(Decoder):

@@ -252,6 +252,17 @@ def test_postprocess_decoder_reads_coral_layout():
     assert len(dec.decode([boxes, classes, scores, count], 0.3).scores) == 4
 
 
+def test_unused_class_ids_give_no_object():
+    # Coral's COCO label file marks unused ids "n/a": such a class is no label, not an object.
+    dec = _postprocess_decoder(["0  person", "1  n/a", "2  car"])
+    boxes = np.tile(np.array([0.1, 0.1, 0.5, 0.5], np.float32), (1, 10, 1))
+    classes = np.array([[1, 2, 0, 0, 0, 0, 0, 0, 0, 0]], np.float32)
+    scores = np.array([[0.9, 0.8, 0, 0, 0, 0, 0, 0, 0, 0]], np.float32)
+    d = dec.decode([boxes, classes, scores, np.array([2], np.float32)], 0.5)
+    assert [dec.label(c) for c in d.classes] == [None, "car"]
+    assert "n/a" not in dec.labels.values()
+
+
 def test_postprocess_decoder_label_offset_for_plain_label_files():
     # Some exports count classes from 1 with "???" for background; others from 0.
     dec = _postprocess_decoder(["???", "person", "bicycle"], label_offset=1)
