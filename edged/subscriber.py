@@ -63,6 +63,7 @@ class Collector:
         self.tally: dict[str, DeviceTally] = {}
         self.statuses: dict[str, list[str]] = {}
         self.on_result = on_result
+        self.paused = False  # set (e.g. from on_result) to ignore everything that arrives after
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -108,6 +109,8 @@ class Collector:
         client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
 
     def _on_message(self, client, userdata, msg) -> None:
+        if self.paused:
+            return
         parts = msg.topic.split("/")
         if len(parts) < 3:
             return
@@ -170,6 +173,7 @@ def run_cli(args) -> int:
             print(json.dumps({"device": device, "topic": leaf, **body}), flush=True)
         count[0] += 1
         if args.count and count[0] >= args.count:
+            col.paused = True  # paho delivers in one thread: nothing after the Nth is taken in
             stop.set()
 
     col = Collector(args.host, args.port, args.db, prefix=args.prefix, username=args.username or "",
