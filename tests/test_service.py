@@ -183,3 +183,44 @@ def test_journal_encoding_of_multiline_values():
     assert data.startswith(b"MESSAGE=one line\nEDGED_TRACEBACK\n")
     n = struct.unpack("<Q", data[len(b"MESSAGE=one line\nEDGED_TRACEBACK\n"):][:8])[0]
     assert n == 3 and data.endswith(b"a\nb\n")
+
+
+def test_model_swap_on_reload_and_a_bad_model_keeps_the_old_one(tmp_path, broker, subscriber):
+    """Swapping the vision model needs no restart; a model that fails verification is refused and
+    the running one keeps working."""
+    import shutil
+
+    from conftest import REPO as repo
+
+    models = tmp_path / "models"
+    shutil.copytree(repo / "models", models)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=f'models_dir = "{models}"\n' + FAST)
+    log = tmp_path / "daemon.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(cfg)],
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    labels = lambda: {o["label"] for m in subscriber.json("detections") for o in m["objects"]}  # noqa: E731
+    try:
+        assert subscriber.wait(lambda: "face" in labels(), 60), log.read_text()
+        # A damaged person model: the reload is refused, face detection goes on.
+        person = models / "person_ssdlite_int8.tflite"
+        good = person.read_bytes()
+        person.write_bytes(good[:-100])
+        cfg.write_text(cfg.read_text().replace("[camera]", '[vision]\nmodel = "person"\n[camera]'))
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload failed; keeping the running pipeline" in log.read_text(), 20)
+        assert "truncated or replaced" in log.read_text()
+        n = len(subscriber.json("detections"))
+        assert subscriber.wait(lambda: len(subscriber.json("detections")) >= n + 2, 20)
+        assert "person" not in labels()
+        # Restored: the next reload swaps the model in, without a restart.
+        person.write_bytes(good)
+        proc.send_signal(signal.SIGHUP)
+        assert subscriber.wait(lambda: "person" in labels(), 30), log.read_text()
+        assert proc.poll() is None and log.read_text().count("msg=starting") == 1
+        assert subscriber.on("status") == [b"online"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
