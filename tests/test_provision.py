@@ -129,11 +129,14 @@ def test_provision_writes_everything(root, source, certs):
     assert stat.S_IMODE((root / "etc/edged/tls/client.key").stat().st_mode) == 0o640
     assert (root / "etc/edged/tls/ca.crt").read_text() == PEM_CERT
     assert (root / "etc/edged/tls/client.key").read_text() == PEM_KEY
-    # edged itself accepts it (paths moved under the scratch root, demo sources off).
+    # A new config reads the device's own hardware: the Pi camera, and an IMU found on I2C.
+    assert doc["camera"] == {"enabled": True, "source": "picamera2"}
+    assert doc["imu"] == {"enabled": True, "source": "auto"}
+    # edged itself accepts it (paths moved under the scratch root).
     text = conf.read_text().replace('"/etc/edged/', f'"{root}/etc/edged/')
-    text = text.replace("[mqtt]", "[camera]\nenabled = false\n[imu]\nenabled = false\n[mqtt]")
     cfg = edged_config.parse(text, str(conf))
     assert (cfg.device_id, cfg.mqtt.port, cfg.mqtt.tls) == ("pi-cam-7", 8884, True)
+    assert (cfg.camera.source, cfg.imu.source) == ("picamera2", "auto")
     assert set(doc["mqtt"]) <= {f.name for f in fields(edged_config.MqttConfig)}
 
     # The unit, byte for byte, and the docs it points at.
@@ -349,3 +352,20 @@ def test_live_mode_needs_root():
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip() == "provision: run as root (sudo scripts/provision ...), or try --dry-run"
+
+
+def test_camera_and_imu_flags_change_only_what_they_name(root, source):
+    res = run(PROVISION, "--root", str(root), "--source", str(source), "--camera", "v4l2", "--imu", "none")
+    assert res.returncode == 0, res.stderr
+    conf = root / "etc/edged/edged.toml"
+    doc = tomllib.loads(conf.read_text())
+    assert doc["camera"] == {"enabled": True, "source": "v4l2"} and doc["imu"] == {"enabled": False}
+    conf.write_text(conf.read_text() + "# my note\n")
+    # A later run without the flags keeps the operator's choices (and comments).
+    res = run(PROVISION, "--root", str(root), "--source", str(source))
+    assert res.returncode == 0, res.stderr
+    after = tomllib.loads(conf.read_text())
+    assert after["camera"] == doc["camera"] and after["imu"] == doc["imu"]
+    assert "# my note" in conf.read_text()
+    bad = run(PROVISION, "--root", str(root), "--source", str(source), "--camera", "gopro")
+    assert bad.returncode == 2 and "--camera: invalid choice" in bad.stderr
