@@ -53,7 +53,8 @@ def _check(**meta: Any) -> Any:
 
 @dataclass
 class MqttConfig:
-    host: str = "127.0.0.1"
+    host: str = field(default="127.0.0.1", metadata=_check(
+        pattern=r"^[^\s/]+$", expect="a host name or IP address (no mqtt://, no path)"))
     port: int = field(default=1883, metadata=_check(min=1, max=65535))
     username: str = ""
     password: str = ""
@@ -62,7 +63,8 @@ class MqttConfig:
     cert_file: str = ""
     key_file: str = ""
     client_id: str = ""
-    topic_prefix: str = field(default="edged", metadata=_check(pattern=r"^[^#+\s]+$"))
+    topic_prefix: str = field(default="edged", metadata=_check(pattern=r"^[^#+\s]+$",
+                                                               expect="a topic prefix without +, # or spaces"))
     keepalive_s: int = field(default=30, metadata=_check(min=5, max=3600))
     max_inflight: int = field(default=32, metadata=_check(min=1, max=1000))
     reconnect_min_s: float = field(default=1.0, metadata=_check(min=0.1, max=60))
@@ -159,7 +161,8 @@ class AcceleratorConfig:
 @dataclass
 class Config:
     device_id: str = field(default_factory=lambda: _sanitize_id(socket.gethostname()),
-                           metadata=_check(pattern=_ID_RE.pattern))
+                           metadata=_check(pattern=_ID_RE.pattern,
+                                           expect="1 to 64 letters, digits, '-' or '_'"))
     log_level: str = field(default="info", metadata=_check(choices=("debug", "info", "warning", "error")))
     state_dir: str = field(default_factory=lambda: str(_state_dir()))
     models_dir: str = ""  # default: the shipped models
@@ -270,7 +273,7 @@ def _validate(value: Any, typ: Any, meta: dict) -> str | None:
     if "choices" in meta and value not in meta["choices"]:
         return f"expected one of {', '.join(map(repr, meta['choices']))}, got {value!r}"
     if "pattern" in meta and not re.match(meta["pattern"], value):
-        return f"expected text matching {meta['pattern']}, got {value!r}"
+        return f"expected {meta.get('expect') or 'text matching ' + meta['pattern']}, got {value!r}"
     return None
 
 
