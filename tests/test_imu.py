@@ -422,6 +422,43 @@ def test_overflow_is_detected_counted_and_recovered(chip, caplog):
     assert t2[0] > t1[-1] + stall
 
 
+@pytest.mark.parametrize("chip", list(CHIPS))
+def test_overflow_between_level_read_and_burst_is_detected_and_counted(chip):
+    # A late reader finds the FIFO half full, then loses the CPU between reading the level and
+    # starting the burst transfer; by then the FIFO has filled and dropped its oldest samples, so
+    # the burst no longer begins where the last one ended, and what is left after it is well
+    # short of full. None of the dropped or shifted samples may come out as if nothing
+    # happened: the overflow is counted, the gap estimated, the stamps re-anchored.
+    _, _, rate, a_lsb, g_lsb = CHIPS[chip]
+    src, f, clock = open_source(chip, rate_hz=100)
+    dev = f.chip
+    t1, d1 = collect(src, clock, 1.0)
+    holds = dev.FIFO_CAPACITY // dev.frame_bytes()
+
+    def preempted():
+        dev.update()
+        waiting = len(dev.fifo) // dev.frame_bytes()
+        clock.advance((holds - waiting + 2.5) / rate)  # two or three samples more than fit
+
+    f.bus.before_reads(STATUS_REG[reg_key(chip)], lambda: clock.advance(holds // 2 / rate))
+    f.bus.before_reads(FIFO_REG[reg_key(chip)], preempted)
+    overwritten = dev.overwritten
+    t2, d2 = collect(src, clock, holds / rate + 1.0)
+    assert dev.overwritten > overwritten     # the race did happen: the chip dropped samples
+    t, data = np.concatenate([t1, t2]), np.concatenate([d1, d2])
+    stats = src.stats
+    assert stats["overflows"] == 1
+    # k samples came from the run that overflowed, the rest from the one after the restart
+    k = int(np.flatnonzero(np.diff(t) > 1.5 / rate)[0]) + 1
+    produced = dev.pushed_at_reset[-1] - dev.pushed_at_reset[-2]
+    assert abs(stats["lost_samples"] - (produced - k)) <= 1
+    assert stats["lost_samples"] >= 2
+    for run, sl in ((-2, slice(None, k)), (-1, slice(k, None))):
+        true_t, expected = truth(f, run, len(t[sl]))
+        assert_motion(data[sl], expected, a_lsb, g_lsb)
+        assert np.all(t[sl] - true_t >= -1e-6) and np.all(t[sl] - true_t <= 1 / rate + 1e-6)
+
+
 # --- bus errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chip", ["mpu6050", "lsm6ds3", "lsm6dsox", "bmi160"])

@@ -143,13 +143,27 @@ class Chip(RegisterDevice):
         """Read the `n` samples `fifo_level` reported: float32 (k, 6) in m/s² and rad/s.
 
         k equals n except on chips whose FIFO interleaves tagged words (then a sample whose second
-        half has not arrived yet waits for the next read)."""
+        half has not arrived yet waits for the next read), and k is 0 when the FIFO overflowed
+        after `fifo_level` looked: the burst then does not follow on from the previous one, so it
+        is dropped and the next `fifo_level` reports the overflow."""
         raise NotImplementedError
 
     def standby(self) -> None:
         """Stop sampling (best effort, on close)."""
 
     # -- shared helpers ------------------------------------------------------------------------
+    _overflow_in_read = False  # set by read_samples, reported (once) by the next fifo_level
+
+    def _drop_burst(self) -> np.ndarray:
+        """What read_samples returns when the FIFO overflowed between the level read and the
+        burst: nothing, since where the burst sits on the sample grid is unknown."""
+        self._overflow_in_read = True
+        return np.empty((0, 6), np.float32)
+
+    def _take_overflow_in_read(self) -> bool:
+        seen, self._overflow_in_read = self._overflow_in_read, False
+        return seen
+
     def _set_scale(self, accel_g_per_lsb: float, gyro_dps_per_lsb: float) -> None:
         self.scale[:3] = accel_g_per_lsb * STANDARD_GRAVITY
         self.scale[3:] = np.deg2rad(gyro_dps_per_lsb)

@@ -128,10 +128,12 @@ class Bmi160(Chip):
 
     def fifo_reset(self) -> None:
         self.write_u8(CMD, CMD_FIFO_FLUSH)
+        self._overflow_in_read = False
 
     def fifo_level(self) -> tuple[int, bool]:
+        late = self._take_overflow_in_read()
         length = self.fifo_length
-        return length // FRAME, length + FRAME > FIFO_SIZE or length % FRAME != 0
+        return length // FRAME, late or length + FRAME > FIFO_SIZE or length % FRAME != 0
 
     def read_samples(self, n: int) -> np.ndarray:
         if n <= 0:
@@ -139,6 +141,14 @@ class Bmi160(Chip):
         # Every transfer ends on a frame boundary: the FIFO's byte counter only moves on whole
         # frames (§2.11.9, FIFO_LENGTH).
         raw = self.read_stream(FIFO_DATA, n * FRAME, FRAME).view("<i2").reshape(n, 6)
+        # The FIFO went on filling after FIFO_LENGTH sized this burst. Had it filled up, it
+        # discarded its oldest frames (§2.5) and the burst no longer follows the previous one;
+        # headerless frames do not say so (the skip frame is header mode only, §2.5.1), but the
+        # byte counter does (§2.11.9): the n frames taken out plus those left must still leave
+        # room for one more, else the FIFO was full in between. Frames arriving during the
+        # transfer count as left, so this errs towards seeing an overflow, and only near full.
+        if (n + 1) * FRAME + self.fifo_length > FIFO_SIZE:
+            return self._drop_burst()
         return self._convert(raw, accel_col=3, gyro_col=0)
 
     def standby(self) -> None:

@@ -15,7 +15,8 @@ order, frame layout, reset values, overflow behaviour), independently of the dri
 - time comes from a clock: `SimClock` for fast deterministic tests (sleeping advances it), the
   system clock for demos;
 - faults on demand: OSError on the next reads (optionally only of one register), a wrong
-  WHO_AM_I, a FIFO left unread until it overflows.
+  WHO_AM_I, a FIFO left unread until it overflows, time that jumps just before a given register
+  is read (`FakeBus.before_reads`).
 
 What is not emulated: the digital filters (samples are exact values of the motion), the data
 output registers (read as 0), BMI160 header mode, FIFO decimation, and the temperature
@@ -125,6 +126,7 @@ class FakeBus:
         self.bytes_read = 0
         self.closed = False
         self._faults: list[list] = []  # [count, register or None, errno]
+        self._hooks: list[list] = []   # [count, register, action]
         self._lock = threading.RLock()
 
     def attach(self, address: int, chip: FakeChip) -> FakeChip:
@@ -134,6 +136,20 @@ class FakeBus:
     def fail_reads(self, count: int = 1, *, register: int | None = None, err: int = errno.EREMOTEIO) -> None:
         """Make the next `count` reads (of `register` only, if given) raise OSError(err)."""
         self._faults.append([count, register, err])
+
+    def before_reads(self, register: int, action: Callable[[], None], count: int = 1) -> None:
+        """Call `action()` just before each of the next `count` reads of `register` is answered:
+        e.g. advance a `SimClock` between two transfers of the driver, as a reader thread that
+        loses the CPU between them would see it."""
+        self._hooks.append([count, register, action])
+
+    def _run_hooks(self, register: int) -> None:
+        for h in list(self._hooks):
+            if h[1] == register:
+                h[0] -= 1
+                if h[0] <= 0:
+                    self._hooks.remove(h)
+                h[2]()
 
     def _device(self, addr: int) -> FakeChip:
         if self.closed:
@@ -156,6 +172,7 @@ class FakeBus:
         with self._lock:
             dev = self._device(i2c_addr)
             self.transfers += 1
+            self._run_hooks(register)
             self._maybe_fail(register)
             self.bytes_read += 1
             return dev.read_block(register, 1)[0]
@@ -172,6 +189,7 @@ class FakeBus:
         with self._lock:
             dev = self._device(i2c_addr)
             self.transfers += 1
+            self._run_hooks(register)
             self._maybe_fail(register)
             self.bytes_read += length
             return list(dev.read_block(register, length))
@@ -193,6 +211,7 @@ class FakeBus:
                 if m.flags & _I2C_M_RD:
                     if register is None:
                         raise OSError(errno.EINVAL, "read without a register address")
+                    self._run_hooks(register)
                     self._maybe_fail(register)
                     data = dev.read_block(register, m.len)
                     ctypes.memmove(m.buf, data, m.len)

@@ -129,9 +129,12 @@ class Lsm6ds3(_Lsm6ds):
     fifo_mode = Field(FIFO_CTRL5, 0, 3)
 
     @property
+    def _fifo_words(self) -> int:
+        return 4096 if self.variant == "lsm6ds3" else 2048
+
+    @property
     def _fifo_samples(self) -> int:
-        words = 4096 if self.variant == "lsm6ds3" else 2048
-        return words // self.SAMPLE_WORDS
+        return self._fifo_words // self.SAMPLE_WORDS
 
     def _accel_filter(self, rate, lpf_hz):
         if lpf_hz is None:
@@ -149,20 +152,36 @@ class Lsm6ds3(_Lsm6ds):
     def fifo_reset(self) -> None:
         self.write_u8(self.FIFO_CTRL5, self._odr_code << 3 | FIFO_BYPASS)
         self.write_u8(self.FIFO_CTRL5, self._odr_code << 3 | FIFO_CONTINUOUS)
+        self._overflow_in_read = False
 
-    def fifo_level(self) -> tuple[int, bool]:
+    def _status(self) -> tuple[int, bool]:
+        """(unread words, whether the stream overran or slipped), from FIFO_STATUS1..4."""
         s = self.read_block(FIFO_STATUS1, 4)  # FIFO_STATUS1..4 in one transfer
         words = s[0] | (s[1] & 0x0F) << 8
         overrun = bool(s[1] & 0x40)
         pattern = s[2] | (s[3] & 0x03) << 8
         # We only ever read whole samples, so the next word must be the first of a pattern
         # (gyroscope X); anything else means the stream slipped (overrun or a broken transfer).
-        return words // self.SAMPLE_WORDS, overrun or pattern != 0
+        return words, overrun or pattern != 0
+
+    def fifo_level(self) -> tuple[int, bool]:
+        late = self._take_overflow_in_read()
+        words, slipped = self._status()
+        return words // self.SAMPLE_WORDS, late or slipped
 
     def read_samples(self, n: int) -> np.ndarray:
         if n <= 0:
             return np.empty((0, 6), np.float32)
         raw = self.read_stream(self.FIFO_DATA_OUT_L, n * 12, 2).view("<i2").reshape(n, 6)
+        # The FIFO went on filling after FIFO_STATUS sized this burst; had it overrun, the oldest
+        # words went (continuous mode, AN4650 §8) and the burst no longer follows the previous
+        # one. OVER_RUN only holds while the FIFO is full, and a whole-sample loss leaves the
+        # pattern at 0, so also count: the words taken out plus those left must still leave room
+        # for one more sample, else the FIFO was full in between (words arriving during the
+        # transfer count as left, so this errs towards an overflow, and only near full).
+        words, slipped = self._status()
+        if slipped or (n + 1) * self.SAMPLE_WORDS + words > self._fifo_words:
+            return self._drop_burst()
         return self._convert(raw, accel_col=3, gyro_col=0)
 
 
@@ -225,12 +244,14 @@ class Lsm6dsox(_Lsm6ds):
         self._pending_a = self._pending_a[:0]
         self._words = 0
         self._desync = False
+        self._overflow_in_read = False
 
     def fifo_level(self) -> tuple[int, bool]:
+        late = self._take_overflow_in_read()
         s = self.read_block(FIFO_STATUS1, 2)
         self._words = s[0] | (s[1] & 0x03) << 8
         # FIFO_OVR_IA (bit 6) while overrun; FIFO_OVR_LATCHED (bit 3) until this read
-        overflow = bool(s[1] & 0x48) or self._desync
+        overflow = late or bool(s[1] & 0x48) or self._desync
         return (self._words + len(self._pending_g) + len(self._pending_a)) // 2, overflow
 
     def read_samples(self, n: int) -> np.ndarray:
@@ -238,6 +259,13 @@ class Lsm6dsox(_Lsm6ds):
         self._words -= words
         if words:
             raw = self.read_stream(self.FIFO_DATA_OUT_TAG, words * self.WORD, self.WORD).reshape(words, self.WORD)
+            # An overrun after fifo_level read FIFO_STATUS2 dropped the oldest words, so this
+            # burst no longer follows the previous one. FIFO_OVR_LATCHED holds until FIFO_STATUS2
+            # is read again (DS12814 §9, FIFO_STATUS2 (3Bh)): one more read tells.
+            if self.read_u8(FIFO_STATUS1 + 1) & 0x08:
+                self._pending_g = self._pending_g[:0]
+                self._pending_a = self._pending_a[:0]
+                return self._drop_burst()
             tags = raw[:, 0] >> 3
             data = np.ascontiguousarray(raw[:, 1:]).view("<i2")  # (words, 3)
             g = data[tags == self.TAG_GYRO]

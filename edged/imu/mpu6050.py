@@ -139,17 +139,25 @@ class Mpu6050(Chip):
         self.write_u8(USER_CTRL, 0x04)
         self.write_u8(USER_CTRL, 0x40)
         self.read_u8(INT_STATUS)             # clear an overflow flag left from before the reset
+        self._overflow_in_read = False
 
     def fifo_level(self) -> tuple[int, bool]:
+        late = self._take_overflow_in_read()
         status = self.read_u8(INT_STATUS)
         count = self.fifo_count              # one block read: FIFO_COUNTH first, which latches both
-        overflow = bool(status & self.FIFO_OFLOW_INT) or count >= self._capacity or count % FRAME != 0
+        overflow = late or bool(status & self.FIFO_OFLOW_INT) or count >= self._capacity or count % FRAME != 0
         return count // FRAME, overflow
 
     def read_samples(self, n: int) -> np.ndarray:
         if n <= 0:
             return np.empty((0, 6), np.float32)
         raw = self.read_stream(FIFO_R_W, n * FRAME, FRAME).view(">i2").reshape(n, 6)
+        # An overflow after fifo_level read INT_STATUS (which cleared FIFO_OFLOW_INT) dropped
+        # bytes off the front, so this burst is neither where the last one ended nor cut at
+        # frames. The flag stays set until INT_STATUS is read again (RM-MPU-6000A-00 rev 4.2,
+        # register 58, INT_STATUS), so one more read tells whether the burst can be trusted.
+        if self.read_u8(INT_STATUS) & self.FIFO_OFLOW_INT:
+            return self._drop_burst()
         return self._convert(raw, accel_col=0, gyro_col=3)
 
     def standby(self) -> None:

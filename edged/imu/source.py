@@ -309,15 +309,16 @@ class ImuSource:
 
         If the reset itself fails (OSError), nothing changes and the next poll tries again."""
         clock = self._clock
-        now = clock.time()
         self._chip.fifo_reset()
+        # Read the time after the flush: samples the chip made up to the flush are lost too.
+        now = clock.time()
         lost = 0
         if self._run_start is not None:
             # samples the chip produced in the ended run that we never delivered
             produced = int(round((now - self._run_start) / self._period))
             lost = max(0, produced - self._index)
             self._lost += lost
-        self._run_start = self._last_stamp = clock.time()
+        self._run_start = self._last_stamp = now
         self._index = 0
         self._restart_due = False
         return lost
