@@ -30,6 +30,9 @@ from edged.records import Detections, Frame
 
 log = logging.getLogger("edged.daemon")
 
+# The writer's outbox commits (one fsync each): this many at once, then this many per second.
+COMMIT_BURST = 4
+COMMIT_RATE = 50.0
 IMU_RAW_BYTES_PER_SAMPLE = 6 * 4  # six float32 channels, what sending raw samples would cost
 
 
@@ -579,12 +582,19 @@ class Daemon:
         encoders = {"detections": c.detections, "motion": c.motion}
         topics = {leaf: self.cfg.topic(leaf) for leaf in encoders}
         done = False
+        budget, refilled = float(COMMIT_BURST), time.monotonic()
         while not done:
             self.watchdog.beat("writer")
             try:
                 item = self.results.get(timeout=1.0)
             except queue.Empty:
                 continue
+            # Group commit under a token bucket: while commits stay under COMMIT_RATE a result
+            # is stored (and published) at once; a flood of results is gathered into one commit
+            # (one fsync) per 1 / COMMIT_RATE seconds instead of one each.
+            now = time.monotonic()
+            budget, refilled = min(COMMIT_BURST, budget + (now - refilled) * COMMIT_RATE), now
+            not_before = now + max(0.0, (1.0 - budget) / COMMIT_RATE)
             batch = []
             while True:
                 if item is None:
@@ -595,13 +605,16 @@ class Daemon:
                     batch.append((topics[leaf], lambda seq, enc=enc, rec=rec: enc(rec, device, seq)))
                 if done or len(batch) >= 256:
                     break
+                wait = not_before - time.monotonic()
                 try:
-                    item = self.results.get(timeout=0.02)  # gather a batch: one fsync per batch
+                    item = self.results.get(timeout=wait) if wait > 0 else self.results.get_nowait()
                 except queue.Empty:
                     break
             if batch:
                 self.outbox.append(batch)
                 self.link.wake()
+                now = time.monotonic()
+                budget, refilled = min(COMMIT_BURST, budget + (now - refilled) * COMMIT_RATE) - 1.0, now
 
     # -- stats ---------------------------------------------------------------------------------
 

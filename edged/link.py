@@ -178,6 +178,7 @@ class Link:
             self._once.clear(kind)
         self._attempt = 0
         self._next_delay()
+        _no_delay(client.socket())
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         if self._on_command is not None:
             client.subscribe(self.cmd_prefix + "+", qos=1)
@@ -266,6 +267,17 @@ class Link:
                     break
                 self._inflight[info.mid] = (row.seq, len(row.payload))
                 self._last_sent = row.seq
+
+
+def _no_delay(sock) -> None:
+    """Send each packet as it is written. Under Nagle's algorithm a small packet written while
+    an earlier one is unacknowledged waits for the broker's delayed TCP ACK, up to 40 ms."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (unix socket, websocket proxy): nothing to tune
 
 
 def describe_error(exc: BaseException) -> str:
