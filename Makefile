@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?=
 
-.PHONY: run test deps test-deps venv test-venv broker clean
+.PHONY: run test bench deps test-deps venv test-venv broker clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
@@ -14,6 +14,9 @@ run: deps venv broker
 
 test: deps test-deps test-venv
 	$(PY) -m pytest -q
+
+bench: deps venv
+	$(PY) benchmarks/run.py
 
 venv: $(VENV)/.installed
 test-venv: $(VENV)/.installed-test

@@ -565,6 +565,11 @@ class Decoder:
     def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
         raise NotImplementedError
 
+    def decode_model(self, model: Model, threshold: float) -> Decoded:
+        """`decode` on the model's current outputs. A decoder may override this to read the
+        outputs as stored (e.g. int8) and dequantise only what it needs."""
+        return self.decode([model.output(i) for i in range(len(model.outputs))], threshold)
+
     def _output(self, key: str, default_name: str, pick: Callable[[TensorSpec], bool]) -> int:
         """Index of an output: by the name in params[key], else the one spec `pick` accepts."""
         name = self.params.get(key)
@@ -687,15 +692,54 @@ class SsdDecoder(Decoder):
         self.box_scale = _per4(entry, "box_scale", p.get("box_scale", [10.0, 10.0, 5.0, 5.0]))
         self.background = int(_num(entry, p, "params", "background_classes", 1, lo=0, hi=10))
         self.nms_iou = _num(entry, p, "params", "nms_iou", 0.6, lo=0.0, hi=1.0)
+        self._bounds: dict[float, int | None] = {}  # score threshold → lowest stored code to look at
 
     def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
         enc = outputs[self._boxes].reshape(-1, 4)
         logits = outputs[self._scores].reshape(len(enc), -1)[:, self.background:]
+        return self._decode(enc, logits, self.anchors, threshold)
+
+    def decode_model(self, model: Model, threshold: float) -> Decoded:
+        """For int8 outputs: find the anchors whose stored score codes can reach the threshold,
+        and dequantise only their rows (as `Model.output` would), instead of all of them. Most
+        frames show nobody: then one max() over the stored scores settles it. (Right after an
+        invoke every numpy call runs from cold caches, so fewer calls is what counts.)"""
+        bound = self._raw_bound(threshold)
+        if bound is None:
+            return super().decode_model(model, threshold)
+        raw = model.raw_output(self._scores)
+        raw = raw.reshape(-1, raw.shape[-1])[:, self.background:]
+        if raw.max() < bound:
+            return Decoded.empty()
+        rows = np.flatnonzero((raw >= bound).any(axis=1))
+        logits = _dequantize(raw[rows], self.outputs[self._scores])
+        enc = model.raw_output(self._boxes)
+        enc = _dequantize(enc.reshape(-1, 4)[rows], self.outputs[self._boxes])
+        return self._decode(enc, logits, self.anchors[rows], threshold)
+
+    def _raw_bound(self, threshold: float) -> int | None:
+        """The lowest stored score code that may dequantise to at least the threshold's logit;
+        None when the outputs are not int8 with a usable scale (then the float path runs)."""
+        bounds = self._bounds
+        if threshold not in bounds:
+            boxes_spec, scores_spec = self.outputs[self._boxes], self.outputs[self._scores]
+            limit = _logit(threshold)
+            bound = None
+            if boxes_spec.quantized and scores_spec.quantized and scores_spec.scale > 0 and math.isfinite(limit):
+                info = np.iinfo(scores_spec.dtype)
+                # One code below the exact bound: float rounding may not cut where real arithmetic
+                # does; the float comparison in _decode then decides, as on the full outputs.
+                bound = math.floor(scores_spec.zero_point + limit / scores_spec.scale) - 1
+                bound = min(max(bound, int(info.min)), int(info.max) + 1)
+            bounds[threshold] = bound
+        return bounds[threshold]
+
+    def _decode(self, enc: np.ndarray, logits: np.ndarray, anchors: np.ndarray, threshold: float) -> Decoded:
         limit = _logit(threshold)
         anchor_i, class_i = np.nonzero(logits >= limit)
         if anchor_i.size == 0:
             return Decoded.empty()
-        a = self.anchors[anchor_i]
+        a = anchors[anchor_i]
         t = enc[anchor_i] / self.box_scale
         cy = t[:, 0] * a[:, 2] + a[:, 0]
         cx = t[:, 1] * a[:, 3] + a[:, 1]
@@ -711,6 +755,13 @@ class SsdDecoder(Decoder):
             out_s.append(s)
             out_c.append(np.full(len(s), c, np.intp))
         return _top(np.concatenate(out_b), np.concatenate(out_s), np.concatenate(out_c), self.max_detections)
+
+
+def _dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Stored codes → float32, computed as `Model.output` does (so results match it exactly)."""
+    out = np.subtract(raw, spec.zero_point, dtype=np.float32)
+    out *= spec.scale
+    return out
 
 
 def _top(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, k: int) -> Decoded:
@@ -791,8 +842,7 @@ class VisionStage:
         t0 = time.perf_counter()
         self.model.invoke()
         self.last_inference_ms = (time.perf_counter() - t0) * 1000.0
-        outs = [self.model.output(i) for i in range(len(self.model.outputs))]
-        dec = self.decoder.decode(outs, self.score_threshold)
+        dec = self.decoder.decode_model(self.model, self.score_threshold)
         if len(dec.scores) == 0:
             return ()
         boxes = box.to_frame(dec.boxes.astype(np.float64), self.preprocess.height, self.preprocess.width)

@@ -1,0 +1,189 @@
+"""Memory and start-up (issue 8, figure 3).
+
+- Peak RSS (VmHWM) of `edged run` as a subprocess running both a vision and the motion model
+  on the demo sources, read just before it is stopped.
+- Where that memory goes: a fresh worker process reads its own VmRSS after importing or
+  loading each piece in the order the daemon needs them; the steps add up to the daemon's
+  RSS less its threads' stacks and run-time buffers (the "running" row).
+- Start-up: wall time from spawning `edged run` to its READY=1 on a NOTIFY_SOCKET we listen
+  on, the moment systemd would consider the service started; the median of a few starts.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import (SAMPLES, Broker, Figure, at_most, daemon_cmd, daemon_env, median, rss_kb,
+                               run_worker, split_cpus, toml_config, worker_main)
+
+DEMO = "[camera]\nfps = 10\n[imu]\nspeed = 1\n[stats]\ninterval_s = 1\n"
+
+
+class NotifyListener:
+    """A datagram socket standing in for systemd's notify socket; stamps READY=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.ready_at: float | None = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._rx, daemon=True)
+        self._t.start()
+
+    def _rx(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if self.ready_at is None and b"READY=1" in data.split(b"\n"):
+                self.ready_at = time.perf_counter()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(1)
+        self.sock.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def ready_time(config: Path, work: Path, n: int) -> float:
+    """Spawn → READY=1, seconds (a fresh listener per start)."""
+    sock = work / f"notify-{n}.sock"
+    listener = NotifyListener(sock)
+    log = (work / f"ready-{n}.log").open("wb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(daemon_cmd(config), env=daemon_env(NOTIFY_SOCKET=str(sock)), cwd=work,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while listener.ready_at is None and proc.poll() is None and time.perf_counter() - t0 < 30:
+            time.sleep(0.002)
+        if listener.ready_at is None:
+            raise RuntimeError(f"edged run did not report READY=1: {(work / f'ready-{n}.log').read_text()[-500:]}")
+        return listener.ready_at - t0
+    finally:
+        _stop(proc)
+        listener.close()
+        log.close()
+
+
+def peak_rss(config: Path, work: Path, seconds: float, name: str) -> tuple[int, int]:
+    """(VmHWM, VmRSS) in kB of `edged run` after `seconds` of running."""
+    log = (work / f"rss-{name}.log").open("wb")
+    proc = subprocess.Popen(daemon_cmd(config), env=daemon_env(), cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(seconds)
+        if proc.poll() is not None:
+            raise RuntimeError(f"edged run exited early: {(work / f'rss-{name}.log').read_text()[-500:]}")
+        rss, hwm = rss_kb(proc.pid)
+        return hwm, rss
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def breakdown_worker(workdir: str, vision_model: str) -> dict:
+    """VmRSS after each piece the daemon loads, in the order it loads them."""
+    steps: list[tuple[str, int]] = [("interpreter and standard library", rss_kb()[0])]
+
+    def step(name: str) -> None:
+        steps.append((name, rss_kb()[0]))
+
+    import numpy  # noqa: F401
+
+    step("numpy")
+    import edged.cli  # noqa: F401
+    import edged.config
+    import edged.daemon  # noqa: F401
+
+    step("edged modules")
+    from edged.outbox import Outbox
+
+    ob = Outbox(Path(workdir) / "rss-outbox.db")
+    step("SQLite outbox")
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    step("paho-mqtt")
+    from edged.runtime import runtime
+
+    runtime()
+    step("TFLite runtime (LiteRT)")
+    from edged.models import load_manifest, open_model
+    from edged.vision import VisionStage
+
+    manifest = load_manifest()
+    ventry = manifest[vision_model]
+    vision = VisionStage(open_model(ventry, threads=1), ventry)
+    step(f"vision model ({vision_model})")
+    from edged.motion import MotionStage
+
+    mentry = manifest["motion"]
+    motion = MotionStage(open_model(mentry, threads=1), mentry)
+    step("motion model")
+    from edged.camera import open_replay
+
+    cam = open_replay(SAMPLES / "images", fps=1000.0)
+    for _ in range(5):
+        vision.detect(cam.read().image)
+    step("Pillow, demo frames decoded and detected")
+    del client, ob, motion
+    return {"steps": steps}
+
+
+def _worker(kind: str, **kwargs) -> dict:
+    return {"breakdown": breakdown_worker}[kind](**kwargs)
+
+
+def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
+    seconds, starts = (2.0, 1) if quick else (8.0, 3)
+    _, helpers = split_cpus()
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
+        work = Path(workdir or tmp)
+        with Broker(work / "broker", helpers) as broker:
+            face_cfg = toml_config(work / "face.toml", broker, work / "state-face", DEMO)
+            person_cfg = toml_config(work / "person.toml", broker, work / "state-person",
+                                     DEMO + '[vision]\nmodel = "person"\n')
+            hwm, rss = peak_rss(face_cfg, work, seconds, "face")
+            bd = run_worker("memory", {"kind": "breakdown", "workdir": str(work), "vision_model": "face"},
+                            None, timeout=120)
+            steps = bd["steps"]
+            parts = [(steps[0][0], steps[0][1])] + [(n, v - steps[i][1]) for i, (n, v) in enumerate(steps[1:])]
+            parts.append(("threads, buffers and the rest of the running daemon", rss - steps[-1][1]))
+            note = "; ".join(f"{n} {v / 1024:.1f}" for n, v in parts) + " (MB, VmRSS increments)"
+            figures.append(Figure("memory", "peak RSS, edged run with face + motion", round(hwm / 1024, 1), "MB",
+                                  "≤ 100", at_most(hwm / 1024, 100), note))
+            for n, v in parts:
+                figures.append(Figure("memory", f"  of which {n}", round(v / 1024, 1), "MB"))
+            if not quick:
+                phwm, _ = peak_rss(person_cfg, work, seconds, "person")
+                figures.append(Figure("memory", "peak RSS, edged run with person + motion", round(phwm / 1024, 1),
+                                      "MB", "≤ 100", at_most(phwm / 1024, 100)))
+            times = [ready_time(face_cfg, work, i) for i in range(starts)]
+            figures.append(Figure("memory", "edged run: spawn → READY=1", round(median(times), 2), "s", "≤ 1.5",
+                                  at_most(median(times), 1.5),
+                                  f"starts: {', '.join(f'{t:.2f}' for t in times)} s"))
+    return figures
+
+
+if __name__ == "__main__":
+    worker_main(_worker)

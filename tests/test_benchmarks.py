@@ -1,0 +1,144 @@
+"""Smoke test of `make bench`: every benchmark runs on its quick budget against the real daemon,
+models and a real mosquitto, and returns well-formed figures. No timing is asserted (the
+machines are shared and noisy); the relations checked hold whatever the speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import run  # noqa: E402
+from benchmarks.common import Figure, percentile  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("_mosquitto_installed")
+
+
+@pytest.fixture
+def _mosquitto_installed():
+    from conftest import mosquitto_bin
+
+    mosquitto_bin()
+
+
+def by_name(figures: list[Figure]) -> dict[str, Figure]:
+    return {f.name: f for f in figures}
+
+
+def check_well_formed(name: str, figures: list[Figure]) -> None:
+    assert figures, f"{name} returned no figures"
+    for f in figures:
+        assert isinstance(f, Figure) and f.bench == name
+        assert isinstance(f.value, (int, float)) and math.isfinite(f.value), f
+        assert f.name and isinstance(f.unit, str) and isinstance(f.note, str)
+        # A figure has a verdict exactly when it has a goal.
+        assert (f.ok is None) == (f.goal == ""), f
+        assert f.ok in (None, True, False)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, list[Figure]]:
+    figures, failures = run.run(list(run.BENCHMARKS), quick=True, log=sys.stderr)
+    assert not failures, failures
+    out: dict[str, list[Figure]] = {}
+    for f in figures:
+        out.setdefault(f.bench, []).append(f)
+    return out
+
+
+@pytest.mark.parametrize("name", list(run.BENCHMARKS))
+def test_each_benchmark_returns_well_formed_figures(results, name):
+    check_well_formed(name, results.get(name, []))
+
+
+def test_efficiency_figures(results):
+    figs = results["efficiency"]
+    ratios = [f for f in figs if f.unit == "×"]
+    assert {f.name.split(" ")[0] for f in ratios} >= {"face", "person", "motion"}
+    for f in ratios:
+        assert 0 < f.value < 5, f  # a ratio of rates, not a rate
+        assert f.goal == "≥ 0.95"
+    per_window = by_name(figs)["motion: CPU per window, all daemon threads"]
+    assert per_window.value > 0 and per_window.unit == "µs"
+
+
+def test_latency_percentiles_are_ordered(results):
+    f = by_name(results["latency"])
+    p50 = f["capture → subscriber minus invoke, p50"].value
+    p99 = f["capture → subscriber minus invoke, p99"].value
+    mx = f["capture → subscriber minus invoke, max"].value
+    assert p50 <= p99 <= mx
+    assert "detections at 30 fps" in f["capture → subscriber minus invoke, p50"].note
+
+
+def test_memory_breakdown_adds_up_to_the_daemon(results):
+    figs = results["memory"]
+    peak = by_name(figs)["peak RSS, edged run with face + motion"]
+    parts = [f.value for f in figs if f.name.startswith("  of which")]
+    assert 10 < peak.value < 2000
+    assert len(parts) >= 8
+    # The steps are increments up to the running daemon's RSS, which is at most its peak.
+    assert sum(parts) <= peak.value + 1.0
+    ready = by_name(figs)["edged run: spawn → READY=1"]
+    assert 0 < ready.value < 30
+
+
+def test_outbox_and_drain_rates(results):
+    f = by_name(results["outbox"])
+    batched = f["durable appends, writer batches (≤ 256)"].value
+    single = f["durable appends, one per transaction"].value
+    assert batched > 0 and single > 0
+    assert f["drain to mosquitto, QoS 1 acknowledged"].value > 0
+
+
+def test_bandwidth_is_consistent(results):
+    f = by_name(results["bandwidth"])
+    raw = f["raw frames + IMU samples per hour"].value
+    sent = f["result payloads published per hour"].value
+    wire = f["MQTT bytes per hour (payload + framing)"].value
+    assert raw > wire > sent > 0
+    assert f["raw / published payload bytes"].value == pytest.approx(raw / sent, rel=0.02)
+
+
+def test_imu_counts(results):
+    f = results["imu"]
+    lost, delivered = f[0], f[1]
+    assert lost.goal == "0" and lost.value >= 0 and float(lost.value).is_integer()
+    # 20 simulated seconds at 400 Hz on the quick budget
+    assert delivered.value > 400 * 10
+
+
+def test_idle_share_is_a_share(results):
+    f = by_name(results["idle"])
+    assert 0 <= f["CPU share, static scene and still IMU"].value <= 100
+    assert f["wake-ups (voluntary context switches)"].value >= 0
+
+
+def test_table_and_json_output(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert run.main(["--quick", "--only", "outbox", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "durable appends, writer batches" in text and "benchmark" in text.splitlines()[1]
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cores"] >= 1 and doc["quick"] is True
+    assert [f["bench"] for f in doc["figures"]] == ["outbox"] * len(doc["figures"])
+
+
+def test_unknown_benchmark_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--only", "nosuch"])
+    assert exc.value.code == 2
+    assert "unknown benchmark nosuch" in capsys.readouterr().err
+
+
+def test_percentile_interpolates():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+    assert math.isnan(percentile([], 50))
