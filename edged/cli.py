@@ -10,8 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edged import __version__
+
+if TYPE_CHECKING:  # the CLI imports modules only when a command needs them
+    from edged.config import Config
 
 EXIT_USAGE = 2        # bad config or input: restarting cannot help (systemd: RestartPreventExitStatus=2)
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a device or runtime is not there (yet): systemd retries
@@ -139,7 +143,7 @@ def _config_path(args) -> Path | None:
     return Path(args.config) if args.config else None
 
 
-def _load_config(args) -> "Config":
+def _load_config(args) -> Config:
     from edged import config
 
     return config.load(_config_path(args))

@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import time
-import tomllib
 from pathlib import Path
 from typing import Callable
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, SAMPLES, wait_until, write_config
+from conftest import REPO, SAMPLES, write_config
 
 COMMANDS = ("run", "check-config", "detect", "motion", "models", "subscribe", "signatures")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 
 from conftest import last_seq, Broker, Subscriber, wait_until, write_config
