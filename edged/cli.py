@@ -171,13 +171,12 @@ def cmd_check_config(args) -> int:
 
 def _stage_model(args, task: str):
     """The model `--model` names, else the one the config (or its defaults) runs for `task`."""
-    from edged.daemon import _entry
-    from edged.models import default_models_dir, load_manifest, open_model
+    from edged.models import default_models_dir, load_manifest, open_model, select
 
     cfg = _load_config(args)
     models_dir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
     name = args.model or (cfg.vision.model if task == "vision" else cfg.motion.model)
-    entry = _entry(load_manifest(models_dir), name, task, "--model" if args.model else f"{task}.model")
+    entry = select(load_manifest(models_dir), name, task, "--model" if args.model else f"{task}.model")
     return entry, open_model(entry)
 
 

@@ -43,7 +43,6 @@ class Counters:
     frames_failed: int = 0
     vision_ms_total: float = 0.0
     vision_runs: int = 0
-    detections_queued: int = 0
     imu_samples: int = 0
     imu_failed_batches: int = 0
     motion_windows: int = 0
@@ -120,7 +119,7 @@ class Pipeline:
 
         On reload, `running` is the pipeline in service: an IMU chip whose settings did not change
         is handed over rather than opened (and reconfigured) a second time while it is read."""
-        from edged.models import default_models_dir, load_manifest
+        from edged.models import default_models_dir, load_manifest, select
         from edged.tpu import open_for_backend
 
         p = cls(cfg)
@@ -131,7 +130,7 @@ class Pipeline:
                 from edged.camera import open_camera
                 from edged.vision import VisionStage
 
-                entry = _entry(manifest, cfg.vision.model, "vision", "vision.model")
+                entry = select(manifest, cfg.vision.model, "vision", "vision.model")
                 model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
                                          threads=cfg.vision.threads or None)
                 p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
@@ -145,7 +144,7 @@ class Pipeline:
             if cfg.imu.enabled:
                 from edged.motion import MotionStage
 
-                entry = _entry(manifest, cfg.motion.model, "motion", "motion.model")
+                entry = select(manifest, cfg.motion.model, "motion", "motion.model")
                 model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
                                          threads=cfg.motion.threads or None)
                 p.motion = MotionStage(model, entry)
@@ -256,7 +255,6 @@ class Pipeline:
             self.last_frame = frame
             det = Detections(frame.ts, objects, ms)
             if policy.should_publish(det):
-                c.detections_queued += 1
                 d.results.put(("detections", det))
                 d.update_state(labels=sorted(o.label for o in objects))
 
@@ -314,7 +312,8 @@ class Daemon:
     # -- set-up -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open models, sources and the outbox; errors here are the user's to fix (exit 2)."""
+        """Open models, sources and the outbox; errors here end `edged run` with one line (exit 2
+        for a bad config or model file, 69 for a device or runtime that is not there)."""
         self.pipeline = Pipeline.open(self.cfg)
         logsetup.set_static(backend=self.pipeline.backend)
         self.outbox = self._open_outbox(self.cfg)
@@ -639,6 +638,7 @@ class Daemon:
             "motion_windows": c.motion_windows,
             "motion_inference_ms": round(c.motion_ms_total / c.motion_windows, 2) if c.motion_windows else None,
             "imu_samples": c.imu_samples,
+            "failed_imu_batches": c.imu_failed_batches,
             "outbox_depth": ob.depth,
             "outbox_bytes": ob.size_bytes,
             "dropped": ob.dropped,
@@ -672,13 +672,3 @@ class Daemon:
         self.link.publish_now("stats", codec.stats(values, self.cfg.device_id))
         log.debug("stats", extra={"fields": values})
 
-
-def _entry(manifest: dict, name: str, task: str, key: str):
-    from edged.models import ModelError
-
-    entry = manifest.get(name)
-    if entry is None:
-        raise ModelError(f"{key}: no model named {name!r} in the manifest (have: {', '.join(sorted(manifest))})")
-    if entry.task != task:
-        raise ModelError(f"{key}: model {name!r} is a {entry.task} model, not a {task} model")
-    return entry

@@ -121,6 +121,16 @@ def load_manifest(models_dir: Path | None = None) -> dict[str, ModelEntry]:
     return entries
 
 
+def select(manifest: dict[str, ModelEntry], name: str, task: str, key: str) -> ModelEntry:
+    """The model `name` for `task`; `key` names the setting that asked for it, for the error."""
+    entry = manifest.get(name)
+    if entry is None:
+        raise ModelError(f"{key}: no model named {name!r} in the manifest (have: {', '.join(sorted(manifest))})")
+    if entry.task != task:
+        raise ModelError(f"{key}: model {name!r} is a {entry.task} model, not a {task} model")
+    return entry
+
+
 def verify(entry: ModelEntry, path: Path | None = None) -> None:
     """Raise ModelError unless the file has the manifest's size and sha256."""
     path = path or entry.path
