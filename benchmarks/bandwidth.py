@@ -37,7 +37,7 @@ def bandwidth(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     _, helpers = split_cpus()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
-        with Broker(work / "broker", helpers) as broker, Subscriber(broker, "edged/bench/+") as sub:
+        with Broker(work / "broker", cores=helpers) as broker, Subscriber(broker, "edged/bench/+") as sub:
             cfg = toml_config(work / "demo.toml", broker, work / "state", DEMO)
             log = (work / "demo.log").open("wb")
             proc = subprocess.Popen(daemon_cmd(cfg), env=daemon_env(), cwd=work, stdout=log,

@@ -13,9 +13,6 @@ import json
 import math
 import os
 import platform
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The broker and notify-socket helpers are the tests' own (tests/harness.py).
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+from harness import Broker, NotifySocket  # noqa: E402,F401 (re-exported)
 SAMPLES = REPO / "samples"
 RESULT_MARK = "BENCH-RESULT "
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -144,60 +145,7 @@ def rss_kb(pid: int | str = "self") -> tuple[int, int]:
     return rss, hwm
 
 
-# --------------------------------------------------------------------------- broker, subscriber
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mosquitto_bin() -> str:
-    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.access(found, os.X_OK):
-        raise SystemExit("benchmarks: mosquitto is not installed (make bench installs it: apt-get install mosquitto)")
-    return found
-
-
-class Broker:
-    """A throwaway mosquitto on 127.0.0.1:<free port>, pinned to `cores`."""
-
-    def __init__(self, workdir: Path, cores: set[int] | None = None) -> None:
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.cores = cores
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                             f"user {pwd.getpwuid(os.getuid()).pw_name}\n")
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Broker":
-        self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        if self.cores:
-            pin(self.cores, self.proc.pid)
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-300:]}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
+# --------------------------------------------------------------------------- subscriber
 
 class Subscriber:
     """An MQTT client recording (arrival time, topic, payload) for every message under `topic`."""

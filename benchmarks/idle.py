@@ -52,7 +52,7 @@ def idle(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
         scene.mkdir()
         shutil.copy(SAMPLES / "images" / "astronaut.jpg", scene / "astronaut.jpg")
         imu = still_recording(work / "still.csv")
-        with Broker(work / "broker", helpers) as broker:
+        with Broker(work / "broker", cores=helpers) as broker:
             cfg = toml_config(work / "idle.toml", broker, work / "state",
                               f'[camera]\npath = "{scene}"\nfps = 1\n[imu]\npath = "{imu}"\nspeed = 1\n')
             log = (work / "idle.log").open("wb")

@@ -135,7 +135,7 @@ def imu_fifo(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     own, helpers = split_cpus()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
-        with Broker(work / "broker", helpers) as broker:
+        with Broker(work / "broker", cores=helpers) as broker:
             r = run_worker("imu_fifo", {"kind": "fifo", "host": broker.host, "port": broker.port,
                                         "workdir": str(work), "sim_s": sim_s, "speedup": SPEEDUP},
                            own, timeout=sim_s / SPEEDUP + 90)

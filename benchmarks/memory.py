@@ -12,47 +12,15 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import (SAMPLES, Broker, Figure, at_most, daemon_cmd, daemon_env, median, rss_kb,
-                               run_worker, split_cpus, toml_config, worker_main)
+from benchmarks.common import (SAMPLES, Broker, Figure, NotifySocket, at_most, daemon_cmd, daemon_env, median,
+                               rss_kb, run_worker, split_cpus, toml_config, worker_main)
 
 DEMO = "[camera]\nfps = 10\n[imu]\nspeed = 1\n[stats]\ninterval_s = 1\n"
-
-
-class NotifyListener:
-    """A datagram socket standing in for systemd's notify socket; stamps READY=1."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.1)
-        self.ready_at: float | None = None
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._rx, daemon=True)
-        self._t.start()
-
-    def _rx(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if self.ready_at is None and b"READY=1" in data.split(b"\n"):
-                self.ready_at = time.perf_counter()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join(1)
-        self.sock.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -67,18 +35,18 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def ready_time(config: Path, work: Path, n: int) -> float:
     """Spawn → READY=1, seconds (a fresh listener per start)."""
-    sock = work / f"notify-{n}.sock"
-    listener = NotifyListener(sock)
+    listener = NotifySocket(work / f"notify-{n}.sock")
     log = (work / f"ready-{n}.log").open("wb")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(daemon_cmd(config), env=daemon_env(NOTIFY_SOCKET=str(sock)), cwd=work,
+    t0 = time.monotonic()
+    proc = subprocess.Popen(daemon_cmd(config), env=daemon_env(NOTIFY_SOCKET=listener.path), cwd=work,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        while listener.ready_at is None and proc.poll() is None and time.perf_counter() - t0 < 30:
+        while listener.first("READY=1") is None and proc.poll() is None and time.monotonic() - t0 < 30:
             time.sleep(0.002)
-        if listener.ready_at is None:
+        ready_at = listener.first("READY=1")
+        if ready_at is None:
             raise RuntimeError(f"edged run did not report READY=1: {(work / f'ready-{n}.log').read_text()[-500:]}")
-        return listener.ready_at - t0
+        return ready_at - t0
     finally:
         _stop(proc)
         listener.close()
@@ -159,7 +127,7 @@ def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     figures = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
-        with Broker(work / "broker", helpers) as broker:
+        with Broker(work / "broker", cores=helpers) as broker:
             face_cfg = toml_config(work / "face.toml", broker, work / "state-face", DEMO)
             person_cfg = toml_config(work / "person.toml", broker, work / "state-person",
                                      DEMO + '[vision]\nmodel = "person"\n')

@@ -354,7 +354,7 @@ def efficiency(quick: bool = False, workdir: Path | None = None) -> list[Figure]
     figures = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
-        with Broker(work / "broker", helpers) as broker:
+        with Broker(work / "broker", cores=helpers) as broker:
             for loaded in loads:
                 for model, frames in cases:
                     if loaded and frames == "photo":
@@ -436,7 +436,7 @@ def latency(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     own, helpers = split_cpus()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
-        with Broker(work / "broker", helpers) as broker:
+        with Broker(work / "broker", cores=helpers) as broker:
             main_cores = os.sched_getaffinity(0)
             pin(helpers)  # the subscriber's network thread inherits this
             try:

@@ -116,7 +116,7 @@ def outbox(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
         figures.append(Figure("outbox", "durable appends, writer batches (≤ 256)", round(full), "/s",
                               "≥ 5000", at_least(full, 5000), note))
         figures.append(Figure("outbox", "durable appends, one per transaction", round(rates[("full", 1)]), "/s"))
-        with Broker(work / "broker", helpers) as broker:
+        with Broker(work / "broker", cores=helpers) as broker:
             drains = {}
             for sync in ("full",) if quick else ("full", "normal"):
                 drains[sync] = run_worker("storage", {"kind": "drain", "workdir": str(work), "host": broker.host,

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,21 +15,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from harness import Broker, NotifySocket, free_port, mosquitto_bin  # noqa: F401 (re-exported)
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mosquitto_bin() -> str:
-    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.access(found, os.X_OK):
-        pytest.fail("mosquitto is not installed (make test installs it: apt-get install mosquitto)")
-    return found
 
 
 def outbox_meta(state_dir: Path, key: str) -> int:
@@ -63,57 +50,6 @@ def wait_until(pred, timeout: float, interval: float = 0.05):
             return value
         time.sleep(interval)
     return pred()
-
-
-class Broker:
-    """A mosquitto process we can stop and start again on the same port."""
-
-    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False,
-                 listener_conf: str = "") -> None:
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        user = f"user {_username()}\n"
-        # persistent: sessions and queued QoS 1 messages survive a broker restart (saved on stop).
-        persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
-                       else "persistence false\n")
-        # listener_conf: lines for the listener, e.g. cafile/certfile/keyfile for TLS.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{listener_conf}allow_anonymous true\n"
-                             f"{persistence}{user}")
-
-    def start(self) -> "Broker":
-        self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        if not wait_until(self._listening, 10):
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-500:]}")
-        return self
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-def _username() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_name
 
 
 class Subscriber:

@@ -7,48 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 from conftest import REPO, wait_until, write_config
+from harness import NotifySocket
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's notify socket; records every message."""
-
-    def __init__(self, path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._rx, daemon=True)
-        self._t.start()
-
-    def _rx(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def keys(self) -> list[str]:
-        """Every KEY=VALUE line, in order."""
-        return [line for _, m in self.messages for line in m.splitlines()]
-
-    def count(self, line: str) -> int:
-        return self.keys().count(line)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join(1)
-        self.sock.close()
 
 
 def start_daemon(cfg, log, notify_path, watchdog_usec: int | None = None):

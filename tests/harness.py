@@ -1,0 +1,130 @@
+"""Processes that the tests and the benchmarks both run next to edged: a real mosquitto on a free
+loopback port, and a socket standing in for systemd's notify socket.
+
+No pytest in here: `make bench` runs these without the test extras installed.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_bin() -> str:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(found, os.X_OK):
+        raise RuntimeError("mosquitto is not installed (make test and make bench install it: "
+                           "apt-get install mosquitto)")
+    return found
+
+
+class Broker:
+    """A mosquitto process on 127.0.0.1, which can be stopped and started again on the same port.
+
+    persistent: sessions and queued QoS 1 messages survive a restart (saved on stop).
+    listener_conf: extra lines for the listener, e.g. cafile/certfile/keyfile for TLS.
+    cores: CPUs to pin the broker to (benchmarks keep it off the daemon's core).
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False,
+                 listener_conf: str = "", cores: set[int] | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.cores = cores
+        self.proc: subprocess.Popen | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
+                       else "persistence false\n")
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{listener_conf}allow_anonymous true\n"
+                             f"{persistence}user {pwd.getpwuid(os.getuid()).pw_name}\n")
+
+    def start(self) -> "Broker":
+        self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        if self.cores:
+            os.sched_setaffinity(self.proc.pid, self.cores)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if self.listening():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-500:]}")
+
+    def listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "Broker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket; records every message with
+    its `time.monotonic()` arrival."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._rx, daemon=True)
+        self._t.start()
+
+    def _rx(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def keys(self) -> list[str]:
+        """Every KEY=VALUE line, in order."""
+        return [line for _, m in self.messages for line in m.splitlines()]
+
+    def count(self, line: str) -> int:
+        return self.keys().count(line)
+
+    def first(self, line: str) -> float | None:
+        """When the first message with this KEY=VALUE line arrived, or None."""
+        return next((t for t, m in self.messages if line in m.splitlines()), None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(1)
+        self.sock.close()
