@@ -192,6 +192,8 @@ class ReplayCamera:
 PICAMERA2_HINT = ("picamera2 is not installed: on Raspberry Pi OS run 'sudo apt install python3-picamera2' "
                   "and give edged's venv --system-site-packages (scripts/provision does both)")
 ERROR_KINDS = ("unplugged", "busy", "timeout", "permission", "error")
+# A device timestamp further back than this is taken for another clock, not an old frame.
+MAX_FRAME_AGE_S = 5.0
 
 
 class CameraFault(Exception):
@@ -339,8 +341,9 @@ class _LiveCamera:
     def _open(self) -> None:
         raise NotImplementedError
 
-    def _grab(self) -> np.ndarray:
-        """The next frame as RGB uint8 (H, W, 3); raise CameraFault when there is none."""
+    def _grab(self) -> tuple[np.ndarray, float | None]:
+        """The next frame as RGB uint8 (H, W, 3) and when its exposure began on the monotonic
+        clock (None when the device does not say); raise CameraFault when there is none."""
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -376,17 +379,31 @@ class _LiveCamera:
                 if self._closed.is_set():
                     break
                 try:
-                    image = self._grab()
+                    image, exposed = self._grab()
                 except CameraFault as fault:
                     self._fault(fault)
                     self._release_quietly()
                     continue
             self._recovered()
             self.frames += 1
-            return Frame(time.time(), image)
+            return Frame(self._capture_time(exposed), image)
         with self._lock:
             self._release_quietly()
         return None
+
+    def _capture_time(self, exposed: float | None) -> float:
+        """Wall-clock time of a frame: when its exposure began by the device's own timestamp,
+        else now. A timestamp that is not on the monotonic clock (in the future, or older than
+        MAX_FRAME_AGE_S) is not trusted: said once, and the frame stamped on arrival."""
+        now = time.time()
+        if exposed is None:
+            return now
+        age = time.monotonic() - exposed
+        if -0.001 <= age <= MAX_FRAME_AGE_S:
+            return now - max(age, 0.0)
+        self._once(f"{self.name}:clock", "camera timestamps are not on the monotonic clock; "
+                   "stamping frames on arrival", source=self.name, age_s=round(age, 3))
+        return now
 
     def _sleep_until(self, t: float) -> bool:
         """Wait until monotonic time `t`, calling on_idle; False when closed meanwhile."""
@@ -526,18 +543,26 @@ class Picamera2Source(_LiveCamera):
                                               lores_format=lores["format"], main=f"{self.main_size[0]}x{self.main_size[1]}",
                                               platform=platform, snapshots=self.snapshots))
 
-    def _grab(self) -> np.ndarray:
+    def _grab(self) -> tuple[np.ndarray, float | None]:
         try:
-            arr = self._cam.capture_array("lores", wait=self.capture_timeout_s)
+            request = self._cam.capture_request(wait=self.capture_timeout_s)
         except Exception as exc:
             raise _picamera2_fault(exc, self.capture_timeout_s) from None
+        try:  # the request holds one of the camera's few buffers until it is released
+            arr = request.make_array("lores")
+            sensor_ns = request.get_metadata().get("SensorTimestamp")
+        except Exception as exc:
+            raise CameraFault("error", _chain_text(exc)) from None
+        finally:
+            request.release()
+        exposed = sensor_ns / 1e9 if sensor_ns else None
         if self._yuv is None:
             if arr.ndim != 3 or arr.shape[2] != 3:
                 raise CameraFault("error", f"lores frame of shape {arr.shape}, expected (h, w, 3)")
-            return arr  # a fresh array from picamera2 already; no copy needed
+            return arr, exposed  # a fresh array from picamera2 already; no copy needed
         out = self._next_ring((self._yuv.height, self._yuv.width, 3))
         try:
-            return self._yuv(arr, out)
+            return self._yuv(arr, out), exposed
         except ValueError as exc:
             raise CameraFault("error", str(exc)) from None
 
@@ -650,7 +675,7 @@ class V4l2Source(_LiveCamera):
                                               asked=f"{self.width}x{self.height}",
                                               fps=cap.get(cv2.CAP_PROP_FPS)))
 
-    def _grab(self) -> np.ndarray:
+    def _grab(self) -> tuple[np.ndarray, float | None]:
         ok, bgr = self._cap.read(self._bgr) if self._bgr is not None else self._cap.read()
         if not ok or bgr is None:
             state = self._backend.node(self.device)
@@ -662,7 +687,9 @@ class V4l2Source(_LiveCamera):
         self._bgr = bgr
         out = self._next_ring(bgr.shape)
         self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB, dst=out)
-        return out
+        # The buffer's timestamp from the driver (CLOCK_MONOTONIC for UVC webcams), in ms.
+        ms = self._cap.get(self._cv2.CAP_PROP_POS_MSEC)
+        return out, (ms / 1000.0 if ms > 0 else None)
 
     def _release(self) -> None:
         cap, self._cap = self._cap, None

@@ -151,6 +151,35 @@ def test_picamera2_paces_at_the_configured_rate():
         cam.close()
 
 
+def test_picamera2_frames_carry_the_sensor_timestamp_and_every_request_is_released():
+    # The ISP delivers a frame 150 ms after its exposure began: the frame's ts says when it was
+    # taken, not when it arrived.
+    f = FakePicamera2Factory(IMAGES, delay_s=0.15)
+    cam = picam(f, fps=20.0)
+    try:
+        for _ in range(10):  # more frames than the camera has buffers (6)
+            fr = cam.read()
+            arrived = time.time()
+            assert 0.15 <= arrived - fr.ts < 0.15 + 0.05 + 0.1, arrived - fr.ts
+        assert f.instances[0].outstanding == 0
+        assert f.instances[0].captures == {"lores": 10}
+    finally:
+        cam.close()
+
+
+def test_a_camera_clock_that_is_not_monotonic_is_said_once_and_frames_stamped_on_arrival(caplog):
+    f = FakePicamera2Factory(IMAGES, delay_s=-3600.0)  # an hour "in the future": another clock
+    cam = picam(f)
+    try:
+        with caplog.at_level(logging.INFO, logger="edged.camera"):
+            for _ in range(3):
+                fr = cam.read()
+                assert abs(time.time() - fr.ts) < 0.1
+        assert len(records(caplog, "camera timestamps are not on the monotonic clock")) == 1
+    finally:
+        cam.close()
+
+
 def test_picamera2_timeouts_are_counted_logged_once_and_survived(caplog):
     f = FakePicamera2Factory(IMAGES)
     cam = picam(f)
@@ -283,6 +312,17 @@ def test_v4l2_negotiates_the_nearest_mode_and_delivers_rgb(caplog):
             assert any(np.array_equal(fr.image, backend.scene.view(i, (1280, 720), (1280, 720)))
                        for i in range(5))  # RGB, exactly what the webcam saw
         assert len({id(f.image) for f in frames}) == 3  # a ring of buffers, not one overwritten array
+    finally:
+        cam.close()
+
+
+def test_v4l2_frames_carry_the_buffer_timestamp():
+    backend = FakeV4l2(IMAGES, delay_s=0.2)
+    cam = V4l2Source("0", width=320, height=240, fps=25, backend=backend, **FAST)
+    try:
+        for _ in range(3):
+            fr = cam.read()
+            assert 0.2 <= time.time() - fr.ts < 0.2 + 0.04 + 0.1
     finally:
         cam.close()
 

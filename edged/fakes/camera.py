@@ -13,15 +13,17 @@ Rec709 from there), sizes even, lores no larger than main, lores YUV-only on the
 configure only while stopped. Its "ISP" crops each image to the main stream's aspect ratio and
 scales it to every stream's size; `capture_array` returns the stream in picamera2's layout
 (YUV420 as (h * 3 / 2, stride) with a padded stride, "BGR888" as R, G, B, "RGB888" as B, G, R,
-"XBGR8888" as R, G, B, 255). Faults: `unplug()` (frames stop, so captures time out; opening
+"XBGR8888" as R, G, B, 255); `capture_request` returns a request whose metadata carries the
+frame's SensorTimestamp (exposure start on the monotonic clock, `delay_s` before delivery) and
+which must be released: with every buffer held, no frame completes. Faults: `unplug()` (frames stop, so captures time out; opening
 finds no camera, IndexError as in picamera2), `set_busy()` (opening fails like a camera acquired
 elsewhere), `stall(seconds)` (frames stop for a while: a frontend timeout). Only one instance
 per camera may be open at a time, as with libcamera.
 
 FakeV4l2(images) is the `backend` of V4l2Source: `open(device)` returns a `FakeVideoCapture`
 with OpenCV's VideoCapture interface (isOpened, set, get, read, release) that snaps the
-requested size to the nearest mode the fake webcam supports, and `node(device)` reports the
-device node's state. Faults: `unplug()` (node gone, reads fail at once), `set_busy()` (open
+requested size to the nearest mode the fake webcam supports and reports each frame's buffer
+timestamp as `CAP_PROP_POS_MSEC`, and `node(device)` reports the device node's state. Faults: `unplug()` (node gone, reads fail at once), `set_busy()` (open
 fails), `stall(seconds)` (reads block `read_timeout_s`, then fail), `deny()` (node not
 accessible).
 
@@ -143,13 +145,14 @@ class FakePicamera2Factory:
     """Stands in for the `picamera2.Picamera2` class: `factory(camera_num)` opens a fake camera."""
 
     def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, *, platform: str = "VC4",
-                 model: str = "imx708", hold: int = 1) -> None:
+                 model: str = "imx708", hold: int = 1, delay_s: float = 0.0) -> None:
         if platform not in ("VC4", "PISP"):
             raise ValueError(f"platform must be VC4 or PISP, got {platform!r}")
         self.scene = _Scene(images)
         self.platform = SimpleNamespace(name=platform)  # like picamera2.platform.Platform.VC4
         self.model = model
         self.hold = max(1, hold)
+        self.delay_s = delay_s  # exposure start → frame delivered, reported in SensorTimestamp
         self.faults = _Faults()
         self.instances: list[FakePicamera2] = []
         self.open_instance: FakePicamera2 | None = None
@@ -199,6 +202,7 @@ class FakePicamera2:
         self.started = False
         self.is_open = True
         self.captures: dict[str, int] = {}
+        self.outstanding = 0  # requests captured and not yet released
         self._t0 = 0.0
         self._period = 1 / 30
         self._last_frame = -1
@@ -260,19 +264,18 @@ class FakePicamera2:
         self._t0 = time.monotonic()
         self._last_frame = -1
 
-    def capture_array(self, name: str = "main", wait=None) -> np.ndarray:
+    def capture_request(self, wait=None) -> "FakeCompletedRequest":
+        """The next frame's request; the caller must `release()` it. With every buffer held by
+        unreleased requests no frame can complete, and the wait times out, as with libcamera."""
         self._require_open()
-        stream = self.camera_config.get(name) if self.camera_config else None
-        if stream is None:
-            raise RuntimeError(f"Stream {name!r} is not defined")
         if not self.started:
-            raise RuntimeError("fake picamera2: capture_array before start() would wait forever")
+            raise RuntimeError("fake picamera2: capture_request before start() would wait forever")
         timeout = None if wait is True or wait is None else float(wait)
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
         faults = self._factory.faults
         while True:
             now = time.monotonic()
-            if faults.frames_flow():
+            if faults.frames_flow() and self.outstanding < self.camera_config.get("buffer_count", 6):
                 frame = int((now - self._t0) / self._period)
                 if frame > self._last_frame:
                     break
@@ -283,8 +286,15 @@ class FakePicamera2:
                 raise TimeoutError()
             time.sleep(max(0.0005, min(wake, deadline) - now))
         self._last_frame = frame
-        self.captures[name] = self.captures.get(name, 0) + 1
-        return self._render(stream, frame // self._factory.hold)
+        self.outstanding += 1
+        return FakeCompletedRequest(self, frame)
+
+    def capture_array(self, name: str = "main", wait=None) -> np.ndarray:
+        request = self.capture_request(wait)
+        try:
+            return request.make_array(name)
+        finally:
+            request.release()
 
     def _render(self, stream: dict, index: int) -> np.ndarray:
         main = self.camera_config["main"]["size"]
@@ -314,6 +324,39 @@ class FakePicamera2:
             raise RuntimeError("Camera not opened")
 
 
+class FakeCompletedRequest:
+    """picamera2's CompletedRequest for one frame: its arrays and its metadata.
+
+    SensorTimestamp is when the frame's exposure started, in nanoseconds on the monotonic clock
+    (what picamera2 compares with `time.monotonic_ns()`): the frame's slot in the sensor's
+    timing, less the factory's `delay_s` (readout and ISP time before the frame is delivered)."""
+
+    def __init__(self, cam: FakePicamera2, frame: int) -> None:
+        self._cam = cam
+        self._frame = frame
+        self._released = False
+
+    def make_array(self, name: str) -> np.ndarray:
+        cam = self._cam
+        if self._released:
+            raise RuntimeError("request used after release()")
+        stream = cam.camera_config.get(name)
+        if stream is None:
+            raise RuntimeError(f"Stream {name!r} is not defined")
+        cam.captures[name] = cam.captures.get(name, 0) + 1
+        return cam._render(stream, self._frame // cam._factory.hold)
+
+    def get_metadata(self) -> dict:
+        cam = self._cam
+        exposed = cam._t0 + self._frame * cam._period - cam._factory.delay_s
+        return {"SensorTimestamp": int(exposed * 1e9), "FrameDuration": int(cam._period * 1e6)}
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cam.outstanding -= 1
+
+
 # --------------------------------------------------------------------------- V4L2
 
 class FakeV4l2:
@@ -322,7 +365,8 @@ class FakeV4l2:
     def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, *,
                  devices: Sequence[str] = ("/dev/video0",),
                  modes: Sequence[tuple[int, int]] = ((640, 480), (320, 240), (1280, 720)),
-                 max_fps: float = 30.0, read_timeout_s: float = 1.0, hold: int = 1) -> None:
+                 max_fps: float = 30.0, read_timeout_s: float = 1.0, hold: int = 1,
+                 delay_s: float = 0.0) -> None:
         import cv2
 
         self.cv2 = cv2
@@ -332,6 +376,7 @@ class FakeV4l2:
         self.max_fps = max_fps
         self.read_timeout_s = read_timeout_s
         self.hold = max(1, hold)
+        self.delay_s = delay_s  # exposure → frame dequeued, seen in the buffer timestamp
         self.faults = _Faults()
         self.captures: list[FakeVideoCapture] = []
 
@@ -376,6 +421,7 @@ class FakeVideoCapture:
         self.props: dict[int, float] = {}
         self._t0 = time.monotonic()
         self._n = -1
+        self._stamp_ms = 0.0
 
     def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
         return self._opened
@@ -407,6 +453,10 @@ class FakeVideoCapture:
             return float(self._size[1])
         if prop == cv2.CAP_PROP_FPS:
             return float(self._fps)
+        if prop == cv2.CAP_PROP_POS_MSEC:
+            # OpenCV's V4L2 backend: the last dequeued buffer's timestamp in ms (the driver's
+            # CLOCK_MONOTONIC), 0 before the first frame.
+            return self._stamp_ms
         return float(self.props.get(prop, 0.0))
 
     def read(self, image: np.ndarray | None = None):
@@ -424,6 +474,7 @@ class FakeVideoCapture:
             time.sleep(self._t0 + (self._n + 1) * period - time.monotonic())
             n = self._n + 1
         self._n = n
+        self._stamp_ms = (self._t0 + n * period - o.delay_s) * 1000.0
         rgb = o.scene.view(n // o.hold, self._size, self._size)
         bgr = rgb[..., ::-1]
         if image is not None and image.shape == bgr.shape and image.dtype == np.uint8:
