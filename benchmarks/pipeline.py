@@ -42,6 +42,8 @@ from benchmarks.common import (SAMPLES, Broker, Figure, NicedLoad, Subscriber, a
                                thread_cpu_s, worker_main)
 
 CAMERA_HEADROOM = 1.1
+SOURCES = {None: "", "model": " at model size", "photo": " at photo size",
+           "scene": " at model size, one unchanging scene"}
 MOTION_AHEAD = 512  # windows the time-lapse source may run ahead of the broker's acknowledgements
 LATENCY_FPS = 30.0
 
@@ -49,7 +51,9 @@ LATENCY_FPS = 30.0
 # --------------------------------------------------------------------------- inputs
 
 def prepare_frames(model_name: str, size: str, out_dir: Path) -> Path:
-    """The sample photos as the camera would deliver them: at the model's input size or as shot."""
+    """The sample photos as the camera would deliver them: at the model's input size ("model"),
+    as shot ("photo"), or one photo only at the model's size ("scene": a camera watching a scene
+    that does not change, so results are published on the heartbeat only)."""
     from PIL import Image
 
     from edged.models import load_manifest
@@ -59,6 +63,8 @@ def prepare_frames(model_name: str, size: str, out_dir: Path) -> Path:
     photos = sorted(p for p in (SAMPLES / "images").iterdir() if p.suffix.lower() == ".jpg")
     if size == "photo":
         return SAMPLES / "images"
+    if size == "scene":
+        photos = photos[:1]
     entry = load_manifest()[model_name]
     _, h, w, _ = Model(entry.path, threads=1).inputs[0].shape
     for p in photos:
@@ -349,7 +355,7 @@ def efficiency(quick: bool = False, workdir: Path | None = None) -> list[Figure]
     own, helpers = split_cpus()
     cases = [("face", "model"), ("person", "model"), ("motion", None)]
     if not quick:
-        cases += [("face", "photo"), ("person", "photo")]
+        cases += [("face", "scene"), ("person", "scene"), ("face", "photo"), ("person", "photo")]
     loads = (False,) if quick else (False, True)
     figures = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
@@ -357,7 +363,7 @@ def efficiency(quick: bool = False, workdir: Path | None = None) -> list[Figure]
         with Broker(work / "broker", cores=helpers) as broker:
             for loaded in loads:
                 for model, frames in cases:
-                    if loaded and frames == "photo":
+                    if loaded and frames in ("photo", "scene"):
                         continue
                     args = {"host": broker.host, "port": broker.port, "workdir": str(work),
                             "pairs": pairs, "seconds": seconds, "threads": 1}
@@ -372,7 +378,7 @@ def efficiency(quick: bool = False, workdir: Path | None = None) -> list[Figure]
                         r = run_worker("pipeline", args, own, timeout=120)
                     ratio = median([x["ratio"] for x in r["rounds"]])
                     what = "windows" if model == "motion" else "frames"
-                    label = f"{model} ({what}{'' if frames is None else ' at ' + frames + ' size'}), 1 core"
+                    label = f"{model} ({what}{SOURCES[frames]}), 1 core"
                     if loaded:
                         label += " + niced load on the other"
                     goal = frames != "photo"
