@@ -31,7 +31,7 @@ from edged.records import DetectedObject, Detections, Frame
 from edged.runtime import Model, TensorSpec
 
 __all__ = [
-    "VisionStage", "Preprocessor", "Decoder", "DECODERS", "ssd_anchors", "nms", "resize_frame",
+    "VisionStage", "Preprocessor", "Decoder", "DECODERS", "ssd_anchors", "nms", "nms_few", "resize_frame",
     "BlazeFaceDecoder", "SsdDecoder", "PostprocessDecoder",
 ]
 
@@ -72,12 +72,12 @@ class Letterbox:
     height: int  # rows of model input covered by the frame
     width: int
 
-    def to_frame(self, boxes: np.ndarray, model_h: int, model_w: int) -> np.ndarray:
-        """Model-normalised [x0, y0, x1, y1] → frame-normalised, clipped, in place."""
-        boxes[:, 0::2] = (boxes[:, 0::2] * model_w - self.left) / self.width
-        boxes[:, 1::2] = (boxes[:, 1::2] * model_h - self.top) / self.height
-        np.clip(boxes, 0.0, 1.0, out=boxes)
-        return boxes
+    def to_frame(self, box: Sequence[float], model_h: int, model_w: int) -> tuple[float, float, float, float]:
+        """One model-normalised (x0, y0, x1, y1) → frame-normalised, clipped to [0, 1]."""
+        x0, y0, x1, y1 = box
+        fx = lambda x: min(1.0, max(0.0, (x * model_w - self.left) / self.width))  # noqa: E731
+        fy = lambda y: min(1.0, max(0.0, (y * model_h - self.top) / self.height))  # noqa: E731
+        return fx(x0), fy(y0), fx(x1), fy(y1)
 
 
 class _Plan:
@@ -515,6 +515,45 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_out: int, *,
     return np.asarray(kept_b, np.float32), np.asarray(kept_s, np.float32)
 
 
+# Up to this many candidate boxes, decoding runs on Python floats instead of numpy: right after
+# an invoke every numpy call starts from cold caches and costs 5-15 µs however small its arrays,
+# while a Python float operation stays well under one. A person in view gives a handful of
+# candidates; only crowded scenes take the numpy route.
+FEW = 32
+
+
+def _iou_py(a: Sequence[float], b: Sequence[float]) -> float:
+    """`_iou_one` for two boxes, on Python floats."""
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def nms_few(cands: list[tuple[float, tuple[float, float, float, float]]], iou: float, max_out: int, *,
+            weighted: bool = False) -> list[tuple[float, tuple[float, float, float, float]]]:
+    """`nms` for a few (score, box) candidates on Python floats; kept (score, box), best first."""
+    cands = sorted(cands, key=lambda c: -c[0])  # stable, as nms's argsort
+    alive = [True] * len(cands)
+    kept = []
+    for i, (score, box) in enumerate(cands):
+        if len(kept) >= max_out:
+            break
+        if not alive[i]:
+            continue
+        group = [j for j in range(i, len(cands)) if alive[j] and (j == i or _iou_py(box, cands[j][1]) > iou)]
+        for j in group:
+            alive[j] = False
+        if weighted and len(group) > 1:
+            total = sum(cands[j][0] for j in group)
+            box = tuple(sum(cands[j][0] * cands[j][1][k] for j in group) / total for k in range(4))
+        kept.append((score, box))
+    return kept
+
+
+def _sigmoid_py(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= -700.0 else 0.0
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -530,15 +569,21 @@ def _logit(p: float) -> float:
 
 @dataclass(frozen=True)
 class Decoded:
-    """Detections in model-input coordinates: boxes (N, 4) [x0, y0, x1, y1], scores, label ids."""
+    """Detections in model-input coordinates, best first, as Python values: boxes
+    (x0, y0, x1, y1), scores and label ids. There are few, and the stage turns each into an
+    object with Python code; lists spare it a numpy call per field."""
 
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
+    boxes: list[tuple[float, float, float, float]]
+    scores: list[float]
+    classes: list[int]
 
     @classmethod
     def empty(cls) -> "Decoded":
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.intp))
+        return cls([], [], [])
+
+    @classmethod
+    def from_arrays(cls, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> "Decoded":
+        return cls([tuple(b) for b in boxes.tolist()], scores.tolist(), [int(c) for c in classes.tolist()])
 
 
 class Decoder:
@@ -626,6 +671,7 @@ class BlazeFaceDecoder(Decoder):
                              f"the model has {n}")
         h, w = input_hw
         self.box_scale = _per4(entry, "box_scale", p.get("box_scale", [w, h, w, h]))
+        self._scale = tuple(self.box_scale.tolist())
         self.score_clip = _num(entry, p, "params", "score_clip", 100.0, lo=0.0)
         self.nms_iou = _num(entry, p, "params", "nms_iou", 0.3, lo=0.0, hi=1.0)
         nms_kind = p.get("nms", "weighted")
@@ -641,6 +687,8 @@ class BlazeFaceDecoder(Decoder):
         hit = np.flatnonzero(logits >= limit)
         if hit.size == 0:
             return Decoded.empty()
+        if hit.size <= FEW:
+            return self._decode_few(raw[hit, :4].tolist(), logits[hit].tolist(), self.anchors[hit].tolist())
         a = self.anchors[hit]
         r = raw[hit, :4] / self.box_scale
         cx = r[:, 0] * a[:, 2] + a[:, 0]
@@ -650,7 +698,19 @@ class BlazeFaceDecoder(Decoder):
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
         scores = _sigmoid(np.clip(logits[hit], -self.score_clip, self.score_clip)).astype(np.float32)
         boxes, scores = nms(boxes, scores, self.nms_iou, self.max_detections, weighted=self.weighted)
-        return Decoded(boxes, scores, np.zeros(len(scores), np.intp))
+        return Decoded.from_arrays(boxes, scores, np.zeros(len(scores), np.intp))
+
+    def _decode_few(self, raw: list, logits: list, anchors: list) -> Decoded:
+        """`decode` for a few candidates, on Python floats (see FEW)."""
+        sx, sy, sw, sh = self._scale
+        clip = self.score_clip
+        cands = []
+        for (rx, ry, rw, rh), z, (ax, ay, aw, ah) in zip(raw, logits, anchors):
+            cx, cy = rx / sx * aw + ax, ry / sy * ah + ay
+            w, h = rw / sw * aw, rh / sh * ah
+            cands.append((_sigmoid_py(min(max(z, -clip), clip)), (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)))
+        kept = nms_few(cands, self.nms_iou, self.max_detections, weighted=self.weighted)
+        return Decoded([b for _, b in kept], [sc for sc, _ in kept], [0] * len(kept))
 
 
 def _per4(entry: ModelEntry, key: str, value: Any) -> np.ndarray:
@@ -690,6 +750,7 @@ class SsdDecoder(Decoder):
             raise ModelError(f"{path}: anchors have shape {anchors.shape}, the model needs ({n}, 4)")
         self.anchors = anchors.astype(np.float32)
         self.box_scale = _per4(entry, "box_scale", p.get("box_scale", [10.0, 10.0, 5.0, 5.0]))
+        self._scale = tuple(self.box_scale.tolist())
         self.background = int(_num(entry, p, "params", "background_classes", 1, lo=0, hi=10))
         self.nms_iou = _num(entry, p, "params", "nms_iou", 0.6, lo=0.0, hi=1.0)
         self._bounds: dict[float, int | None] = {}  # score threshold → lowest stored code to look at
@@ -711,7 +772,13 @@ class SsdDecoder(Decoder):
         raw = raw.reshape(-1, raw.shape[-1])[:, self.background:]
         if raw.max() < bound:
             return Decoded.empty()
-        rows = np.flatnonzero((raw >= bound).any(axis=1))
+        anchor_i, class_i = np.nonzero(raw >= bound)
+        if anchor_i.size <= FEW:
+            logits = _dequantize(raw[anchor_i, class_i], self.outputs[self._scores])
+            enc = _dequantize(model.raw_output(self._boxes).reshape(-1, 4)[anchor_i], self.outputs[self._boxes])
+            return self._decode_few(enc.tolist(), logits.tolist(), self.anchors[anchor_i].tolist(),
+                                    class_i.tolist(), _logit(threshold))
+        rows = np.unique(anchor_i)
         logits = _dequantize(raw[rows], self.outputs[self._scores])
         enc = model.raw_output(self._boxes)
         enc = _dequantize(enc.reshape(-1, 4)[rows], self.outputs[self._boxes])
@@ -739,6 +806,9 @@ class SsdDecoder(Decoder):
         anchor_i, class_i = np.nonzero(logits >= limit)
         if anchor_i.size == 0:
             return Decoded.empty()
+        if anchor_i.size <= FEW:
+            return self._decode_few(enc[anchor_i].tolist(), logits[anchor_i, class_i].tolist(),
+                                    anchors[anchor_i].tolist(), class_i.tolist(), limit)
         a = anchors[anchor_i]
         t = enc[anchor_i] / self.box_scale
         cy = t[:, 0] * a[:, 2] + a[:, 0]
@@ -756,6 +826,22 @@ class SsdDecoder(Decoder):
             out_c.append(np.full(len(s), c, np.intp))
         return _top(np.concatenate(out_b), np.concatenate(out_s), np.concatenate(out_c), self.max_detections)
 
+    def _decode_few(self, enc: list, logits: list, anchors: list, classes: list, limit: float) -> Decoded:
+        """`_decode` for a few candidates (logit `limit` and up), on Python floats (see FEW)."""
+        sy, sx, sh, sw = self._scale
+        by_class: dict[int, list] = {}
+        for (ty, tx, th, tw), z, (ay, ax, ah, aw), c in zip(enc, logits, anchors, classes):
+            if z < limit:
+                continue
+            cy, cx = ty / sy * ah + ay, tx / sx * aw + ax
+            h, w = math.exp(th / sh) * ah, math.exp(tw / sw) * aw
+            by_class.setdefault(c, []).append((_sigmoid_py(z), (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)))
+        kept = [(sc, c, b) for c in sorted(by_class)
+                for sc, b in nms_few(by_class[c], self.nms_iou, self.max_detections)]
+        kept.sort(key=lambda k: -k[0])  # stable: ties stay in class order, as in _top
+        kept = kept[:self.max_detections]
+        return Decoded([b for _, _, b in kept], [sc for sc, _, _ in kept], [c for _, c, _ in kept])
+
 
 def _dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Stored codes → float32, computed as `Model.output` does (so results match it exactly)."""
@@ -766,7 +852,7 @@ def _dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 def _top(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, k: int) -> Decoded:
     order = np.argsort(-scores, kind="stable")[:k]
-    return Decoded(boxes[order], scores[order], classes[order])
+    return Decoded.from_arrays(boxes[order], scores[order], classes[order])
 
 
 class PostprocessDecoder(Decoder):
@@ -796,8 +882,8 @@ class PostprocessDecoder(Decoder):
         count = int(np.clip(outputs[self._i["count"]].reshape(-1)[0], 0, len(scores)))
         keep = np.flatnonzero(scores[:count] >= threshold)[: self.max_detections]
         b = boxes[keep][:, [1, 0, 3, 2]].astype(np.float32)
-        return Decoded(b, scores[keep].astype(np.float32),
-                       np.rint(classes[keep]).astype(np.intp) + self.label_offset)
+        return Decoded.from_arrays(b, scores[keep].astype(np.float32),
+                                   np.rint(classes[keep]).astype(np.intp) + self.label_offset)
 
 
 DECODERS: dict[str, type[Decoder]] = {
@@ -843,11 +929,12 @@ class VisionStage:
         self.model.invoke()
         self.last_inference_ms = (time.perf_counter() - t0) * 1000.0
         dec = self.decoder.decode_model(self.model, self.score_threshold)
-        if len(dec.scores) == 0:
+        if not dec.scores:
             return ()
-        boxes = box.to_frame(dec.boxes.astype(np.float64), self.preprocess.height, self.preprocess.width)
+        mh, mw = self.preprocess.height, self.preprocess.width
         objs = []
-        for b, s, c in zip(boxes.tolist(), dec.scores.tolist(), dec.classes.tolist()):
+        for model_box, s, c in zip(dec.boxes, dec.scores, dec.classes):
+            b = box.to_frame(model_box, mh, mw)
             label = self.decoder.label(c)
             # Degenerate after clipping means the box lay in the letterbox padding only.
             if label is None or b[2] <= b[0] or b[3] <= b[1]:

@@ -14,7 +14,7 @@ from PIL import Image
 from edged.models import ModelError, load_manifest, open_model
 from edged.records import Frame
 from edged.runtime import TensorSpec
-from edged.vision import DECODERS, PostprocessDecoder, VisionStage, nms, resize_frame, ssd_anchors
+from edged.vision import DECODERS, PostprocessDecoder, VisionStage, nms, nms_few, resize_frame, ssd_anchors
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "samples" / "images"
@@ -214,6 +214,128 @@ def test_weighted_nms_merges_overlapping_boxes():
     np.testing.assert_allclose(b[0], boxes[0])
     b, s = nms(boxes, scores, 0.3, 1)
     assert len(s) == 1
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nms_on_python_floats_matches_nms(weighted):
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(2, 40))
+        centres = rng.uniform(0, 1, (3, 2))[rng.integers(0, 3, n)] + rng.normal(0, 0.03, (n, 2))
+        size = rng.uniform(0.1, 0.3, (n, 2))
+        boxes = np.concatenate([centres - size / 2, centres + size / 2], axis=1).astype(np.float32)
+        scores = rng.uniform(0.5, 1.0, n).astype(np.float32)
+        b, s = nms(boxes, scores, 0.3, 5, weighted=weighted)
+        kept = nms_few(list(zip(scores.tolist(), map(tuple, boxes.tolist()))), 0.3, 5, weighted=weighted)
+        assert len(kept) == len(s) and len(s) <= 5
+        np.testing.assert_allclose([k[0] for k in kept], s, rtol=1e-6)
+        np.testing.assert_allclose([k[1] for k in kept], b, atol=1e-5)
+
+
+def _clustered_candidates(rng, anchors, n_objects: int, per_object: int) -> np.ndarray:
+    """Anchor indices in groups that overlap: the anchors nearest a few random points."""
+    centre = anchors[:, :2]
+    picks = []
+    for _ in range(n_objects):
+        p = rng.uniform(0.2, 0.8, 2)
+        picks += np.argsort(((centre - p) ** 2).sum(axis=1))[:per_object].tolist()
+    return np.unique(picks)
+
+
+def _both_routes(monkeypatch, decoder, outs, threshold):
+    """What `decoder` makes of `outs` on the numpy route and on the Python-float route."""
+    import edged.vision
+
+    monkeypatch.setattr(edged.vision, "FEW", 0)
+    on_numpy = decoder.decode(outs, threshold)
+    monkeypatch.setattr(edged.vision, "FEW", 10**6)
+    on_python = decoder.decode(outs, threshold)
+    return on_numpy, on_python
+
+
+def _assert_same(a, b) -> None:
+    assert a.classes == b.classes
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_objects, per_object", [(1, 6), (3, 8), (6, 10)])
+def test_blazeface_decodes_the_same_on_both_routes(face, monkeypatch, n_objects, per_object):
+    # A few candidates take the Python-float route, many the numpy one (FEW): same detections.
+    dec = face.decoder
+    rng = np.random.default_rng(n_objects)
+    n = len(dec.anchors)
+    raw = rng.normal(0, 3, (1, n, 16)).astype(np.float32)
+    logits = np.full((1, n, 1), -8.0, np.float32)
+    hit = _clustered_candidates(rng, dec.anchors, n_objects, per_object)
+    logits[0, hit, 0] = rng.uniform(0.5, 4.0, len(hit))
+    outs = [None, None]
+    outs[dec._boxes], outs[dec._scores] = raw, logits
+    on_numpy, on_python = _both_routes(monkeypatch, dec, outs, 0.5)
+    assert len(on_numpy.scores) >= n_objects
+    _assert_same(on_numpy, on_python)
+
+
+@pytest.mark.parametrize("n_objects, per_object", [(1, 5), (4, 12)])
+def test_ssd_decodes_the_same_on_both_routes(person, monkeypatch, n_objects, per_object):
+    dec = person.decoder
+    rng = np.random.default_rng(10 + n_objects)
+    a = dec.anchors  # [ycenter, xcenter, h, w]
+    n = len(a)
+    enc = rng.normal(0, 1, (1, n, 4)).astype(np.float32)
+    logits = np.full((1, n, 2), [4.0, -4.0], np.float32)
+    hit = _clustered_candidates(rng, a[:, [1, 0, 3, 2]], n_objects, per_object)
+    logits[0, hit, 1] = rng.uniform(0.1, 3.0, len(hit))
+    outs = [None, None]
+    outs[dec._boxes], outs[dec._scores] = enc, logits
+    on_numpy, on_python = _both_routes(monkeypatch, dec, outs, 0.5)
+    assert len(on_numpy.scores) >= 1 and set(on_numpy.classes) == {0}
+    _assert_same(on_numpy, on_python)
+
+
+@pytest.mark.parametrize("stage", ["face", "person"])
+@pytest.mark.parametrize("name", ["astronaut", "camera", "coffee"])
+def test_detections_on_photos_are_the_same_on_both_routes(request, monkeypatch, stage, name):
+    # The whole stage on real photos, the person model reading its int8 outputs as stored.
+    import edged.vision
+
+    st = request.getfixturevalue(stage)
+    img = load(name)
+    monkeypatch.setattr(edged.vision, "FEW", 0)
+    on_numpy = st.detect(img)
+    monkeypatch.setattr(edged.vision, "FEW", 10**6)
+    on_python = st.detect(img)
+    assert [o.label for o in on_python] == [o.label for o in on_numpy]
+    np.testing.assert_allclose([o.score for o in on_python], [o.score for o in on_numpy], rtol=1e-6)
+    np.testing.assert_allclose([o.box for o in on_python], [o.box for o in on_numpy], atol=1e-5)
+    if name == "astronaut":
+        assert on_python  # somebody is in view: the routes had something to agree on
+
+
+def test_ssd_int8_outputs_read_as_stored_keep_the_exact_threshold(person, monkeypatch):
+    # The stored-code bound is one code below the threshold; the float comparison decides.
+    import edged.vision
+
+    dec = person.decoder
+    spec_b, spec_s = dec.outputs[dec._boxes], dec.outputs[dec._scores]
+    n = len(dec.anchors)
+    bound = dec._raw_bound(0.5)
+    scores = np.full((1, n, 2), [127, -128], np.int8)
+    scores[0, 100, 1] = bound          # just under the threshold's logit: not a detection
+    scores[0, 900, 1] = bound + 20     # well over it
+    boxes = np.full((1, n, 4), spec_b.zero_point, np.int8)
+
+    class Stored:  # what decode_model reads of a Model: its outputs as stored
+        def raw_output(self, i):
+            return (boxes if i == dec._boxes else scores).copy()
+
+    assert (bound - spec_s.zero_point) * spec_s.scale < 0 <= (bound + 20 - spec_s.zero_point) * spec_s.scale
+    for few in (0, 10**6):
+        monkeypatch.setattr(edged.vision, "FEW", few)
+        d = dec.decode_model(Stored(), 0.5)
+        assert len(d.scores) == 1 and d.scores[0] > 0.5
+        yc, xc, h, w = dec.anchors[900]
+        np.testing.assert_allclose(d.boxes[0], [xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], atol=1e-5)
 
 
 def test_ssd_anchor_count_for_tf_ssdlite_layout():
