@@ -160,7 +160,7 @@ def test_picamera2_frames_carry_the_sensor_timestamp_and_every_request_is_releas
         for _ in range(10):  # more frames than the camera has buffers (6)
             fr = cam.read()
             arrived = time.time()
-            assert 0.15 <= arrived - fr.ts < 0.15 + 0.05 + 0.1, arrived - fr.ts
+            assert 0.15 <= arrived - fr.ts < 0.15 + 0.05 + 0.5, arrived - fr.ts  # + a frame + slack
         assert f.instances[0].outstanding == 0
         assert f.instances[0].captures == {"lores": 10}
     finally:
@@ -174,7 +174,7 @@ def test_a_camera_clock_that_is_not_monotonic_is_said_once_and_frames_stamped_on
         with caplog.at_level(logging.INFO, logger="edged.camera"):
             for _ in range(3):
                 fr = cam.read()
-                assert abs(time.time() - fr.ts) < 0.1
+                assert abs(time.time() - fr.ts) < 0.5
         assert len(records(caplog, "camera timestamps are not on the monotonic clock")) == 1
     finally:
         cam.close()
@@ -322,7 +322,7 @@ def test_v4l2_frames_carry_the_buffer_timestamp():
     try:
         for _ in range(3):
             fr = cam.read()
-            assert 0.2 <= time.time() - fr.ts < 0.2 + 0.04 + 0.1
+            assert 0.2 <= time.time() - fr.ts < 0.2 + 0.04 + 0.5
     finally:
         cam.close()
 
