@@ -139,25 +139,16 @@ class _Faults:
         return self.plugged and time.monotonic() >= self.stalled_until
 
 
-# --------------------------------------------------------------------------- picamera2
+class _FakeDevice:
+    """What both fake cameras are: a scene shown `hold` frames per image, frames delivered
+    `delay_s` after their exposure began, and the faults a test can switch on and off."""
 
-class FakePicamera2Factory:
-    """Stands in for the `picamera2.Picamera2` class: `factory(camera_num)` opens a fake camera."""
-
-    def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, *, platform: str = "VC4",
-                 model: str = "imx708", hold: int = 1, delay_s: float = 0.0) -> None:
-        if platform not in ("VC4", "PISP"):
-            raise ValueError(f"platform must be VC4 or PISP, got {platform!r}")
+    def __init__(self, images, hold: int, delay_s: float) -> None:
         self.scene = _Scene(images)
-        self.platform = SimpleNamespace(name=platform)  # like picamera2.platform.Platform.VC4
-        self.model = model
         self.hold = max(1, hold)
-        self.delay_s = delay_s  # exposure start → frame delivered, reported in SensorTimestamp
+        self.delay_s = delay_s
         self.faults = _Faults()
-        self.instances: list[FakePicamera2] = []
-        self.open_instance: FakePicamera2 | None = None
 
-    # faults
     def unplug(self) -> None:
         self.faults.plugged = False
 
@@ -169,6 +160,23 @@ class FakePicamera2Factory:
 
     def stall(self, seconds: float) -> None:
         self.faults.stalled_until = time.monotonic() + seconds
+
+
+# --------------------------------------------------------------------------- picamera2
+
+class FakePicamera2Factory(_FakeDevice):
+    """Stands in for the `picamera2.Picamera2` class: `factory(camera_num)` opens a fake camera.
+    `delay_s` is reported in each frame's SensorTimestamp."""
+
+    def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, *, platform: str = "VC4",
+                 model: str = "imx708", hold: int = 1, delay_s: float = 0.0) -> None:
+        if platform not in ("VC4", "PISP"):
+            raise ValueError(f"platform must be VC4 or PISP, got {platform!r}")
+        super().__init__(images, hold, delay_s)
+        self.platform = SimpleNamespace(name=platform)  # like picamera2.platform.Platform.VC4
+        self.model = model
+        self.instances: list[FakePicamera2] = []
+        self.open_instance: FakePicamera2 | None = None
 
     def global_camera_info(self) -> list[dict]:
         if not self.faults.plugged:
@@ -359,8 +367,9 @@ class FakeCompletedRequest:
 
 # --------------------------------------------------------------------------- V4L2
 
-class FakeV4l2:
-    """Stands in for OpenCV's V4L2 capture and the /dev/video* nodes: the `backend` of V4l2Source."""
+class FakeV4l2(_FakeDevice):
+    """Stands in for OpenCV's V4L2 capture and the /dev/video* nodes: the `backend` of V4l2Source.
+    `delay_s` is seen in each frame's buffer timestamp."""
 
     def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, *,
                  devices: Sequence[str] = ("/dev/video0",),
@@ -369,32 +378,16 @@ class FakeV4l2:
                  delay_s: float = 0.0) -> None:
         import cv2
 
+        super().__init__(images, hold, delay_s)
         self.cv2 = cv2
-        self.scene = _Scene(images)
         self.devices = set(devices)
         self.modes = [tuple(m) for m in modes]
         self.max_fps = max_fps
         self.read_timeout_s = read_timeout_s
-        self.hold = max(1, hold)
-        self.delay_s = delay_s  # exposure → frame dequeued, seen in the buffer timestamp
-        self.faults = _Faults()
         self.captures: list[FakeVideoCapture] = []
-
-    # faults
-    def unplug(self) -> None:
-        self.faults.plugged = False
-
-    def plug(self) -> None:
-        self.faults.plugged = True
-
-    def set_busy(self, busy: bool = True) -> None:
-        self.faults.busy = busy
 
     def deny(self, denied: bool = True) -> None:
         self.faults.denied = denied
-
-    def stall(self, seconds: float) -> None:
-        self.faults.stalled_until = time.monotonic() + seconds
 
     # the boundary
     def node(self, device: str) -> str | None:
