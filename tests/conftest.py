@@ -15,7 +15,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import Broker, NotifySocket, free_port, mosquitto_bin  # noqa: F401 (re-exported)
+from harness import Broker, free_port, mosquitto_bin  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -50,6 +50,15 @@ def wait_until(pred, timeout: float, interval: float = 0.05):
             return value
         time.sleep(interval)
     return pred()
+
+
+def wait_for_fresh_results(state_dir: Path, newest_received, timeout: float = 60.0) -> bool:
+    """Wait until a subscriber has a result made after this call (`newest_received()`: the
+    highest seq it has, 0 for none). After a broker restart only the daemon's new connection can
+    bring one, whereas older results may have been queued in the broker for the subscriber: so
+    this proves the daemon is connected again."""
+    mark = last_seq(state_dir)
+    return wait_until(lambda: newest_received() > mark + 5, timeout)
 
 
 class Subscriber:

@@ -11,7 +11,7 @@ import random
 import signal
 import time
 
-from conftest import Broker, last_seq, outbox_meta, wait_until, write_config
+from conftest import Broker, last_seq, outbox_meta, wait_for_fresh_results, wait_until, write_config
 from edged.subscriber import Collector
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
@@ -37,11 +37,7 @@ def test_broker_down_30s_three_times_while_results_flow(tmp_path, daemon_factory
     d = daemon_factory(write_config(tmp_path / "edged.toml", broker, extra=FAST)).start()
     try:
         for outage in range(3):
-            # Results made after the broker came back can only arrive over the daemon's new
-            # connection (older ones may be queued in the broker for the subscriber), so this
-            # proves the daemon is connected before the next outage starts.
-            mark = last_seq(state)
-            assert wait_until(lambda: max(col.seqs("test-dev"), default=0) > mark + 5, 60), d.output()
+            assert wait_for_fresh_results(state, lambda: max(col.seqs("test-dev"), default=0)), d.output()
             broker.stop()
             before = last_seq(state)
             time.sleep(30)
