@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import Broker, Figure, Subscriber, daemon_cmd, daemon_env, split_cpus, toml_config
 
 DEMO = "[camera]\nfps = 2\n[imu]\nspeed = 1\n[stats]\ninterval_s = 1\n"
-# MQTT 5 properties on every result (edged.link): content type "application/json" and a
+# MQTT 5 properties on every result (edged.delivery.link): content type "application/json" and a
 # message expiry interval: 1 + 2 + 16 bytes and 1 + 4 bytes, plus the properties length.
 V5_PROPERTIES = 1 + (1 + 2 + len("application/json")) + (1 + 4)
 

@@ -1,8 +1,8 @@
 """Motion sampling (issue 8, figure 6): an IMU at 400 Hz read through its FIFO loses no sample
 over 10 minutes while the vision model runs beside it.
 
-The IMU is edged's BMI160 driver (`edged.imu.source.ImuSource`) on the emulated chip of
-`edged.imu.fake`, playing the demo recording, inside the real daemon (camera at 30 fps through
+The IMU is edged's BMI160 driver (`edged.sources.imu.source.ImuSource`) on the emulated chip of
+`edged.fakes.imu`, playing the demo recording, inside the real daemon (camera at 30 fps through
 the face model, motion stage, outbox, MQTT), all pinned to one core. The chip runs on a clock
 `SPEEDUP` times faster than the wall clock, so 10 simulated minutes pass in 600 / SPEEDUP
 seconds. That makes the test harsher, not easier: the FIFO still holds 85 samples (212 ms at
@@ -33,7 +33,7 @@ SPEEDUP = 6.0
 
 class ScaledClock:
     """Wall time running `speedup` times faster: what the fake chip samples on and the source
-    sleeps on (edged.imu's clock interface: time, monotonic, sleep)."""
+    sleeps on (edged.sources.imu's clock interface: time, monotonic, sleep)."""
 
     def __init__(self, speedup: float, start: float | None = None) -> None:
         self.speedup = speedup
@@ -66,9 +66,9 @@ class ScaledClock:
 
 
 def fifo_worker(host: str, port: int, workdir: str, sim_s: float, speedup: float) -> dict:
-    from edged.daemon import Pipeline
-    from edged.imu.fake import make_factory
-    from edged.imu.source import ImuSource
+    from edged.service.daemon import Pipeline
+    from edged.fakes.imu import make_factory
+    from edged.sources.imu.source import ImuSource
 
     from benchmarks.pipeline import _start, _stop
 

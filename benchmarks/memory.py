@@ -80,10 +80,10 @@ def breakdown_worker(workdir: str, vision_model: str) -> dict:
     step("numpy")
     import edged.cli  # noqa: F401
     import edged.config
-    import edged.daemon  # noqa: F401
+    import edged.service.daemon  # noqa: F401
 
     step("edged modules")
-    from edged.outbox import Outbox
+    from edged.delivery.outbox import Outbox
 
     ob = Outbox(Path(workdir) / "rss-outbox.db")
     step("SQLite outbox")
@@ -96,18 +96,18 @@ def breakdown_worker(workdir: str, vision_model: str) -> dict:
     runtime()
     step("TFLite runtime (LiteRT)")
     from edged.models import load_manifest, open_model
-    from edged.vision import VisionStage
+    from edged.stages.vision import VisionStage
 
     manifest = load_manifest()
     ventry = manifest[vision_model]
     vision = VisionStage(open_model(ventry, threads=1), ventry)
     step(f"vision model ({vision_model})")
-    from edged.motion import MotionStage
+    from edged.stages.motion import MotionStage
 
     mentry = manifest["motion"]
     motion = MotionStage(open_model(mentry, threads=1), mentry)
     step("motion model")
-    from edged.camera import open_replay
+    from edged.sources.camera import open_replay
 
     cam = open_replay(SAMPLES / "images", fps=1000.0)
     for _ in range(5):

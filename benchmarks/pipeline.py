@@ -115,7 +115,7 @@ class TimeLapseImu:
     chip_name = "time-lapse"
 
     def __init__(self, path: Path, hop: int, ahead: int, gate: "Gate") -> None:
-        from edged.imucsv import read_imu_csv
+        from edged.sources.imu.imucsv import read_imu_csv
 
         rec = read_imu_csv(path)
         self.t = rec.t - rec.t[0]
@@ -200,7 +200,7 @@ class GatedCamera:
 
 def _start(cfg, pipeline):
     """A Daemon running `pipeline` in a thread (in-process, so no signal handlers)."""
-    from edged.daemon import Daemon
+    from edged.service.daemon import Daemon
 
     d = Daemon(cfg)
     d.pipeline = pipeline
@@ -251,8 +251,8 @@ def _alternate(d, gate: Gate, bare: "BareModel", count, pairs: int, seconds: flo
 
 def vision_worker(model: str, frames: str, host: str, port: int, workdir: str, pairs: int,
                   seconds: float, threads: int) -> dict:
-    from edged.camera import decode_image, open_replay
-    from edged.daemon import Pipeline
+    from edged.sources.camera import decode_image, open_replay
+    from edged.service.daemon import Pipeline
 
     work = Path(workdir)
     folder = prepare_frames(model, frames, work / f"frames-{model}-{frames}")
@@ -280,8 +280,8 @@ def vision_worker(model: str, frames: str, host: str, port: int, workdir: str, p
 
 
 def motion_worker(host: str, port: int, workdir: str, pairs: int, seconds: float, threads: int) -> dict:
-    from edged.daemon import Pipeline
-    from edged.motion import iter_csv_windows
+    from edged.service.daemon import Pipeline
+    from edged.stages.motion import iter_csv_windows
 
     work = Path(workdir)
     demo = SAMPLES / "imu" / "basicmotions_demo.csv"
@@ -309,8 +309,8 @@ def motion_worker(host: str, port: int, workdir: str, pairs: int, seconds: float
 
 
 def latency_worker(host: str, port: int, workdir: str, seconds: float, threads: int) -> dict:
-    from edged.camera import decode_image
-    from edged.daemon import Pipeline
+    from edged.sources.camera import decode_image
+    from edged.service.daemon import Pipeline
 
     work = Path(workdir)
     folder = prepare_frames("face", "model", work / "frames-face-latency")

@@ -2,10 +2,10 @@
 MQTT link drains stored rows to mosquitto at QoS 1 (a row counts once the broker's PUBACK has
 come back and the row is deleted).
 
-Appends go through `edged.outbox.Outbox.append` in batches the way the daemon's writer hands
+Appends go through `edged.delivery.outbox.Outbox.append` in batches the way the daemon's writer hands
 them over — up to 256 results gathered per transaction when results pile up, one at a time
 when they trickle — with the daemon's default `synchronous = full`, on the filesystem that
-holds the benchmark's temporary directory (reported). The drain starts a real `edged.link.Link`
+holds the benchmark's temporary directory (reported). The drain starts a real `edged.delivery.link.Link`
 on an outbox pre-filled with detection-sized rows and times it from connect to empty.
 Both run in a worker pinned to one core; the broker runs on the other.
 """
@@ -42,7 +42,7 @@ def _items(n: int, topic: str):
 
 
 def append_worker(workdir: str, batch: int, seconds: float, synchronous: str) -> dict:
-    from edged.outbox import Outbox
+    from edged.delivery.outbox import Outbox
 
     path = Path(workdir) / f"append-{batch}-{synchronous}.db"
     ob = Outbox(path, synchronous=synchronous)
@@ -62,8 +62,8 @@ def append_worker(workdir: str, batch: int, seconds: float, synchronous: str) ->
 
 
 def drain_worker(workdir: str, host: str, port: int, rows: int, synchronous: str) -> dict:
-    from edged.link import Link
-    from edged.outbox import Outbox
+    from edged.delivery.link import Link
+    from edged.delivery.outbox import Outbox
 
     cfg = bench_config(Path(workdir) / f"drain-{synchronous}", host, port, outbox={"synchronous": synchronous})
     ob = Outbox(cfg.outbox_path, synchronous=synchronous)

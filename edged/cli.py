@@ -108,13 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from edged.camera import CameraError
+    from edged.sources.camera import CameraError
     from edged.config import ConfigError
-    from edged.imu import ImuError
-    from edged.imucsv import ImuCsvError
+    from edged.sources.imu import ImuError
+    from edged.sources.imu.imucsv import ImuCsvError
     from edged.models import ModelError
-    from edged.outbox import OutboxError
-    from edged.signatures import SignatureError
+    from edged.delivery.outbox import OutboxError
+    from edged.cloud.signatures import SignatureError
     from edged.runtime import RuntimeUnavailable
 
     try:
@@ -150,8 +150,9 @@ def _load_config(args) -> Config:
 
 
 def cmd_run(args) -> int:
-    from edged import config, log
-    from edged.daemon import Daemon
+    from edged import config
+    from edged.service import log
+    from edged.service.daemon import Daemon
 
     path = _config_path(args)
     cfg = config.load(path)
@@ -181,8 +182,8 @@ def _stage_model(args, task: str):
 
 
 def cmd_detect(args) -> int:
-    from edged.camera import CameraError, decode_image
-    from edged.vision import VisionStage
+    from edged.sources.camera import CameraError, decode_image
+    from edged.stages.vision import VisionStage
 
     entry, model = _stage_model(args, "vision")
     stage = VisionStage(model, entry, score_threshold=args.threshold)
@@ -202,8 +203,8 @@ def cmd_detect(args) -> int:
 
 
 def cmd_motion(args) -> int:
-    from edged.imucsv import read_imu_csv
-    from edged.motion import MotionStage
+    from edged.sources.imu.imucsv import read_imu_csv
+    from edged.stages.motion import MotionStage
 
     entry, model = _stage_model(args, "motion")
     stage = MotionStage(model, entry)
@@ -235,7 +236,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_signatures(args) -> int:
-    from edged import signatures
+    from edged.cloud import signatures
 
     if args.action == "build":
         cents = signatures.build(args.signatures, args.out, label_key=args.label_key)
@@ -247,13 +248,14 @@ def cmd_signatures(args) -> int:
 
 
 def cmd_subscribe(args) -> int:
-    from edged.subscriber import run_cli
+    from edged.cloud.subscriber import run_cli
 
     return run_cli(args)
 
 
 def cmd_doctor(args) -> int:
-    from edged import config, doctor
+    from edged import config
+    from edged.service import doctor
 
     path = _config_path(args)
     cfg, problems = None, None

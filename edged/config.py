@@ -98,7 +98,7 @@ class VisionConfig:
 
 
 IMU_CHIPS = ("mpu6050", "mpu6000", "mpu6500", "mpu9250", "lsm6ds3", "lsm6dsl", "lsm6ds3tr-c",
-             "lsm6dsox", "lsm6dso", "bmi160")  # edged.imu.source.CHIP_ALIASES
+             "lsm6dsox", "lsm6dso", "bmi160")  # edged.sources.imu.source.CHIP_ALIASES
 
 
 @dataclass

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from edged.log import Once, fields
+from edged.service.log import Once, fields
 from edged.models import ModelEntry, ModelError, verify
 from edged.runtime import EDGETPU_OP, Model, Runtime, RuntimeUnavailable, custom_ops, runtime
 

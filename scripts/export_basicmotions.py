@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edged.imucsv import write_imu_csv  # noqa: E402
+from edged.sources.imu.imucsv import write_imu_csv  # noqa: E402
 
 RATE_HZ = 10.0
 # The demo plays each class in turn, twice, so a viewer sees every label change.

@@ -4,7 +4,7 @@
 The "cloud" side of the motion stage. It trains a small 1-D convolutional network with two
 outputs — class scores and a 16-value embedding, the motion *signature* — on the BasicMotions
 TRAIN split shipped inside `aeon` (nothing is downloaded), and reports on TEST. Every window,
-in training and in evaluation, goes through `edged.motion.prepare_window`, the function the
+in training and in evaluation, goes through `edged.stages.motion.prepare_window`, the function the
 device runs. Training windows are augmented so the model does not depend on how the IMU is
 mounted or sampled: random 3-D rotation of accelerometer and gyroscope together, gravity added
 at a random tilt or turning with the sensor as its gyroscope says, amplitude scaling, playback
@@ -12,7 +12,7 @@ speed, sensor noise, and raw sample rates from 10 to 200 Hz.
 
 Writes models/motion.tflite (int8 input and outputs, as the Edge TPU compiler needs),
 models/motion.labels, models/motion.centroids.json (signature centroids from TRAIN, for
-`edged.signatures`) and the [models.motion] tables of models/manifest.toml.
+`edged.cloud.signatures`) and the [models.motion] tables of models/manifest.toml.
 
     PYTHONPATH=. /tmp/trainenv/bin/python scripts/train_motion.py
 """
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from edged import signatures as sigs  # noqa: E402
-from edged.motion import GRAVITY, InputSpec, Preprocessor, iter_windows  # noqa: E402
+from edged.cloud import signatures as sigs  # noqa: E402
+from edged.stages.motion import GRAVITY, InputSpec, Preprocessor, iter_windows  # noqa: E402
 from export_basicmotions import RATE_HZ, load_split  # noqa: E402
 
 LABELS = ("standing", "walking", "running", "badminton")

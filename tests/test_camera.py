@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES
-from edged.camera import CameraError, ReplayCamera, VideoReplay, decode_image, open_replay
+from edged.sources.camera import CameraError, ReplayCamera, VideoReplay, decode_image, open_replay
 
 IMAGES = sorted((SAMPLES / "images").glob("*.jpg"))
 

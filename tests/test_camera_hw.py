@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SAMPLES
 from edged import config
-from edged.camera import (CameraError, Picamera2Source, ReplayCamera, V4l2Source, Yuv420ToRgb, lores_size,
+from edged.sources.camera import (CameraError, Picamera2Source, ReplayCamera, V4l2Source, Yuv420ToRgb, lores_size,
                           open_camera)
 from edged.fakes.camera import FakePicamera2Factory, FakeV4l2, rgb_to_yuv420
 
@@ -73,7 +73,7 @@ def test_yuv420_primaries_decode_to_rgb(space):
 
 
 def test_yuv420_round_trip_on_a_photo_with_padded_stride():
-    from edged.camera import decode_image
+    from edged.sources.camera import decode_image
 
     rgb = decode_image(IMAGES / "coffee.jpg")[:240, :320]
     for space in ("smpte170m", "rec709"):

@@ -14,11 +14,12 @@ import pytest
 from conftest import REPO, SAMPLES, Broker, free_port
 
 MODELS = REPO / "models"
-from edged import config, doctor
-from edged.doctor import FAIL, INFO, OK, WARN, Env
+from edged import config
+from edged.service import doctor
+from edged.service.doctor import FAIL, INFO, OK, WARN, Env
 from edged.fakes.camera import FakePicamera2Factory
 from edged.fakes.tpu import FakeEdgeTpu
-from edged.imu.fake import make_factory
+from edged.fakes.imu import make_factory
 
 
 def fake_root(tmp_path, *, video=True, i2c=True, usb_tpu=None, apex=False,

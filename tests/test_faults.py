@@ -12,7 +12,7 @@ import signal
 import time
 
 from conftest import Broker, last_seq, outbox_meta, wait_for_fresh_results, wait_until, write_config
-from edged.subscriber import Collector
+from edged.cloud.subscriber import Collector
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 

@@ -244,7 +244,7 @@ def image_with(cells: dict[tuple[int, int], tuple[int, int, int]], size: int = 2
 
 def test_fetches_verifies_and_edged_runs_the_fetched_model(tmp_path, server, built):
     from edged.tpu import open_for_backend
-    from edged.vision import VisionStage
+    from edged.stages.vision import VisionStage
 
     dest = tmp_path / "models"
     res = run("--dest", dest, catalogue_path=catalogue(tmp_path, server))

@@ -1,4 +1,4 @@
-"""IMU chip drivers and the IMU source, run against the fake chips (edged/imu/fake.py) on a
+"""IMU chip drivers and the IMU source, run against the fake chips (edged/fakes/imu.py) on a
 simulated clock. Expected register values, scale factors and byte layouts are written here from
 the datasheets, independently of the driver and fake code they check."""
 
@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged.imu import ImuError, STANDARD_GRAVITY as G
-from edged.imu.bmi160 import Bmi160
-from edged.imu.fake import FakeBus, FakeBmi160, FakeLsm6ds3, FakeLsm6dsox, FakeMpu6050, SimClock, make_factory
-from edged.imu.lsm6ds import Lsm6ds3, Lsm6dsox
-from edged.imu.mpu6050 import Mpu6050
-from edged.imu.registers import Bit, Field, RegisterDevice, Word
-from edged.imu.source import ImuSource
+from edged.sources.imu import ImuError, STANDARD_GRAVITY as G
+from edged.sources.imu.bmi160 import Bmi160
+from edged.fakes.imu import FakeBus, FakeBmi160, FakeLsm6ds3, FakeLsm6dsox, FakeMpu6050, SimClock, make_factory
+from edged.sources.imu.lsm6ds import Lsm6ds3, Lsm6dsox
+from edged.sources.imu.mpu6050 import Mpu6050
+from edged.sources.imu.registers import Bit, Field, RegisterDevice, Word
+from edged.sources.imu.source import ImuSource
 
 REPO = Path(__file__).resolve().parent.parent
 DEG = math.pi / 180
@@ -565,8 +565,8 @@ def test_close_from_another_thread_ends_a_blocked_read():
 # --- smbus2 stays out until a real bus is opened -----------------------------------------------------
 
 def test_drivers_do_not_import_smbus2_and_a_missing_bus_is_one_line():
-    code = ("import sys; import edged.imu.source, edged.imu.mpu6050, edged.imu.lsm6ds, edged.imu.bmi160, "
-            "edged.imu.fake; print('smbus2' in sys.modules)")
+    code = ("import sys; import edged.sources.imu.source, edged.sources.imu.mpu6050, edged.sources.imu.lsm6ds, edged.sources.imu.bmi160, "
+            "edged.fakes.imu; print('smbus2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO)}, check=True).stdout.strip()
     assert out == "False"

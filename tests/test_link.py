@@ -5,8 +5,8 @@ import socket
 import ssl
 
 from edged import config
-from edged.link import Link, describe_error, describe_error_text
-from edged.outbox import Outbox
+from edged.delivery.link import Link, describe_error, describe_error_text
+from edged.delivery.outbox import Outbox
 
 
 def make_link(tmp_path, **mqtt):

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged import signatures as sigs
-from edged.imucsv import ImuCsvError, read_imu_csv, write_imu_csv
+from edged.cloud import signatures as sigs
+from edged.sources.imu.imucsv import ImuCsvError, read_imu_csv, write_imu_csv
 from edged.models import ModelError, load_manifest, open_model
-from edged.motion import GRAVITY, InputSpec, MotionStage, Preprocessor, iter_csv_windows, iter_windows, prepare_window
+from edged.stages.motion import GRAVITY, InputSpec, MotionStage, Preprocessor, iter_csv_windows, iter_windows, prepare_window
 from edged.records import ImuBatch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import last_seq, REPO, Broker, Subscriber, free_port, wait_until, write_config
-from edged.subscriber import Collector
+from edged.cloud.subscriber import Collector
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 SCHEMAS = {p.name.split(".")[0]: json.loads(p.read_text()) for p in (REPO / "docs" / "schemas").glob("*.json")}
@@ -77,7 +77,7 @@ def test_every_published_message_matches_its_schema(tmp_path, broker, daemon_fac
         assert summary["last_seq"] == last_seq(tmp_path / "state")
         if codec == "cbor":
             # The same results are smaller than their JSON form.
-            from edged.codec import JSON, decode
+            from edged.delivery.codec import JSON, decode
 
             json_size = sum(len(JSON.dumps(decode(p))) for p in raw)
             assert sum(map(len, raw)) < 0.8 * json_size

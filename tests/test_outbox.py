@@ -2,7 +2,7 @@
 
 import sqlite3
 
-from edged.outbox import Outbox
+from edged.delivery.outbox import Outbox
 
 
 def enc(tag: bytes):

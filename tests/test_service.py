@@ -141,7 +141,7 @@ def test_logs_go_to_journald_with_structured_fields(tmp_path, broker):
 def test_journal_encoding_of_multiline_values():
     import struct
 
-    from edged.log import encode_journal
+    from edged.service.log import encode_journal
 
     data = encode_journal({"MESSAGE": "one line", "EDGED_TRACEBACK": "a\nb"})
     assert data.startswith(b"MESSAGE=one line\nEDGED_TRACEBACK\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.notify import Notifier, ProgressWatchdog
+from edged.service.notify import Notifier, ProgressWatchdog
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "edged.service"
@@ -452,7 +452,7 @@ def test_vanished_socket_never_raises(tmp_path, monkeypatch, caplog, backend):
 
 def test_notify_from_a_child_process(manager):
     """The daemon runs as its own process with systemd's environment; nothing else is shared."""
-    code = ("from edged.notify import Notifier\n"
+    code = ("from edged.service.notify import Notifier\n"
             "n = Notifier.from_env()\n"
             "assert n.watchdog_interval() == 5.0, n.watchdog_interval()\n"
             "n.ready('child up'); n.watchdog(); n.stopping()\n")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SAMPLES
-from edged.camera import decode_image
+from edged.sources.camera import decode_image
 from edged.fakes.tpu import FakeEdgeTpu
 from edged.models import ModelError, load_manifest
 from edged.runtime import EDGETPU_OP, Model, RuntimeUnavailable, custom_ops, runtime
@@ -276,7 +276,7 @@ def test_tpu_absent_at_start_is_picked_up_when_plugged_in(tmp_path):
 
 
 def test_vision_stage_gives_the_same_faces_on_tpu_cpu_and_after_a_mid_run_fallback(tmp_path):
-    from edged.vision import VisionStage
+    from edged.stages.vision import VisionStage
 
     tpu = FakeEdgeTpu("usb")
     shipped = (MODELS / "manifest.toml").read_text()

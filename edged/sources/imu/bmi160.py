@@ -19,9 +19,9 @@ import logging
 
 import numpy as np
 
-from edged.imu import ChipSettings, Chip, ImuError, nearest
-from edged.imu.registers import Field, Word
-from edged.log import fields
+from edged.sources.imu import ChipSettings, Chip, ImuError, nearest
+from edged.sources.imu.registers import Field, Word
+from edged.service.log import fields
 
 log = logging.getLogger("edged.imu")
 

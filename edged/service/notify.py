@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from edged.log import Once, fields
+from edged.service.log import Once, fields
 
 log = logging.getLogger("edged.notify")
 

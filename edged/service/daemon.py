@@ -20,12 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edged import __version__, codec
+from edged import __version__
+
+from edged.delivery import codec
 from edged.config import Config
-from edged import log as logsetup
-from edged.log import Once, fields
-from edged.notify import Notifier, ProgressWatchdog
-from edged.outbox import Outbox
+from edged.service import log as logsetup
+from edged.service.log import Once, fields
+from edged.service.notify import Notifier, ProgressWatchdog
+from edged.delivery.outbox import Outbox
 from edged.records import Detections, Frame
 
 log = logging.getLogger("edged.daemon")
@@ -127,8 +129,8 @@ class Pipeline:
         acc = cfg.accelerator
         try:
             if cfg.camera.enabled:
-                from edged.camera import open_camera
-                from edged.vision import VisionStage
+                from edged.sources.camera import open_camera
+                from edged.stages.vision import VisionStage
 
                 entry = select(manifest, cfg.vision.model, "vision", "vision.model")
                 model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
@@ -142,7 +144,7 @@ class Pipeline:
                 log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
                                                       backend=model.backend, camera=p.camera.name))
             if cfg.imu.enabled:
-                from edged.motion import MotionStage
+                from edged.stages.motion import MotionStage
 
                 entry = select(manifest, cfg.motion.model, "motion", "motion.model")
                 model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
@@ -153,11 +155,11 @@ class Pipeline:
                         and running.cfg.imu == imu:
                     p.imu, p.imu_handed_over_from = running.imu, running
                 elif imu.source == "replay":
-                    from edged.imu.replay import ReplayImu
+                    from edged.sources.imu.replay import ReplayImu
 
                     p.imu = ReplayImu(imu.path, speed=imu.speed, loop=imu.loop)
                 else:
-                    from edged.imu.source import ImuSource
+                    from edged.sources.imu.source import ImuSource
 
                     factory = None
                     if imu.fake:
@@ -376,7 +378,7 @@ class Daemon:
                          f"broker={'connected' if connected else 'down'}"])
 
     def _start_link(self) -> None:
-        from edged.link import Link
+        from edged.delivery.link import Link
 
         self.watchdog.register("mqtt")
         self.link = Link(self.cfg, self.outbox, content_type=codec.get(self.cfg.mqtt.codec).content_type,
@@ -391,7 +393,7 @@ class Daemon:
         """On paho's thread, after each connect: announce to Home Assistant, restate the state."""
         if not self.cfg.homeassistant.enabled:
             return
-        from edged import homeassistant as ha
+        from edged.delivery import homeassistant as ha
 
         vision = self.pipeline.vision if self.pipeline else None
         labels = ha.presence_labels(self.cfg, list(getattr(vision, "labels", [])) if vision else [])
@@ -414,7 +416,7 @@ class Daemon:
     def _publish_state(self, force: bool = False) -> None:
         if not self.cfg.homeassistant.enabled or not self.link:
             return
-        from edged import homeassistant as ha
+        from edged.delivery import homeassistant as ha
 
         with self._state_lock:
             if not (force or self._state_dirty):
@@ -429,7 +431,7 @@ class Daemon:
         self.commands.put((name, payload, properties))
 
     def _run_commands(self) -> None:
-        from edged import commands
+        from edged.delivery import commands
 
         while True:
             try:
@@ -452,7 +454,7 @@ class Daemon:
             self._reply(cmd, answer)
 
     def _run_command(self, cmd) -> bytes:
-        from edged import commands
+        from edged.delivery import commands
 
         if cmd.name == "stats":
             self.publish_stats()
@@ -488,10 +490,10 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read the config and swap in a new pipeline; keep the old one if anything fails."""
         from edged import config as config_mod
-        from edged.camera import CameraError
+        from edged.sources.camera import CameraError
         from edged.config import ConfigError
-        from edged.imu import ImuError
-        from edged.imucsv import ImuCsvError
+        from edged.sources.imu import ImuError
+        from edged.sources.imu.imucsv import ImuCsvError
         from edged.models import ModelError
         from edged.runtime import RuntimeUnavailable
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from edged.log import Once, fields
+from edged.service.log import Once, fields
 
 log = logging.getLogger("edged.outbox")
 

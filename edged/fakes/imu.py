@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from edged.imu import STANDARD_GRAVITY, SYSTEM_CLOCK
+from edged.sources.imu import STANDARD_GRAVITY, SYSTEM_CLOCK
 
 Motion = Callable[[np.ndarray], np.ndarray]  # times (n,) in seconds -> (n, 6) m/s² and rad/s
 
@@ -93,7 +93,7 @@ def synthetic_motion(tilt_deg: float = 25.0) -> Motion:
 
 def csv_motion(path: str | Path, start: float = 0.0) -> Motion:
     """A recording, linearly interpolated and looped; time `start` plays its first sample."""
-    from edged.imucsv import read_imu_csv
+    from edged.sources.imu.imucsv import read_imu_csv
 
     rec = read_imu_csv(path)
     t = rec.t - rec.t[0]

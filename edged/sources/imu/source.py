@@ -28,8 +28,8 @@ import threading
 
 import numpy as np
 
-from edged.imu import SYSTEM_CLOCK, Chip, ChipSettings, ImuError
-from edged.log import Once, fields
+from edged.sources.imu import SYSTEM_CLOCK, Chip, ChipSettings, ImuError
+from edged.service.log import Once, fields
 from edged.records import ImuBatch
 
 log = logging.getLogger("edged.imu")
@@ -44,9 +44,9 @@ STALL_S = 1.0           # an empty FIFO for this long (at least 20 periods) mean
 
 
 def _drivers() -> dict[str, type[Chip]]:
-    from edged.imu.bmi160 import Bmi160
-    from edged.imu.lsm6ds import Lsm6ds3, Lsm6dsox
-    from edged.imu.mpu6050 import Mpu6050
+    from edged.sources.imu.bmi160 import Bmi160
+    from edged.sources.imu.lsm6ds import Lsm6ds3, Lsm6dsox
+    from edged.sources.imu.mpu6050 import Mpu6050
 
     return {"mpu6050": Mpu6050, "bmi160": Bmi160, "lsm6ds3": Lsm6ds3, "lsm6dsox": Lsm6dsox}
 

@@ -32,8 +32,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.config import Config
-from edged.log import Once, fields
-from edged.outbox import Outbox
+from edged.service.log import Once, fields
+from edged.delivery.outbox import Outbox
 
 log = logging.getLogger("edged.mqtt")
 

@@ -29,9 +29,9 @@ import logging
 
 import numpy as np
 
-from edged.imu import ChipSettings, Chip, nearest
-from edged.imu.registers import Bit, Field
-from edged.log import fields
+from edged.sources.imu import ChipSettings, Chip, nearest
+from edged.sources.imu.registers import Bit, Field
+from edged.service.log import fields
 
 log = logging.getLogger("edged.imu")
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edged.imucsv import read_imu_csv
+from edged.sources.imu.imucsv import read_imu_csv
 from edged.models import ModelEntry, ModelError
 from edged.records import IMU_CHANNELS, ImuBatch, MotionSignature
 from edged.runtime import Model
@@ -465,7 +465,7 @@ def _output_indices(model: Model, entry: ModelEntry) -> tuple[int, int]:
 
 
 def iter_csv_windows(path: str | Path, stage: MotionStage, *, chunk: int = 50) -> Iterator[MotionSignature]:
-    """Replay an IMU CSV file (see `edged.imucsv`) through `stage`, `chunk` samples per push."""
+    """Replay an IMU CSV file (see `edged.sources.imu.imucsv`) through `stage`, `chunk` samples per push."""
     batch = read_imu_csv(path)
     for i in range(0, len(batch), chunk):
         yield from stage.push(ImuBatch(batch.t[i:i + chunk], batch.data[i:i + chunk]))

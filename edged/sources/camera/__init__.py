@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edged.log import Once, fields
+from edged.service.log import Once, fields
 from edged.records import Frame
 
 log = logging.getLogger("edged.camera")

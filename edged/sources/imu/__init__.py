@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edged.imu.registers import RegisterDevice
+from edged.sources.imu.registers import RegisterDevice
 
 STANDARD_GRAVITY = 9.80665  # m/s² per g, as the chips' datasheets define LSB/g
 

@@ -13,7 +13,7 @@ status is 1 when anything failed, else 0.
 
 System paths (/dev, /sys, /etc/passwd, /etc/group) are read under `Env.root`, and the hardware
 libraries (SMBus, picamera2, libedgetpu, the network) come through `Env`, so tests run the real
-checks against a fake tree and the fakes in `edged.fakes` / `edged.imu.fake`.
+checks against a fake tree and the fakes in `edged.fakes` / `edged.fakes.imu`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Env:
     """Where the doctor looks; every default is the real machine."""
 
     root: Path = Path("/")
-    smbus_factory: Callable | None = None       # bus number -> SMBus-like; default smbus2 via edged.imu
+    smbus_factory: Callable | None = None       # bus number -> SMBus-like; default smbus2 via edged.sources.imu
     picamera2: Callable[[], object] = _default_picamera2   # returns the Picamera2 class (ImportError if none)
     load_library: Callable[[str], tuple[bool, str]] | None = None   # default edged.tpu.library_loadable
     user: str | None = None                      # default: the user running the doctor
@@ -151,7 +151,7 @@ def check_camera(cfg: Config, env: Env) -> list[Check]:
         return [Check("camera", WARN, f"fake {cam.source} camera showing {cam.path} (camera.fake = true)",
                       "set camera.fake = false to use the real camera"), inventory]
     if cam.source == "picamera2":
-        from edged.camera import PICAMERA2_HINT
+        from edged.sources.camera import PICAMERA2_HINT
 
         try:
             cls = env.picamera2()
@@ -174,7 +174,7 @@ def check_camera(cfg: Config, env: Env) -> list[Check]:
                           "/boot/firmware/config.txt"), inventory]
         return [Check("camera", OK, f"picamera2 camera {num}: {listing}"), inventory]
     # v4l2
-    from edged.camera import v4l2_device
+    from edged.sources.camera import v4l2_device
 
     dev = v4l2_device(cam.device or "/dev/video0")
     node = env.path(dev)
@@ -185,7 +185,7 @@ def check_camera(cfg: Config, env: Env) -> list[Check]:
     try:
         import cv2  # noqa: F401
     except ImportError:
-        from edged.camera import OPENCV_HINT
+        from edged.sources.camera import OPENCV_HINT
 
         return [Check("camera", FAIL, f"{dev} exists but OpenCV is not importable", OPENCV_HINT), inventory]
     if env.root == Path("/") and not os.access(node, os.R_OK | os.W_OK):
@@ -225,8 +225,8 @@ def check_imu(cfg: Config, env: Env) -> list[Check]:
 
 def identify_imu(cfg: Config, factory) -> str | Check:
     """Read the ID register of the configured (or any known) chip; a description, or a failed Check."""
-    from edged.imu import ImuError
-    from edged.imu.source import CHIP_ALIASES, SCAN_ADDRESSES, open_smbus, scan
+    from edged.sources.imu import ImuError
+    from edged.sources.imu.source import CHIP_ALIASES, SCAN_ADDRESSES, open_smbus, scan
 
     imu = cfg.imu
     label = f"I2C bus {imu.bus}"

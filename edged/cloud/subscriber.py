@@ -18,7 +18,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edged import codec
+from edged.delivery import codec
 
 RESULT_LEAVES = ("detections", "motion")
 

@@ -20,7 +20,7 @@ class ReplayImu:
 
     def __init__(self, path: str | Path, *, speed: float = 1.0, loop: bool = True,
                  burst_s: float = 0.1) -> None:
-        from edged.imucsv import read_imu_csv
+        from edged.sources.imu.imucsv import read_imu_csv
 
         rec = read_imu_csv(Path(path))
         self.t = rec.t - rec.t[0]

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edged.imu import ChipSettings, Chip, nearest
-from edged.imu.registers import Bit, Field, Word
+from edged.sources.imu import ChipSettings, Chip, nearest
+from edged.sources.imu.registers import Bit, Field, Word
 
 FRAME = 12  # accel xyz + gyro xyz, 2 bytes each
 

@@ -1,0 +1,5 @@
+"""Cloud: what runs off the device (the `cloud` extra), never installed on a Pi.
+
+The reference subscriber and the signature tools. Nothing here imports a device-only module
+(sources, tpu, fakes), so a cloud install can leave their dependencies out.
+"""
