@@ -244,11 +244,11 @@ def _clustered_candidates(rng, anchors, n_objects: int, per_object: int) -> np.n
 
 def _both_routes(monkeypatch, decoder, outs, threshold):
     """What `decoder` makes of `outs` on the numpy route and on the Python-float route."""
-    import edged.stages.vision
+    import edged.stages.vision.boxes
 
-    monkeypatch.setattr(edged.stages.vision, "FEW", 0)
+    monkeypatch.setattr(edged.stages.vision.boxes, "FEW", 0)
     on_numpy = decoder.decode(outs, threshold)
-    monkeypatch.setattr(edged.stages.vision, "FEW", 10**6)
+    monkeypatch.setattr(edged.stages.vision.boxes, "FEW", 10**6)
     on_python = decoder.decode(outs, threshold)
     return on_numpy, on_python
 
@@ -297,13 +297,13 @@ def test_ssd_decodes_the_same_on_both_routes(person, monkeypatch, n_objects, per
 @pytest.mark.parametrize("name", ["astronaut", "camera", "coffee"])
 def test_detections_on_photos_are_the_same_on_both_routes(request, monkeypatch, stage, name):
     # The whole stage on real photos, the person model reading its int8 outputs as stored.
-    import edged.stages.vision
+    import edged.stages.vision.boxes
 
     st = request.getfixturevalue(stage)
     img = load(name)
-    monkeypatch.setattr(edged.stages.vision, "FEW", 0)
+    monkeypatch.setattr(edged.stages.vision.boxes, "FEW", 0)
     on_numpy = st.detect(img)
-    monkeypatch.setattr(edged.stages.vision, "FEW", 10**6)
+    monkeypatch.setattr(edged.stages.vision.boxes, "FEW", 10**6)
     on_python = st.detect(img)
     assert [o.label for o in on_python] == [o.label for o in on_numpy]
     np.testing.assert_allclose([o.score for o in on_python], [o.score for o in on_numpy], rtol=1e-6)
@@ -314,7 +314,7 @@ def test_detections_on_photos_are_the_same_on_both_routes(request, monkeypatch, 
 
 def test_ssd_int8_outputs_read_as_stored_keep_the_exact_threshold(person, monkeypatch):
     # The stored-code bound is one code below the threshold; the float comparison decides.
-    import edged.stages.vision
+    import edged.stages.vision.boxes
 
     dec = person.decoder
     spec_b, spec_s = dec.outputs[dec._boxes], dec.outputs[dec._scores]
@@ -331,7 +331,7 @@ def test_ssd_int8_outputs_read_as_stored_keep_the_exact_threshold(person, monkey
 
     assert (bound - spec_s.zero_point) * spec_s.scale < 0 <= (bound + 20 - spec_s.zero_point) * spec_s.scale
     for few in (0, 10**6):
-        monkeypatch.setattr(edged.stages.vision, "FEW", few)
+        monkeypatch.setattr(edged.stages.vision.boxes, "FEW", few)
         d = dec.decode_model(Stored(), 0.5)
         assert len(d.scores) == 1 and d.scores[0] > 0.5
         yc, xc, h, w = dec.anchors[900]

@@ -1,0 +1,82 @@
+"""The `blazeface` decoder: MediaPipe-style SSD anchors, raw box regression, sigmoid scores,
+weighted NMS."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edged.models import ModelEntry, ModelError
+from edged.runtime import TensorSpec
+from edged.stages.vision import boxes as box_ops
+from edged.stages.vision.boxes import logit, nms, nms_few, sigmoid, sigmoid_py, ssd_anchors
+from edged.stages.vision.decoder import Decoded, Decoder
+from edged.stages.vision.entry import number, per4, where
+
+
+class BlazeFaceDecoder(Decoder):
+    """BlazeFace: 896 anchors, 16 regressors per anchor (box centre/size, then 6 keypoints)."""
+
+    name = "blazeface"
+
+    def __init__(self, entry: ModelEntry, outputs: Sequence[TensorSpec], input_hw: tuple[int, int]):
+        super().__init__(entry, outputs, input_hw)
+        p = self.params
+        self._boxes = self._output("boxes_output", "box regressors",
+                                   lambda t: len(t.shape) == 3 and t.shape[-1] >= 4)
+        self._scores = self._output("scores_output", "scores",
+                                    lambda t: len(t.shape) == 3 and t.shape[-1] == 1)
+        a = p.get("anchors")
+        if not isinstance(a, dict):
+            raise ModelError(f"{where(entry, 'params')}.anchors: missing table of SSD anchor options")
+        try:
+            self.anchors = ssd_anchors(input_size=input_hw, **a)
+        except TypeError as exc:
+            raise ModelError(f"{where(entry, 'params')}.anchors: {exc}") from None
+        n = self.outputs[self._boxes].shape[1]
+        if len(self.anchors) != n:
+            raise ModelError(f"{where(entry, 'params')}.anchors: generate {len(self.anchors)} anchors, "
+                             f"the model has {n}")
+        h, w = input_hw
+        self.box_scale = per4(entry, "box_scale", p.get("box_scale", [w, h, w, h]))
+        self._scale = tuple(self.box_scale.tolist())
+        self.score_clip = number(entry, p, "params", "score_clip", 100.0, lo=0.0)
+        self.nms_iou = number(entry, p, "params", "nms_iou", 0.3, lo=0.0, hi=1.0)
+        nms_kind = p.get("nms", "weighted")
+        if nms_kind not in ("weighted", "hard"):
+            raise ModelError(f"{where(entry, 'params')}.nms: expected \"weighted\" or \"hard\", "
+                             f"got {nms_kind!r}")
+        self.weighted = nms_kind == "weighted"
+
+    def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
+        raw = outputs[self._boxes].reshape(-1, outputs[self._boxes].shape[-1])
+        logits = outputs[self._scores].reshape(-1)
+        limit = logit(threshold)
+        hit = np.flatnonzero(logits >= limit)
+        if hit.size == 0:
+            return Decoded.empty()
+        if hit.size <= box_ops.FEW:
+            return self._decode_few(raw[hit, :4].tolist(), logits[hit].tolist(), self.anchors[hit].tolist())
+        a = self.anchors[hit]
+        r = raw[hit, :4] / self.box_scale
+        cx = r[:, 0] * a[:, 2] + a[:, 0]
+        cy = r[:, 1] * a[:, 3] + a[:, 1]
+        w = r[:, 2] * a[:, 2]
+        h = r[:, 3] * a[:, 3]
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        scores = sigmoid(np.clip(logits[hit], -self.score_clip, self.score_clip)).astype(np.float32)
+        boxes, scores = nms(boxes, scores, self.nms_iou, self.max_detections, weighted=self.weighted)
+        return Decoded.from_arrays(boxes, scores, np.zeros(len(scores), np.intp))
+
+    def _decode_few(self, raw: list, logits: list, anchors: list) -> Decoded:
+        """`decode` for a few candidates, on Python floats (see box_ops.FEW)."""
+        sx, sy, sw, sh = self._scale
+        clip = self.score_clip
+        cands = []
+        for (rx, ry, rw, rh), z, (ax, ay, aw, ah) in zip(raw, logits, anchors):
+            cx, cy = rx / sx * aw + ax, ry / sy * ah + ay
+            w, h = rw / sw * aw, rh / sh * ah
+            cands.append((sigmoid_py(min(max(z, -clip), clip)), (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)))
+        kept = nms_few(cands, self.nms_iou, self.max_detections, weighted=self.weighted)
+        return Decoded([b for _, b in kept], [sc for sc, _ in kept], [0] * len(kept))

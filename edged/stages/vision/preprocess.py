@@ -1,0 +1,355 @@
+"""Frame → model input: letterbox or stretch, nearest or bilinear resampling through precomputed
+index maps, normalisation and quantisation through a 256-entry lookup table, all into buffers
+reused from frame to frame."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edged.models import ModelEntry, ModelError
+from edged.runtime import Model, TensorSpec
+from edged.stages.vision.entry import number, per_channel, where
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where the resampled frame sits inside the model input, in model pixels."""
+
+    top: int
+    left: int
+    height: int  # rows of model input covered by the frame
+    width: int
+
+    def to_frame(self, box: Sequence[float], model_h: int, model_w: int) -> tuple[float, float, float, float]:
+        """One model-normalised (x0, y0, x1, y1) → frame-normalised, clipped to [0, 1]."""
+        x0, y0, x1, y1 = box
+        fx = lambda x: min(1.0, max(0.0, (x * model_w - self.left) / self.width))  # noqa: E731
+        fy = lambda y: min(1.0, max(0.0, (y * model_h - self.top) / self.height))  # noqa: E731
+        return fx(x0), fy(y0), fx(x1), fy(y1)
+
+
+class _Plan:
+    """Index maps and buffers for one frame size; built once, reused for every frame.
+
+    `scratch` holds the buffers that depend only on the region's size (the resampled image,
+    the bilinear blend's work arrays): plans for frame sizes that land on the same region share
+    them, since one stage runs one frame at a time. Without it the plan allocates its own.
+    """
+
+    def __init__(self, frame_h: int, frame_w: int, model_h: int, model_w: int, letterbox: bool,
+                 bilinear: bool, in_dtype: np.dtype, *, gather: bool = True,
+                 scratch: dict | None = None) -> None:
+        if letterbox:
+            s = min(model_h / frame_h, model_w / frame_w)
+            rh = min(model_h, max(1, round(frame_h * s)))
+            rw = min(model_w, max(1, round(frame_w * s)))
+        else:
+            rh, rw = model_h, model_w
+        shape = (rh, rw, 3)
+        scratch = {} if scratch is None else scratch
+
+        def shared(name: str, dtype, count: int | None = None):
+            if name not in scratch:
+                scratch[name] = (np.empty(shape, dtype) if count is None
+                                 else [np.empty(shape, dtype) for _ in range(count)])
+            return scratch[name]
+
+        self.box = Letterbox((model_h - rh) // 2, (model_w - rw) // 2, rh, rw)
+        self.identity = (rh, rw) == (frame_h, frame_w)
+        self.full = (rh, rw) == (model_h, model_w)
+        self.bilinear = bilinear and not self.identity
+        if self.bilinear:
+            # Half-pixel centres, as TF's ResizeBilinear and OpenCV's INTER_LINEAR sample: each
+            # output pixel blends the 2x2 source pixels around its centre.
+            self.y0, self.y1, wy = _taps(frame_h, rh)
+            self.x0, self.x1, wx = _taps(frame_w, rw)
+            # Full-size weights: a broadcast operand makes numpy allocate a scratch buffer per call.
+            self.wy = np.ascontiguousarray(np.broadcast_to(wy[:, None, None], shape))
+            self.wx = np.ascontiguousarray(np.broadcast_to(wx[None, :, None], shape))
+            # Gather the four neighbours as uint8 first, so the float work is on the model-sized
+            # region only, whatever the frame size.
+            self.row_buf = np.empty((rh, frame_w, 3), np.uint8)
+            self.corners = shared("corners", np.uint8, 4)
+            self.f = shared("blend", np.float32, 3)
+        elif not self.identity:
+            # Pixel centres of the resampled grid mapped back to the nearest source pixel.
+            self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
+            self.cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
+            self.row_buf = np.empty((rh, frame_w, 3), np.uint8)
+        self.region = None if self.identity else shared("region", np.uint8)
+        self.mask = shared("mask", np.bool_)
+        self.idx = self.idx_low = self.values = None
+        if gather:
+            # LUT indices are pixel + 256 * channel, and np.take wants them as intp. Writing the
+            # pixel into the low byte of a preset intp buffer (channel already in the next byte)
+            # is a plain uint8 copy: no per-call cast buffer, no conversion array.
+            self.idx = np.zeros(shape, np.intp)
+            size = self.idx.itemsize
+            b = self.idx.view(np.uint8).reshape(rh, rw, 3, size)
+            low, high = (0, 1) if sys.byteorder == "little" else (size - 1, size - 2)
+            b[..., high] = np.arange(3, dtype=np.uint8)
+            self.idx_low = b[..., low]
+            self.values = None if self.full else shared("values", in_dtype)
+
+    def resample(self, image: np.ndarray) -> np.ndarray:
+        """The frame resampled to the region size (uint8), or the frame itself at identity."""
+        if self.identity:
+            return image
+        if not self.bilinear:
+            np.take(image, self.rows, axis=0, out=self.row_buf, mode="clip")
+            np.take(self.row_buf, self.cols, axis=1, out=self.region, mode="clip")
+            return self.region
+        c00, c01, c10, c11 = self.corners
+        for rows, left, right in ((self.y0, c00, c01), (self.y1, c10, c11)):
+            np.take(image, rows, axis=0, out=self.row_buf, mode="clip")
+            np.take(self.row_buf, self.x0, axis=1, out=left, mode="clip")
+            np.take(self.row_buf, self.x1, axis=1, out=right, mode="clip")
+        top, bottom, tmp = self.f
+        # copyto casts without the scratch buffer a mixed-dtype ufunc would allocate per call.
+        for out, left, right in ((top, c00, c01), (bottom, c10, c11)):
+            np.copyto(out, left)
+            np.copyto(tmp, right)
+            np.subtract(tmp, out, out=tmp)
+            np.multiply(tmp, self.wx, out=tmp)
+            np.add(out, tmp, out=out)
+        np.subtract(bottom, top, out=bottom)
+        np.multiply(bottom, self.wy, out=bottom)
+        np.add(top, bottom, out=top)
+        np.rint(top, out=top)
+        np.copyto(self.region, top, casting="unsafe")  # blends of 0..255 stay within 0..255
+        return self.region
+
+
+def resize_frame(image: np.ndarray, height: int, width: int, *, letterbox: bool = False,
+                 bilinear: bool = False) -> np.ndarray:
+    """One frame resampled exactly as the stage would (without padding), as a new array.
+
+    For tools (calibration, evaluation) that must feed a model what the device feeds it; the
+    stage itself keeps its plans and buffers.
+    """
+    plan = _Plan(image.shape[0], image.shape[1], height, width, letterbox, bilinear, np.dtype(np.uint8),
+                 gather=False)
+    return np.array(plan.resample(image), copy=True)
+
+
+def _taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0, src - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, src - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
+
+
+class Preprocessor:
+    """Turns RGB uint8 frames of any size into the model's input tensor, in place.
+
+    Resampling is `resize = "nearest"` (default, cheapest) or `"bilinear"` (what most training
+    pipelines used; a few float passes over the rows kept). A frame already at the model's size
+    is not resampled at all. `letterbox = true` keeps the aspect ratio and pads with pixel value
+    `pad` (default 0); false stretches the frame to the input size.
+
+    Normalisation comes from the manifest's `[input]` table: `range = [lo, hi]` maps pixel
+    0..255 linearly to lo..hi; `mean`/`std` (scalars or per channel) compute (pixel - mean) /
+    std; with neither, an integer input receives raw pixel values. The real value is then
+    quantised with the tensor's own scale and zero point.
+    """
+
+    MAX_PLANS = 4  # frame sizes remembered; a camera rarely switches between more
+
+    def __init__(self, model: Model, entry: ModelEntry, input_index: int = 0) -> None:
+        spec = model.inputs[input_index]
+        if len(spec.shape) != 4 or spec.shape[0] != 1 or spec.shape[3] != 3:
+            raise ModelError(f"{entry.path.name}: input {spec.name!r} has shape {spec.shape}; "
+                             "the vision stage needs [1, height, width, 3]")
+        self.model = model
+        self.index = input_index
+        self.height, self.width = spec.shape[1], spec.shape[2]
+        cfg = entry.input
+        letterbox = cfg.get("letterbox", False)
+        if not isinstance(letterbox, bool):
+            raise ModelError(f"{where(entry, 'input')}.letterbox: expected true or false, got {letterbox!r}")
+        self.letterbox = letterbox
+        resize = cfg.get("resize", "nearest")
+        if resize not in ("nearest", "bilinear"):
+            raise ModelError(f"{where(entry, 'input')}.resize: expected \"nearest\" or "
+                             f"\"bilinear\", got {resize!r}")
+        self.bilinear = resize == "bilinear"
+        pad = number(entry, cfg, "input", "pad", 0, lo=0, hi=255)
+        self._lut, affine = _input_lut(entry, spec)
+        self._map = PixelMap(self._lut, spec.dtype, affine)
+        self._offsets = np.array([0, 256, 512], np.intp)
+        self._pad_values = self._lut[self._offsets + int(pad)]
+        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._scratch: dict[tuple[int, int], dict] = {}  # per region size, shared by plans
+        self._painted: _Plan | None = None
+
+    def plan(self, frame_h: int, frame_w: int) -> _Plan:
+        key = (frame_h, frame_w)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            plan = _Plan(frame_h, frame_w, self.height, self.width, self.letterbox, self.bilinear,
+                         self.model.inputs[self.index].dtype, gather=self._map.kind == "gather",
+                         scratch=self._scratch.setdefault(self._region_size(frame_h, frame_w), {}))
+            self._plans[key] = plan
+        return plan
+
+    def __call__(self, image: np.ndarray) -> Letterbox:
+        """Fill and commit the model input from `image`; return where the frame landed."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"vision: expected an RGB uint8 image of shape (H, W, 3), "
+                             f"got shape {image.shape} dtype {image.dtype}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"vision: empty image of shape {image.shape}")
+        plan = self.plan(image.shape[0], image.shape[1])
+        buf = self.model.input_buffer(self.index)[0]
+        if plan is not self._painted:
+            if not plan.full:
+                buf[...] = self._pad_values
+            self._painted = plan
+        pixels = plan.resample(image)
+        b = plan.box
+        dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
+        if self._map.kind == "gather":
+            np.copyto(plan.idx_low, pixels)
+            if plan.full:
+                np.take(self._lut, plan.idx, out=buf, mode="clip")
+            else:
+                np.take(self._lut, plan.idx, out=plan.values, mode="clip")
+                dst[...] = plan.values
+        else:
+            self._map(pixels, dst, plan.mask)
+        self.model.commit_input(self.index)
+        return plan.box
+
+    def _region_size(self, frame_h: int, frame_w: int) -> tuple[int, int]:
+        if not self.letterbox:
+            return self.height, self.width
+        s = min(self.height / frame_h, self.width / frame_w)
+        return (min(self.height, max(1, round(frame_h * s))), min(self.width, max(1, round(frame_w * s))))
+
+
+def _input_lut(entry: ModelEntry, spec: TensorSpec) -> tuple[np.ndarray, tuple | None]:
+    """Pixel value → model input value, for each channel: shape (3*256,), channel-major; and the
+    affine map it comes from, (form, a, b) per channel, when there is one (see PixelMap)."""
+    cfg = entry.input
+    pixels = np.arange(256, dtype=np.float64)
+    if "range" in cfg:
+        rng = cfg["range"]
+        if (not isinstance(rng, list) or len(rng) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)):
+            raise ModelError(f"{where(entry, 'input')}.range: expected [low, high], got {rng!r}")
+        lo, hi = float(rng[0]), float(rng[1])
+        real = np.tile(lo + pixels * ((hi - lo) / 255.0), 3)
+        affine = ("scale", np.full(3, (hi - lo) / 255.0), np.full(3, lo))
+    elif "mean" in cfg or "std" in cfg:
+        mean = per_channel(entry, "mean", cfg.get("mean", 0.0))
+        std = per_channel(entry, "std", cfg.get("std", 1.0))
+        if np.any(std == 0):
+            raise ModelError(f"{where(entry, 'input')}.std: must not be 0")
+        real = ((pixels[None, :] - mean[:, None]) / std[:, None]).reshape(-1)
+        affine = ("standardise", mean, std)
+    elif spec.dtype == np.uint8:
+        return np.tile(pixels, 3).astype(np.uint8), None
+    else:
+        raise ModelError(f"{where(entry, 'input')}: a {spec.dtype} input needs `range` or `mean`/`std`")
+    if spec.quantized:
+        info = np.iinfo(spec.dtype)
+        q = np.rint(real / spec.scale + spec.zero_point)
+        return np.clip(q, info.min, info.max).astype(spec.dtype), None
+    if np.issubdtype(spec.dtype, np.integer):
+        raise ModelError(f"{entry.path.name}: integer input {spec.name!r} has no quantisation "
+                         "parameters; remove `range`/`mean`/`std` from its [input] table")
+    return real.astype(spec.dtype), affine
+
+
+class PixelMap:
+    """Applies the 256-entry lookup table (pixel → model input value) to a whole region, by the
+    cheapest numpy route that gives exactly the table's values. Each route is checked against
+    the table for all 256 pixel values when the map is built; a route that differs anywhere is
+    not used.
+
+    - `steps`, for 1-byte inputs (uint8, or int8 viewed as its bytes): the table minus the pixel
+      value, modulo 256, is constant except for a few steps (a quantisation whose scale is close
+      to one code per pixel value: `p`, `p - 128`, `p - (p >= 128)`...). One wrapping add, then a
+      compare and an add per step, on bytes: a few times faster than a gather through 8-byte
+      indices, and no index buffer.
+    - `affine`, for float inputs from `range` or scalar `mean`/`std`: a cast copy and two
+      in-place float ops with scalars.
+    - `gather`: np.take through the table (anything else: per-channel tables, wide integers).
+    """
+
+    MAX_STEPS = 3
+
+    def __init__(self, lut: np.ndarray, dtype: np.dtype, affine: tuple | None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.kind = "gather"
+        self.base = 0
+        self.steps: list[tuple[np.uint8, int]] = []
+        self.ops: tuple = ()
+        tables = lut.reshape(3, 256)
+        same = bool((tables == tables[0]).all())
+        if same and self.dtype.itemsize == 1:
+            d = (tables[0].view(np.uint8).astype(np.int16) - np.arange(256)) % 256
+            jumps = np.flatnonzero(np.diff(d)) + 1
+            if len(jumps) <= self.MAX_STEPS:
+                self.kind = "steps"
+                self.base = int(d[0])
+                self.steps = [(np.uint8(p), int((d[p] - d[p - 1]) % 256)) for p in jumps]
+        elif same and self.dtype.kind == "f" and affine is not None:
+            # Scalar forms of the map, tried in turn; the first that reproduces the table wins.
+            # A range lo..hi is also (p - c) / s with s = 255 / (hi - lo), c = -lo * s, which
+            # rounds like the table's float64 values more often than p * step + lo does.
+            kind, a, b = affine
+            if np.all(a == a[0]) and np.all(b == b[0]):
+                a, b = float(a[0]), float(b[0])
+                if kind == "scale":
+                    s = 1.0 / a
+                    candidates = [(np.subtract, -b * s, np.divide, s), (np.multiply, a, np.add, b)]
+                else:
+                    candidates = [(np.subtract, a, np.divide, b), (np.multiply, 1.0 / b, np.add, -a / b)]
+                t = self.dtype.type
+                for op1, x, op2, y in candidates:
+                    self.kind, self.ops = "affine", (op1, t(x), op2, t(y))
+                    if self._reproduces(lut):
+                        break
+                    self.kind = "gather"
+        if self.kind == "steps" and not self._reproduces(lut):
+            self.kind = "gather"
+
+    def _reproduces(self, lut: np.ndarray) -> bool:
+        probe = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
+        out = np.empty(probe.shape, self.dtype)
+        self(probe, out, np.empty(probe.shape, np.bool_))
+        return np.array_equal(out.reshape(256, 3).T.reshape(-1), lut)
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray, mask: np.ndarray) -> None:
+        """Map uint8 `pixels` into `out` (same shape, the model's dtype; may be a strided view
+        into the input tensor). `mask` is a bool scratch array of the same shape."""
+        if self.kind == "steps":
+            raw = out.view(np.uint8)
+            if self.base:
+                np.add(pixels, np.uint8(self.base), out=raw)  # uint8 arithmetic wraps: mod 256
+            else:
+                np.copyto(raw, pixels)
+            m8 = mask.view(np.uint8)
+            for threshold, delta in self.steps:
+                np.greater_equal(pixels, threshold, out=mask)
+                if delta == 1:
+                    np.add(raw, m8, out=raw)
+                elif delta == 255:
+                    np.subtract(raw, m8, out=raw)
+                else:
+                    np.multiply(m8, np.uint8(delta), out=m8)
+                    np.add(raw, m8, out=raw)
+        elif self.kind == "affine":
+            op1, a, op2, b = self.ops
+            np.copyto(out, pixels)  # the cast copy needs no scratch buffer, unlike a mixed ufunc
+            op1(out, a, out=out)
+            op2(out, b, out=out)
+        else:
+            raise RuntimeError("PixelMap: the gather route is run by the Preprocessor")
