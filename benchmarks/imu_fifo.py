@@ -66,7 +66,7 @@ class ScaledClock:
 
 
 def fifo_worker(host: str, port: int, workdir: str, sim_s: float, speedup: float) -> dict:
-    from edged.service.daemon import Pipeline
+    from edged.service.pipeline import Pipeline
     from edged.fakes.imu import make_factory
     from edged.sources.imu.source import ImuSource
 

@@ -252,7 +252,7 @@ def _alternate(d, gate: Gate, bare: "BareModel", count, pairs: int, seconds: flo
 def vision_worker(model: str, frames: str, host: str, port: int, workdir: str, pairs: int,
                   seconds: float, threads: int) -> dict:
     from edged.sources.camera import decode_image, open_replay
-    from edged.service.daemon import Pipeline
+    from edged.service.pipeline import Pipeline
 
     work = Path(workdir)
     folder = prepare_frames(model, frames, work / f"frames-{model}-{frames}")
@@ -280,7 +280,7 @@ def vision_worker(model: str, frames: str, host: str, port: int, workdir: str, p
 
 
 def motion_worker(host: str, port: int, workdir: str, pairs: int, seconds: float, threads: int) -> dict:
-    from edged.service.daemon import Pipeline
+    from edged.service.pipeline import Pipeline
     from edged.stages.motion import iter_csv_windows
 
     work = Path(workdir)
@@ -310,7 +310,7 @@ def motion_worker(host: str, port: int, workdir: str, pairs: int, seconds: float
 
 def latency_worker(host: str, port: int, workdir: str, seconds: float, threads: int) -> dict:
     from edged.sources.camera import decode_image
-    from edged.service.daemon import Pipeline
+    from edged.service.pipeline import Pipeline
 
     work = Path(workdir)
     folder = prepare_frames("face", "model", work / "frames-face-latency")

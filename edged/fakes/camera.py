@@ -49,7 +49,7 @@ FORMATS = ("BGR888", "RGB888", "XBGR8888", "YUV420")
 
 def _load(images) -> list[np.ndarray]:
     if isinstance(images, (str, Path)):
-        from edged.sources.camera import decode_image, list_images
+        from edged.sources.camera.images import decode_image, list_images
 
         return [decode_image(p) for p in list_images(Path(images))]
     out = [np.ascontiguousarray(i, dtype=np.uint8) for i in images]

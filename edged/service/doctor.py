@@ -13,7 +13,7 @@ status is 1 when anything failed, else 0.
 
 System paths (/dev, /sys, /etc/passwd, /etc/group) are read under `Env.root`, and the hardware
 libraries (SMBus, picamera2, libedgetpu, the network) come through `Env`, so tests run the real
-checks against a fake tree and the fakes in `edged.fakes` / `edged.fakes.imu`.
+checks against a fake tree and the fakes `edged.hardware` hands out.
 """
 
 from __future__ import annotations
@@ -207,9 +207,9 @@ def check_imu(cfg: Config, env: Env) -> list[Check]:
     factory = env.smbus_factory
     fake = ""
     if imu.fake:
-        from edged.fakes import imu_bus_factory
+        from edged.hardware import for_config
 
-        factory = imu_bus_factory(imu)
+        factory = for_config(cfg).smbus_factory(imu)
         fake = " on the FAKE bus (imu.fake = true)"
     elif not env.path(dev).exists():
         return [Check("imu", FAIL, f"{dev} does not exist (imu.bus = {imu.bus})",

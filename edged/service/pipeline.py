@@ -1,0 +1,275 @@
+"""The pipeline: one config's sources and stages, and the threads that move data through them.
+
+  camera   reads frames into a one-slot mailbox (frames are perishable: newest wins, skips counted)
+  vision   takes the newest frame, detects, applies the publish policy, queues Detections
+  imu      reads IMU bursts, feeds the motion stage, queues every MotionSignature
+
+A `Pipeline` is built whole from a config (models loaded and verified, sources opened) and is
+replaced whole on reload; the daemon (`edged.service.daemon`) owns what outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edged.config import Config
+from edged.records import Detections, Frame
+from edged.service.log import fields
+
+if TYPE_CHECKING:
+    from edged.service.daemon import Daemon
+
+log = logging.getLogger("edged.daemon")
+
+IMU_RAW_BYTES_PER_SAMPLE = 6 * 4  # six float32 channels, what sending raw samples would cost
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    frames_skipped: int = 0
+    frames_failed: int = 0
+    vision_ms_total: float = 0.0
+    vision_runs: int = 0
+    imu_samples: int = 0
+    imu_failed_batches: int = 0
+    motion_windows: int = 0
+    motion_ms_total: float = 0.0
+    raw_bytes: int = 0
+    published_before: int = 0   # acknowledged by links replaced on reload
+    bytes_sent_before: int = 0
+    rejected_before: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class Mailbox:
+    """A one-slot, newest-wins handoff from the camera thread to the vision thread."""
+
+    def __init__(self) -> None:
+        self._item: Frame | None = None
+        self._cond = threading.Condition()
+        self.replaced = 0
+
+    def put(self, item: Frame) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.replaced += 1
+            self._item = item
+            self._cond.notify()
+
+    def take(self, timeout: float) -> Frame | None:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+
+class DetectionPolicy:
+    """Publish when what is seen changes (the multiset of labels), and every `heartbeat_s` while
+    something stays in view; one empty message when the view clears, then silence."""
+
+    def __init__(self, heartbeat_s: float) -> None:
+        self.heartbeat_s = heartbeat_s
+        self._last_key: tuple[str, ...] | None = None
+        self._last_pub = 0.0
+
+    def should_publish(self, d: Detections) -> bool:
+        key = tuple(sorted(o.label for o in d.objects))
+        if key != self._last_key or (key and d.ts - self._last_pub >= self.heartbeat_s):
+            self._last_key = key
+            self._last_pub = d.ts
+            return True
+        return False
+
+
+class Pipeline:
+    """The sources and stages built from one config, with their threads.
+
+    On reload a new Pipeline is opened beside the running one (models loaded, sources opened);
+    only when that succeeded is the old one stopped and the new one started, so a bad new model
+    or a missing camera leaves the device running as it was.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.camera = self.imu = self.vision = self.motion = None
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.mailbox = Mailbox()
+        self.last_frame: Frame | None = None  # for snapshots
+        self.imu_handed_over_from: Pipeline | None = None
+        self.keep_imu_open = False  # set when a reload hands our IMU to the next pipeline
+
+    @classmethod
+    def open(cls, cfg: Config, *, running: "Pipeline | None" = None) -> "Pipeline":
+        """Open models and sources; errors here are the user's to fix.
+
+        On reload, `running` is the pipeline in service: an IMU chip whose settings did not change
+        is handed over rather than opened (and reconfigured) a second time while it is read."""
+        from edged.hardware import for_config
+        from edged.models import default_models_dir, load_manifest, select
+        from edged.tpu import open_for_backend
+
+        p = cls(cfg)
+        hardware = for_config(cfg)
+        manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+        acc = cfg.accelerator
+        try:
+            if cfg.camera.enabled:
+                from edged.sources.camera import open_camera
+                from edged.stages.vision import VisionStage
+
+                entry = select(manifest, cfg.vision.model, "vision", "vision.model")
+                model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                                         threads=cfg.vision.threads or None)
+                p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
+                pre = p.vision.preprocess
+                snapshots = bool(getattr(cfg, "commands", None) and cfg.commands.enabled and cfg.commands.snapshot)
+                # A live camera is asked for frames at the model's input size (the ISP scales).
+                p.camera = open_camera(cfg.camera, model_size=(pre.width, pre.height),
+                                       letterbox=pre.letterbox, snapshots=snapshots, hardware=hardware)
+                log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
+                                                      backend=model.backend, camera=p.camera.name))
+            if cfg.imu.enabled:
+                from edged.stages.motion import MotionStage
+
+                entry = select(manifest, cfg.motion.model, "motion", "motion.model")
+                model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                                         threads=cfg.motion.threads or None)
+                p.motion = MotionStage(model, entry)
+                imu = cfg.imu
+                if running is not None and running.imu is not None and imu.source != "replay" \
+                        and running.cfg.imu == imu:
+                    p.imu, p.imu_handed_over_from = running.imu, running
+                elif imu.source == "replay":
+                    from edged.sources.imu.replay import ReplayImu
+
+                    p.imu = ReplayImu(imu.path, speed=imu.speed, loop=imu.loop)
+                else:
+                    from edged.sources.imu.source import ImuSource
+
+                    p.imu = ImuSource(chip=imu.source, bus=imu.bus, address=imu.address or None,
+                                      rate_hz=imu.rate_hz, accel_range_g=imu.accel_range_g,
+                                      gyro_range_dps=imu.gyro_range_dps, lpf_hz=imu.lpf_hz or None,
+                                      smbus_factory=hardware.smbus_factory(imu))
+                log.info("motion ready", extra=fields(model=entry.name, runtime=model.runtime,
+                                                      backend=model.backend, imu=p.imu.chip_name,
+                                                      fake_bus=imu.fake and imu.source != "replay"))
+        except BaseException:
+            p.close_sources()
+            raise
+        return p
+
+    @property
+    def backend(self) -> str:
+        """Where inference runs: "edgetpu:usb" (or another Edge TPU) when a model is on one, "cpu",
+        or "cpu-fallback" while a model that should be on the Edge TPU runs on the CPU."""
+        models = [m for m in (getattr(self.vision, "model", None), getattr(self.motion, "model", None)) if m]
+        for m in models:
+            if getattr(m, "backend", "cpu").startswith("edgetpu"):
+                return m.backend
+        if any(getattr(m, "wants_tpu", False) for m in models):
+            return "cpu-fallback"
+        return "cpu"
+
+    def start(self, d: "Daemon") -> None:
+        wd = d.watchdog
+        if self.camera:
+            if hasattr(self.camera, "on_idle"):
+                # A live camera that is down retries inside read(); it is alive, not stuck.
+                self.camera.on_idle = lambda: d.watchdog.beat("camera")
+            # A slow replay or camera must not look like a stall: allow a few frame periods.
+            frame_deadline = max(wd.deadline_s, 3.0 / self.cfg.camera.fps)
+            wd.register("camera", frame_deadline)
+            wd.register("vision", frame_deadline)
+            self.threads.append(d.spawn("camera", lambda: self._camera_loop(d)))
+            self.threads.append(d.spawn("vision", lambda: self._vision_loop(d)))
+        if self.imu:
+            wd.register("imu")
+            self.threads.append(d.spawn("imu", lambda: self._imu_loop(d)))
+
+    def close_sources(self) -> None:
+        if self.camera:
+            self.camera.close()
+        if self.imu and not self.keep_imu_open:
+            self.imu.close()
+
+    def stop(self, d: "Daemon") -> None:
+        self.stop_event.set()
+        self.close_sources()
+        for t in self.threads:
+            t.join(0.5)
+        for part in ("camera", "vision", "imu"):
+            d.watchdog.unregister(part)
+
+    def _camera_loop(self, d: "Daemon") -> None:
+        c = d.counters
+        while not self.stop_event.is_set():
+            frame = self.camera.read()
+            d.watchdog.beat("camera")
+            if frame is None:
+                if not self.stop_event.is_set():
+                    log.info("camera replay finished")
+                    d.watchdog.unregister("camera")
+                return
+            c.raw_bytes += frame.image.nbytes
+            self.mailbox.put(frame)
+
+    def _vision_loop(self, d: "Daemon") -> None:
+        c = d.counters
+        policy = DetectionPolicy(self.cfg.vision.heartbeat_s)
+        skipped_before = c.frames_skipped
+        while not self.stop_event.is_set():
+            frame = self.mailbox.take(0.25)
+            d.watchdog.beat("vision")
+            if frame is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                objects = self.vision.detect(frame.image)
+            except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
+                c.frames_failed += 1
+                d.once("bad-frame", f"frame skipped: {exc}")
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            c.frames += 1
+            c.vision_runs += 1
+            c.vision_ms_total += ms
+            c.frames_skipped = skipped_before + self.mailbox.replaced
+            self.last_frame = frame
+            det = Detections(frame.ts, objects, ms)
+            if policy.should_publish(det):
+                d.results.put(("detections", det))
+                d.update_state(labels=sorted(o.label for o in objects))
+
+    def _imu_loop(self, d: "Daemon") -> None:
+        c = d.counters
+        while not self.stop_event.is_set():
+            batch = self.imu.read(0.5)
+            d.watchdog.beat("imu")
+            if batch is None:
+                if not self.stop_event.is_set():
+                    log.info("IMU replay finished")
+                    d.watchdog.unregister("imu")
+                return
+            if not len(batch):
+                continue
+            c.imu_samples += len(batch)
+            c.raw_bytes += len(batch) * IMU_RAW_BYTES_PER_SAMPLE
+            try:
+                sigs = self.motion.push(batch)
+            except ValueError as exc:  # samples the stage cannot use (e.g. too slow): say once, skip
+                c.imu_failed_batches += 1
+                d.once("bad-imu", f"IMU samples skipped: {exc}")
+                continue
+            for sig in sigs:
+                c.motion_windows += 1
+                c.motion_ms_total += sig.inference_ms
+                d.results.put(("motion", sig))
+                d.update_state(motion=(sig.label, sig.score))

@@ -1,0 +1,131 @@
+"""Replay sources: the demo's and the tests' camera, and the way to run edged on recorded footage.
+
+`ReplayCamera` plays a folder of images (or one image), `VideoReplay` a video file (through
+OpenCV), both looped at the configured frame rate; `open_replay` picks one by path. A file or
+frame that cannot be decoded is counted, logged once, and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edged.records import Frame
+from edged.service.log import Once
+from edged.sources.camera.common import OPENCV_HINT, CameraError, Pacer
+from edged.sources.camera.images import VIDEO_SUFFIXES, decode_image, list_images
+
+log = logging.getLogger("edged.camera")
+
+
+def open_replay(path: str | Path, *, fps: float = 2.0, loop: bool = True):
+    """A replay source for `path`: a video file, an image file, or a folder of images."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        return VideoReplay(path, fps=fps, loop=loop)
+    return ReplayCamera(path, fps=fps, loop=loop)
+
+
+class VideoReplay:
+    """Plays a video file at `fps`, looping, into a small ring of reused RGB buffers."""
+
+    name = "replay-video"
+    RING = 3  # the frame being filled, one in the mailbox, one being detected
+
+    def __init__(self, path: str | Path, *, fps: float = 2.0, loop: bool = True) -> None:
+        try:
+            import cv2
+        except ImportError:
+            raise CameraError(f"{path}: {OPENCV_HINT}") from None
+        self._cv2 = cv2
+        self.path = Path(path)
+        self.loop = loop
+        self.frames = 0
+        self.errors = 0
+        self._cap = cv2.VideoCapture(str(self.path))
+        if not self._cap.isOpened():
+            raise CameraError(f"{self.path}: cannot open video (unknown format or codec)")
+        ok, first = self._cap.read()
+        if not ok:
+            raise CameraError(f"{self.path}: video has no decodable frame")
+        self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        self._bgr = np.empty_like(first)
+        self._ring = [np.empty_like(first) for _ in range(self.RING)]
+        self._slot = 0
+        self._pacer = Pacer(fps)
+
+    def read(self) -> Frame | None:
+        cv2 = self._cv2
+        while self._pacer.wait():
+            ok, bgr = self._cap.read(self._bgr)
+            if not ok:
+                if not self.loop or self.frames == 0:
+                    return None
+                self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                ok, bgr = self._cap.read(self._bgr)
+                if not ok:
+                    self.errors += 1
+                    return None
+            if bgr.shape != self._bgr.shape:  # a stream whose size changes mid-file
+                self.errors += 1
+                continue
+            out = self._ring[self._slot]
+            self._slot = (self._slot + 1) % self.RING
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out)
+            self.frames += 1
+            return Frame(time.time(), out)
+        return None
+
+    def close(self) -> None:
+        self._pacer.closed.set()
+
+
+class ReplayCamera:
+    """Replays image files at `fps`, looping. Decoded frames are cached (they are small demo sets)."""
+
+    name = "replay"
+
+    def __init__(self, path: str | Path, *, fps: float = 2.0, loop: bool = True,
+                 cache_bytes: int = 64 << 20) -> None:
+        self.files = list_images(Path(path))
+        self.loop = loop
+        self.frames = 0
+        self.errors = 0
+        self._cache: dict[Path, np.ndarray] = {}
+        self._cache_left = cache_bytes
+        self._i = 0
+        self._pacer = Pacer(fps)
+        self._once = Once(log)
+
+    def read(self) -> Frame | None:
+        """The next frame, waiting for its turn; None when the replay is over or closed."""
+        while True:
+            if self._i >= len(self.files):
+                if not self.loop:
+                    return None
+                self._i = 0
+            if not self._pacer.wait():
+                return None
+            path = self.files[self._i]
+            self._i += 1
+            image = self._cache.get(path)
+            if image is None:
+                try:
+                    image = decode_image(path)
+                except CameraError as exc:
+                    self.errors += 1
+                    self._once(f"decode:{path}", str(exc))
+                    if self.errors >= len(self.files) and not self._cache:
+                        raise CameraError(f"{path.parent}: no image in the replay folder can be decoded") from None
+                    continue
+                if image.nbytes <= self._cache_left:
+                    self._cache[path] = image
+                    self._cache_left -= image.nbytes
+            self.frames += 1
+            return Frame(time.time(), image)
+
+    def close(self) -> None:
+        self._pacer.closed.set()

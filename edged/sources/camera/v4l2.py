@@ -1,0 +1,124 @@
+"""A USB webcam (or any V4L2 capture device) through OpenCV, imported only when used.
+
+The capture backend is a constructor argument, which is where the hardware factory
+(`edged.hardware`) hands in a fake.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from edged.service.log import fields
+from edged.sources.camera.common import OPENCV_HINT, CameraError, CameraFault
+from edged.sources.camera.live import LiveCamera
+
+log = logging.getLogger("edged.camera")
+
+
+class OpenCvV4l2:
+    """The V4L2 boundary as edged uses it: OpenCV's VideoCapture with the V4L2 backend, and the
+    state of the device node (which tells an unplugged webcam from a slow one)."""
+
+    def __init__(self) -> None:
+        try:
+            import cv2
+        except ImportError:
+            raise CameraError(f"camera.source = \"v4l2\": {OPENCV_HINT}") from None
+        self.cv2 = cv2
+
+    def open(self, device: str):
+        return self.cv2.VideoCapture(device, self.cv2.CAP_V4L2)
+
+    def node(self, device: str) -> str | None:
+        """None when the node is usable, else "unplugged" or "permission"."""
+        import os
+
+        if not os.path.exists(device):
+            return "unplugged"
+        if not os.access(device, os.R_OK | os.W_OK):
+            return "permission"
+        return None
+
+
+def v4l2_device(device: str | int) -> str:
+    """"/dev/video0" from "/dev/video0", "0" or 0."""
+    text = str(device).strip()
+    return f"/dev/video{text}" if text.isdigit() else text
+
+
+class V4l2Source(LiveCamera):
+    """A USB webcam (or any V4L2 capture device) through OpenCV, at the configured size and rate.
+
+    The driver picks the nearest mode it supports; the size it picked is logged and used. The
+    capture queue is one buffer deep, so a frame is at most one frame period old at low rates.
+    `backend` is `OpenCvV4l2()` by default, or `edged.fakes.camera.FakeV4l2`.
+    """
+
+    name = "v4l2"
+
+    def __init__(self, device: str | int = "/dev/video0", *, width: int = 640, height: int = 480,
+                 fps: float = 10.0, fourcc: str = "", backend=None, **kw) -> None:
+        super().__init__(fps=fps, **kw)
+        self._backend = backend or OpenCvV4l2()
+        self._cv2 = self._backend.cv2
+        self.device = v4l2_device(device)
+        self.width, self.height = int(width), int(height)
+        if fourcc and len(fourcc) != 4:
+            raise CameraError(f"camera.fourcc: expected 4 characters such as MJPG or YUYV, got {fourcc!r}")
+        self.fourcc = fourcc
+        self._cap = None
+        self._bgr: np.ndarray | None = None
+
+    def _node_fault(self, state: str) -> CameraFault:
+        if state == "unplugged":
+            return CameraFault("unplugged", f"{self.device} does not exist: is the webcam plugged in? "
+                                            "('v4l2-ctl --list-devices' lists capture devices)")
+        return CameraFault("permission", f"{self.device}: permission denied: add the user running edged "
+                                         "to the video group")
+
+    def _open(self) -> None:
+        cv2 = self._cv2
+        state = self._backend.node(self.device)
+        if state:
+            raise self._node_fault(state)
+        cap = self._backend.open(self.device)
+        if not cap.isOpened():
+            cap.release()
+            raise CameraFault("busy", f"{self.device}: cannot open for capture (busy with another "
+                                      "program, or not a capture device)")
+        if self.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.fourcc))
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        cap.set(cv2.CAP_PROP_FPS, self.fps)
+        # One buffer: at 2 fps a deeper queue would hand out frames several seconds old.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        self._cap = cap
+        self._bgr = None
+        log.info("camera ready", extra=fields(source=self.name, device=self.device, size=f"{w}x{h}",
+                                              asked=f"{self.width}x{self.height}",
+                                              fps=cap.get(cv2.CAP_PROP_FPS)))
+
+    def _grab(self) -> tuple[np.ndarray, float | None]:
+        ok, bgr = self._cap.read(self._bgr) if self._bgr is not None else self._cap.read()
+        if not ok or bgr is None:
+            state = self._backend.node(self.device)
+            if state:
+                raise self._node_fault(state)
+            raise CameraFault("timeout", f"{self.device}: no frame (read timed out)")
+        if bgr.ndim != 3 or bgr.shape[2] != 3:
+            raise CameraFault("error", f"{self.device}: frame of shape {bgr.shape}, expected (h, w, 3)")
+        self._bgr = bgr
+        out = self._next_ring(bgr.shape)
+        self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB, dst=out)
+        # The buffer's timestamp from the driver (CLOCK_MONOTONIC for UVC webcams), in ms.
+        ms = self._cap.get(self._cv2.CAP_PROP_POS_MSEC)
+        return out, (ms / 1000.0 if ms > 0 else None)
+
+    def _release(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release()
