@@ -29,6 +29,9 @@ from benchmarks.common import (SAMPLES, Broker, Figure, bench_config, run_worker
 RATE_HZ = 400.0
 SIM_S = 600.0
 SPEEDUP = 6.0
+# The quick budget (make test's smoke run) counts samples at real time: on a loaded CI machine
+# 35 ms of headroom is a scheduler test, not a count of what the source delivers.
+QUICK_SPEEDUP = 1.0
 
 
 class ScaledClock:
@@ -132,17 +135,18 @@ def _worker(kind: str, **kwargs) -> dict:
 
 def imu_fifo(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     sim_s = 20.0 if quick else SIM_S
+    speedup = QUICK_SPEEDUP if quick else SPEEDUP
     own, helpers = split_cpus()
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
         with Broker(work / "broker", cores=helpers) as broker:
             r = run_worker("imu_fifo", {"kind": "fifo", "host": broker.host, "port": broker.port,
-                                        "workdir": str(work), "sim_s": sim_s, "speedup": SPEEDUP},
-                           own, timeout=sim_s / SPEEDUP + 90)
+                                        "workdir": str(work), "sim_s": sim_s, "speedup": speedup},
+                           own, timeout=sim_s / speedup + 90)
     # Every sample the chip produced after the source's first flush either reached the motion
     # stage or was still in the FIFO when time stopped; anything else was lost, however.
     lost = r["produced"] - r["in_fifo_at_stop"] - r["staged"]
-    note = (f"{r['sim_s']:.0f} s simulated in {r['wall_s']:.0f} s ({SPEEDUP:g}× time), {r['rate_hz']:g} Hz, "
+    note = (f"{r['sim_s']:.0f} s simulated in {r['wall_s']:.0f} s ({speedup:g}× time), {r['rate_hz']:g} Hz, "
             f"FIFO {r['fifo_frames']} samples; produced {r['produced']}, staged {r['staged']}, "
             f"{r['in_fifo_at_stop']} left in the FIFO; the chip overwrote {r['overwritten']}, the source "
             f"saw {r['overflows']} overflows (FIFO resets {r['fifo_resets']}, lost estimate {r['source_lost']}), "
