@@ -44,7 +44,14 @@ DPKG_STATUS = ("Package: python3-venv\nStatus: install ok installed\nVersion: 3.
                "Package: mosquitto-clients\nStatus: install ok installed\nVersion: 2.0.11-1.2\n\n"
                "Package: i2c-tools\nStatus: deinstall ok config-files\nVersion: 4.3-2+b3\n")
 SEED_DIRS = ("etc/systemd/system", "etc/udev/rules.d", "etc/modules-load.d",
-             "etc/apt/sources.list.d", "etc/apt/keyrings", "opt", "var/lib/dpkg", "boot/firmware")
+             "etc/apt/sources.list.d", "etc/apt/keyrings", "opt", "var/lib/dpkg", "boot/firmware",
+             "var/lib/apt/lists")
+# apt's package lists as `apt-get update` leaves them: Raspberry Pi OS has its own archive
+# beside Debian's, and only that one carries python3-picamera2.
+DEBIAN_LIST = ("deb.debian.org_debian_dists_bookworm_main_binary-arm64_Packages",
+               "Package: python3-venv\nVersion: 3.11.2-1+b1\n\nPackage: python3-systemd\nVersion: 235-1+b2\n")
+PIOS_LIST = ("archive.raspberrypi.com_debian_dists_bookworm_main_binary-arm64_Packages",
+             "Package: python3-libcamera\nVersion: 0.3.2\n\nPackage: python3-picamera2\nVersion: 0.3.22-2\n")
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIBtest\n-----END PRIVATE KEY-----\n"
 
@@ -58,7 +65,17 @@ def root(tmp_path) -> Path:
     (r / "etc/group").write_text(GROUP)
     (r / "var/lib/dpkg/status").write_text(DPKG_STATUS)
     (r / "boot/firmware/config.txt").write_text(BOOT_CONFIG)
+    for name, text in (DEBIAN_LIST, PIOS_LIST):
+        (r / "var/lib/apt/lists" / name).write_text(text)
     return r
+
+
+@pytest.fixture
+def debian_root(root) -> Path:
+    """Plain Debian: no Raspberry Pi OS archive, and no firmware boot config."""
+    (root / "var/lib/apt/lists" / PIOS_LIST[0]).unlink()
+    shutil.rmtree(root / "boot")
+    return root
 
 
 @pytest.fixture
@@ -170,7 +187,7 @@ def test_provision_writes_everything(root, source, certs):
         "apt-get update",
         # python3-venv and mosquitto-clients are installed; i2c-tools was removed (config-files)
         "env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-        "python3-picamera2 python3-systemd i2c-tools libedgetpu1-std",
+        "python3-systemd i2c-tools libedgetpu1-std python3-picamera2",
         "modprobe i2c-dev",
         "groupadd --system apex",  # video, i2c, plugdev exist on Raspberry Pi OS
         "useradd --system --user-group --home-dir /var/lib/edged --no-create-home "
@@ -369,3 +386,38 @@ def test_camera_and_imu_flags_change_only_what_they_name(root, source):
     assert "# my note" in conf.read_text()
     bad = run(PROVISION, "--root", str(root), "--source", str(source), "--camera", "gopro")
     assert bad.returncode == 2 and "--camera: invalid choice" in bad.stderr
+
+
+def test_plain_debian_has_no_picamera2_and_says_so(debian_root, source):
+    res = run(PROVISION, "--root", str(debian_root), "--source", str(source))
+    assert res.returncode == 0, res.stderr
+    installs = [c for c in commands(debian_root) if "apt-get install" in c]
+    assert installs == ["env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+                        "python3-systemd i2c-tools"]
+    assert "skip: python3-picamera2 (not in this system's apt sources" in res.stdout
+    # A new config does not name a camera this system cannot drive.
+    doc = tomllib.loads((debian_root / "etc/edged/edged.toml").read_text())
+    assert doc["camera"] == {"enabled": False}
+    assert "the new config has the camera off" in res.stdout
+    assert "python3-picamera2" not in json.loads(
+        (debian_root / "opt/edged/provision.json").read_text())["installed_packages"]
+
+    # The demo sources work anywhere; asking for the Pi camera here is refused in one line.
+    res = run(PROVISION, "--root", str(debian_root), "--source", str(source), "--camera", "replay")
+    assert res.returncode == 0, res.stderr
+    assert tomllib.loads((debian_root / "etc/edged/edged.toml").read_text())["camera"] == {
+        "enabled": True, "source": "replay"}
+    res = run(PROVISION, "--root", str(debian_root), "--source", str(source), "--camera", "picamera2")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "provision: --camera picamera2: python3-picamera2 is not in this system's apt sources (only "
+        "Raspberry Pi OS's archive has it); add that archive, or choose --camera v4l2|replay|none"]
+    assert not any("picamera2" in c for c in commands(debian_root) if "apt-get install" in c)
+
+
+def test_picamera2_is_installed_where_the_archive_has_it(root, source):
+    res = run(PROVISION, "--root", str(root), "--source", str(source), "--camera", "v4l2")
+    assert res.returncode == 0, res.stderr
+    # Installed even though this config uses a webcam: switching to the Pi camera later needs it.
+    assert any(c.endswith(" python3-picamera2") for c in commands(root) if "apt-get install" in c)
+    assert "skip: python3-picamera2" not in res.stdout
