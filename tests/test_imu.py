@@ -34,13 +34,14 @@ CHIPS = {
     "mpu6500": ("mpu6500", 0x68, 100.0, G / 8192, DEG / 65.5),
     "mpu9250": ("mpu9250", 0x68, 100.0, G / 8192, DEG / 65.5),
     "lsm6ds3": ("lsm6ds3", 0x6A, 104.0, 0.122e-3 * G, 17.50e-3 * DEG),
+    "lsm6ds3h": ("lsm6ds3", 0x6A, 104.0, 0.122e-3 * G, 17.50e-3 * DEG),  # answers 0x69 as the DS3 does
     "lsm6dsl": ("lsm6dsl", 0x6A, 104.0, 0.122e-3 * G, 17.50e-3 * DEG),
     "lsm6dsox": ("lsm6dsox", 0x6A, 104.0, 0.122e-3 * G, 17.50e-3 * DEG),
     "bmi160": ("bmi160", 0x69, 100.0, G / 8192, DEG / 65.6),
 }
 # the register each driver streams the FIFO from, and a status register it polls
-FIFO_REG = {"mpu": 0x74, "lsm6ds3": 0x3E, "lsm6dsl": 0x3E, "lsm6dsox": 0x78, "bmi160": 0x24}
-STATUS_REG = {"mpu": 0x72, "lsm6ds3": 0x3A, "lsm6dsl": 0x3A, "lsm6dsox": 0x3A, "bmi160": 0x22}
+FIFO_REG = {"mpu": 0x74, "lsm6ds3": 0x3E, "lsm6ds3h": 0x3E, "lsm6dsl": 0x3E, "lsm6dsox": 0x78, "bmi160": 0x24}
+STATUS_REG = {"mpu": 0x72, "lsm6ds3": 0x3A, "lsm6ds3h": 0x3A, "lsm6dsl": 0x3A, "lsm6dsox": 0x3A, "bmi160": 0x22}
 
 
 def reg_key(chip: str) -> str:
@@ -48,8 +49,8 @@ def reg_key(chip: str) -> str:
 
 
 def open_source(chip: str, *, source_chip: str = "auto", clock=None, **kw):
-    fake_kw = {k: kw.pop(k) for k in ("who_am_i", "odr_error", "address", "motion", "motion_csv", "word_order")
-               if k in kw}
+    fake_kw = {k: kw.pop(k) for k in ("who_am_i", "odr_error", "address", "motion", "motion_csv", "word_order",
+                                      "gyro_startup_s", "bootstrap_s", "fifo_bytes") if k in kw}
     clock = clock or SimClock()
     factory = make_factory(chip, clock=clock, record=True, **fake_kw)
     return ImuSource(chip=source_chip, smbus_factory=factory, **kw), factory, clock
@@ -271,6 +272,122 @@ def test_bmi160_registers():
     assert (f.chip.regs[0x41], f.chip.regs[0x43]) == (0b1100, 0b100)
 
 
+# --- datasheet rules the fakes enforce ----------------------------------------------------------
+
+def test_fake_bmi160_ignores_a_write_too_soon_after_another_while_suspended():
+    # BMI160 datasheet §3.2.4: ≥ 450 µs between writes unless a sensor is in normal mode.
+    clock = SimClock()
+    bus = FakeBus(1)
+    dev = bus.attach(0x69, FakeBmi160(clock))
+    bus.write_byte_data(0x69, 0x41, 0b0101)      # ACC_RANGE ±4 g: the first write is taken
+    bus.write_byte_data(0x69, 0x43, 0b010)       # GYR_RANGE at once after it: lost
+    assert (dev.regs[0x41], dev.regs[0x43], dev.dropped_writes) == (0b0101, 0b000, 1)
+    clock.advance(500e-6)
+    bus.write_byte_data(0x69, 0x43, 0b010)
+    assert dev.regs[0x43] == 0b010
+    clock.advance(500e-6)
+    bus.write_byte_data(0x69, 0x7E, 0x11)        # accelerometer to normal mode ...
+    bus.write_byte_data(0x69, 0x41, 0b1000)      # ... and writes may follow at bus speed
+    bus.write_byte_data(0x69, 0x43, 0b001)
+    assert (dev.regs[0x41], dev.regs[0x43], dev.dropped_writes) == (0b1000, 0b001, 1)
+
+
+def test_bmi160_configuration_is_not_lost_to_the_suspend_mode_write_gap():
+    src, f, clock = open_source("bmi160", rate_hz=100, accel_range_g=4, gyro_range_dps=500)
+    r = f.chip.regs
+    assert f.chip.dropped_writes == 0
+    assert (r[0x40], r[0x41], r[0x42], r[0x43]) == (0x28, 0b0101, 0x28, 0b010)
+    # what the driver scales for is what the chip measures in: ±4 g, ±500 °/s
+    t, data = collect(src, clock, 1.0)
+    true_t, expected = truth(f, -1, len(t))
+    assert_motion(data, expected, G / 8192, DEG / 65.6)
+
+
+@pytest.mark.parametrize("lpf_hz", [None, 60.0, 26.0, 11.0, 2.0, 0.3])
+def test_lsm6dsl_filter_bits_are_the_dsls_not_the_ds3s(lpf_hz):
+    # LSM6DSL / DS3TR-C (ST lsm6dsl_reg.h): CTRL1_XL[1] LPF1_BW_SEL, [0] BW0_XL; CTRL4_C[7]
+    # DEN_XL_EN; LPF2 in CTRL8_XL. The cut-off edged reports is the one the part applies.
+    src, f, _ = open_source("lsm6dsl", rate_hz=100, lpf_hz=lpf_hz)
+    assert f.chip.foreign_bits == []
+    assert f.chip.regs[0x10] & 0x01 == 0                     # BW0_XL: analog band left at 1.5 kHz
+    assert src.settings.accel_lpf_hz == pytest.approx(f.chip.accel_bandwidth())
+    if lpf_hz is not None and lpf_hz >= 2.0:
+        assert abs(src.settings.accel_lpf_hz - lpf_hz) / lpf_hz < 0.2  # a path close to what was asked
+
+
+@pytest.mark.parametrize("lpf_hz", [None, 400.0, 190.0, 100.0, 40.0])
+def test_lsm6ds3_filter_bits_are_the_ds3s(lpf_hz):
+    src, f, _ = open_source("lsm6ds3", rate_hz=400, lpf_hz=lpf_hz)
+    assert src.settings.accel_lpf_hz == f.chip.accel_bandwidth()
+
+
+@pytest.mark.parametrize("chip, dps", [("lsm6ds3", 245.0), ("lsm6ds3h", 245.0), ("lsm6dsl", 250.0),
+                                       ("lsm6dsox", 250.0)])
+def test_st_smallest_gyro_range_is_named_as_each_datasheet_names_it(chip, dps):
+    src, f, _ = open_source(chip, gyro_range_dps=250)
+    assert src.settings.gyro_range_dps == dps and (f.chip.regs[0x11] >> 1) & 0b111 == 0
+
+
+def test_lsm6ds3h_is_planned_for_with_its_smaller_fifo():
+    # DS3 and DS3H both answer 0x69; the DS3H holds 4 kbyte (Linux st_lsm6dsx: 682 data sets
+    # against the DS3's 1365), and nothing on the bus tells them apart: plan for the smaller.
+    for chip in ("lsm6ds3", "lsm6ds3h"):
+        src, f, _ = open_source(chip)
+        assert src.settings.fifo_frames == 4096 // 12
+
+
+def test_lsm6dsox_bootstrap_samples_are_dropped_counted_and_stamps_stay_on_the_grid():
+    rate = 104.0
+    src, f, clock = open_source("lsm6dsox", rate_hz=100, gyro_startup_s=0.07, bootstrap_s=0.5)
+    dev = f.chip
+    t, data = collect(src, clock, 2.0)
+    assert dev.bootstrap_words > 0
+    assert src.stats["invalid_samples"] > 0.25 * rate             # those after the FIFO started
+    assert np.abs(data[:, 3:]).max() < 1000 * DEG                 # no 0x7fxx reading came out
+    # every delivered sample is the sample of its own grid slot
+    start = dev.pushed_at_reset[-1]
+    true_all = dev.true_times()[start:]
+    valid = true_all >= dev._gyro_on_at + 0.07 + 0.5
+    true_t = true_all[valid][:len(t)]
+    assert len(true_t) == len(t)
+    assert np.all(t - true_t >= -1e-6) and np.all(t - true_t <= 1 / rate + 1e-6)
+    assert_motion(data, dev.motion(true_t), 0.122e-3 * G, 17.50e-3 * DEG)
+    assert src.stats["samples"] == len(t) and src.stats["lost_samples"] == 0
+
+
+@pytest.mark.parametrize("chip", ["mpu6050", "mpu6500", "mpu9250"])
+def test_mpu_waits_for_the_gyroscope_to_start_before_sampling(chip):
+    # Linux inv_mpu6050: gyro start-up 60 ms (6050) / 70 ms (6500 family); the fake reads zero
+    # rate until then, as a part still settling does.
+    src, f, clock = open_source(chip, rate_hz=200)
+    t, data = collect(src, clock, 0.5)
+    true_t, expected = truth(f, -1, len(t))
+    assert true_t[0] >= f.chip._awake_at + f.chip.gyro_startup_s
+    assert_motion(data, expected, G / 8192, DEG / 65.5)
+
+
+@pytest.mark.parametrize("chip, register, name", [("mpu6050", 0x1B, "GYRO_CONFIG"), ("lsm6dsl", 0x10, "CTRL1_XL"),
+                                                  ("lsm6dsox", 0x17, "CTRL8_XL"), ("bmi160", 0x43, "GYR_RANGE")])
+def test_a_configuration_write_that_did_not_take_is_found_on_read_back(chip, register, name):
+    # lpf_hz=10 makes every one of these registers differ from its reset value
+    clock = SimClock()
+    factory = make_factory(chip, clock=clock)
+    factory.bus.lose_writes(1, register=register)            # lost once: set up again, counted
+    src = ImuSource(chip="auto", smbus_factory=factory, rate_hz=100, accel_range_g=4, gyro_range_dps=500,
+                    lpf_hz=10)
+    assert factory.bus.writes_lost == 1
+    assert src.stats["config_readback_mismatches"] == 1
+    src.close()
+
+    factory = make_factory(chip, clock=SimClock())
+    factory.bus.lose_writes(100, register=register)          # never takes: refused in one line
+    with pytest.raises(ImuError) as e:
+        ImuSource(chip="auto", smbus_factory=factory, rate_hz=100, accel_range_g=4, gyro_range_dps=500,
+                  lpf_hz=10)
+    msg = str(e.value)
+    assert "\n" not in msg and f"register {name} (0x{register:02x}) reads 0x" in msg and "after writing 0x" in msg
+
+
 # --- scale factors: hand-made FIFO bytes -> SI ----------------------------------------------------
 
 def _driver(cls, fake):
@@ -352,7 +469,7 @@ def test_motion_in_equals_motion_out_with_timestamps_at_the_chip_rate(chip):
     np.testing.assert_allclose(np.diff(t), 1 / rate, rtol=0, atol=1e-6)
     assert np.all(t - true_t >= -1e-6) and np.all(t - true_t <= 1 / rate + 1e-6)
     assert src.stats == {"samples": len(t), "overflows": 0, "lost_samples": 0, "read_errors": 0,
-                         "chip_resets": 0}
+                         "chip_resets": 0, "invalid_samples": 0, "config_readback_mismatches": 0}
 
 
 def test_reads_come_in_bursts_not_sample_by_sample():
@@ -440,7 +557,8 @@ def test_overflow_between_level_read_and_burst_is_detected_and_counted(chip):
         waiting = len(dev.fifo) // dev.frame_bytes()
         clock.advance((holds - waiting + 2.5) / rate)  # two or three samples more than fit
 
-    f.bus.before_reads(STATUS_REG[reg_key(chip)], lambda: clock.advance(holds // 2 / rate))
+    # half of what the driver plans for (on an LSM6DS3 that is a quarter of its 8 kbyte FIFO)
+    f.bus.before_reads(STATUS_REG[reg_key(chip)], lambda: clock.advance(src.settings.fifo_frames // 2 / rate))
     f.bus.before_reads(FIFO_REG[reg_key(chip)], preempted)
     overwritten = dev.overwritten
     t2, d2 = collect(src, clock, holds / rate + 1.0)

@@ -46,6 +46,7 @@ CHIPS: dict[str, tuple[type[FakeChip], int, dict]] = {
     "mpu6500": (FakeMpu6050, 0x68, {"who_am_i": 0x70}),
     "mpu9250": (FakeMpu6050, 0x68, {"who_am_i": 0x71}),
     "lsm6ds3": (FakeLsm6ds3, 0x6A, {"who_am_i": 0x69}),
+    "lsm6ds3h": (FakeLsm6ds3, 0x6A, {"who_am_i": 0x69, "fifo_bytes": 4096}),
     "lsm6dsl": (FakeLsm6ds3, 0x6A, {"who_am_i": 0x6A}),
     "lsm6dsox": (FakeLsm6dsox, 0x6A, {}),
     "bmi160": (FakeBmi160, 0x69, {}),

@@ -10,11 +10,20 @@ from edged.fakes.imu.bus import FakeChip
 from edged.sources.imu import STANDARD_GRAVITY
 
 
+SUSPENDED_WRITE_GAP_S = 450e-6  # datasheet §3.2.4; Linux bmi160_core.c BMI160_SUSPENDED_WRITE_USLEEP
+
+
 class FakeBmi160(FakeChip):
     """BMI160 (CHIP_ID 0xD1), per BST-BMI160-DS000-07: sensors start suspended until the CMD
     register wakes them; headerless FIFO frames GYR XYZ + ACC XYZ, little-endian; a full FIFO
     discards its oldest whole frame; reading past the end returns 0x80; the byte counter moves
-    on whole frames only."""
+    on whole frames only.
+
+    While neither sensor is in normal mode (after power-on or a soft reset, in suspend), the
+    interface needs 450 µs between two writes (§3.2.4, "idle time between write accesses"; the
+    condition Bosch's BMI160_SensorAPI `bmi160_set_regs` applies): a write sooner than that after
+    the previous one is ignored and counted in `dropped_writes`, as the real part would lose it.
+    In normal mode the 2 µs gap is always met by the bus transfer itself, so it is not checked."""
 
     ID_REGISTER = 0x00
     DEFAULTS = {0x00: 0xD1, 0x40: 0x28, 0x41: 0x03, 0x42: 0x28, 0x43: 0x00, 0x47: 0x10}
@@ -29,6 +38,18 @@ class FakeBmi160(FakeChip):
     def _power_on(self):
         super()._power_on()
         self.acc_normal = self.gyr_normal = False
+
+    dropped_writes = 0
+    _last_write: float | None = None
+
+    def write(self, reg, value):
+        now = self.clock.monotonic()
+        suspended = not (self.acc_normal or self.gyr_normal)
+        if suspended and self._last_write is not None and now - self._last_write < SUSPENDED_WRITE_GAP_S:
+            self.dropped_writes += 1
+            return
+        super().write(reg, value)
+        self._last_write = now
 
     def sampling(self):
         acc_odr, gyr_odr = self.regs[0x40] & 0xF, self.regs[0x42] & 0xF

@@ -100,6 +100,8 @@ class FakeBus:
         self.closed = False
         self._faults: list[list] = []  # [count, register or None, errno]
         self._hooks: list[list] = []   # [count, register, action]
+        self._lost_writes: list[list] = []  # [count, register or None]
+        self.writes_lost = 0
         self._lock = threading.RLock()
 
     def attach(self, address: int, chip: FakeChip) -> FakeChip:
@@ -109,6 +111,21 @@ class FakeBus:
     def fail_reads(self, count: int = 1, *, register: int | None = None, err: int = errno.EREMOTEIO) -> None:
         """Make the next `count` reads (of `register` only, if given) raise OSError(err)."""
         self._faults.append([count, register, err])
+
+    def lose_writes(self, count: int = 1, *, register: int | None = None) -> None:
+        """Make the next `count` writes (to `register` only, if given) vanish: acknowledged on the
+        bus but never taking effect in the chip, as a write the chip ignores does."""
+        self._lost_writes.append([count, register])
+
+    def _write_lost(self, register: int) -> bool:
+        for f in self._lost_writes:
+            if f[1] is None or f[1] == register:
+                f[0] -= 1
+                if f[0] <= 0:
+                    self._lost_writes.remove(f)
+                self.writes_lost += 1
+                return True
+        return False
 
     def before_reads(self, register: int, action: Callable[[], None], count: int = 1) -> None:
         """Call `action()` just before each of the next `count` reads of `register` is answered:
@@ -154,7 +171,8 @@ class FakeBus:
         with self._lock:
             dev = self._device(i2c_addr)
             self.transfers += 1
-            dev.write(register, value & 0xFF)
+            if not self._write_lost(register):
+                dev.write(register, value & 0xFF)
 
     def read_i2c_block_data(self, i2c_addr: int, register: int, length: int, force=None) -> list[int]:
         if length > 32:

@@ -38,16 +38,41 @@ class _FakeSt(FakeChip):
 
 
 class FakeLsm6ds3(_FakeSt):
-    """LSM6DS3 (WHO_AM_I 0x69, 8 kbyte FIFO) or LSM6DSL/LSM6DS3TR-C (0x6A, 4 kbyte): FIFO of
-    16-bit words in a gyro XYZ, accel XYZ pattern; continuous mode drops the oldest words."""
+    """LSM6DS3 (WHO_AM_I 0x69, 8 kbyte FIFO), LSM6DS3H (0x69 too, 4 kbyte: `fifo_bytes=4096`) or
+    LSM6DSL/LSM6DS3TR-C (0x6A, 4 kbyte): FIFO of 16-bit words in a gyro XYZ, accel XYZ pattern;
+    continuous mode drops the oldest words.
+
+    The accelerometer filter bits are read as the part at hand reads them (`accel_bandwidth`):
+    on the DS3/DS3H, CTRL1_XL[1:0] is BW_XL, used when CTRL4_C[7] (XL_BW_SCAL_ODR) is set; on
+    the DSL/DS3TR-C (ST lsm6dsl_reg.h), CTRL1_XL[1] is LPF1_BW_SEL (ODR/4), CTRL1_XL[0] BW0_XL
+    (analog band), CTRL4_C[7] DEN_XL_EN and CTRL8_XL holds LPF2. A DS3-only setting written to a
+    DSL is therefore misread just as the real part misreads it, and DS3-only bits that mean
+    something else on the DSL are listed in `foreign_bits`."""
 
     DEFAULTS = {0x0F: 0x69, 0x12: 0x04}
+    DSL_HPCF_DIV = {0b00: 50, 0b01: 100, 0b10: 9, 0b11: 400}
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, fifo_bytes: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.FIFO_CAPACITY = 8192 if self.who_am_i == 0x69 else 4096
+        self.FIFO_CAPACITY = fifo_bytes or (8192 if self.who_am_i == 0x69 else 4096)
+        self.dsl = self.who_am_i == 0x6A
+        self.foreign_bits: list[str] = []
         self._head = 0          # pattern position of the oldest word in the FIFO
         self._overrun = False
+
+    def accel_bandwidth(self) -> float | None:
+        """The accelerometer's low-pass cut-off (Hz) the registers select on this part; None when
+        it follows the ODR by itself (DS3 with XL_BW_SCAL_ODR clear)."""
+        odr = _ST_ODR.get(self.regs[0x10] >> 4)
+        if odr is None:
+            return None
+        ctrl1 = self.regs[0x10]
+        if not self.dsl:
+            return (400.0, 200.0, 100.0, 50.0)[ctrl1 & 3] if self.regs[0x13] & 0x80 else None
+        ctrl8 = self.regs[0x17]
+        if ctrl8 & 0x80:                              # LPF2_XL_EN
+            return odr / self.DSL_HPCF_DIV[(ctrl8 >> 5) & 3]
+        return odr / 4 if ctrl1 & 0x02 else odr / 2   # LPF1_BW_SEL
 
     def _pattern(self) -> tuple[bool, bool]:
         gyro = (self.regs[0x08] >> 3) & 7 and self.regs[0x11] >> 4
@@ -86,6 +111,8 @@ class FakeLsm6ds3(_FakeSt):
             self.on_overflow(excess)
 
     def write_register(self, reg, value):
+        if self.dsl and reg == 0x13 and value & 0x80:
+            self.foreign_bits.append("CTRL4_C[7] DEN_XL_EN (the LSM6DS3's XL_BW_SCAL_ODR)")
         super().write_register(reg, value)
         if reg == 0x0A and value & 7 == 0:       # bypass empties the FIFO
             self.clear_fifo()
@@ -128,11 +155,16 @@ class FakeLsm6dsox(_FakeSt):
     WORD = 7
     CAPACITY_WORDS = 512
 
-    def __init__(self, *args, word_order: str = "accel-first", gyro_startup_s: float = 0.07, **kwargs) -> None:
+    def __init__(self, *args, word_order: str = "accel-first", gyro_startup_s: float = 0.07,
+                 bootstrap_s: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.FIFO_CAPACITY = self.CAPACITY_WORDS * self.WORD
         self.word_order = word_order
         self.gyro_startup_s = gyro_startup_s
+        # For `bootstrap_s` after its start-up, the gyroscope's words carry the invalid bootstrap
+        # values 0x7ffd-0x7fff on every axis (what Linux st_lsm6dsx drops) instead of readings.
+        self.bootstrap_s = bootstrap_s
+        self.bootstrap_words = 0
         self._gyro_on_at = None
         self._ovr_latched = False
         self._ovr = False
@@ -166,7 +198,13 @@ class FakeLsm6dsox(_FakeSt):
                 words.append((0x02, self.quantise(si[:, :3], a_lsb), np.ones(n, bool)))
             if kind == "gyro" and g_on is not None:
                 on_at = self._gyro_on_at if self._gyro_on_at is not None else -math.inf
-                words.append((0x01, self.quantise(si[:, 3:], g_lsb), t >= on_at + self.gyro_startup_s))
+                started = on_at + self.gyro_startup_s
+                raw = self.quantise(si[:, 3:], g_lsb)
+                boot = (t >= started) & (t < started + self.bootstrap_s)
+                if boot.any():
+                    raw[boot] = (0x7FFD + np.arange(int(boot.sum())) % 3)[:, None]
+                    self.bootstrap_words += int(boot.sum())
+                words.append((0x01, raw, t >= started))
         out = np.zeros((n, len(words), self.WORD), np.uint8)
         keep = np.zeros((n, len(words)), bool)
         for j, (tag, raw, valid) in enumerate(words):

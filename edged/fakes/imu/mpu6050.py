@@ -21,9 +21,15 @@ class FakeMpu6050(FakeChip):
     GYRO_LSB_PER_DPS = (131.0, 65.5, 32.8, 16.4)          # FS_SEL 0..3
     TEMP_RAW = -3920  # about 25 °C: T = raw / 340 + 36.53 on the MPU-6050
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, gyro_startup_s: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.FIFO_CAPACITY = 1024 if self.who_am_i == 0x68 else 512
+        # The gyroscope needs 60 ms (6050) / 70 ms (6500, 9250) after leaving sleep before its
+        # readings are valid (Linux inv_mpu_iio.h INV_MPU6050/6500_GYRO_STARTUP_TIME); until
+        # then this fake, like a part still settling, reports zero rate.
+        self.gyro_startup_s = gyro_startup_s if gyro_startup_s is not None else (
+            0.060 if self.who_am_i == 0x68 else 0.070)
+        self._awake_at = -math.inf
         self._count_latch = 0
         self._last_fifo_byte = 0
 
@@ -51,9 +57,12 @@ class FakeMpu6050(FakeChip):
             cols.append(self.quantise(si[:, :3], a_lsb))
         if en & 0x80:
             cols.append(np.full((len(si), 1), self.TEMP_RAW, np.int16))
+        settling = t < self._awake_at + self.gyro_startup_s
         for axis, bit in enumerate((0x40, 0x20, 0x10)):
             if en & bit:
-                cols.append(self.quantise(si[:, 3 + axis:4 + axis], g_lsb))
+                g = self.quantise(si[:, 3 + axis:4 + axis], g_lsb)
+                g[settling] = 0
+                cols.append(g)
         return np.hstack(cols).astype(">i2").tobytes()
 
     def on_overflow(self, dropped_bytes):
@@ -65,6 +74,8 @@ class FakeMpu6050(FakeChip):
         if reg == 0x6B and value & 0x80:     # DEVICE_RESET
             self._power_on()
             return
+        if reg == 0x6B and self.regs[0x6B] & 0x40 and not value & 0x40:
+            self._awake_at = self.clock.time()   # leaving sleep: the gyroscope starts up
         if reg == 0x6A:
             if value & 0x04 and not value & 0x40:  # FIFO_RESET acts only with FIFO_EN = 0
                 self.clear_fifo()

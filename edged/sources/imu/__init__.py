@@ -12,6 +12,7 @@ driver reports, the clock they all read time from, and `Chip`, the base every dr
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -19,9 +20,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from edged.service.log import fields
 from edged.sources.imu.registers import RegisterDevice
 
 STANDARD_GRAVITY = 9.80665  # m/s² per g, as the chips' datasheets define LSB/g
+SETUP_ATTEMPTS = 3  # configurations tried before a chip that does not keep its registers is refused
+
+log = logging.getLogger("edged.imu")
 
 
 class ImuError(Exception):
@@ -90,6 +95,10 @@ class Chip(RegisterDevice):
     IDS: ClassVar[dict[int, str]]           # identification value -> variant name
     ADDRESSES: ClassVar[tuple[int, ...]]    # 7-bit addresses the part can strap to
     FIFO_BYTES: ClassVar[int]               # bytes read per stream transfer at most
+    # Configuration registers read back after every setup, address -> datasheet name. A write
+    # the chip did not take (dropped on the bus, sent too soon after the previous one, a bit the
+    # part does not have) would otherwise leave it running with settings edged does not know.
+    READBACK: ClassVar[dict[int, str]] = {}
 
     def __init__(self, bus, address: int, *, where: str, clock, rate_hz: float = 100.0,
                  accel_range_g: float = 4.0, gyro_range_dps: float = 500.0,
@@ -97,11 +106,48 @@ class Chip(RegisterDevice):
         super().__init__(bus, address, stream_capacity=self.FIFO_BYTES)
         self.where = where
         self.clock = clock
+        self._expected: dict[int, int] = {}   # READBACK register -> last value written
+        self.readback_mismatches = 0          # setups whose read-back found a register that differed
+        self.invalid: np.ndarray | None = None  # per row of the last read_samples: True = not a real sample
         self.variant = self.identify()
         # float32 factors raw LSB -> SI, in IMU_CHANNELS order; set by configure()
         self.scale = np.ones(6, dtype=np.float32)
-        self.settings = self.configure(rate_hz=rate_hz, accel_range_g=accel_range_g,
-                                       gyro_range_dps=gyro_range_dps, lpf_hz=lpf_hz)
+        self.settings = self.setup(rate_hz=rate_hz, accel_range_g=accel_range_g,
+                                   gyro_range_dps=gyro_range_dps, lpf_hz=lpf_hz)
+
+    def write_u8(self, reg: int, value: int) -> None:
+        super().write_u8(reg, value)
+        if reg in self.READBACK:
+            self._expected[reg] = value & 0xFF
+
+    def setup(self, **config) -> ChipSettings:
+        """`configure`, then read every configuration register back; configure again when one
+        did not keep what was written, and refuse (ImuError, one line naming the register, the
+        value written and the value read) when it still does not after SETUP_ATTEMPTS."""
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            self._expected.clear()
+            settings = self.configure(**config)
+            wrong = self.readback()
+            if wrong is None:
+                return settings
+            self.readback_mismatches += 1
+            reg, wrote, read = wrong
+            line = (f"imu: {self.where}: {self.variant} register {self.READBACK[reg]} (0x{reg:02x}) reads "
+                    f"0x{read:02x} after writing 0x{wrote:02x}")
+            if attempt == SETUP_ATTEMPTS:
+                raise ImuError(f"{line}, {SETUP_ATTEMPTS} setups in a row; the chip does not keep its configuration")
+            log.warning("IMU configuration did not take; setting the chip up again",
+                        extra=fields(register=self.READBACK[reg], wrote=f"0x{wrote:02x}",
+                                     read=f"0x{read:02x}", attempt=attempt))
+        raise AssertionError("unreachable")
+
+    def readback(self) -> tuple[int, int, int] | None:
+        """(register, written, read) of the first configuration register that differs, or None."""
+        for reg, wrote in self._expected.items():
+            read = self.read_u8(reg)
+            if read != wrote:
+                return reg, wrote, read
+        return None
 
     @classmethod
     def expected_ids(cls) -> str:

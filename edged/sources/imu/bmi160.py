@@ -6,7 +6,15 @@ ACC_CONF 0x40, ACC_RANGE 0x41, GYR_CONF 0x42, GYR_RANGE 0x43, FIFO_CONFIG 0x46-0
 and the sensitivity figures of its specification tables.
 
 After power-on both sensors sit in suspend mode; CMD 0x11 / 0x15 put the accelerometer /
-gyroscope into normal mode (start-up up to 3.8 ms / 80 ms). The FIFO is used in headerless mode
+gyroscope into normal mode (start-up up to 3.8 ms / 80 ms). While no sensor is in normal mode
+the interface needs at least 450 µs between two register writes (§3.2.4; Bosch's reference
+driver BMI160_SensorAPI writes one register at a time with a delay in `bmi160_set_regs` unless a
+sensor is in normal mode; Linux drivers/iio/imu/bmi160/bmi160_core.c waits
+BMI160_SUSPENDED_WRITE_USLEEP = 450 µs). A write sent sooner is lost, and written back to back
+after the soft reset the ranges stay at their reset values (±2 g, ±2000 °/s) while edged would
+scale for others. So, as the reference drivers do, edged brings both sensors to normal mode
+first (each command spaced by the suspend-mode gap) and only then writes the configuration,
+and reads every configuration register back (`Chip.setup`). The FIFO is used in headerless mode
 with both sensors at the same rate: each 12-byte frame holds GYR X,Y,Z then ACC X,Y,Z (data
 register order), little-endian two's complement. When the 1024-byte FIFO is full the oldest whole
 frame is discarded for each new one, so alignment survives, but the samples in between are gone:
@@ -43,6 +51,11 @@ CMD_GYR_NORMAL = 0x15
 CMD_ACC_SUSPEND = 0x10
 CMD_GYR_SUSPEND = 0x14
 CMD_FIFO_FLUSH = 0xB0
+
+SOFTRESET_S = 0.05              # the kernel waits 1 ms (BMI160_SOFTRESET_USLEEP); generous here
+SUSPENDED_WRITE_GAP_S = 500e-6  # ≥ 450 µs between writes while no sensor is in normal mode (§3.2.4)
+ACC_STARTUP_S = 0.005           # accelerometer suspend -> normal: 3.8 ms at most (BMI160_ACCEL_PMU_MIN_USLEEP)
+GYR_STARTUP_S = 0.085           # gyroscope suspend -> normal: 80 ms at most (BMI160_GYRO_PMU_MIN_USLEEP)
 
 FRAME = 12
 FIFO_SIZE = 1024
@@ -89,9 +102,35 @@ class Bmi160(Chip):
     fifo_config_1 = Field(FIFO_CONFIG_1)
     fifo_length = Word(FIFO_LENGTH, 2, "little", mask=0x07FF)
 
+    READBACK = {ACC_CONF: "ACC_CONF", ACC_RANGE: "ACC_RANGE", GYR_CONF: "GYR_CONF", GYR_RANGE: "GYR_RANGE",
+                FIFO_CONFIG_1: "FIFO_CONFIG_1"}
+
+    _suspended = True       # no sensor in normal mode: writes need the long gap
+    _last_write = -1.0      # monotonic time of the last register write
+
+    def write_u8(self, reg: int, value: int) -> None:
+        if self._suspended:
+            wait = self._last_write + SUSPENDED_WRITE_GAP_S - self.clock.monotonic()
+            if wait > 0:
+                self.clock.sleep(wait)
+        super().write_u8(reg, value)
+        self._last_write = self.clock.monotonic()
+
     def configure(self, *, rate_hz, accel_range_g, gyro_range_dps, lpf_hz) -> ChipSettings:
+        self._suspended = True
         self.write_u8(CMD, CMD_SOFTRESET)
-        self.clock.sleep(0.05)
+        self.clock.sleep(SOFTRESET_S)
+        # Normal mode first (the order of the reference drivers): from then on writes may follow
+        # each other at bus speed, and the configuration below cannot be lost to the write gap.
+        self.write_u8(CMD, CMD_ACC_NORMAL)
+        self.clock.sleep(ACC_STARTUP_S)
+        self._suspended = False  # the accelerometer is in normal mode now
+        self.write_u8(CMD, CMD_GYR_NORMAL)
+        self.clock.sleep(GYR_STARTUP_S)
+        pmu = self.read_u8(PMU_STATUS)
+        if (pmu >> 4) & 0b11 != 0b01 or (pmu >> 2) & 0b11 != 0b01:
+            raise ImuError(f"imu: {self.where}: bmi160 did not enter normal mode "
+                           f"(PMU_STATUS 0x{pmu:02x}, expected accelerometer and gyroscope 0b01)")
 
         rate, odr = nearest(ODR_CODE, rate_hz)
         a_range, a_code = nearest(ACC_RANGE_CODE, accel_range_g)
@@ -105,15 +144,6 @@ class Bmi160(Chip):
         self.write_u8(ACC_RANGE, a_code)
         self.write_u8(GYR_CONF, gyr_bwp << 4 | odr)
         self.write_u8(GYR_RANGE, g_code)
-
-        self.write_u8(CMD, CMD_ACC_NORMAL)
-        self.clock.sleep(0.005)
-        self.write_u8(CMD, CMD_GYR_NORMAL)
-        self.clock.sleep(0.085)
-        pmu = self.read_u8(PMU_STATUS)
-        if (pmu >> 4) & 0b11 != 0b01 or (pmu >> 2) & 0b11 != 0b01:
-            raise ImuError(f"imu: {self.where}: bmi160 did not enter normal mode "
-                           f"(PMU_STATUS 0x{pmu:02x}, expected accelerometer and gyroscope 0b01)")
         err = self.read_u8(ERR_REG)
         if err:
             log.warning("BMI160 reports an error after configuration", extra=fields(err_reg=f"0x{err:02x}"))
@@ -152,6 +182,7 @@ class Bmi160(Chip):
         return self._convert(raw, accel_col=3, gyro_col=0)
 
     def standby(self) -> None:
-        self.write_u8(CMD, CMD_ACC_SUSPEND)
+        self.write_u8(CMD, CMD_ACC_SUSPEND)   # the gyroscope still runs: no long gap needed
         self.clock.sleep(0.005)
         self.write_u8(CMD, CMD_GYR_SUSPEND)
+        self._suspended = True

@@ -5,7 +5,11 @@ LSM6DSOX / LSM6DSO.
 Written from:
 - LSM6DS3 datasheet, DocID026899 Rev 8 (February 2016), and application note AN4650
   (DocID027415 Rev 1), chapter 8 "First-in first-out (FIFO) buffer";
-- LSM6DSL datasheet, DocID028475 Rev 7, §5.5 (same FIFO registers, 4 kbyte FIFO);
+- LSM6DSL datasheet, DocID028475 Rev 7, §5.5 (same FIFO registers, 4 kbyte FIFO) and §9
+  (register description: CTRL1_XL, CTRL4_C, CTRL8_XL differ from the LSM6DS3's), checked
+  against ST's reference drivers (STMems_Standard_C_Drivers lsm6dsl_reg.h, lsm6ds3tr_c_reg.h,
+  lsm6dsox_reg.h) and the Linux IIO driver drivers/iio/imu/st_lsm6dsx/ (st_lsm6dsx_core.c
+  settings table, st_lsm6dsx_buffer.c FIFO reads);
 - LSM6DSOX datasheet DS12814, §6.5 (FIFO) and §9 (register description).
 
 Both generations share the control registers used here (CTRL1_XL/CTRL2_G/CTRL3_C: ODR, full
@@ -18,7 +22,9 @@ scale, BDU, auto-increment) and the sensitivities (0.061 mg/LSB at ±2 g doublin
   registers, so one transfer drains many words.
 - LSM6DSOX/DSO: 7-byte words, a tag byte (sensor in TAG_SENSOR[7:3]: 0x01 gyroscope, 0x02
   accelerometer) and 6 data bytes; a burst from FIFO_DATA_OUT_TAG wraps over the 7 registers. The
-  two sensors' words interleave, so samples are paired by tag, not by position.
+  two sensors' words interleave, so samples are paired by tag, not by position. Words of
+  0x7ffd-0x7fff are bootstrap samples, not measurements (Linux st_lsm6dsx_buffer.c drops them):
+  edged drops them too and counts them (`invalid_samples`).
 
 In continuous mode both drop the oldest data when full and raise an overrun flag.
 """
@@ -109,41 +115,88 @@ class _Lsm6ds(Chip):
 
 
 class Lsm6ds3(_Lsm6ds):
-    """LSM6DS3 / LSM6DSL / LSM6DS3TR-C: untagged FIFO pattern (gyro XYZ, accel XYZ)."""
+    """LSM6DS3 / LSM6DS3H / LSM6DSL / LSM6DS3TR-C: untagged FIFO pattern (gyro XYZ, accel XYZ).
+
+    The parts share the FIFO and the ODR/full-scale fields but not the filter bits, so each
+    variant has its own map of CTRL1_XL[1:0], CTRL4_C[7] and CTRL8_XL:
+
+    - LSM6DS3 / DS3H (WHO_AM_I 0x69): CTRL1_XL[1:0] is BW_XL, the anti-aliasing filter
+      (400/200/100/50 Hz), in charge only with XL_BW_SCAL_ODR (CTRL4_C[7]) set; FS_G = 00 is
+      ±245 °/s.
+    - LSM6DSL / DS3TR-C (0x6A; ST's lsm6dsl_reg.h and lsm6ds3tr_c_reg.h `lsm6dsl_ctrl1_xl_t`,
+      `lsm6dsl_ctrl4_c_t`, `lsm6dsl_ctrl8_xl_t`): CTRL1_XL bit 0 is BW0_XL (analog bandwidth) and
+      bit 1 LPF1_BW_SEL (digital LPF1 at ODR/2 or ODR/4); CTRL4_C bit 7 is DEN_XL_EN (nothing to do
+      with filtering); the second low-pass LPF2 is CTRL8_XL: LPF2_XL_EN (bit 7), HPCF_XL[6:5]
+      (ODR/50, /100, /9, /400), INPUT_COMPOSITE (bit 3, 0 = low latency). FS_G = 00 is ±250 °/s.
+
+    The LSM6DS3H answers 0x69 like the LSM6DS3 but its FIFO is half the size (4 kbyte against
+    8 kbyte: 682 against 1365 six-byte data sets in the Linux st_lsm6dsx_core.c settings table,
+    `max_fifo_size`). Nothing on the bus tells them apart (the kernel relies on the device
+    tree), so edged plans for the smaller FIFO on every part: with the DS3's size assumed on a
+    DS3H, the fill check after a burst would never fire and a whole-pattern overrun, which
+    leaves the pattern position at 0, would slip timestamps without a trace.
+    """
 
     name = "lsm6ds3"
-    IDS = {0x69: "lsm6ds3", 0x6A: "lsm6dsl"}  # 0x6A: LSM6DSL and LSM6DS3TR-C
-    FIFO_BYTES = 8192  # LSM6DS3: 8 kbyte; the DSL's 4 kbyte fits too
-    FS_G0_DPS = 245.0
+    IDS = {0x69: "lsm6ds3", 0x6A: "lsm6dsl"}  # 0x69: LSM6DS3 or DS3H; 0x6A: LSM6DSL or DS3TR-C
+    FIFO_BYTES = 4096  # the DS3H's and DSL's 4 kbyte (the DS3's 8 kbyte is never relied on)
 
     FIFO_CTRL3 = 0x08
     FIFO_CTRL5 = 0x0A
     FIFO_DATA_OUT_L = 0x3E
-    CTRL4_C_XL_BW_SCAL_ODR = 0x80
-    ACCEL_BW_CODE = {400.0: 0b00, 200.0: 0b01, 100.0: 0b10, 50.0: 0b11}  # BW_XL, CTRL1_XL[1:0]
+    CTRL8_XL = 0x17
     SAMPLE_WORDS = 6
+    FIFO_WORDS = 2048  # 16-bit words in 4 kbyte
+    # LSM6DS3 / DS3H
+    DS3_XL_BW_SCAL_ODR = 0x80  # CTRL4_C[7]
+    DS3_BW_XL = {400.0: 0b00, 200.0: 0b01, 100.0: 0b10, 50.0: 0b11}  # CTRL1_XL[1:0]
+    # LSM6DSL / DS3TR-C
+    DSL_LPF1_BW_SEL = 0x02     # CTRL1_XL[1]: LPF1 at ODR/4 instead of ODR/2
+    DSL_LPF2_XL_EN = 0x80      # CTRL8_XL[7]
+    DSL_HPCF_XL = {50: 0b00, 100: 0b01, 9: 0b10, 400: 0b11}  # CTRL8_XL[6:5], cut-off ODR / key
 
     dec_fifo_gyro = Field(FIFO_CTRL3, 3, 3)
     dec_fifo_xl = Field(FIFO_CTRL3, 0, 3)
     odr_fifo = Field(FIFO_CTRL5, 3, 4)
     fifo_mode = Field(FIFO_CTRL5, 0, 3)
 
-    @property
-    def _fifo_words(self) -> int:
-        return 4096 if self.variant == "lsm6ds3" else 2048
+    READBACK = {CTRL1_XL: "CTRL1_XL", CTRL2_G: "CTRL2_G", CTRL3_C: "CTRL3_C", CTRL4_C: "CTRL4_C",
+                CTRL8_XL: "CTRL8_XL", FIFO_CTRL3: "FIFO_CTRL3"}
+
+    _fifo_words = FIFO_WORDS
+    _fifo_samples = FIFO_WORDS // SAMPLE_WORDS
 
     @property
-    def _fifo_samples(self) -> int:
-        return self._fifo_words // self.SAMPLE_WORDS
+    def FS_G0_DPS(self) -> float:  # noqa: N802 - the datasheets' name for FS_G = 00
+        return 245.0 if self.variant == "lsm6ds3" else 250.0
 
     def _accel_filter(self, rate, lpf_hz):
+        if self.variant == "lsm6ds3":
+            return self._accel_filter_ds3(lpf_hz)
+        return self._accel_filter_dsl(rate, lpf_hz)
+
+    def _accel_filter_ds3(self, lpf_hz):
         if lpf_hz is None:
             # XL_BW_SCAL_ODR = 0: the anti-aliasing bandwidth follows the ODR by itself.
             self.write_u8(CTRL4_C, 0)
             return None, 0
-        bw, code = nearest(self.ACCEL_BW_CODE, lpf_hz)
-        self.write_u8(CTRL4_C, self.CTRL4_C_XL_BW_SCAL_ODR)  # use BW_XL instead of the automatic band
+        bw, code = nearest(self.DS3_BW_XL, lpf_hz)
+        self.write_u8(CTRL4_C, self.DS3_XL_BW_SCAL_ODR)  # use BW_XL instead of the automatic band
         return bw, code
+
+    def _accel_filter_dsl(self, rate, lpf_hz):
+        self.write_u8(CTRL4_C, 0)
+        if lpf_hz is None:
+            self.write_u8(self.CTRL8_XL, 0)
+            return rate / 2, 0                      # LPF1 alone at ODR/2
+        # (cut-off, CTRL1_XL[1:0], CTRL8_XL) for each filter path
+        options = {rate / 2: (0, 0), rate / 4: (self.DSL_LPF1_BW_SEL, 0)}
+        for div, code in self.DSL_HPCF_XL.items():
+            options.setdefault(rate / div, (0, self.DSL_LPF2_XL_EN | code << 5))
+        cutoff = min(options, key=lambda c: (abs(c - lpf_hz), -c))
+        ctrl1_low, ctrl8 = options[cutoff]
+        self.write_u8(self.CTRL8_XL, ctrl8)
+        return cutoff, ctrl1_low
 
     def _configure_fifo(self, odr: int) -> None:
         self.write_u8(self.FIFO_CTRL5, FIFO_BYPASS)
@@ -167,7 +220,10 @@ class Lsm6ds3(_Lsm6ds):
     def fifo_level(self) -> tuple[int, bool]:
         late = self._take_overflow_in_read()
         words, slipped = self._status()
-        return words // self.SAMPLE_WORDS, late or slipped
+        # No room for another sample in the FIFO planned for (the DS3H's) means it may have
+        # overrun already; on an LSM6DS3 that errs towards an overflow only when this far behind.
+        full = words + self.SAMPLE_WORDS > self._fifo_words
+        return words // self.SAMPLE_WORDS, late or slipped or full
 
     def read_samples(self, n: int) -> np.ndarray:
         if n <= 0:
@@ -203,6 +259,14 @@ class Lsm6dsox(_Lsm6ds):
     # CTRL8_XL HPCF_XL[7:5] with LPF2 on: cut-off = ODR / divisor
     LPF2_DIVISOR = {4: 0b000, 10: 0b001, 20: 0b010, 45: 0b011, 100: 0b100, 200: 0b101,
                     400: 0b110, 800: 0b111}
+
+    # Tagged words holding one of these on every axis are not measurements: the Linux driver
+    # (st_lsm6dsx_buffer.c, tagged FIFO read) drops samples of 0x7ffd-0x7fff as invalid
+    # bootstrap samples the part emits while a sensor starts. A real reading pinned at full
+    # scale on one or two axes is kept.
+    INVALID_MIN = 0x7FFD
+    READBACK = {CTRL1_XL: "CTRL1_XL", CTRL2_G: "CTRL2_G", CTRL3_C: "CTRL3_C", CTRL8_XL: "CTRL8_XL",
+                FIFO_CTRL3: "FIFO_CTRL3"}
 
     bdr_gy = Field(FIFO_CTRL3, 4, 4)
     bdr_xl = Field(FIFO_CTRL3, 0, 4)
@@ -280,6 +344,10 @@ class Lsm6dsox(_Lsm6ds):
         out = np.empty((k, 6), dtype=np.float32)
         np.multiply(a[:k], self.scale[:3], out=out[:, :3])
         np.multiply(g[:k], self.scale[3:], out=out[:, 3:])
+        # A sample whose accelerometer or gyroscope half is a bootstrap word is no measurement;
+        # it still held its batch slot, so it is marked (the source stamps, then drops it).
+        bad = (a[:k] >= self.INVALID_MIN).all(axis=1) | (g[:k] >= self.INVALID_MIN).all(axis=1)
+        self.invalid = bad if bad.any() else None
         self._pending_g = g[k:].copy()
         self._pending_a = a[k:].copy()
         # Both sensors batch at the same rate, so at most one half-sample can be waiting; more

@@ -6,7 +6,10 @@ Written from:
   Descriptions, RM-MPU-6000A-00 rev 4.2 (2013-08-19);
 - MPU-6500 Register Map and Descriptions, RM-MPU-6500A-00 rev 2.1 (2013-09-16);
 - MPU-9250 Register Map and Descriptions, RM-MPU-9250A-00 rev 1.4 (2013-09-09). The MPU-9250's
-  magnetometer (AK8963, behind the auxiliary bus) is not used.
+  magnetometer (AK8963, behind the auxiliary bus) is not used;
+- checked against the Linux IIO driver drivers/iio/imu/inv_mpu6050/ (inv_mpu_core.c,
+  inv_mpu_iio.h: gyroscope start-up 60 ms on the 6050, 70 ms on the 6500 family) and
+  InvenSense's reference Motion Driver (inv_mpu.c).
 
 The family shares the register layout used here; the 6500/9250 add ACCEL_CONFIG2 (a separate
 accelerometer low-pass filter) and a 13-bit FIFO count. The FIFO carries, per sample, the 12 bytes
@@ -58,6 +61,7 @@ DLPF_6500_GYRO = {1: 184.0, 2: 92.0, 3: 41.0, 4: 20.0, 5: 10.0, 6: 5.0}  # RM-MP
 A_DLPF_6500 = {1: 218.1, 2: 99.0, 3: 44.8, 4: 21.2, 5: 10.2, 6: 5.05}   # RM-MPU-6500A-00 §4.8
 
 FIFO_SIZE = {"mpu6050": 1024, "mpu6500": 512, "mpu9250": 512}
+GYRO_STARTUP_S = {"mpu6050": 0.060, "mpu6500": 0.070, "mpu9250": 0.070}
 
 
 class Mpu6050(Chip):
@@ -87,6 +91,9 @@ class Mpu6050(Chip):
     fifo_count = Word(FIFO_COUNTH, 2, "big", mask=0x1FFF)
 
     FIFO_OFLOW_INT = 1 << 4  # INT_STATUS bit; cleared by reading INT_STATUS
+    READBACK = {SMPLRT_DIV: "SMPLRT_DIV", CONFIG: "CONFIG", GYRO_CONFIG: "GYRO_CONFIG",
+                ACCEL_CONFIG: "ACCEL_CONFIG", ACCEL_CONFIG2: "ACCEL_CONFIG2", FIFO_EN: "FIFO_EN",
+                INT_ENABLE: "INT_ENABLE", PWR_MGMT_1: "PWR_MGMT_1"}
 
     def configure(self, *, rate_hz, accel_range_g, gyro_range_dps, lpf_hz) -> ChipSettings:
         clock = self.clock
@@ -95,7 +102,10 @@ class Mpu6050(Chip):
         # Leave sleep mode and clock from the X gyro PLL (CLKSEL=1): the register map recommends a
         # gyro reference over the internal oscillator for stability.
         self.write_u8(PWR_MGMT_1, 0x01)
-        clock.sleep(0.05)                    # gyro start-up before the first samples
+        # Gyroscope start-up before the first samples: the Linux driver (inv_mpu6050_iio.h)
+        # waits INV_MPU6050_GYRO_STARTUP_TIME = 60 ms on the 6050 and INV_MPU6500_GYRO_STARTUP_TIME
+        # = 70 ms on the 6500/9250; samples before that are not yet valid rate readings.
+        clock.sleep(GYRO_STARTUP_S[self.variant])
 
         rates = {INTERNAL_RATE_HZ / (1 + d): d for d in range(256)}
         rate, div = nearest(rates, rate_hz)

@@ -160,6 +160,7 @@ class ImuSource:
         self._lost = 0
         self._read_errors = 0
         self._chip_resets = 0
+        self._invalid = 0
         self._config = dict(rate_hz=rate_hz, accel_range_g=accel_range_g, gyro_range_dps=gyro_range_dps,
                             lpf_hz=lpf_hz)
         # A FIFO that stays empty this long means the chip stopped sampling (a brown-out resets
@@ -256,8 +257,22 @@ class ImuSource:
             return None, self._burst * self._period
         t = self._stamps(n)
         self._index += n
-        self._samples += n
         self._track_rate(measured_at, self._index - n + level)
+        invalid = chip.invalid
+        if invalid is not None:
+            # Rows the chip marked as no real measurement (e.g. start-up samples) held a slot
+            # on the sample grid: stamped with the rest, then left out and counted.
+            chip.invalid = None
+            bad = int(np.count_nonzero(invalid))
+            self._invalid += bad
+            self._once("invalid-samples", "IMU delivered invalid samples (sensor start-up); dropped",
+                       dropped=bad)
+            keep = ~invalid
+            t, data = t[keep], data[keep]
+            n = len(data)
+            if n == 0:
+                return None, self._burst * self._period
+        self._samples += n
         return ImuBatch(t=t, data=data), 0.0
 
     def _stamps(self, n: int) -> np.ndarray:
@@ -291,7 +306,7 @@ class ImuSource:
                    silent_s=round(silent_s, 2), address=f"0x{self.address:02x}")
         try:
             self._chip.identify()
-            self._chip.settings = self._chip.configure(**self._config)
+            self._chip.settings = self._chip.setup(**self._config)
         except OSError as exc:
             self._bus_error(exc, "setup")
             return self._stall_s / 4
@@ -335,7 +350,8 @@ class ImuSource:
     @property
     def stats(self) -> dict:
         return {"samples": self._samples, "overflows": self._overflows, "lost_samples": self._lost,
-                "read_errors": self._read_errors, "chip_resets": self._chip_resets}
+                "read_errors": self._read_errors, "chip_resets": self._chip_resets,
+                "invalid_samples": self._invalid, "config_readback_mismatches": self._chip.readback_mismatches}
 
     def close(self) -> None:
         if self._stop.is_set():
