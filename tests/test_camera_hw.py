@@ -167,6 +167,21 @@ def test_picamera2_frames_carry_the_sensor_timestamp_and_every_request_is_releas
         cam.close()
 
 
+def test_picamera2_ts_is_the_start_of_exposure_not_of_readout():
+    # SensorTimestamp marks the start of readout, ExposureTime after the exposure began
+    # (picamera2 #821, #787): a 300 ms exposure read out 50 ms before delivery was taken 350 ms
+    # before it arrived.
+    f = FakePicamera2Factory(IMAGES, delay_s=0.05, exposure_s=0.3)
+    cam = picam(f, fps=20.0)
+    try:
+        for _ in range(4):
+            fr = cam.read()
+            arrived = time.time()
+            assert 0.35 <= arrived - fr.ts < 0.35 + 0.05 + 0.5, arrived - fr.ts
+    finally:
+        cam.close()
+
+
 def test_a_camera_clock_that_is_not_monotonic_is_said_once_and_frames_stamped_on_arrival(caplog):
     f = FakePicamera2Factory(IMAGES, delay_s=-3600.0)  # an hour "in the future": another clock
     cam = picam(f)
@@ -323,6 +338,30 @@ def test_v4l2_frames_carry_the_buffer_timestamp():
         for _ in range(3):
             fr = cam.read()
             assert 0.2 <= time.time() - fr.ts < 0.2 + 0.04 + 0.5
+    finally:
+        cam.close()
+
+
+@pytest.mark.parametrize("buffers", [1, 4])
+def test_v4l2_frames_are_fresh_at_a_rate_far_below_the_cameras(buffers):
+    # The webcam offers 30 fps only and streams into its queue whatever edged reads; edged wants
+    # 4 fps. The
+    # buffer refilled right after a read waits a whole edged period (250 ms) for the next one;
+    # what edged hands on must be a frame taken within about one camera period, measured in the
+    # fake as retrieve time minus exposure start.
+    backend = FakeV4l2(IMAGES, frame_rates=(30.0,), delay_s=0.02)
+    cam = V4l2Source("0", width=320, height=240, fps=4, backend=backend, **FAST)
+    try:
+        cap = None
+        for _ in range(7):
+            fr = cam.read()
+            assert fr is not None
+            if cap is None:
+                cap = backend.captures[-1]
+                cap.props[backend.cv2.CAP_PROP_BUFFERSIZE] = buffers  # a driver that keeps this many
+        ages = np.array(cap.ages[1:])                          # after the first frame
+        assert cap.dropped > 0                                 # the webcam did outrun edged
+        assert np.median(ages) < 0.02 + 2 / 30, ages           # about one camera period at most
     finally:
         cam.close()
 

@@ -14,16 +14,23 @@ configure only while stopped. Its "ISP" crops each image to the main stream's as
 scales it to every stream's size; `capture_array` returns the stream in picamera2's layout
 (YUV420 as (h * 3 / 2, stride) with a padded stride, "BGR888" as R, G, B, "RGB888" as B, G, R,
 "XBGR8888" as R, G, B, 255); `capture_request` returns a request whose metadata carries the
-frame's SensorTimestamp (exposure start on the monotonic clock, `delay_s` before delivery) and
+frame's SensorTimestamp and ExposureTime as libcamera reports them: SensorTimestamp is when the
+readout of the frame began (ns, monotonic clock; `delay_s` before delivery), which is later than
+the start of its exposure by ExposureTime (µs; `exposure_s`) — picamera2 issues #821, #787 — and
 which must be released: with every buffer held, no frame completes. Faults: `unplug()` (frames stop, so captures time out; opening
 finds no camera, IndexError as in picamera2), `set_busy()` (opening fails like a camera acquired
 elsewhere), `stall(seconds)` (frames stop for a while: a frontend timeout). Only one instance
 per camera may be open at a time, as with libcamera.
 
 FakeV4l2(images) is the `backend` of V4l2Source: `open(device)` returns a `FakeVideoCapture`
-with OpenCV's VideoCapture interface (isOpened, set, get, read, release) that snaps the
-requested size to the nearest mode the fake webcam supports and reports each frame's buffer
-timestamp as `CAP_PROP_POS_MSEC`, and `node(device)` reports the device node's state. Faults: `unplug()` (node gone, reads fail at once), `set_busy()` (open
+with OpenCV's VideoCapture interface (isOpened, set, get, grab, retrieve, read, release) that
+snaps the requested size to the nearest mode the fake webcam supports and reports each frame's
+buffer timestamp as `CAP_PROP_POS_MSEC`. Its capture queue works as V4L2's does: the webcam
+streams at its own rate into the free buffers (`CAP_PROP_BUFFERSIZE`, OpenCV's default 4), a
+frame arriving while every buffer is full is dropped, and `grab()` dequeues the oldest filled
+buffer, so a reader slower than the camera gets frames that waited in the queue since its
+previous read. The age of every frame handed out (retrieve time minus its exposure start) is
+kept in `ages`, and `node(device)` reports the device node's state. Faults: `unplug()` (node gone, reads fail at once), `set_busy()` (open
 fails), `stall(seconds)` (reads block `read_timeout_s`, then fail), `deny()` (node not
 accessible).
 
@@ -166,13 +173,15 @@ class _FakeDevice:
 
 class FakePicamera2Factory(_FakeDevice):
     """Stands in for the `picamera2.Picamera2` class: `factory(camera_num)` opens a fake camera.
-    `delay_s` is reported in each frame's SensorTimestamp."""
+    A frame's exposure takes `exposure_s`, its readout starts then (SensorTimestamp) and it is
+    delivered `delay_s` after that."""
 
     def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, *, platform: str = "VC4",
-                 model: str = "imx708", hold: int = 1, delay_s: float = 0.0) -> None:
+                 model: str = "imx708", hold: int = 1, delay_s: float = 0.0, exposure_s: float = 0.01) -> None:
         if platform not in ("VC4", "PISP"):
             raise ValueError(f"platform must be VC4 or PISP, got {platform!r}")
         super().__init__(images, hold, delay_s)
+        self.exposure_s = exposure_s
         self.platform = SimpleNamespace(name=platform)  # like picamera2.platform.Platform.VC4
         self.model = model
         self.instances: list[FakePicamera2] = []
@@ -335,9 +344,10 @@ class FakePicamera2:
 class FakeCompletedRequest:
     """picamera2's CompletedRequest for one frame: its arrays and its metadata.
 
-    SensorTimestamp is when the frame's exposure started, in nanoseconds on the monotonic clock
+    SensorTimestamp is when the frame's readout started, in nanoseconds on the monotonic clock
     (what picamera2 compares with `time.monotonic_ns()`): the frame's slot in the sensor's
-    timing, less the factory's `delay_s` (readout and ISP time before the frame is delivered)."""
+    timing, less the factory's `delay_s` (readout and ISP time before the frame is delivered).
+    Its exposure began ExposureTime (µs) before that: `exposed_at` is that instant."""
 
     def __init__(self, cam: FakePicamera2, frame: int) -> None:
         self._cam = cam
@@ -354,10 +364,16 @@ class FakeCompletedRequest:
         cam.captures[name] = cam.captures.get(name, 0) + 1
         return cam._render(stream, self._frame // cam._factory.hold)
 
+    @property
+    def exposed_at(self) -> float:
+        cam = self._cam
+        return cam._t0 + self._frame * cam._period - cam._factory.delay_s - cam._factory.exposure_s
+
     def get_metadata(self) -> dict:
         cam = self._cam
-        exposed = cam._t0 + self._frame * cam._period - cam._factory.delay_s
-        return {"SensorTimestamp": int(exposed * 1e9), "FrameDuration": int(cam._period * 1e6)}
+        readout = cam._t0 + self._frame * cam._period - cam._factory.delay_s
+        return {"SensorTimestamp": int(readout * 1e9), "ExposureTime": int(round(cam._factory.exposure_s * 1e6)),
+                "FrameDuration": int(cam._period * 1e6)}
 
     def release(self) -> None:
         if not self._released:
@@ -375,7 +391,7 @@ class FakeV4l2(_FakeDevice):
                  devices: Sequence[str] = ("/dev/video0",),
                  modes: Sequence[tuple[int, int]] = ((640, 480), (320, 240), (1280, 720)),
                  max_fps: float = 30.0, read_timeout_s: float = 1.0, hold: int = 1,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, frame_rates: Sequence[float] | None = None) -> None:
         import cv2
 
         super().__init__(images, hold, delay_s)
@@ -383,6 +399,9 @@ class FakeV4l2(_FakeDevice):
         self.devices = set(devices)
         self.modes = [tuple(m) for m in modes]
         self.max_fps = max_fps
+        # A webcam that offers only these rates (many UVC cameras: 30 and 15 fps) snaps a
+        # requested rate to the nearest, as V4L2's S_PARM does; None: any rate up to max_fps.
+        self.frame_rates = tuple(frame_rates) if frame_rates else None
         self.read_timeout_s = read_timeout_s
         self.captures: list[FakeVideoCapture] = []
 
@@ -413,8 +432,12 @@ class FakeVideoCapture:
         self._fps = owner.max_fps
         self.props: dict[int, float] = {}
         self._t0 = time.monotonic()
-        self._n = -1
+        self._next = 0              # the next frame slot the webcam has not streamed yet
+        self._queue: list[int] = []  # filled buffers, oldest first (frame slots)
+        self._grabbed: int | None = None
         self._stamp_ms = 0.0
+        self.ages: list[float] = []  # retrieve time - exposure start of every frame handed out
+        self.dropped = 0            # frames the webcam made while every buffer was full
 
     def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
         return self._opened
@@ -429,7 +452,10 @@ class FakeVideoCapture:
         elif prop == cv2.CAP_PROP_FRAME_HEIGHT:
             self._size = self._nearest(self._size[0], int(value))
         elif prop == cv2.CAP_PROP_FPS:
-            self._fps = min(float(value), self._o.max_fps) if value > 0 else self._o.max_fps
+            if self._o.frame_rates:
+                self._fps = min(self._o.frame_rates, key=lambda r: abs(r - float(value)))
+            else:
+                self._fps = min(float(value), self._o.max_fps) if value > 0 else self._o.max_fps
         elif prop not in (cv2.CAP_PROP_BUFFERSIZE, cv2.CAP_PROP_FOURCC):
             return False
         return True
@@ -452,28 +478,58 @@ class FakeVideoCapture:
             return self._stamp_ms
         return float(self.props.get(prop, 0.0))
 
-    def read(self, image: np.ndarray | None = None):
+    def _buffers(self) -> int:
+        return max(1, int(self.props.get(self._o.cv2.CAP_PROP_BUFFERSIZE, 4)))
+
+    def _stream(self) -> None:
+        """Queue every frame the webcam has made since the last look, into the free buffers."""
+        period = 1.0 / self._fps
+        made = int((time.monotonic() - self._t0) / period)  # slots 0..made-1 are complete
+        if made - self._next > 64:                          # long unread: only the newest can fit
+            self.dropped += made - 64 - self._next
+            self._next = made - 64
+        for n in range(self._next, made):
+            if len(self._queue) < self._buffers():
+                self._queue.append(n)
+            else:
+                self.dropped += 1
+        self._next = max(self._next, made)
+
+    def grab(self) -> bool:
         o = self._o
         if not self._opened:
-            return False, None
+            return False
         if not o.faults.plugged:
-            return False, None  # ENODEV at once
+            return False  # ENODEV at once
         if not o.faults.frames_flow():
             time.sleep(o.read_timeout_s)  # select() timeout
+            return False
+        self._stream()
+        while not self._queue:       # wait for the next frame (VIDIOC_DQBUF blocks)
+            period = 1.0 / self._fps
+            time.sleep(max(0.0, self._t0 + (self._next + 1) * period - time.monotonic()) + 1e-4)
+            self._stream()
+        self._grabbed = self._queue.pop(0)  # its buffer goes back to the driver's queue
+        self._stamp_ms = (self._t0 + (self._grabbed + 1) / self._fps - o.delay_s) * 1000.0
+        return True
+
+    def retrieve(self, image: np.ndarray | None = None, flag: int = 0):
+        o = self._o
+        if self._grabbed is None:
             return False, None
-        period = 1.0 / self._fps
-        n = int((time.monotonic() - self._t0) / period)
-        if n <= self._n:
-            time.sleep(self._t0 + (self._n + 1) * period - time.monotonic())
-            n = self._n + 1
-        self._n = n
-        self._stamp_ms = (self._t0 + n * period - o.delay_s) * 1000.0
+        n = self._grabbed
+        self.ages.append(time.monotonic() - self._stamp_ms / 1000.0)
         rgb = o.scene.view(n // o.hold, self._size, self._size)
         bgr = rgb[..., ::-1]
         if image is not None and image.shape == bgr.shape and image.dtype == np.uint8:
             image[...] = bgr
             return True, image
         return True, np.ascontiguousarray(bgr)
+
+    def read(self, image: np.ndarray | None = None):
+        if not self.grab():
+            return False, None
+        return self.retrieve(image)
 
     def release(self) -> None:
         self._opened = False

@@ -118,6 +118,21 @@ def _picamera2_fault(exc: BaseException, timeout_s: float) -> CameraFault:
     return CameraFault("error", text)
 
 
+def exposure_start(meta: dict) -> float | None:
+    """When a frame's exposure began (monotonic seconds), from its libcamera metadata.
+
+    SensorTimestamp (ns) marks the start of the frame's readout, not of its exposure: the first
+    row was exposed for ExposureTime (µs) before being read (picamera2 issues #821 and #787;
+    libcamera's control documentation of SensorTimestamp). A frame is stamped with the start of
+    its exposure, as docs/mqtt.md promises, so ExposureTime is subtracted; without it the
+    readout start is the best there is."""
+    sensor_ns = meta.get("SensorTimestamp")
+    if not sensor_ns:
+        return None
+    exposure_us = meta.get("ExposureTime") or 0
+    return sensor_ns / 1e9 - exposure_us / 1e6
+
+
 def _import_picamera2():
     try:
         from picamera2 import Picamera2
@@ -195,12 +210,12 @@ class Picamera2Source(LiveCamera):
             raise _picamera2_fault(exc, self.capture_timeout_s) from None
         try:  # the request holds one of the camera's few buffers until it is released
             arr = request.make_array("lores")
-            sensor_ns = request.get_metadata().get("SensorTimestamp")
+            meta = request.get_metadata()
         except Exception as exc:
             raise CameraFault("error", chain_text(exc)) from None
         finally:
             request.release()
-        exposed = sensor_ns / 1e9 if sensor_ns else None
+        exposed = exposure_start(meta)
         if self._yuv is None:
             if arr.ndim != 3 or arr.shape[2] != 3:
                 raise CameraFault("error", f"lores frame of shape {arr.shape}, expected (h, w, 3)")

@@ -7,12 +7,13 @@ The capture backend is a constructor argument, which is where the hardware facto
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
 from edged.service.log import fields
 from edged.sources.camera.common import OPENCV_HINT, CameraError, CameraFault
-from edged.sources.camera.live import LiveCamera
+from edged.sources.camera.live import MAX_FRAME_AGE_S, LiveCamera
 
 log = logging.getLogger("edged.camera")
 
@@ -48,11 +49,23 @@ def v4l2_device(device: str | int) -> str:
     return f"/dev/video{text}" if text.isdigit() else text
 
 
+DRAIN_MAX = 8  # grabs per frame at most: more than any capture queue edged asks for holds
+
+
 class V4l2Source(LiveCamera):
     """A USB webcam (or any V4L2 capture device) through OpenCV, at the configured size and rate.
 
-    The driver picks the nearest mode it supports; the size it picked is logged and used. The
-    capture queue is one buffer deep, so a frame is at most one frame period old at low rates.
+    The driver picks the nearest mode it supports; the size it picked is logged and used.
+
+    Freshness: the webcam streams at its own rate into the capture queue whether or not edged
+    reads, and a buffer is filled again right after edged dequeues it. With a one-buffer queue
+    the frame waiting at the next read was therefore taken just after the previous read: one
+    whole edged period old (0.5 s at 2 fps), not one camera period. So each read drains the
+    queue: it grabs (dequeues without decoding) until it gets a frame taken within about one
+    camera period (judged by the buffer timestamp, or, without one, by a grab that had to wait
+    for its frame), and only that frame is decoded. The queue is asked to be one buffer deep
+    (some drivers keep more), so draining usually costs one grab of a stale buffer and a wait
+    of at most one camera period.
     `backend` is `OpenCvV4l2()` by default, or `edged.fakes.camera.FakeV4l2`.
     """
 
@@ -93,17 +106,48 @@ class V4l2Source(LiveCamera):
         cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
         cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
         cap.set(cv2.CAP_PROP_FPS, self.fps)
-        # One buffer: at 2 fps a deeper queue would hand out frames several seconds old.
+        # One buffer: as little as possible to drain before each fresh frame (see the class doc).
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        cam_fps = cap.get(cv2.CAP_PROP_FPS)
+        self._cam_period = 1.0 / cam_fps if cam_fps and cam_fps > 0 else 1.0 / 30
         self._cap = cap
         self._bgr = None
         log.info("camera ready", extra=fields(source=self.name, device=self.device, size=f"{w}x{h}",
                                               asked=f"{self.width}x{self.height}",
                                               fps=cap.get(cv2.CAP_PROP_FPS)))
 
+    def _drain(self) -> bool:
+        """Grab until the grabbed buffer holds a fresh frame; False when a grab failed.
+
+        A grab that had to wait for its frame got one just taken; one that returned at once got
+        a queued frame, fresh only if its timestamp is within 1.5 camera periods of the newest
+        the webcam can deliver (its own delay, learnt from the grabs that waited)."""
+        cap, cv2, period = self._cap, self._cv2, self._cam_period
+        for _ in range(DRAIN_MAX):
+            started = time.monotonic()
+            if not cap.grab():
+                return False
+            now = time.monotonic()
+            ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+            age = now - ms / 1000.0 if ms > 0 else None
+            if age is not None and not -0.001 <= age <= MAX_FRAME_AGE_S:
+                age = None  # not on the monotonic clock: no use here
+            if now - started >= 0.25 * period:
+                if age is not None:
+                    self._latency_s = age if self._latency_s is None else min(self._latency_s, age)
+                return True
+            if age is not None and self._latency_s is not None and age <= self._latency_s + 1.5 * period:
+                return True
+        return True  # a queue deeper than DRAIN_MAX, or a camera slower than it says: take this one
+
+    _latency_s: float | None = None  # the webcam's own delay from exposure to dequeue, at least
+
     def _grab(self) -> tuple[np.ndarray, float | None]:
-        ok, bgr = self._cap.read(self._bgr) if self._bgr is not None else self._cap.read()
+        ok = self._drain()
+        bgr = None
+        if ok:
+            ok, bgr = self._cap.retrieve(self._bgr) if self._bgr is not None else self._cap.retrieve()
         if not ok or bgr is None:
             state = self._backend.node(self.device)
             if state:
