@@ -43,11 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a config file; print one line per problem; exit 2 if any.")
     c.add_argument("path", help="TOML config file")
 
-    d = sub.add_parser("detect", help="run the vision model on image files, one JSON line each",
-                       description="Run the vision model on image files and print one JSON line "
-                                   'per image: {"image": PATH, "objects": [{label, score, box}]}.')
+    d = sub.add_parser("detect", help="find people and faces in image files, one JSON line each",
+                       description="Run the vision models on image files and print one JSON line "
+                                   'per image: {"image": PATH, "objects": [{label, score, box, stage, '
+                                   'parent}]}. Without --model: the default chain (people on the frame '
+                                   "and its tiles, faces with the full-range model, faces inside each "
+                                   "person's crop; see docs/models.md). With --model, or a config that "
+                                   "sets vision.model: that one model on the whole frame.")
     d.add_argument("images", nargs="+", metavar="IMAGE")
-    d.add_argument("--model", help="vision model name from the manifest (default: the config's vision.model)")
+    d.add_argument("--model", help="run only this vision model from the manifest (default: the config's "
+                                    "vision.model if it sets one, else the default chain)")
     d.add_argument("--threshold", type=float, help="minimum score (default: the model's own)")
     _config_arg(d)
 
@@ -181,12 +186,50 @@ def _stage_model(args, task: str):
     return entry, open_model(entry)
 
 
+def _object_json(o) -> dict:
+    out = {"label": o.label, "score": round(o.score, 3), "box": [round(x, 4) for x in o.box]}
+    if o.stage:
+        out["stage"] = o.stage
+    if o.parent >= 0:
+        out["parent"] = o.parent
+    return out
+
+
+def _config_names_vision_model(args) -> bool:
+    """Whether the config file itself sets vision.model (then `detect` runs that model alone)."""
+    import tomllib
+
+    path = _config_path(args)
+    if path is None:
+        return False
+    _load_config(args)  # a bad config is refused with its own message first
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    return isinstance(doc.get("vision"), dict) and "model" in doc["vision"]
+
+
+def _default_chain(args):
+    from dataclasses import replace
+
+    from edged.models import default_models_dir, load_manifest
+    from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
+
+    cfg = _load_config(args)
+    models_dir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
+    specs = DEFAULT_CHAIN
+    if args.threshold is not None:
+        specs = tuple(replace(s, score_threshold=args.threshold) for s in specs)
+    return open_graph(specs, load_manifest(models_dir), threads=cfg.vision.threads or None)
+
+
 def cmd_detect(args) -> int:
     from edged.sources.camera import CameraError, decode_image
     from edged.stages.vision import VisionStage
 
-    entry, model = _stage_model(args, "vision")
-    stage = VisionStage(model, entry, score_threshold=args.threshold)
+    if args.model or _config_names_vision_model(args):
+        entry, model = _stage_model(args, "vision")
+        stage = VisionStage(model, entry, score_threshold=args.threshold)
+    else:
+        stage = _default_chain(args)
     failed = 0
     for path in args.images:
         try:
@@ -196,9 +239,7 @@ def cmd_detect(args) -> int:
             failed += 1
             continue
         objects = stage.detect(image)
-        print(json.dumps({"image": path, "objects": [
-            {"label": o.label, "score": round(o.score, 3), "box": [round(x, 4) for x in o.box]}
-            for o in objects]}), flush=True)
+        print(json.dumps({"image": path, "objects": [_object_json(o) for o in objects]}), flush=True)
     return EXIT_USAGE if failed else 0
 
 

@@ -15,7 +15,7 @@ Dalal-Triggs SVM, winStride 8, padding 8, scale 1.05, run on the frame upscaled 
 from 64 px tall fit its 128-px window; each box shrunk to the window's middle, where its training
 people stand). Both need OpenCV 4 (OpenCV 5 moved the cascades out of the main package).
 
-    .venv/bin/python scripts/eval_vision.py [--models face,face_full_range,person] [--peers] [-v]
+    .venv/bin/python scripts/eval_vision.py [--models face,face_full_range,person] [--chain] [--peers] [-v]
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="face,face_full_range,person")
     ap.add_argument("--sets", default="closeups,scenes")
+    ap.add_argument("--chain", action="store_true", help="also score the default chain of stages")
     ap.add_argument("--peers", action="store_true", help="also score OpenCV's Haar and HOG detectors")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -157,6 +158,10 @@ def main() -> int:
     args = ap.parse_args()
     manifest = load_manifest(REPO / "models")
     detectors = {n: model_detector(manifest, n, args.threads) for n in args.models.split(",") if n}
+    if args.chain:
+        from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
+        detectors["default chain"] = (open_graph(DEFAULT_CHAIN, manifest, threads=args.threads).detect,
+                                      ("person", "face"))
     if args.peers:
         detectors.update(peers())
     results = []

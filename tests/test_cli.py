@@ -84,3 +84,19 @@ def test_detect_uses_the_configs_model_unless_told(tmp_path):
     assert [o["label"] for o in by_flag["objects"]] == ["face"]
     r = edged("detect", "--model", "motion", img)
     assert r.returncode == 2 and "is a motion model, not a vision model" in r.stderr
+
+
+def test_detect_without_flags_runs_the_default_chain():
+    # The default chain finds each of the group's three people and, inside them, their faces.
+    img = str(REPO / "tests" / "data" / "vision" / "scenes" / "group_leuven.jpg")
+    out = json.loads(edged("detect", img).stdout)
+    people = [o for o in out["objects"] if o["label"] == "person"]
+    faces = [o for o in out["objects"] if o["label"] == "face"]
+    assert len(people) == 3 and len(faces) == 3, out
+    assert {o["stage"] for o in people} == {"people"}
+    for f in faces:
+        if "parent" in f:
+            p = out["objects"][f["parent"]]
+            assert p["label"] == "person"
+            assert p["box"][0] <= f["box"][0] and f["box"][2] <= p["box"][2]
+    assert any("parent" in f for f in faces)

@@ -36,12 +36,19 @@ def detections_fields(d: Detections, device_id: str, seq: int, *, packed: bool =
         "device_id": device_id,
         "seq": seq,
         "ts": round(d.ts, 3),
-        "objects": [
-            {"label": o.label, "score": r3(o.score), "box": [r4(x) for x in o.box]}
-            for o in d.objects
-        ],
+        "objects": [_object(o, r3, r4) for o in d.objects],
         "inference_ms": r2(d.inference_ms),
     }
+
+
+def _object(o, r3, r4) -> dict:
+    out = {"label": o.label, "score": r3(o.score), "box": [r4(x) for x in o.box]}
+    # Only a chain of stages says which stage found an object and inside which other one.
+    if o.stage:
+        out["stage"] = o.stage
+    if o.parent >= 0:
+        out["parent"] = o.parent
+    return out
 
 
 def motion_fields(m: MotionSignature, device_id: str, seq: int, *, packed: bool = False) -> dict:
