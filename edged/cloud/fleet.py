@@ -1,0 +1,337 @@
+"""`edged fleet-sim`: many simulated devices in one process, to load and fault-test a receiver.
+
+Each simulated device has its own MQTT 5 connection, device id and seq, and publishes what a
+real one does: a retained `online` status (and `offline` as its last will), `motion` and
+`detections` results made from typed records by the project's codec (JSON or CBOR, per device),
+and `stats`. Like the daemon's outbox, a device keeps every result until the broker acknowledged
+it and publishes it again after a reconnect or a restart, so the only way a seq goes missing is
+a receiver losing it.
+
+All devices run on one thread: one selector over every connection, driving paho's
+`loop_read`/`loop_write`/`loop_misc` directly instead of a thread per client.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import selectors
+import threading
+import time
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged.delivery import codec as _codec
+from edged.records import DetectedObject, Detections, MotionSignature
+
+MOTION_LABELS = ("standing", "walking", "running", "badminton")
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    codec: _codec.Codec
+    seq: int = 0                                   # last seq made (continues across restarts)
+    made: int = 0                                  # results made by this process
+    unacked: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # seq -> (topic, payload)
+    mids: dict[int, int] = field(default_factory=dict)                   # mid -> seq, this client
+    acked: int = 0
+    client: mqtt.Client | None = None
+    connected: bool = False
+    fresh: bool = True   # a new client (a restart): on connect, publish everything unacknowledged
+    reconnect_at: float = 0.0
+
+
+class Fleet:
+    """N simulated devices publishing to one broker.
+
+    motion_hz / detection_every_s: each device's rates; `per_device`: stop making results after
+    this many per device (0: until stopped). codec: json, cbor or mixed (alternating devices).
+    """
+
+    def __init__(self, host: str, port: int, n: int, *, prefix: str = "edged", id_prefix: str = "sim",
+                 motion_hz: float = 1.0, detection_every_s: float = 5.0, per_device: int = 0,
+                 codec: str = "mixed", stats_every_s: float = 60.0, seed: int = 0,
+                 keepalive_s: int = 30, max_inflight: int = 64, first_seq: dict[str, int] | None = None) -> None:
+        self.host, self.port, self.prefix = host, port, prefix
+        self.motion_dt = 1.0 / motion_hz if motion_hz > 0 else 0.0
+        self.detection_dt = detection_every_s
+        self.per_device = per_device
+        self.stats_dt = stats_every_s
+        self.keepalive_s = keepalive_s
+        self.max_inflight = max_inflight
+        self.rng = random.Random(seed)
+        codecs = {"json": [_codec.JSON], "cbor": [_codec.get("cbor")],
+                  "mixed": [_codec.JSON, _codec.get("cbor")]}[codec]
+        self.devices = [SimDevice(f"{id_prefix}-{i:04d}", codecs[i % len(codecs)],
+                                  seq=(first_seq or {}).get(f"{id_prefix}-{i:04d}", 0))
+                        for i in range(n)]
+        self._sel = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, int, str]] = []  # (when, tiebreak, device index, what)
+        self._tick = 0
+        self._lock = threading.Lock()
+        self._commands: list = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors: list[str] = []
+
+    # -- public ------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> "Fleet":
+        now = time.monotonic()
+        for i, d in enumerate(self.devices):
+            self._connect(i)
+            # Spread the devices over one period so they do not all publish in the same instant.
+            if self.motion_dt:
+                self._at(now + self.rng.random() * self.motion_dt, i, "motion")
+            if self.detection_dt:
+                self._at(now + self.rng.random() * self.detection_dt, i, "detections")
+            if self.stats_dt:
+                self._at(now + self.rng.random() * self.stats_dt, i, "stats")
+        self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not all(d.connected for d in self.devices):
+            time.sleep(0.02)
+        if not all(d.connected for d in self.devices):
+            raise ConnectionError(f"only {sum(d.connected for d in self.devices)} of "
+                                  f"{len(self.devices)} simulated devices connected to {self.host}:{self.port}")
+        return self
+
+    def restart(self, i: int) -> None:
+        """Device i restarts: its connection ends without a goodbye and a new one starts; its seq
+        continues and everything unacknowledged is published again (as from the outbox)."""
+        self._command(lambda: self._restart(i))
+
+    def drop(self, i: int) -> None:
+        """Device i's network drops: the socket closes, paho reconnects and re-sends."""
+        self._command(lambda: self._drop(i))
+
+    def made(self) -> int:
+        return sum(d.made for d in self.devices)
+
+    def done(self) -> bool:
+        """Every device made its `per_device` results and the broker acknowledged all of them."""
+        with self._lock:
+            return all(d.made >= self.per_device and not d.unacked for d in self.devices)
+
+    def last_seqs(self) -> dict[str, int]:
+        with self._lock:
+            return {d.device_id: d.seq for d in self.devices}
+
+    def stop(self) -> None:
+        """Disconnect every device cleanly (each publishes `offline` first)."""
+        self._command(self._goodbye)
+        if self._thread:
+            self._thread.join(10)
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    # -- the loop thread ---------------------------------------------------------------------------
+
+    def _command(self, fn) -> None:
+        with self._lock:
+            self._commands.append(fn)
+
+    def _at(self, when: float, i: int, what: str) -> None:
+        self._tick += 1
+        heapq.heappush(self._timers, (when, self._tick, i, what))
+
+    def _new_client(self, i: int) -> mqtt.Client:
+        d = self.devices[i]
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edged-{d.device_id}",
+                        protocol=mqtt.MQTTv5, userdata=i)
+        c.max_inflight_messages_set(self.max_inflight)
+        c.max_queued_messages_set(0)
+        c.will_set(f"{self.prefix}/{d.device_id}/status", b"offline", qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_publish = self._on_publish
+        c.on_disconnect = self._on_disconnect
+        return c
+
+    def _connect(self, i: int) -> None:
+        d = self.devices[i]
+        d.client = self._new_client(i)
+        d.mids = {}
+        d.fresh = True
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        try:
+            d.client.connect(self.host, self.port, keepalive=self.keepalive_s, clean_start=True,
+                             properties=props)
+        except OSError as exc:
+            self.errors.append(f"{d.device_id}: connect: {exc}")
+            d.reconnect_at = time.monotonic() + 0.5
+            return
+        self._sel.register(d.client.socket(), selectors.EVENT_READ, i)
+
+    def _on_connect(self, client, i, flags, reason_code, properties) -> None:
+        d = self.devices[i]
+        if reason_code.is_failure:
+            return
+        d.connected = True
+        client.publish(f"{self.prefix}/{d.device_id}/status", b"online", qos=1, retain=True)
+        if d.fresh:
+            # As the daemon's outbox does after a restart: everything not acknowledged goes
+            # again, oldest first. (On a reconnect of the same client paho re-sends its own.)
+            d.fresh = False
+            for seq in sorted(d.unacked):
+                self._send(i, seq)
+
+    def _on_publish(self, client, i, mid, reason_code, properties) -> None:
+        d = self.devices[i]
+        seq = d.mids.pop(mid, None)
+        if seq is not None and not reason_code.is_failure:
+            with self._lock:
+                if d.unacked.pop(seq, None) is not None:
+                    d.acked += 1
+
+    def _on_disconnect(self, client, i, flags, reason_code, properties) -> None:
+        d = self.devices[i]
+        d.connected = False
+
+    def _send(self, i: int, seq: int) -> None:
+        d = self.devices[i]
+        topic, payload = d.unacked[seq]
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = d.codec.content_type
+        # Whatever the return code, paho keeps a QoS 1 message until its PUBACK and sends it
+        # again after a reconnect.
+        d.mids[d.client.publish(topic, payload, qos=1, properties=props).mid] = seq
+
+    def _make(self, i: int, what: str, now_wall: float) -> None:
+        d = self.devices[i]
+        if self.per_device and d.made >= self.per_device:
+            return
+        rng = self.rng
+        with self._lock:
+            d.seq += 1
+            d.made += 1
+            seq = d.seq
+        if what == "motion":
+            sig = MotionSignature(ts=now_wall, label=rng.choice(MOTION_LABELS), score=rng.uniform(0.4, 1.0),
+                                  signature=tuple(rng.randint(-128, 127) for _ in range(16)),
+                                  window_s=3.0, inference_ms=rng.uniform(0.2, 0.5))
+            payload = d.codec.motion(sig, d.device_id, seq)
+        else:
+            objs = tuple(DetectedObject("face", rng.uniform(0.5, 1.0), _box(rng))
+                         for _ in range(rng.choice((0, 1, 1, 2))))
+            payload = d.codec.detections(Detections(ts=now_wall, objects=objs, inference_ms=rng.uniform(2, 5)),
+                                         d.device_id, seq)
+        with self._lock:
+            d.unacked[seq] = (f"{self.prefix}/{d.device_id}/{what}", payload)
+        if not d.fresh:  # paho queues it while disconnected; a fresh client sends it on connect
+            self._send(i, seq)
+
+    def _stats(self, i: int, now_wall: float) -> None:
+        d = self.devices[i]
+        if d.connected:
+            body = {"ts": round(now_wall, 3), "uptime_s": 1.0, "fps": 0.0, "inference_ms": None, "frames": 0,
+                    "skipped_frames": 0, "failed_frames": 0, "motion_windows": d.made, "motion_inference_ms": 0.3,
+                    "imu_samples": 0, "outbox_depth": len(d.unacked), "outbox_bytes": 0, "dropped": 0,
+                    "published": d.acked, "bytes_sent": 0, "raw_bytes": 0, "backend": "cpu"}
+            d.client.publish(f"{self.prefix}/{d.device_id}/stats", _codec.stats(body, d.device_id), qos=0)
+
+    def _restart(self, i: int) -> None:
+        d = self.devices[i]
+        self._close(i)
+        self._connect(i)
+
+    def _drop(self, i: int) -> None:
+        d = self.devices[i]
+        sock = d.client.socket()
+        if sock is not None:
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        d.connected = False
+        d.reconnect_at = time.monotonic() + 0.2
+
+    def _close(self, i: int) -> None:
+        d = self.devices[i]
+        if d.client is not None:
+            sock = d.client.socket()
+            if sock is not None:
+                try:
+                    self._sel.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.close()
+        d.connected = False
+
+    def _goodbye(self) -> None:
+        for i, d in enumerate(self.devices):
+            if d.connected:
+                d.client.publish(f"{self.prefix}/{d.device_id}/status", b"offline", qos=1, retain=True)
+                d.client.disconnect()
+                d.client.loop_write()
+        self._stop.set()
+
+    def _loop(self) -> None:
+        next_misc = time.monotonic() + 1.0
+        while not self._stop.is_set():
+            with self._lock:
+                cmds, self._commands = self._commands, []
+            for fn in cmds:
+                fn()
+            now = time.monotonic()
+            wall = time.time()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, i, what = heapq.heappop(self._timers)
+                if what == "stats":
+                    self._stats(i, wall)
+                    self._at(now + self.stats_dt, i, what)
+                else:
+                    self._make(i, what, wall)
+                    self._at(now + (self.motion_dt if what == "motion" else self.detection_dt), i, what)
+            for i, d in enumerate(self.devices):
+                if d.client is not None and d.client.socket() is not None and d.client.want_write():
+                    self._io(i, d.client.loop_write)
+            timeout = min(0.05, max(0.0, (self._timers[0][0] - time.monotonic()) if self._timers else 0.05))
+            if not self._sel.get_map():
+                time.sleep(timeout)
+            for key, _ in self._sel.select(timeout) if self._sel.get_map() else ():
+                self._io(key.data, self.devices[key.data].client.loop_read)
+            if time.monotonic() >= next_misc:
+                next_misc = time.monotonic() + 1.0
+                for i, d in enumerate(self.devices):
+                    if d.client is None:
+                        continue
+                    if d.client.socket() is None:
+                        if time.monotonic() >= d.reconnect_at:
+                            self._reconnect(i)
+                    else:
+                        self._io(i, d.client.loop_misc)
+        for i in range(len(self.devices)):
+            self._close(i)
+
+    def _io(self, i: int, fn) -> None:
+        d = self.devices[i]
+        rc = fn()
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and d.client.socket() is None:
+            d.connected = False
+            d.reconnect_at = max(d.reconnect_at, time.monotonic() + 0.2)
+            # the selector holds the old, closed socket
+            for key in list(self._sel.get_map().values()):
+                if key.data == i:
+                    self._sel.unregister(key.fileobj)
+
+    def _reconnect(self, i: int) -> None:
+        d = self.devices[i]
+        try:
+            d.client.reconnect()
+        except OSError:
+            d.reconnect_at = time.monotonic() + 0.5
+            return
+        self._sel.register(d.client.socket(), selectors.EVENT_READ, i)
+
+
+def _box(rng: random.Random) -> tuple[float, float, float, float]:
+    x0, y0 = rng.uniform(0, 0.6), rng.uniform(0, 0.6)
+    return (x0, y0, x0 + rng.uniform(0.05, 0.4), y0 + rng.uniform(0.05, 0.4))

@@ -1,0 +1,610 @@
+"""`edged ingest`: a worker that lands every device's results in PostgreSQL exactly once.
+
+Any number of workers, on any number of machines, share the load through one MQTT 5 shared
+subscription (`$share/<group>/<prefix>/+/detections|motion|stats`); the broker hands each
+message to one member of the group. Each worker:
+
+- connects with a stable client id and a persistent session, and acknowledges (PUBACK) a result
+  only after the transaction holding it committed (paho's manual acknowledgement): a worker that
+  dies at any moment leaves its unacknowledged messages with the broker, which delivers them
+  again;
+- stores each result once, keyed by (device_id, seq): a redelivery is counted as a duplicate;
+- stores a payload it cannot use in `rejected` (topic, bytes, reason), acknowledges it, counts it
+  and logs the first of each kind;
+- writes in batches (`ingest.batch_size` messages or `ingest.batch_delay_s`, whichever first);
+- when PostgreSQL is down, stops acknowledging and retries with backoff: the broker holds back
+  once `ingest.max_inflight` messages are unacknowledged (MQTT 5 Receive Maximum), so nothing
+  piles up in the worker and nothing is lost.
+
+The retained `status` topic is subscribed without sharing (a shared subscription gets no
+retained messages), so every worker keeps `devices.status` current; the writes are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edged import config as _config
+from edged.cloud import payloads, store
+from edged.cloud.payloads import Reject, Result
+
+log = logging.getLogger("edged.ingest")
+
+DEFAULT_PATH = Path("/etc/edged/ingest.toml")
+RESULT_LEAVES = payloads.RESULT_KINDS
+_check = _config._check  # the daemon's config machinery: same validation, same messages
+
+
+@dataclass
+class IngestSection:
+    group: str = field(default="edged-ingest", metadata=_check(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$", expect="1 to 64 letters, digits, '-' or '_'"))
+    client_id: str = field(default="", metadata=_check(
+        pattern=r"^[A-Za-z0-9_.-]{0,64}$", expect="up to 64 letters, digits, '.', '-' or '_'"))
+    batch_size: int = field(default=500, metadata=_check(min=1, max=10000))
+    batch_delay_s: float = field(default=0.1, metadata=_check(min=0.0, max=60))
+    max_inflight: int = field(default=2000, metadata=_check(min=1, max=65535))
+    max_payload_bytes: int = field(default=65536, metadata=_check(min=256, max=16 << 20))
+    log_level: str = field(default="info", metadata=_check(choices=("debug", "info", "warning", "error")))
+    stats_interval_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
+
+
+@dataclass
+class DatabaseSection:
+    url: str = field(default="postgresql:///edged", metadata=_check(
+        pattern=r"^(postgresql|postgres)://", expect="a postgresql:// URL"))
+    retention_days: int = field(default=30, metadata=_check(min=0, max=36500))  # 0 = keep everything
+    reconnect_min_s: float = field(default=0.5, metadata=_check(min=0.05, max=60))
+    reconnect_max_s: float = field(default=30.0, metadata=_check(min=0.1, max=3600))
+
+
+@dataclass
+class BrokerSection:
+    host: str = field(default="127.0.0.1", metadata=_check(
+        pattern=r"^[^\s/]+$", expect="a host name or IP address (no mqtt://, no path)"))
+    port: int = field(default=1883, metadata=_check(min=1, max=65535))
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    topic_prefix: str = field(default="edged", metadata=_check(
+        pattern=r"^[^#+\s$][^#+\s]*$", expect="a topic prefix without +, # or spaces"))
+    keepalive_s: int = field(default=30, metadata=_check(min=5, max=3600))
+    session_expiry_s: int = field(default=86400, metadata=_check(min=60, max=(1 << 32) - 1))
+    reconnect_min_s: float = field(default=0.5, metadata=_check(min=0.1, max=60))
+    reconnect_max_s: float = field(default=30.0, metadata=_check(min=1, max=3600))
+
+
+@dataclass
+class IngestConfig:
+    ingest: IngestSection = field(default_factory=IngestSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    mqtt: BrokerSection = field(default_factory=BrokerSection)
+
+    @property
+    def client_id(self) -> str:
+        return self.ingest.client_id or f"edged-ingest-{_config._sanitize_id(socket.gethostname())}"
+
+
+# Command-line flags and the config keys they set (a flag wins over the file).
+FLAGS = {
+    "host": "mqtt.host", "port": "mqtt.port", "prefix": "mqtt.topic_prefix",
+    "username": "mqtt.username", "password": "mqtt.password", "ca_file": "mqtt.ca_file",
+    "cert_file": "mqtt.cert_file", "key_file": "mqtt.key_file",
+    "db": "database.url", "retention_days": "database.retention_days",
+    "group": "ingest.group", "client_id": "ingest.client_id", "batch_size": "ingest.batch_size",
+    "batch_delay": "ingest.batch_delay_s", "max_inflight": "ingest.max_inflight",
+    "log_level": "ingest.log_level",
+}
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> IngestConfig:
+    """The config file (None: defaults only) with `overrides` ({dotted key: value}, from flags)
+    on top; every problem reported at once as a ConfigError."""
+    doc: dict = {}
+    lines: dict[str, int] = {}
+    name = "<defaults>"
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        name = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise _config.ConfigError([f"{path}: config file not found"]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _config.ConfigError([f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}"]) from None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            msg = str(exc)
+            m = re.search(r"\(at line (\d+), column \d+\)", msg)
+            raise _config.ConfigError([f"{name}{':' + m.group(1) if m else ''}: TOML syntax error: "
+                                       f"{re.sub(r' [(]at line.*', '', msg)}"]) from None
+        lines = _config._key_lines(text)
+    cfg = _config._build(IngestConfig, doc, "", name, lines, problems)
+    if overrides:
+        flagdoc: dict = {}
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".")
+            flagdoc.setdefault(section, {})[key] = value
+        flags = _config._build(IngestConfig, flagdoc, "", "command line", {}, problems)
+        for dotted in overrides:
+            section, key = dotted.split(".")
+            setattr(getattr(cfg, section), key, getattr(getattr(flags, section), key))
+    m = cfg.mqtt
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(m, key)
+        if value and not Path(value).is_file():
+            problems.append(f"{name}: mqtt.{key}: file not found: {value}")
+    if bool(m.cert_file) != bool(m.key_file):
+        problems.append(f"{name}: mqtt.cert_file/key_file: give both or neither")
+    for sec in (m, cfg.database):
+        if sec.reconnect_min_s > sec.reconnect_max_s:
+            where = "mqtt" if sec is m else "database"
+            problems.append(f"{name}: {where}.reconnect_min_s: must not exceed {where}.reconnect_max_s")
+    if problems:
+        raise _config.ConfigError(problems)
+    return cfg
+
+
+def _db_target(url: str) -> str:
+    """The URL without its password, for log lines."""
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    batches: int = 0
+    commit_s: float = 0.0
+    db_failures: int = 0
+    stats_dropped: int = 0
+
+    def line(self) -> dict:
+        return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
+                "rejected": self.rejected, "batches": self.batches, "db_failures": self.db_failures,
+                "commit_ms_mean": round(1000 * self.commit_s / self.batches, 2) if self.batches else 0}
+
+
+@dataclass(slots=True)
+class _Msg:
+    epoch: int
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    content_type: str | None
+    received: float
+
+
+class Worker:
+    """One ingest worker: an MQTT connection feeding a writer that commits batches."""
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.cfg = cfg
+        self.counters = Counters()
+        self.stopping = threading.Event()
+        self._q: queue.Queue[_Msg] = queue.Queue()
+        self._epoch = 0
+        self._epoch_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._once: set[str] = set()
+        self._conn = None
+        self._known_days: set = set()
+        self._next_retention = 0.0
+        self._next_stats = time.monotonic() + cfg.ingest.stats_interval_s
+        m = cfg.mqtt
+        prefix = m.topic_prefix
+        self._prefix = prefix + "/"
+        group = cfg.ingest.group
+        self.topics = [(f"$share/{group}/{prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "stats")]
+        self.topics.append((f"{prefix}/+/status", 1))
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+                        protocol=mqtt.MQTTv5, manual_ack=True)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = m.session_expiry_s
+        props.ReceiveMaximum = cfg.ingest.max_inflight
+        self._connect_props = props
+        if m.username:
+            c.username_pw_set(m.username, m.password or None)
+        if m.tls or m.ca_file or m.cert_file:
+            c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None,
+                      keyfile=m.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+        c.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        self.client = c
+
+    # -- MQTT (paho's network thread) -------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._log_once("mqtt_refused", "the broker refused the connection", reason=str(reason_code))
+            return
+        with self._epoch_lock:
+            self._epoch += 1
+        self._connected.set()
+        self._clear_once("mqtt_down")
+        log.info("connected to the broker", extra=_fields(
+            broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", client_id=self.cfg.client_id,
+            session_present=bool(flags.session_present), group=self.cfg.ingest.group))
+        # Subscribing again on a resumed session is harmless and covers a broker that lost it.
+        client.subscribe(self.topics)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if bad:
+            self._log_once("subscribe", "the broker refused a subscription (does it support MQTT 5 "
+                           "shared subscriptions, and does the ACL allow them?)", reasons=",".join(bad))
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._epoch_lock:
+            self._epoch += 1
+        self._connected.clear()
+        if not self.stopping.is_set():
+            self._log_once("mqtt_down", "lost the broker; reconnecting (unacknowledged messages stay "
+                           "with the broker)", reason=str(reason_code))
+
+    def _on_message(self, client, userdata, msg) -> None:
+        ct = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        if msg.qos == 0 and self._q.qsize() > 4 * self.cfg.ingest.max_inflight:
+            self.counters.stats_dropped += 1  # stats (QoS 0) while the database is behind: perishable
+            return
+        self._q.put(_Msg(self._epoch, msg.mid, msg.qos, msg.topic, msg.payload, ct, time.time()))
+
+    # -- logging -----------------------------------------------------------------------------------
+
+    def _log_once(self, kind: str, msg: str, level: int = logging.WARNING, **kw) -> None:
+        if kind in self._once:
+            return
+        self._once.add(kind)
+        log.log(level, msg, extra=_fields(kind=kind, **kw))
+
+    def _clear_once(self, kind: str) -> bool:
+        if kind in self._once:
+            self._once.discard(kind)
+            return True
+        return False
+
+    # -- database ----------------------------------------------------------------------------------
+
+    def _connect_db(self):
+        """A connection, trying again with jittered backoff until one works or we stop."""
+        import psycopg
+
+        delay = self.cfg.database.reconnect_min_s
+        while not self.stopping.is_set():
+            try:
+                conn = psycopg.connect(self.cfg.database.url, autocommit=True, connect_timeout=10,
+                                       application_name=self.cfg.client_id)
+                store.require_schema(conn)
+                if self._clear_once("db_down"):
+                    log.info("the database is back", extra=_fields(database=_db_target(self.cfg.database.url)))
+                return conn
+            except psycopg.OperationalError as exc:
+                self._log_once("db_down", "cannot reach the database; not acknowledging until it is back",
+                               database=_db_target(self.cfg.database.url), error=_first_line(exc))
+            self.stopping.wait(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self.cfg.database.reconnect_max_s)
+        return None
+
+    def _commit(self, results, rejected, news, dups) -> store.Outcome | None:
+        """Write one batch, retrying on database faults until it commits (or we stop: None)."""
+        import psycopg
+
+        delay = self.cfg.database.reconnect_min_s
+        while True:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect_db()
+                if self._conn is None:
+                    return None
+                self._known_days = store.existing_partitions(self._conn)
+            try:
+                t0 = time.perf_counter()
+                out = store.write(self._conn, results, rejected, news, self._known_days, dups)
+                self.counters.commit_s += time.perf_counter() - t0
+                return out
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                continue  # another worker's batch touched the same devices: nothing was committed
+            except psycopg.OperationalError as exc:
+                self.counters.db_failures += 1
+                self._log_once("db_down", "lost the database; not acknowledging until it is back",
+                               database=_db_target(self.cfg.database.url), error=_first_line(exc))
+                try:
+                    self._conn.close()
+                except Exception:  # noqa: BLE001 — already broken
+                    pass
+                self._conn = None
+                if self.stopping.wait(delay * (0.5 + random.random() / 2)):
+                    return None
+                delay = min(delay * 2, self.cfg.database.reconnect_max_s)
+            except psycopg.Error as exc:  # e.g. an undefined table: the schema was changed under us
+                raise store.StoreError(f"database error: {_first_line(exc)}") from None
+
+    def _maintain(self) -> None:
+        if self._conn is None or time.monotonic() < self._next_retention:
+            return
+        import psycopg
+
+        try:
+            dropped = store.retention_pass(self._conn, self.cfg.database.retention_days, time.time(),
+                                           self._known_days)
+            for name in dropped:
+                log.info("dropped a partition past the retention", extra=_fields(
+                    partition=name, retention_days=self.cfg.database.retention_days))
+            self._next_retention = time.monotonic() + 3600
+        except psycopg.OperationalError:
+            self._conn = None  # the next batch reconnects
+            self._next_retention = time.monotonic() + 10
+
+    # -- the writer loop (main thread) -------------------------------------------------------------
+
+    def _batch(self) -> list[_Msg]:
+        try:
+            first = self._q.get(timeout=0.5)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.cfg.ingest.batch_delay_s
+        while len(batch) < self.cfg.ingest.batch_size:
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _split(self, batch: list[_Msg]):
+        results: list[Result] = []
+        rejected: list[store.Rejected] = []
+        news: dict[str, store.DeviceNews] = {}
+        seen: set[tuple[str, int]] = set()
+        dup_in_batch: dict[str, int] = {}
+        now = time.time()
+        limit = self.cfg.ingest.max_payload_bytes
+        for m in batch:
+            rest = m.topic[len(self._prefix):] if m.topic.startswith(self._prefix) else ""
+            device, _, leaf = rest.partition("/")
+            if not payloads._ID_RE.match(device) or leaf not in (*RESULT_LEAVES, "stats", "status"):
+                rejected.append(self._reject(m, None, Reject("bad_topic", f"not a result topic: {m.topic[:200]}")))
+                continue
+            if leaf == "status":
+                text = m.payload.decode("utf-8", "replace")
+                if text in ("online", "offline"):
+                    news.setdefault(device, store.DeviceNews()).status = text
+                else:
+                    rejected.append(self._reject(m, device, Reject("invalid", f"status: expected online or offline, got {text[:40]!r}")))
+                continue
+            if leaf == "stats":
+                got = _stats(m.payload, limit)
+                if isinstance(got, Reject):
+                    rejected.append(self._reject(m, device, got))
+                else:
+                    n = news.setdefault(device, store.DeviceNews())
+                    if n.stats_ts is None or got[1] >= n.stats_ts:
+                        n.stats, n.stats_ts = got
+                continue
+            r = payloads.parse(device, leaf, m.payload, m.content_type, now=now, max_bytes=limit)
+            if isinstance(r, Reject):
+                rejected.append(self._reject(m, device, r))
+                continue
+            key = (r.device_id, r.seq)
+            if key in seen:  # delivered twice before the first copy was committed
+                dup_in_batch[r.device_id] = dup_in_batch.get(r.device_id, 0) + 1
+                continue
+            seen.add(key)
+            results.append(r)
+        return results, rejected, news, dup_in_batch
+
+    def _reject(self, m: _Msg, device: str | None, r: Reject) -> store.Rejected:
+        self._log_once(f"reject_{r.kind}", "rejected a payload (stored in the rejected table; "
+                       "further ones of this kind are only counted)", topic=m.topic[:200], reason=r.reason)
+        return store.Rejected(m.topic, device, r.kind, r.reason, m.payload[: self.cfg.ingest.max_payload_bytes],
+                              len(m.payload))
+
+    def _ack(self, batch: list[_Msg]) -> None:
+        # A message from an earlier connection cannot be acknowledged on this one (its packet id
+        # belongs to that connection): the broker delivers it again and it counts as a duplicate.
+        # The lock keeps a disconnect (which starts a new epoch) from falling inside the loop.
+        with self._epoch_lock:
+            for m in batch:
+                if m.qos and m.epoch == self._epoch:
+                    self.client.ack(m.mid, m.qos)
+
+    def step(self) -> None:
+        batch = self._batch()
+        if batch:
+            results, rejected, news, dup_in_batch = self._split(batch)
+            out = self._commit(results, rejected, news, dup_in_batch)
+            if out is None:
+                return  # stopping with the batch uncommitted: the broker still has it
+            self._ack(batch)
+            c = self.counters
+            c.received += len(batch)
+            c.batches += 1
+            c.stored += out.stored
+            c.duplicates += sum(out.duplicates.values())
+            c.rejected += out.rejected
+        self._maintain()
+        if time.monotonic() >= self._next_stats:
+            self._next_stats = time.monotonic() + self.cfg.ingest.stats_interval_s
+            log.info("ingest stats", extra=_fields(**self.counters.line()))
+
+    def start(self) -> None:
+        self._conn = self._connect_db()
+        if self._conn is None:
+            return
+        self._known_days = store.existing_partitions(self._conn)
+        self._maintain()
+        m = self.cfg.mqtt
+        self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
+                                  properties=self._connect_props)
+        self.client.loop_start()
+        log.info("ingest worker started", extra=_fields(
+            client_id=self.cfg.client_id, group=self.cfg.ingest.group,
+            database=_db_target(self.cfg.database.url), batch_size=self.cfg.ingest.batch_size,
+            batch_delay_s=self.cfg.ingest.batch_delay_s, max_inflight=self.cfg.ingest.max_inflight))
+
+    def run(self) -> None:
+        self.start()
+        while not self.stopping.is_set():
+            self.step()
+        self.close()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        try:
+            self.client.disconnect()
+        except Exception:  # noqa: BLE001 — not connected
+            pass
+        if self._conn is not None:
+            self._conn.close()
+        log.info("ingest worker stopped", extra=_fields(**self.counters.line()))
+
+
+def _stats(payload: bytes, limit: int):
+    import json
+
+    if len(payload) > limit:
+        return Reject("too_large", f"stats payload of {len(payload)} bytes exceeds {limit}")
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Reject("undecodable", f"stats: not valid JSON: {str(exc)[:120]}")
+    ts = body.get("ts") if isinstance(body, dict) else None
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not payloads.TS_MIN <= ts < 1 << 33:
+        return Reject("invalid", "stats: expected a JSON object with a ts")
+    return body, float(ts)
+
+
+def _fields(**kw) -> dict:
+    return {"fields": kw}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+DESCRIPTION = (
+    "Receive every device's results through an MQTT 5 shared subscription and store each one "
+    "exactly once in PostgreSQL (tables results, devices, rejected; view gaps). Run as many "
+    "workers as you like with one --group: the broker splits the messages between them. A "
+    "message is acknowledged only after its row is committed. Settings come from --config (TOML "
+    "sections [ingest], [database], [mqtt]; default /etc/edged/ingest.toml if it exists); a flag "
+    "overrides the file. Run once with --migrate to create or update the schema.")
+
+
+def add_arguments(p) -> None:
+    """`edged ingest`'s flags (cli.py adds them to its sub-command)."""
+    p.add_argument("--config", "-c", metavar="PATH",
+                   help="TOML config (default: /etc/edged/ingest.toml if it exists, else the defaults)")
+    p.add_argument("--migrate", action="store_true",
+                   help="create or update the database schema (idempotent), make the current "
+                        "partitions, drop those past the retention, and exit")
+    p.add_argument("--db", metavar="URL", help="PostgreSQL URL (default: postgresql:///edged)")
+    p.add_argument("--host", help="broker host (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="broker port (default: 1883)")
+    p.add_argument("--prefix", help="topic prefix the devices use (default: edged)")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--ca-file", help="CA to verify the broker's certificate (turns TLS on)")
+    p.add_argument("--cert-file", help="client certificate for mutual TLS (with --key-file)")
+    p.add_argument("--key-file")
+    p.add_argument("--group", help="shared-subscription group: workers with one group split the "
+                                   "load (default: edged-ingest)")
+    p.add_argument("--client-id", help="this worker's MQTT client id, stable across restarts and "
+                                       "unique in the group (default: edged-ingest-<hostname>)")
+    p.add_argument("--batch-size", type=int, help="most messages per transaction (default: 500)")
+    p.add_argument("--batch-delay", type=float, metavar="SECONDS",
+                   help="longest wait to fill a batch (default: 0.1)")
+    p.add_argument("--max-inflight", type=int,
+                   help="most unacknowledged messages the broker may send this worker (default: 2000)")
+    p.add_argument("--retention-days", type=int, help="drop results older than this; 0 keeps all (default: 30)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def run_cli(args) -> int:
+    """`edged ingest`: migrate, or run one worker until SIGTERM/Ctrl-C."""
+    import sys
+
+    try:
+        return _run(args)
+    except _config.ConfigError as exc:
+        for line in exc.problems:
+            print(f"edged: {line}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import sys
+
+    from edged.service import log as edlog
+
+    overrides = {dotted: getattr(args, flag) for flag, dotted in FLAGS.items()
+                 if getattr(args, flag, None) is not None}
+    path = args.config
+    if path is None and DEFAULT_PATH.is_file():
+        path = DEFAULT_PATH
+    cfg = load(path, overrides)
+    edlog.setup(cfg.ingest.log_level)
+    if args.migrate:
+        import psycopg
+
+        try:
+            with psycopg.connect(cfg.database.url, autocommit=True, connect_timeout=10) as conn:
+                applied = store.migrate(conn)
+                store.retention_pass(conn, cfg.database.retention_days, time.time(), set())
+        except psycopg.OperationalError as exc:
+            print(f"edged: cannot reach the database {_db_target(cfg.database.url)}: {_first_line(exc)}",
+                  file=sys.stderr)
+            return 69
+        except psycopg.Error as exc:
+            print(f"edged: migration failed: {_first_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"edged: database {_db_target(cfg.database.url)}: schema version "
+              f"{store.migrations()[-1][0]}" + (f" (applied {', '.join(applied)})" if applied else " (up to date)"))
+        return 0
+    worker = Worker(cfg)
+
+    def stop(signum, frame) -> None:
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    except store.StoreError as exc:
+        worker.stopping.set()
+        worker.close()
+        print(f"edged: {exc}", file=sys.stderr)
+        return 2
+    return 0
+

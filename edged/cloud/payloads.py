@@ -1,0 +1,144 @@
+"""What the cloud accepts as a result: a payload of either codec, decoded and checked field by
+field against the contract (docs/mqtt.md, docs/schemas/detections|motion.schema.json).
+
+Everything here is untrusted input from the network. `parse` never raises for a bad payload: it
+returns a `Reject` saying which kind of problem it was (for counting and logging once per kind)
+and, in words, what was wrong. The checks are written out rather than run through a JSON Schema
+library: they run once per result on the ingest's hot path, and the test suite holds them to
+the shipped schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from edged.delivery import codec
+
+RESULT_KINDS = ("detections", "motion")
+SCHEMA_VERSION = 1
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LABEL_RE = re.compile(r"^[a-z0-9 _-]+$")
+# A result's ts must be a plausible capture time: after 2000-01-01 and not far in the future
+# (the partition it lands in is made on demand; a wild clock must not make thousands of them).
+TS_MIN = 946684800.0
+TS_FUTURE_S = 7 * 86400
+
+_FIELDS = {
+    "detections": {"v", "device_id", "seq", "ts", "objects", "inference_ms"},
+    "motion": {"v", "device_id", "seq", "ts", "label", "score", "signature", "window_s", "inference_ms"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    device_id: str
+    seq: int
+    kind: str
+    ts: float
+    body: dict  # the decoded payload (CBOR signatures as lists of ints)
+
+    def json(self) -> str:
+        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    kind: str    # undecodable | invalid | wrong_device | too_large | bad_topic
+    reason: str  # one line, for the rejected table and the log
+
+
+class _Bad(Exception):
+    pass
+
+
+def _num(v, key: str, lo: float | None = None, hi: float | None = None, *,
+         above: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _Bad(f"{key}: expected a number, got {_show(v)}")
+    if lo is not None and v < lo or hi is not None and v > hi or above is not None and v <= above:
+        rng = f"more than {above}" if above is not None else f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise _Bad(f"{key}: expected {rng}, got {v!r}")
+    return float(v)
+
+
+def _label(value, where: str) -> None:
+    if not isinstance(value, str) or not _LABEL_RE.match(value):
+        raise _Bad(f"{where}: expected a lowercase label, got {_show(value)}")
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check(kind: str, body: dict, *, now: float) -> str | None:
+    """None if `body` is a valid `kind` result, else what is wrong with it."""
+    try:
+        extra = set(body) - _FIELDS[kind]
+        if extra:
+            raise _Bad(f"unknown field {sorted(extra)[0]!r}")
+        missing = _FIELDS[kind] - set(body)
+        if missing:
+            raise _Bad(f"missing field {sorted(missing)[0]!r}")
+        if body["v"] != SCHEMA_VERSION or isinstance(body["v"], bool):
+            raise _Bad(f"v: expected {SCHEMA_VERSION}, got {_show(body['v'])}")
+        if not isinstance(body["device_id"], str) or not _ID_RE.match(body["device_id"]):
+            raise _Bad(f"device_id: expected 1 to 64 letters, digits, '-' or '_', got {_show(body['device_id'])}")
+        seq = body["seq"]
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 1 << 63:
+            raise _Bad(f"seq: expected a positive integer, got {_show(seq)}")
+        _num(body["ts"], "ts", TS_MIN, now + TS_FUTURE_S)
+        _num(body["inference_ms"], "inference_ms", 0.0)
+        if kind == "detections":
+            objects = body["objects"]
+            if not isinstance(objects, list):
+                raise _Bad(f"objects: expected an array, got {_show(objects)}")
+            for i, o in enumerate(objects):
+                if not isinstance(o, dict) or set(o) != {"label", "score", "box"}:
+                    raise _Bad(f"objects[{i}]: expected {{label, score, box}}, got {_show(o)}")
+                _label(o["label"], f"objects[{i}].label")
+                _num(o["score"], f"objects[{i}].score", 0.0, 1.0)
+                box = o["box"]
+                if not isinstance(box, list) or len(box) != 4:
+                    raise _Bad(f"objects[{i}].box: expected 4 numbers, got {_show(box)}")
+                for j in range(4):
+                    _num(box[j], f"objects[{i}].box[{j}]", 0.0, 1.0)
+        else:
+            _label(body["label"], "label")
+            _num(body["score"], "score", 0.0, 1.0)
+            _num(body["window_s"], "window_s", above=0.0)
+            sig = body["signature"]
+            if (not isinstance(sig, list) or not 1 <= len(sig) <= 16
+                    or not all(type(x) is int and -128 <= x <= 127 for x in sig)):
+                raise _Bad(f"signature: expected 1 to 16 int8 values, got {_show(sig)}")
+    except _Bad as exc:
+        return str(exc)
+    return None
+
+
+def parse(device_id: str, kind: str, payload: bytes, content_type: str | None, *, now: float,
+          max_bytes: int) -> Result | Reject:
+    """A result received on `<prefix>/<device_id>/<kind>`, or why it cannot be stored."""
+    if len(payload) > max_bytes:
+        return Reject("too_large", f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        body = codec.decode(payload, content_type)
+    except ValueError as exc:
+        if "not a map" in str(exc):  # the codec's word for CBOR that decoded to something else
+            return Reject("invalid", "expected a map, got another CBOR item")
+        what = "JSON" if payload[:1] == b"{" or content_type == "application/json" else "CBOR"
+        return Reject("undecodable", f"not valid {what}: {type(exc).__name__}: {str(exc)[:120]}")
+    except Exception as exc:  # noqa: BLE001 — anything a decoder raises means "not a payload"
+        what = "JSON" if payload[:1] == b"{" or content_type == "application/json" else "CBOR"
+        return Reject("undecodable", f"not valid {what}: {type(exc).__name__}: {str(exc)[:120]}")
+    if not isinstance(body, dict):
+        return Reject("invalid", f"expected a map, got {type(body).__name__}")
+    problem = check(kind, body, now=now)
+    if problem:
+        return Reject("invalid", f"{kind}: {problem}")
+    if body["device_id"] != device_id:
+        return Reject("wrong_device", f"device_id {body['device_id']!r} does not match the topic's {device_id!r}")
+    return Result(device_id, body["seq"], kind, float(body["ts"]), body)

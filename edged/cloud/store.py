@@ -1,0 +1,247 @@
+"""The PostgreSQL side of `edged ingest`: migrations, partitions and retention, and one batch
+written per transaction.
+
+A batch is written in one transaction: its results in one multi-row INSERT (rows whose key is
+already stored are skipped and counted as duplicates), its rejected payloads, and the device
+rows it touches. The caller acknowledges the batch's messages to the broker only after `write`
+returned, so a crash at any point leaves each message either committed or still with the
+broker, never neither.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+from edged.cloud.payloads import Result
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# One lock id for migrations and the retention pass, so two workers never run either at once.
+_LOCK_ID = 0x65646765  # "edge"
+_PARTITION_RE = re.compile(r"^results_(\d{8})$")
+
+
+class StoreError(Exception):
+    """The database is not ready for ingest (not migrated, wrong schema): not a transient fault."""
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every shipped migration, in order."""
+    out = []
+    # Package data of edged.cloud (setup.cfg), read where the package is installed.
+    for f in (resources.files("edged.cloud") / "migrations").iterdir():
+        m = _MIGRATION_RE.match(f.name)
+        if m:
+            out.append((int(m.group(1)), m.group(2), f.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+def schema_version(conn) -> int:
+    """The newest migration applied, 0 on an empty database."""
+    row = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+    if row[0] is None:
+        return 0
+    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+
+
+def migrate(conn) -> list[str]:
+    """Apply the migrations not applied yet, each in its own transaction; returns their names.
+    Safe to run again and from several machines at once (an advisory lock orders them)."""
+    applied = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            with conn.transaction():
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+            applied.append(f"{version:04d}_{name}")
+    return applied
+
+
+def require_schema(conn) -> None:
+    want = migrations()[-1][0]
+    have = schema_version(conn)
+    if have < want:
+        raise StoreError(f"the database schema is at version {have}, this edged needs {want}: "
+                         f"run `edged ingest --migrate` first")
+
+
+def _day(ts: float) -> dt.date:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).date()
+
+
+def partition_name(day: dt.date) -> str:
+    return f"results_{day:%Y%m%d}"
+
+
+def ensure_partitions(conn, days, known: set[dt.date]) -> None:
+    """Create the daily partitions of `results` for `days` that are not in `known` (adds them)."""
+    for day in sorted(set(days) - known):
+        lo = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+        with conn.transaction():
+            # Serialised with other workers doing the same: two concurrent CREATE ... IF NOT
+            # EXISTS for one name can otherwise fail on the catalogue's unique index.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID + 1,))
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF results "
+                         f"FOR VALUES FROM ('{lo.isoformat()}') TO ('{(lo + dt.timedelta(days=1)).isoformat()}')")
+        known.add(day)
+
+
+def existing_partitions(conn) -> set[dt.date]:
+    rows = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                        "WHERE i.inhparent = 'results'::regclass").fetchall()
+    out = set()
+    for (name,) in rows:
+        m = _PARTITION_RE.match(name)
+        if m:
+            out.add(dt.datetime.strptime(m.group(1), "%Y%m%d").date())
+    return out
+
+
+def retention_pass(conn, retention_days: int, now: float, known: set[dt.date]) -> list[str]:
+    """Drop the partitions wholly older than `retention_days` (0 keeps everything) and make the
+    ones for yesterday to tomorrow ahead of time; returns the dropped tables' names. Only one
+    worker at a time does it; the others skip."""
+    dropped: list[str] = []
+    with conn.transaction():
+        got = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_ID,)).fetchone()[0]
+        if not got:
+            return dropped
+        today = _day(now)
+        if retention_days:
+            cutoff = today - dt.timedelta(days=retention_days)
+            for day in sorted(existing_partitions(conn)):
+                if day < cutoff:
+                    conn.execute(f"DROP TABLE {partition_name(day)}")
+                    dropped.append(partition_name(day))
+                    known.discard(day)
+    known &= existing_partitions(conn)
+    ensure_partitions(conn, [today + dt.timedelta(days=d) for d in (-1, 0, 1)], known)
+    return dropped
+
+
+@dataclass
+class Rejected:
+    topic: str
+    device_id: str | None
+    kind: str
+    reason: str
+    payload: bytes  # as much of it as is kept
+    size: int       # its size as received
+
+
+@dataclass
+class DeviceNews:
+    """What one batch says about a device beyond its results."""
+
+    status: str | None = None
+    stats: dict | None = None
+    stats_ts: float | None = None
+
+
+@dataclass
+class Outcome:
+    stored: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)  # device -> count
+    rejected: int = 0
+
+
+_INSERT = """
+INSERT INTO results (device_id, seq, kind, ts, received_at, payload)
+SELECT d, s, k, to_timestamp(t), statement_timestamp(), p::jsonb
+FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::float8[], %s::text[]) AS u(d, s, k, t, p)
+ON CONFLICT DO NOTHING
+RETURNING device_id, seq
+"""
+
+# Device rows from a batch: first/last seen and the newest seq, duplicates added. Rows are
+# touched in device order in every worker, so two batches never wait on each other in a cycle.
+_DEVICES = """
+INSERT INTO devices AS d (device_id, first_seen, last_seen, last_seq, duplicates, rejected)
+SELECT u.d, to_timestamp(u.f), to_timestamp(u.l), u.s, u.dup, u.rej
+FROM unnest(%s::text[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[], %s::bigint[])
+     AS u(d, f, l, s, dup, rej)
+ORDER BY u.d
+ON CONFLICT (device_id) DO UPDATE SET
+    first_seen = least(d.first_seen, excluded.first_seen),
+    last_seen  = greatest(d.last_seen, excluded.last_seen),
+    last_seq   = greatest(d.last_seq, excluded.last_seq),
+    duplicates = d.duplicates + excluded.duplicates,
+    rejected   = d.rejected + excluded.rejected
+"""
+
+_STATUS = """
+INSERT INTO devices AS d (device_id, status, status_since) VALUES (%s, %s, now())
+ON CONFLICT (device_id) DO UPDATE SET status = excluded.status, status_since = excluded.status_since
+WHERE d.status IS DISTINCT FROM excluded.status
+"""
+
+_STATS = """
+INSERT INTO devices AS d (device_id, stats, stats_at, dropped, backend, models)
+VALUES (%s, %s::jsonb, to_timestamp(%s), %s, %s, %s::jsonb)
+ON CONFLICT (device_id) DO UPDATE SET
+    stats = excluded.stats, stats_at = excluded.stats_at, dropped = excluded.dropped,
+    backend = coalesce(excluded.backend, d.backend), models = coalesce(excluded.models, d.models)
+WHERE d.stats_at IS NULL OR d.stats_at <= excluded.stats_at
+"""
+
+
+def write(conn, results: list[Result], rejected: list[Rejected], news: dict[str, DeviceNews],
+          known_days: set[dt.date], duplicates: dict[str, int] | None = None) -> Outcome:
+    """Commit one batch; raises psycopg errors as they come (nothing is then committed).
+    `duplicates`: copies of results the caller already dropped from the batch (per device)."""
+    out = Outcome()
+    ensure_partitions(conn, {_day(r.ts) for r in results}, known_days)
+    with conn.transaction():
+        stored: set[tuple[str, int]] = set()
+        if results:
+            cur = conn.execute(_INSERT, ([r.device_id for r in results], [r.seq for r in results],
+                                         [r.kind for r in results], [r.ts for r in results],
+                                         [r.json() for r in results]))
+            stored = {(d, s) for d, s in cur.fetchall()}
+        out.stored = len(stored)
+        per: dict[str, list] = {}
+        for r in results:
+            p = per.setdefault(r.device_id, [r.ts, r.ts, r.seq, 0, 0])
+            p[0], p[1], p[2] = min(p[0], r.ts), max(p[1], r.ts), max(p[2], r.seq)
+            if (r.device_id, r.seq) not in stored:
+                p[3] += 1
+        for device, n in (duplicates or {}).items():
+            per.setdefault(device, [None, None, None, 0, 0])[3] += n
+        for rj in rejected:
+            if rj.device_id:
+                per.setdefault(rj.device_id, [None, None, None, 0, 0])[4] += 1
+        if rejected:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO rejected (topic, device_id, kind, reason, size, payload) "
+                                "VALUES (%s, %s, %s, %s, %s, %s)",
+                                [(rj.topic, rj.device_id, rj.kind, rj.reason, rj.size,
+                                  rj.payload) for rj in rejected])
+            out.rejected = len(rejected)
+        if per:
+            devs = sorted(per)
+            conn.execute(_DEVICES, (devs, [per[d][0] for d in devs], [per[d][1] for d in devs],
+                                    [per[d][2] for d in devs], [per[d][3] for d in devs],
+                                    [per[d][4] for d in devs]))
+        for device in sorted(news):
+            n = news[device]
+            if n.status is not None:
+                conn.execute(_STATUS, (device, n.status))
+            if n.stats is not None:
+                models = n.stats.get("models")
+                dropped = n.stats.get("dropped")
+                backend = n.stats.get("backend")
+                conn.execute(_STATS, (device, json.dumps(n.stats), n.stats_ts,
+                                      dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
+                                      backend if isinstance(backend, str) else None,
+                                      json.dumps(models) if isinstance(models, (dict, list)) else None))
+        out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
+    return out

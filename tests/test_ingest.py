@@ -1,0 +1,375 @@
+"""`edged ingest` against a real mosquitto and a real PostgreSQL: exactly once in the database
+through worker kills, database restarts and malformed payloads.
+
+The devices are the fleet simulator (edged/cloud/fleet.py): each its own MQTT connection, seq
+and codec, publishing payloads made by the project's codec, keeping every result until the
+broker acknowledged it. Every wait is for a condition (rows in the database, a process state),
+never a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from conftest import REPO, wait_until
+from harness import Broker
+from pgserver import Postgres
+
+psycopg = pytest.importorskip("psycopg", reason="the cloud extra (psycopg) is part of the test extra")
+
+from edged.cloud import payloads, store  # noqa: E402
+from edged.cloud.fleet import Fleet  # noqa: E402
+
+# What docs/cloud.md tells an operator to set on mosquitto for ingest: no cap on a persistent
+# session's queue (the default, 1000, drops messages queued for a dead worker) and a window of
+# unacknowledged messages wide enough for batches.
+BROKER_CONF = "max_queued_messages 0\nmax_inflight_messages 1000\n"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    pg = Postgres().start()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+def db(postgres, request):
+    """A fresh, migrated database; its URL."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[:50].lower() + \
+        f"_{time.monotonic_ns() % 10**6}"
+    url = postgres.create_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        store.migrate(conn)
+    return url
+
+
+@pytest.fixture
+def ingest_broker(tmp_path):
+    b = Broker(tmp_path / "broker", listener_conf=BROKER_CONF, persistent=True).start()
+    yield b
+    b.stop()
+
+
+def ingest_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edged", "ingest", *args]
+
+
+class Worker:
+    """`edged ingest` as a process, as systemd would run it."""
+
+    def __init__(self, tmp: Path, broker: Broker, db: str, client_id: str, *extra: str) -> None:
+        self.args = ingest_cmd("--db", db, "--host", broker.host, "--port", str(broker.port),
+                               "--client-id", client_id, "--batch-delay", "0.05", *extra)
+        self.log = tmp / f"{client_id}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Worker":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     env=env, cwd=REPO)
+        # Up when it logged its subscription's connection (the session then exists on the broker).
+        if not wait_until(lambda: "connected to the broker" in self.output() or self.proc.poll() is not None, 30):
+            raise RuntimeError(f"ingest worker did not connect: {self.output()[-2000:]}")
+        assert self.proc.poll() is None, self.output()
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture
+def workers(tmp_path):
+    made: list[Worker] = []
+
+    def make(broker, db, client_id, *extra) -> Worker:
+        w = Worker(tmp_path, broker, db, client_id, *extra)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.kill()
+
+
+def q(url: str, sql: str, *params):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def count(url: str) -> int:
+    return q(url, "SELECT count(*) FROM results")[0][0]
+
+
+def assert_exactly_once(url: str, last_seqs: dict[str, int]) -> None:
+    """Every device's seqs 1..last are stored, each once, and `gaps` is empty."""
+    rows = q(url, "SELECT device_id, count(*), count(DISTINCT seq), min(seq), max(seq) FROM results GROUP BY 1")
+    got = {d: (n, distinct, lo, hi) for d, n, distinct, lo, hi in rows}
+    assert set(got) == set(last_seqs)
+    for device, last in last_seqs.items():
+        assert got[device] == (last, last, 1, last), device
+    assert q(url, "SELECT * FROM gaps") == []
+
+
+def wait_stored(url: str, n: int, timeout: float = 60) -> int:
+    return wait_until(lambda: count(url) >= n and count(url), timeout, 0.1) or count(url)
+
+
+# -- payload checks -----------------------------------------------------------------------------
+
+
+def _schema(name: str) -> dict:
+    return json.loads((REPO / "docs" / "schemas" / f"{name}.schema.json").read_text())
+
+
+def test_payload_checks_agree_with_the_shipped_schemas():
+    """The ingest's own checks accept and refuse what docs/schemas/ accept and refuse."""
+    jsonschema = pytest.importorskip("jsonschema")
+    now = time.time()
+    good = {
+        "detections": {"v": 1, "device_id": "pi-a", "seq": 3, "ts": now, "inference_ms": 2.5,
+                       "objects": [{"label": "face", "score": 0.9, "box": [0.1, 0.2, 0.3, 0.4]}]},
+        "motion": {"v": 1, "device_id": "pi-a", "seq": 4, "ts": now, "label": "walking", "score": 0.8,
+                   "signature": [1, -128, 127], "window_s": 3.0, "inference_ms": 0.3},
+    }
+    mutations = [
+        ("seq", 0), ("seq", "7"), ("seq", True), ("v", 2), ("device_id", "a/b"), ("ts", "x"),
+        ("inference_ms", -1), ("extra", 1), ("score", 1.5), ("label", "Walking"),
+        ("signature", [128]), ("signature", []), ("signature", list(range(17))), ("window_s", 0),
+        ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1]}]),
+        ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1, 2]}]),
+        ("objects", [{"label": "face", "score": 0.5}]), ("objects", "face"),
+    ]
+    for kind, body in good.items():
+        validator = jsonschema.Draft202012Validator(_schema(kind))
+        assert validator.is_valid(body) and payloads.check(kind, body, now=now) is None
+        for key, value in mutations:
+            if key not in body and key != "extra":
+                continue
+            bad = dict(body, **{key: value})
+            assert not validator.is_valid(bad), (kind, key, value)
+            assert payloads.check(kind, bad, now=now), (kind, key, value)
+        for key in body:
+            short = {k: v for k, v in body.items() if k != key}
+            assert not validator.is_valid(short) and payloads.check(kind, short, now=now)
+
+
+def test_both_codecs_decode_to_the_same_row():
+    from edged.delivery import codec
+    from edged.records import MotionSignature
+
+    m = MotionSignature(ts=1764012347.5, label="walking", score=0.98, signature=(12, -40, 3, -128),
+                        window_s=3.0, inference_ms=0.31)
+    rows = [payloads.parse("pi-a", "motion", c.motion(m, "pi-a", 7), c.content_type, now=time.time(),
+                           max_bytes=65536) for c in (codec.JSON, codec.get("cbor"))]
+    assert all(isinstance(r, payloads.Result) for r in rows)
+    assert rows[0].body["signature"] == rows[1].body["signature"] == [12, -40, 3, -128]
+    assert (rows[0].seq, rows[0].ts) == (rows[1].seq, rows[1].ts) == (7, 1764012347.5)
+    wrong = payloads.parse("pi-b", "motion", codec.JSON.motion(m, "pi-a", 7), None, now=time.time(),
+                           max_bytes=65536)
+    assert isinstance(wrong, payloads.Reject) and wrong.kind == "wrong_device"
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_migrate_is_idempotent_and_an_unmigrated_database_is_refused(postgres, tmp_path):
+    url = postgres.create_database(f"t_migrate_{time.monotonic_ns() % 10**6}")
+    run = lambda *a: subprocess.run(ingest_cmd("--db", url, *a), capture_output=True, text=True,  # noqa: E731
+                                    cwd=REPO, timeout=60)
+    refused = run("--port", "1")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "edged: the database schema is at version 0, this edged needs 1: run `edged ingest --migrate` first"]
+    first, again = run("--migrate"), run("--migrate")
+    assert first.returncode == again.returncode == 0, first.stderr
+    assert "applied 0001_schema" in first.stdout and "up to date" in again.stdout
+    assert q(url, "SELECT version FROM schema_migrations") == [(1,)]
+    # Today's partition (and its neighbours) exist before any result arrives.
+    assert len(q(url, "SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass")) == 3
+
+
+def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path):
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text('[ingest]\nbatch_size = 0\ngroup = "a/b"\n[database]\nurl = "mysql://x"\n[mqtt]\nport = 1883\nbogus = 1\n')
+    r = subprocess.run(ingest_cmd("--config", str(cfg), "--batch-delay", "-1"), capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        f"edged: {cfg}:2: ingest.batch_size: expected 1 to 10000, got 0",
+        f"edged: {cfg}:3: ingest.group: expected 1 to 64 letters, digits, '-' or '_', got 'a/b'",
+        f"edged: {cfg}:5: database.url: expected a postgresql:// URL, got 'mysql://x'",
+        f"edged: {cfg}:8: mqtt.bogus: unknown key (known here: ca_file, cert_file, host, keepalive_s, "
+        "key_file, password, port, reconnect_max_s, reconnect_min_s, session_expiry_s, tls, topic_prefix, username)",
+        "edged: command line: ingest.batch_delay_s: expected 0.0 to 60, got -1.0",
+    ]
+    assert "Traceback" not in r.stderr
+
+
+def test_help_names_every_setting():
+    r = subprocess.run(ingest_cmd("--help"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0
+    for flag in ("--migrate", "--db", "--group", "--client-id", "--batch-size", "--batch-delay",
+                 "--max-inflight", "--retention-days", "--config"):
+        assert flag in r.stdout
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+
+def test_every_result_lands_once_with_device_rows(ingest_broker, db, workers):
+    w = workers(ingest_broker, db, "solo").start()
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 12, motion_hz=40, detection_every_s=0.1,
+                  per_device=40, stats_every_s=0.2).start()
+    fleet.restart(3)  # republishes what the broker had not acknowledged yet: duplicates, counted
+    assert wait_until(fleet.done, 60)
+    total = fleet.made()
+    assert wait_stored(db, total) == total
+    assert_exactly_once(db, fleet.last_seqs())
+    devices = dict((d, (s, dropped, backend)) for d, s, dropped, backend in
+                   q(db, "SELECT device_id, status, dropped, backend FROM devices"))
+    assert set(devices) == set(fleet.last_seqs())
+    assert all(v == ("online", 0, "cpu") for v in devices.values()), devices
+    # The views users query: typed columns from both codecs.
+    sig = q(db, "SELECT signature, label FROM motion WHERE device_id = 'sim-0001' ORDER BY seq LIMIT 1")[0]
+    assert len(sig[0]) == 16 and all(-128 <= v <= 127 for v in sig[0]) and sig[1] in ("standing", "walking", "running", "badminton")
+    assert q(db, "SELECT count(*) FROM detected_objects")[0][0] > 0
+    fleet.stop()
+    assert wait_until(lambda: q(db, "SELECT count(*) FROM devices WHERE status = 'offline'")[0][0] == 12, 30)
+    assert w.stop() == 0
+    assert "ingest worker stopped" in w.output()
+
+
+def test_a_redelivered_result_is_counted_not_stored(ingest_broker, db, workers):
+    from edged.delivery import codec
+    from edged.records import Detections
+
+    workers(ingest_broker, db, "solo").start()
+    payload = codec.JSON.detections(Detections(ts=time.time(), objects=(), inference_ms=1.0), "pi-x", 1)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(ingest_broker.host, ingest_broker.port)
+    c.loop_start()
+    for _ in range(3):
+        c.publish("edged/pi-x/detections", payload, qos=1).wait_for_publish(10)
+    assert wait_until(lambda: q(db, "SELECT duplicates FROM devices WHERE device_id = 'pi-x'") == [(2,)], 30)
+    assert q(db, "SELECT device_id, seq, kind FROM results") == [("pi-x", 1, "detections")]
+    c.loop_stop()
+    c.disconnect()
+
+
+def test_two_workers_one_killed_and_restarted_mid_stream_lose_nothing(ingest_broker, db, workers):
+    w1 = workers(ingest_broker, db, "w1").start()
+    w2 = workers(ingest_broker, db, "w2").start()
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 16, motion_hz=25, detection_every_s=0.2,
+                  per_device=150, stats_every_s=0).start()
+    total = 16 * 150
+    rng = random.Random(12)
+    marks = sorted(rng.sample(range(200, total - 400), 3))
+    for mark in marks:
+        assert wait_until(lambda: count(db) >= mark, 60), f"stuck below {mark}: {count(db)}"
+        w1.kill()
+        before = count(db)
+        # The survivor keeps storing its share while w1 is dead ...
+        assert wait_until(lambda: count(db) >= before + 50 or fleet.done(), 60)
+        w1.start()  # ... and w1's share, held by the broker for its session, arrives on restart.
+    assert wait_until(fleet.done, 60)
+    assert wait_stored(db, total) == total
+    assert_exactly_once(db, fleet.last_seqs())
+    assert w2.proc.poll() is None
+    fleet.stop()
+
+
+def test_postgres_restarted_mid_stream_loses_nothing(ingest_broker, postgres, db, workers):
+    w = workers(ingest_broker, db, "solo").start()
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 10, motion_hz=25, detection_every_s=0.2,
+                  per_device=120, stats_every_s=0).start()
+    total = 10 * 120
+    for mark, mode in ((250, "immediate"), (700, "fast")):
+        assert wait_until(lambda: count(db) >= mark, 60)
+        postgres.stop(mode)
+        # The worker notices (its next batch fails) and stops acknowledging.
+        assert wait_until(lambda: "not acknowledging until it is back" in w.output(), 30)
+        postgres.start()
+    assert wait_until(fleet.done, 60)
+    assert wait_stored(db, total) == total
+    assert_exactly_once(db, fleet.last_seqs())
+    assert "the database is back" in w.output()
+    assert w.proc.poll() is None
+    fleet.stop()
+
+
+def test_malformed_payloads_are_rejected_stored_and_the_worker_keeps_going(ingest_broker, db, workers):
+    import cbor2
+
+    from edged.delivery import codec
+    from edged.records import MotionSignature
+
+    w = workers(ingest_broker, db, "solo").start()
+    good = MotionSignature(ts=time.time(), label="walking", score=0.9, signature=(1, 2, 3),
+                           window_s=3.0, inference_ms=0.3)
+    cbor = codec.get("cbor").motion(good, "pi-m", 2)
+    bad = [
+        ("edged/pi-m/detections", bytes(range(255, -1, -1)) * 4, "undecodable"),  # binary junk
+        ("edged/pi-m/motion", b'{"v":1,"device_id":"pi-m","seq":1}', "invalid"),
+        ("edged/pi-m/motion", cbor[: len(cbor) // 2], "undecodable"),
+        ("edged/pi-m/motion", b"{" + b" " * (1 << 20) + b"}", "too_large"),
+        ("edged/pi-m/motion", codec.JSON.motion(good, "pi-other", 3), "wrong_device"),
+        ("edged/pi-m/motion", cbor2.dumps([1, 2, 3]), "invalid"),
+        ("edged/pi-m/status", b"maybe", "invalid"),
+        ("edged/pi-m/stats", b"not json", "undecodable"),
+    ]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(ingest_broker.host, ingest_broker.port)
+    c.loop_start()
+    for topic, payload, _ in bad:
+        c.publish(topic, payload, qos=1).wait_for_publish(10)
+    c.publish("edged/pi-m/motion", cbor, qos=1).wait_for_publish(10)
+    assert wait_until(lambda: q(db, "SELECT count(*) FROM rejected")[0][0] == len(bad) and count(db) == 1, 30)
+    rows = q(db, "SELECT topic, kind, size, length(payload), reason FROM rejected ORDER BY id")
+    assert [(t, k) for t, k, *_ in rows] == [(t, k) for t, _, k in bad]
+    big = rows[3]
+    assert big[2] == (1 << 20) + 2 and big[3] == 65536  # the size as sent, the bytes kept bounded
+    assert all(r[4] for r in rows)
+    assert q(db, "SELECT seq FROM results WHERE device_id = 'pi-m'") == [(2,)]
+    assert q(db, "SELECT rejected FROM devices WHERE device_id = 'pi-m'") == [(len(bad),)]
+    # Logged once per kind, not once per payload.
+    logged = [line for line in w.output().splitlines() if "rejected a payload" in line]
+    assert len(logged) == len({k for _, _, k in bad})
+    assert w.proc.poll() is None
+    c.loop_stop()
+    c.disconnect()
+
+
+def test_retention_drops_old_partitions_only(db):
+    day = 86400.0
+    now = time.time()
+    results = [payloads.Result("pi-r", i + 1, "motion", now - age * day, {"seq": i + 1})
+               for i, age in enumerate((40, 31.5, 5, 0))]
+    with psycopg.connect(db, autocommit=True) as conn:
+        known = store.existing_partitions(conn)
+        out = store.write(conn, results, [], {}, known)
+        assert out.stored == 4
+        dropped = store.retention_pass(conn, 30, now, known)
+        assert len(dropped) == 2
+        assert [r[0] for r in conn.execute("SELECT seq FROM results ORDER BY seq")] == [3, 4]
+        assert store.retention_pass(conn, 0, now, known) == []  # 0 keeps everything
