@@ -78,8 +78,9 @@ class Worker:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      env=env, cwd=REPO)
-        # Up when it logged its subscription's connection (the session then exists on the broker).
-        if not wait_until(lambda: "connected to the broker" in self.output() or self.proc.poll() is not None, 30):
+        # Up when the broker granted its subscriptions (from then on the group's share is kept).
+        mark = self.output().count('msg=subscribed')
+        if not wait_until(lambda: self.output().count("msg=subscribed") > mark or self.proc.poll() is not None, 30):
             raise RuntimeError(f"ingest worker did not connect: {self.output()[-2000:]}")
         assert self.proc.poll() is None, self.output()
         return self

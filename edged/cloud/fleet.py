@@ -110,6 +110,10 @@ class Fleet:
         """Device i's network drops: the socket closes, paho reconnects and re-sends."""
         self._command(lambda: self._drop(i))
 
+    def pause(self) -> None:
+        """Stop making new results (what was made is still delivered)."""
+        self.per_device = -1
+
     def made(self) -> int:
         return sum(d.made for d in self.devices)
 
@@ -117,6 +121,11 @@ class Fleet:
         """Every device made its `per_device` results and the broker acknowledged all of them."""
         with self._lock:
             return all(d.made >= self.per_device and not d.unacked for d in self.devices)
+
+    def acked_all(self) -> bool:
+        """The broker acknowledged every result made so far."""
+        with self._lock:
+            return not any(d.unacked for d in self.devices)
 
     def last_seqs(self) -> dict[str, int]:
         with self._lock:
@@ -205,7 +214,7 @@ class Fleet:
 
     def _make(self, i: int, what: str, now_wall: float) -> None:
         d = self.devices[i]
-        if self.per_device and d.made >= self.per_device:
+        if self.per_device < 0 or self.per_device and d.made >= self.per_device:
             return
         rng = self.rng
         with self._lock:

@@ -262,6 +262,8 @@ class Worker:
             self._log_once("subscribe", "the broker refused a subscription (does it support MQTT 5 "
                            "shared subscriptions, and does the ACL allow them?)", reasons=",".join(bad))
             return
+        if not self._subscribed.is_set():
+            log.info("subscribed", extra=_fields(topics=",".join(t for t, _ in self.topics)))
         self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
