@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?=
 
-.PHONY: run test bench deps test-deps venv test-venv broker clean
+.PHONY: run test bench deps test-deps cloud-deps venv test-venv cloud-venv broker clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
@@ -15,11 +15,12 @@ run: deps venv broker
 test: deps test-deps test-venv
 	$(PY) -m pytest -q
 
-bench: deps venv
+bench: deps cloud-deps cloud-venv
 	$(PY) benchmarks/run.py
 
 venv: $(VENV)/.installed
 test-venv: $(VENV)/.installed-test
+cloud-venv: $(VENV)/.installed-cloud
 
 # Debian packages `make run` needs: the broker and its clients, venv support for the system Python.
 deps:
@@ -28,7 +29,7 @@ deps:
 
 # What the tests need beyond that: systemd's tools (the unit is checked with systemd-analyze)
 # and what systemd-python builds against.
-test-deps:
+test-deps: cloud-deps
 	@scripts/apt-ensure systemd:systemd-analyze 'libsystemd-dev:pkg-config --exists libsystemd' \
 		pkg-config:pkg-config gcc:gcc \
 		python3-dev:'$(PYTHON) -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()[\"include\"], \"Python.h\")))"'
@@ -36,6 +37,15 @@ test-deps:
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+# The cloud half (edged ingest) runs against PostgreSQL: the tests and the benchmarks start a
+# server of their own from Debian's package (its service need not run).
+cloud-deps:
+	@scripts/apt-ensure 'postgresql:ls /usr/lib/postgresql/*/bin/pg_ctl'
+
+$(VENV)/.installed-cloud: $(VENV)/.installed setup.cfg
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cloud]'
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed setup.cfg

@@ -82,6 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
     s.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
 
+    ig = sub.add_parser(
+        "ingest", help="cloud: store every device's results in PostgreSQL exactly once (run several to scale out)",
+        description="Receive every device's results through an MQTT 5 shared subscription and store "
+                    "each one exactly once in PostgreSQL (tables results, devices, rejected; view gaps). "
+                    "Run as many workers as you like with one --group: the broker splits the messages "
+                    "between them. A message is acknowledged only after its row is committed. Settings "
+                    "come from --config (TOML sections [ingest], [database], [mqtt]; default "
+                    "/etc/edged/ingest.toml if it exists); a flag overrides the file. Run once with "
+                    "--migrate to create or update the schema. See docs/cloud.md.")
+    ig.add_argument("--config", "-c", metavar="PATH",
+                    help="TOML config (default: /etc/edged/ingest.toml if it exists, else the defaults)")
+    ig.add_argument("--migrate", action="store_true",
+                    help="create or update the database schema (idempotent), make the current "
+                         "partitions, drop those past the retention, and exit")
+    ig.add_argument("--db", metavar="URL", help="PostgreSQL URL (default: postgresql:///edged)")
+    ig.add_argument("--host", help="broker host (default: 127.0.0.1)")
+    ig.add_argument("--port", type=int, help="broker port (default: 1883)")
+    ig.add_argument("--prefix", help="topic prefix the devices use (default: edged)")
+    ig.add_argument("--username")
+    ig.add_argument("--password")
+    ig.add_argument("--ca-file", help="CA to verify the broker's certificate (turns TLS on)")
+    ig.add_argument("--cert-file", help="client certificate for mutual TLS (with --key-file)")
+    ig.add_argument("--key-file")
+    ig.add_argument("--group", help="shared-subscription group: workers of one group split the load "
+                                    "(default: edged-ingest)")
+    ig.add_argument("--client-id", help="this worker's MQTT client id: stable across its restarts, unique "
+                                        "in the group (default: edged-ingest-<hostname>)")
+    ig.add_argument("--batch-size", type=int, help="most messages per transaction (default: 500)")
+    ig.add_argument("--batch-delay", type=float, metavar="SECONDS",
+                    help="longest wait to fill a batch (default: 0.1)")
+    ig.add_argument("--max-inflight", type=int,
+                    help="most unacknowledged messages the broker may send this worker (default: 2000)")
+    ig.add_argument("--retention-days", type=int, help="drop results older than this; 0 keeps all (default: 30)")
+    ig.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
     sg = sub.add_parser("signatures", help="cloud side: build motion centroids, classify signatures",
                         description="Work with motion signatures as a cloud subscriber would. "
                                     "Input files are JSON lines with a 'signature' (int8 list) and, "
@@ -294,6 +329,12 @@ def cmd_subscribe(args) -> int:
     return run_cli(args)
 
 
+def cmd_ingest(args) -> int:
+    from edged.cloud.ingest import run_cli
+
+    return run_cli(args)
+
+
 def cmd_doctor(args) -> int:
     from edged import config
     from edged.service import doctor
@@ -312,6 +353,7 @@ def cmd_doctor(args) -> int:
 
 COMMANDS = {
     "subscribe": cmd_subscribe,
+    "ingest": cmd_ingest,
     "signatures": cmd_signatures,
     "run": cmd_run,
     "check-config": cmd_check_config,

@@ -515,44 +515,6 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-DESCRIPTION = (
-    "Receive every device's results through an MQTT 5 shared subscription and store each one "
-    "exactly once in PostgreSQL (tables results, devices, rejected; view gaps). Run as many "
-    "workers as you like with one --group: the broker splits the messages between them. A "
-    "message is acknowledged only after its row is committed. Settings come from --config (TOML "
-    "sections [ingest], [database], [mqtt]; default /etc/edged/ingest.toml if it exists); a flag "
-    "overrides the file. Run once with --migrate to create or update the schema.")
-
-
-def add_arguments(p) -> None:
-    """`edged ingest`'s flags (cli.py adds them to its sub-command)."""
-    p.add_argument("--config", "-c", metavar="PATH",
-                   help="TOML config (default: /etc/edged/ingest.toml if it exists, else the defaults)")
-    p.add_argument("--migrate", action="store_true",
-                   help="create or update the database schema (idempotent), make the current "
-                        "partitions, drop those past the retention, and exit")
-    p.add_argument("--db", metavar="URL", help="PostgreSQL URL (default: postgresql:///edged)")
-    p.add_argument("--host", help="broker host (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, help="broker port (default: 1883)")
-    p.add_argument("--prefix", help="topic prefix the devices use (default: edged)")
-    p.add_argument("--username")
-    p.add_argument("--password")
-    p.add_argument("--ca-file", help="CA to verify the broker's certificate (turns TLS on)")
-    p.add_argument("--cert-file", help="client certificate for mutual TLS (with --key-file)")
-    p.add_argument("--key-file")
-    p.add_argument("--group", help="shared-subscription group: workers with one group split the "
-                                   "load (default: edged-ingest)")
-    p.add_argument("--client-id", help="this worker's MQTT client id, stable across restarts and "
-                                       "unique in the group (default: edged-ingest-<hostname>)")
-    p.add_argument("--batch-size", type=int, help="most messages per transaction (default: 500)")
-    p.add_argument("--batch-delay", type=float, metavar="SECONDS",
-                   help="longest wait to fill a batch (default: 0.1)")
-    p.add_argument("--max-inflight", type=int,
-                   help="most unacknowledged messages the broker may send this worker (default: 2000)")
-    p.add_argument("--retention-days", type=int, help="drop results older than this; 0 keeps all (default: 30)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-
-
 def run_cli(args) -> int:
     """`edged ingest`: migrate, or run one worker until SIGTERM/Ctrl-C."""
     import sys
