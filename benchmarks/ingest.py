@@ -170,9 +170,9 @@ def _drain(work: Path, broker: Broker, pg: Postgres, n_workers: int, backlog: in
 
 
 def ingest(quick: bool = False) -> list[Figure]:
-    devices = 40 if quick else int(os.environ.get("EDGED_BENCH_DEVICES", "1000"))
-    seconds = 5.0 if quick else float(os.environ.get("EDGED_BENCH_SECONDS", "60"))
-    backlog = 2000 if quick else int(os.environ.get("EDGED_BENCH_BACKLOG", "30000"))
+    devices = 20 if quick else int(os.environ.get("EDGED_BENCH_DEVICES", "1000"))
+    seconds = 3.0 if quick else float(os.environ.get("EDGED_BENCH_SECONDS", "60"))
+    backlog = 1000 if quick else int(os.environ.get("EDGED_BENCH_BACKLOG", "30000"))
     from edged.cloud.fleet import Fleet
 
     figures: list[Figure] = []

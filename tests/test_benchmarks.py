@@ -142,3 +142,13 @@ def test_percentile_interpolates():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([5], 99) == 5
     assert math.isnan(percentile([], 50))
+
+
+def test_ingest_loses_nothing_and_orders_its_percentiles(results):
+    f = by_name(results["ingest"])
+    assert f["fleet: missing rows"].value == 0 and f["fleet: duplicate rows"].value == 0
+    assert 0 <= f["fleet: device ts → committed row, p50"].value <= f["fleet: device ts → committed row, p99"].value
+    one = f["one worker, results/s (drain)"].value
+    two = f["two workers, results/s (drain) = PostgreSQL rows/s"].value
+    assert one > 0 and two > 0
+    assert f["scale-out: two workers ÷ one"].value == pytest.approx(two / one, rel=0.02)

@@ -319,6 +319,25 @@ def test_postgres_restarted_mid_stream_loses_nothing(ingest_broker, postgres, db
     fleet.stop()
 
 
+def test_broker_restarted_mid_stream_loses_nothing(ingest_broker, db, workers):
+    """mosquitto with persistence saves the workers' sessions and queues on a clean stop; the
+    devices re-send what it had not acknowledged; the workers reconnect by themselves."""
+    w = workers(ingest_broker, db, "solo").start()
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 10, motion_hz=25, detection_every_s=0.2,
+                  per_device=120, stats_every_s=0).start()
+    total = 10 * 120
+    assert wait_until(lambda: count(db) >= 300, 60)
+    mark = w.output().count("msg=subscribed")
+    ingest_broker.stop()
+    ingest_broker.start()
+    assert wait_until(lambda: w.output().count("msg=subscribed") > mark, 60), w.output()[-2000:]
+    assert wait_until(fleet.done, 90)
+    assert wait_stored(db, total) == total
+    assert_exactly_once(db, fleet.last_seqs())
+    assert w.proc.poll() is None
+    fleet.stop()
+
+
 def test_malformed_payloads_are_rejected_stored_and_the_worker_keeps_going(ingest_broker, db, workers):
     import cbor2
 
@@ -338,6 +357,7 @@ def test_malformed_payloads_are_rejected_stored_and_the_worker_keeps_going(inges
         ("edged/pi-m/motion", cbor2.dumps([1, 2, 3]), "invalid"),
         ("edged/pi-m/status", b"maybe", "invalid"),
         ("edged/pi-m/stats", b"not json", "undecodable"),
+        ("edged/pi-m/stats", b'{"ts": 1764012345, "note": "\\u0000"}', "invalid"),  # jsonb has no NUL
     ]
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.connect(ingest_broker.host, ingest_broker.port)

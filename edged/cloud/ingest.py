@@ -262,8 +262,7 @@ class Worker:
             self._log_once("subscribe", "the broker refused a subscription (does it support MQTT 5 "
                            "shared subscriptions, and does the ACL allow them?)", reasons=",".join(bad))
             return
-        if not self._subscribed.is_set():
-            log.info("subscribed", extra=_fields(topics=",".join(t for t, _ in self.topics)))
+        log.info("subscribed", extra=_fields(topics=",".join(t for t, _ in self.topics)))  # once per connection
         self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -481,11 +480,11 @@ class Worker:
         self.close()
 
     def close(self) -> None:
-        self.client.loop_stop()
         try:
-            self.client.disconnect()
+            self.client.disconnect()  # with the network loop still running, so the last PUBACKs go out first
         except Exception:  # noqa: BLE001 — not connected
             pass
+        self.client.loop_stop()
         if self._conn is not None:
             self._conn.close()
         log.info("ingest worker stopped", extra=_fields(**self.counters.line()))
@@ -500,6 +499,8 @@ def _stats(payload: bytes, limit: int):
         body = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         return Reject("undecodable", f"stats: not valid JSON: {str(exc)[:120]}")
+    if "\\u0000" in json.dumps(body):  # PostgreSQL's jsonb cannot hold a NUL character
+        return Reject("invalid", "stats: a string holds a NUL character")
     ts = body.get("ts") if isinstance(body, dict) else None
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not payloads.TS_MIN <= ts < 1 << 33:
         return Reject("invalid", "stats: expected a JSON object with a ts")
