@@ -149,24 +149,26 @@ def _drain(work: Path, broker: Broker, pg: Postgres, n_workers: int, backlog: in
     workers = [_Worker(work, broker, url, f"{group}-{i}", group) for i in range(n_workers)]
     _sessions(workers, broker)
     _backlog(broker, backlog)
+    t_start = time.monotonic()
     for w in workers:
         w.start()
+    # The rate counts from the first stored row, leaving out the workers' start-up, unless the
+    # backlog was too small to see much after it (the quick budget).
     first = _wait(lambda: _count(url) > 0 and time.monotonic(), 60, 0.02)
     c0 = _count(url)
-    cpu0 = 0.0
-    for w in workers:
-        w.sample()
-        cpu0 += w.cpu_s
     done = _wait(lambda: _count(url) >= backlog and time.monotonic(), 600, 0.05)
     for w in workers:
         w.sample()
-    cpu = sum(w.cpu_s for w in workers) - cpu0
+    cpu = sum(w.cpu_s for w in workers)  # from process start: includes start-up
     for w in workers:
         w.stop()
-    if not done:
+    if not done or not first:
         raise RuntimeError(f"{n_workers} worker(s) stored {_count(url)} of {backlog}")
-    rate = (backlog - c0) / (done - first)
-    return rate, 1000 * cpu / (backlog - c0)
+    if backlog - c0 >= backlog // 2 and done > first:
+        rate = (backlog - c0) / (done - first)
+    else:
+        rate = backlog / (done - t_start)
+    return rate, 1000 * cpu / backlog
 
 
 def ingest(quick: bool = False) -> list[Figure]:

@@ -176,7 +176,23 @@ class Fleet:
             self.errors.append(f"{d.device_id}: connect: {exc}")
             d.reconnect_at = time.monotonic() + 0.5
             return
-        self._sel.register(d.client.socket(), selectors.EVENT_READ, i)
+        self._register(i)
+
+    def _register(self, i: int) -> None:
+        """Watch device i's current socket (dropping any stale entry: a socket paho closed
+        behind our back may have left its number to this one)."""
+        self._unregister(i)
+        sock = self.devices[i].client.socket()
+        if sock is None:
+            return
+        stale = self._sel.get_map().get(sock.fileno())
+        if stale is not None:
+            self._sel.unregister(stale.fileobj)
+        self._sel.register(sock, selectors.EVENT_READ, i)
+
+    def _unregister(self, i: int) -> None:
+        for key in [k for k in self._sel.get_map().values() if k.data == i]:
+            self._sel.unregister(key.fileobj)
 
     def _on_connect(self, client, i, flags, reason_code, properties) -> None:
         d = self.devices[i]
@@ -253,11 +269,8 @@ class Fleet:
     def _drop(self, i: int) -> None:
         d = self.devices[i]
         sock = d.client.socket()
+        self._unregister(i)
         if sock is not None:
-            try:
-                self._sel.unregister(sock)
-            except (KeyError, ValueError):
-                pass
             sock.close()
         d.connected = False
         d.reconnect_at = time.monotonic() + 0.2
@@ -266,11 +279,8 @@ class Fleet:
         d = self.devices[i]
         if d.client is not None:
             sock = d.client.socket()
+            self._unregister(i)
             if sock is not None:
-                try:
-                    self._sel.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
                 sock.close()
         d.connected = False
 
@@ -283,53 +293,57 @@ class Fleet:
         self._stop.set()
 
     def _loop(self) -> None:
-        next_misc = time.monotonic() + 1.0
+        next_misc = [time.monotonic() + 1.0]
         while not self._stop.is_set():
-            with self._lock:
-                cmds, self._commands = self._commands, []
-            for fn in cmds:
-                fn()
-            now = time.monotonic()
-            wall = time.time()
-            while self._timers and self._timers[0][0] <= now:
-                _, _, i, what = heapq.heappop(self._timers)
-                if what == "stats":
-                    self._stats(i, wall)
-                    self._at(now + self.stats_dt, i, what)
-                else:
-                    self._make(i, what, wall)
-                    self._at(now + (self.motion_dt if what == "motion" else self.detection_dt), i, what)
-            for i, d in enumerate(self.devices):
-                if d.client is not None and d.client.socket() is not None and d.client.want_write():
-                    self._io(i, d.client.loop_write)
-            timeout = min(0.05, max(0.0, (self._timers[0][0] - time.monotonic()) if self._timers else 0.05))
-            if not self._sel.get_map():
-                time.sleep(timeout)
-            for key, _ in self._sel.select(timeout) if self._sel.get_map() else ():
-                self._io(key.data, self.devices[key.data].client.loop_read)
-            if time.monotonic() >= next_misc:
-                next_misc = time.monotonic() + 1.0
-                for i, d in enumerate(self.devices):
-                    if d.client is None:
-                        continue
-                    if d.client.socket() is None:
-                        if time.monotonic() >= d.reconnect_at:
-                            self._reconnect(i)
-                    else:
-                        self._io(i, d.client.loop_misc)
+            try:
+                self._turn(next_misc)
+            except Exception as exc:  # noqa: BLE001 — one device's fault must not stop the fleet
+                self.errors.append(f"{type(exc).__name__}: {exc}")
         for i in range(len(self.devices)):
             self._close(i)
 
+    def _turn(self, next_misc: list[float]) -> None:
+        with self._lock:
+            cmds, self._commands = self._commands, []
+        for fn in cmds:
+            fn()
+        now = time.monotonic()
+        wall = time.time()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, i, what = heapq.heappop(self._timers)
+            if what == "stats":
+                self._stats(i, wall)
+                self._at(now + self.stats_dt, i, what)
+            else:
+                self._make(i, what, wall)
+                self._at(now + (self.motion_dt if what == "motion" else self.detection_dt), i, what)
+        for i, d in enumerate(self.devices):
+            if d.client is not None and d.client.socket() is not None and d.client.want_write():
+                self._io(i, d.client.loop_write)
+        timeout = min(0.05, max(0.0, (self._timers[0][0] - time.monotonic()) if self._timers else 0.05))
+        if not self._sel.get_map():
+            time.sleep(timeout)
+        for key, _ in self._sel.select(timeout) if self._sel.get_map() else ():
+            self._io(key.data, self.devices[key.data].client.loop_read)
+        if time.monotonic() >= next_misc[0]:
+            next_misc[0] = time.monotonic() + 1.0
+            for i, d in enumerate(self.devices):
+                if d.client is None:
+                    continue
+                if d.client.socket() is None:
+                    if time.monotonic() >= d.reconnect_at:
+                        self._reconnect(i)
+                else:
+                    self._io(i, d.client.loop_misc)
+
     def _io(self, i: int, fn) -> None:
         d = self.devices[i]
-        rc = fn()
-        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and d.client.socket() is None:
+        fn()
+        if d.client.socket() is None:  # paho closed the connection: reconnect later
+            if d.connected or any(k.data == i for k in self._sel.get_map().values()):
+                d.reconnect_at = time.monotonic() + 0.2
             d.connected = False
-            d.reconnect_at = max(d.reconnect_at, time.monotonic() + 0.2)
-            # the selector holds the old, closed socket
-            for key in list(self._sel.get_map().values()):
-                if key.data == i:
-                    self._sel.unregister(key.fileobj)
+            self._unregister(i)
 
     def _reconnect(self, i: int) -> None:
         d = self.devices[i]
@@ -338,7 +352,7 @@ class Fleet:
         except OSError:
             d.reconnect_at = time.monotonic() + 0.5
             return
-        self._sel.register(d.client.socket(), selectors.EVENT_READ, i)
+        self._register(i)
 
 
 def _box(rng: random.Random) -> tuple[float, float, float, float]:
