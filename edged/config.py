@@ -90,11 +90,28 @@ class CameraConfig:
 
 
 @dataclass
+class VisionStageConfig:
+    """One `[[vision.stages]]` table: a model and what it runs on (edged.stages.vision.graph)."""
+
+    name: str = field(default="", metadata=_check(pattern=r"^[A-Za-z0-9_-]{1,32}$",
+                                                  expect="1-32 letters, digits, _ or -"))
+    model: str = ""
+    input: str = "frame"  # or "<label>@<stage name>": that stage's boxes of that label, cropped
+    score_threshold: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # 0 = model's own
+    tiles: int = field(default=1, metadata=_check(min=1, max=4))  # on the frame: n×n tiles + the frame
+    margin: float = field(default=0.2, metadata=_check(min=0.0, max=2.0))  # crops grow by this per side
+    region: str = field(default="box", metadata=_check(choices=("box", "top")))
+    max_crops: int = field(default=8, metadata=_check(min=1, max=64))
+
+
+@dataclass
 class VisionConfig:
     model: str = "face"
     score_threshold: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # 0 = model's own
     heartbeat_s: float = field(default=30.0, metadata=_check(min=1, max=86400))
     threads: int = field(default=0, metadata=_check(min=0, max=16))  # 0 = one per core, up to 4
+    # Several models per frame, in order; empty: `model` alone on the whole frame.
+    stages: list[VisionStageConfig] = field(default_factory=list)
 
 
 IMU_CHIPS = ("mpu6050", "mpu6000", "mpu6500", "mpu9250", "lsm6ds3", "lsm6dsl", "lsm6ds3tr-c",
@@ -236,6 +253,13 @@ def _build(cls: type, table: dict, prefix: str, name: str, lines: dict[str, int]
             problems.append(f"{where}: {dotted}: unknown key (known here: {hint})")
             continue
         typ = hints[f.name]
+        if get_origin(typ) is list and is_dataclass(get_args(typ)[0]):  # an array of tables
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(f"{where}: {dotted}: expected an array of tables [[{dotted}]], got {_tname(value)}")
+                continue
+            kwargs[key] = [_build(get_args(typ)[0], v, f"{dotted}[{i}].", name, lines, problems)
+                           for i, v in enumerate(value)]
+            continue
         if is_dataclass(typ):
             if not isinstance(value, dict):
                 problems.append(f"{where}: {dotted}: expected a table [{dotted}], got {_tname(value)}")
@@ -290,6 +314,15 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
         problems.append(f"{where('mqtt.cert_file')}: mqtt.cert_file/key_file: give both or neither")
     if m.reconnect_min_s > m.reconnect_max_s:
         problems.append(f"{where('mqtt.reconnect_min_s')}: mqtt.reconnect_min_s: must not exceed reconnect_max_s")
+    if cfg.vision.stages:
+        from edged.stages.vision.graph import check_graph
+
+        for problem in check_graph(cfg.vision.stages):
+            key = problem.split(":", 1)[0]
+            problems.append(f"{where(key)}: {problem}")
+        for i, st in enumerate(cfg.vision.stages):
+            if not st.model:
+                problems.append(f"{where(f'vision.stages[{i}]')}: vision.stages[{i}].model: missing")
     for section in ("camera", "imu"):
         sec = getattr(cfg, section)
         if sec.enabled and sec.source == "replay" and not Path(sec.path).exists():
@@ -298,6 +331,7 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
 
 _KEY = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
 _TABLE_RE = re.compile(rf"^\s*\[\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*\]")
+_ARRAY_RE = re.compile(rf"^\s*\[\[\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*\]\]")
 _ASSIGN_RE = re.compile(rf"^\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*=")
 
 
@@ -305,7 +339,15 @@ def _key_lines(text: str) -> dict[str, int]:
     """Map dotted keys to the line that sets them (for error messages; best effort)."""
     out: dict[str, int] = {}
     table = ""
+    arrays: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
+        m = _ARRAY_RE.match(line)
+        if m:  # [[a.b]]: the i-th table of the array is a.b[i]
+            key = _dotted(m.group(1))
+            table = f"{key}[{arrays.get(key, 0)}]"
+            arrays[key] = arrays.get(key, 0) + 1
+            out.setdefault(table, n)
+            continue
         m = _TABLE_RE.match(line)
         if m:
             table = _dotted(m.group(1))

@@ -116,3 +116,23 @@ def test_stage_and_parent_in_both_codecs_match_the_schema(name):
     assert msg["objects"][0]["stage"] == "people" and "parent" not in msg["objects"][0]
     assert msg["objects"][1]["parent"] == 0
     assert "stage" not in msg["objects"][2] and "parent" not in msg["objects"][2]
+
+
+def test_config_reads_stages_and_names_the_line_of_each_problem():
+    from edged.config import ConfigError, parse
+
+    good = parse('[[vision.stages]]\nname = "people"\nmodel = "person"\ntiles = 2\n'
+                 '[[vision.stages]]\nname = "faces"\nmodel = "face"\ninput = "person@people"\nregion = "top"\n')
+    assert [(s.name, s.model, s.input, s.tiles, s.region) for s in good.vision.stages] == [
+        ("people", "person", "frame", 2, "box"), ("faces", "face", "person@people", 1, "top")]
+    assert parse("").vision.stages == []
+    text = ('[[vision.stages]]\nname = "people"\nmodel = "person"\n'
+            '[[vision.stages]]\nname = "faces"\nmodel = "face"\ninput = "face@nobody"\ntiles = 9\n')
+    with pytest.raises(ConfigError) as e:
+        parse(text, "c.toml")
+    problems = e.value.problems
+    assert any(p.startswith("c.toml:8: vision.stages[1].tiles: expected 1 to 4") for p in problems), problems
+    with pytest.raises(ConfigError) as e:
+        parse(text.replace("tiles = 9\n", ""), "c.toml")
+    assert e.value.problems == ["c.toml:7: vision.stages[1].input: 'face@nobody' names no earlier stage "
+                                "(earlier: people)"]

@@ -410,6 +410,7 @@ class Daemon:
             return out
         for prefix, obj in (("camera", p.camera), ("imu", p.imu),
                             ("vision", getattr(p.vision, "model", None)),
+                            ("vision", p.vision),  # a chain of stages: per-stage ms and invokes
                             ("motion", getattr(p.motion, "model", None))):
             stats = getattr(obj, "stats", None) if obj is not None else None
             if isinstance(stats, dict):

@@ -125,17 +125,29 @@ class Pipeline:
                 from edged.sources.camera import open_camera
                 from edged.stages.vision import VisionStage
 
-                entry = select(manifest, cfg.vision.model, "vision", "vision.model")
-                model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
-                                         threads=cfg.vision.threads or None)
-                p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
-                pre = p.vision.preprocess
                 snapshots = bool(getattr(cfg, "commands", None) and cfg.commands.enabled and cfg.commands.snapshot)
-                # A live camera is asked for frames at the model's input size (the ISP scales).
-                p.camera = open_camera(cfg.camera, model_size=(pre.width, pre.height),
-                                       letterbox=pre.letterbox, snapshots=snapshots, hardware=hardware)
-                log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
-                                                      backend=model.backend, camera=p.camera.name))
+                if cfg.vision.stages:
+                    # Several stages: tiles and crops need the full frame, not the model's size.
+                    from edged.stages.vision.graph import open_graph
+
+                    p.vision = open_graph(cfg.vision.stages, manifest, open_entry=lambda entry: open_for_backend(
+                        entry, acc.device, acc.fallback, retry_s=acc.retry_s, threads=cfg.vision.threads or None))
+                    p.camera = open_camera(cfg.camera, snapshots=snapshots, hardware=hardware)
+                    model = p.vision.model
+                    log.info("vision ready", extra=fields(model=",".join(s.model for s in cfg.vision.stages),
+                                                          runtime=model.runtime, backend=model.backend,
+                                                          camera=p.camera.name))
+                else:
+                    entry = select(manifest, cfg.vision.model, "vision", "vision.model")
+                    model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                                             threads=cfg.vision.threads or None)
+                    p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
+                    pre = p.vision.preprocess
+                    # A live camera is asked for frames at the model's input size (the ISP scales).
+                    p.camera = open_camera(cfg.camera, model_size=(pre.width, pre.height),
+                                           letterbox=pre.letterbox, snapshots=snapshots, hardware=hardware)
+                    log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
+                                                          backend=model.backend, camera=p.camera.name))
             if cfg.imu.enabled:
                 from edged.stages.motion import MotionStage
 

@@ -127,6 +127,8 @@ class StageRun:
     detect: Callable[[np.ndarray], Sequence[DetectedObject]]
     last_ms: float = 0.0
     invokes: int = 0
+    mean_ms: float = 0.0     # smoothed over about the last 20 frames
+    mean_invokes: float = 0.0
 
 
 class VisionGraph:
@@ -134,6 +136,7 @@ class VisionGraph:
 
     def __init__(self, runs: Sequence[StageRun], *, tile_overlap: float = 0.25) -> None:
         self.runs = list(runs)
+        self.stages: list = []   # the VisionStages behind the runs, when opened by open_graph
         self.tile_overlap = tile_overlap
         self._tiles: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}
 
@@ -208,6 +211,9 @@ class VisionGraph:
             kept = {id(f) for f in merge([found[i] for i in mine])}
             by_stage[s.name] = [i for i in mine if id(found[i]) in kept]
             run.last_ms = (time.perf_counter() - t0) * 1000.0
+            a = 0.05 if run.mean_ms else 1.0
+            run.mean_ms += a * (run.last_ms - run.mean_ms)
+            run.mean_invokes += a * (run.invokes - run.mean_invokes)
         final = merge(found)
         index = {id(f): n for n, f in enumerate(final)}
         out = []
@@ -221,7 +227,33 @@ class VisionGraph:
 
     @property
     def stage_ms(self) -> dict[str, float]:
+        """Milliseconds each stage took on the last frame (all its invokes, crops and decoding)."""
         return {r.spec.name: round(r.last_ms, 2) for r in self.runs}
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Per stage, smoothed: ms per frame and model invokes per frame (tiles and crops count)."""
+        out = {}
+        for r in self.runs:
+            out[f"stage_{r.spec.name}_ms"] = round(r.mean_ms, 2)
+            out[f"stage_{r.spec.name}_invokes"] = round(r.mean_invokes, 2)
+        return out
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for st in self.stages:
+            seen.update(dict.fromkeys(st.labels))
+        return tuple(seen)
+
+    @property
+    def model(self):
+        """The first stage's model: where the daemon reads the backend and its counters."""
+        return self.stages[0].model if self.stages else None
+
+    @property
+    def models(self) -> list:
+        return [st.model for st in self.stages]
 
 
 def build_graph(specs: Sequence[StageSpec], open_stage: Callable[[StageSpec], object]) -> VisionGraph:
@@ -229,14 +261,24 @@ def build_graph(specs: Sequence[StageSpec], open_stage: Callable[[StageSpec], ob
     return VisionGraph([StageRun(s, open_stage(s).detect) for s in specs])
 
 
-def open_graph(specs: Sequence[StageSpec], manifest, *, threads: int | None = None) -> VisionGraph:
-    """Open each stage's model from the manifest (one interpreter per stage)."""
+def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
+               open_entry: Callable | None = None) -> VisionGraph:
+    """Open each stage's model from the manifest (one interpreter per stage). `specs` may be
+    StageSpecs or config tables with the same fields; `open_entry(entry)` opens a model (default:
+    on the CPU with `threads`)."""
     from edged.models import open_model, select
     from edged.stages.vision.stage import VisionStage
 
-    def open_stage(s: StageSpec):
-        entry = select(manifest, s.model, "vision", f"vision.stages.{s.name}.model")
-        return VisionStage(open_model(entry, threads=threads), entry,
-                           score_threshold=s.score_threshold or None)
-
-    return build_graph(specs, open_stage)
+    if open_entry is None:
+        def open_entry(entry):
+            return open_model(entry, threads=threads)
+    specs = [s if isinstance(s, StageSpec) else StageSpec(
+        name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
+        margin=s.margin, region=s.region, max_crops=s.max_crops) for s in specs]
+    stages = []
+    for i, s in enumerate(specs):
+        entry = select(manifest, s.model, "vision", f"vision.stages[{i}].model")
+        stages.append(VisionStage(open_entry(entry), entry, score_threshold=s.score_threshold or None))
+    graph = VisionGraph([StageRun(s, st.detect) for s, st in zip(specs, stages)])
+    graph.stages = stages
+    return graph

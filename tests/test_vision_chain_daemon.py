@@ -1,0 +1,51 @@
+"""The daemon running a chain of vision stages from `[[vision.stages]]` (real models, real broker)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+SCENE = REPO / "tests" / "data" / "vision" / "scenes" / "group_leuven.jpg"
+
+CHAIN = """
+[camera]
+path = "{images}"
+fps = 2
+[imu]
+enabled = false
+[stats]
+interval_s = 1
+[vision]
+threads = 1
+[[vision.stages]]
+name = "people"
+model = "person"
+[[vision.stages]]
+name = "faces_in_people"
+model = "face"
+input = "person@people"
+region = "top"
+"""
+
+
+def test_daemon_publishes_objects_with_stage_and_parent(tmp_path, broker, subscriber, daemon_factory):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SCENE, images / SCENE.name)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=CHAIN.format(images=images))
+    d = daemon_factory(cfg).start()
+    assert subscriber.wait(lambda: any(m["objects"] for m in subscriber.json("detections"))
+                           and any("vision_stage_people_ms" in m for m in subscriber.json("stats")), 60), d.output()
+    objs = next(m["objects"] for m in subscriber.json("detections") if m["objects"])
+    people = [i for i, o in enumerate(objs) if o["label"] == "person"]
+    faces = [o for o in objs if o["label"] == "face"]
+    assert people and faces
+    assert all(objs[i]["stage"] == "people" for i in people)
+    assert all(f["stage"] == "faces_in_people" and f["parent"] in people for f in faces)
+    stats = next(m for m in subscriber.json("stats") if "vision_stage_people_ms" in m)
+    assert stats["vision_stage_people_ms"] > 0 and stats["vision_stage_faces_in_people_ms"] > 0
+    assert stats["vision_stage_faces_in_people_invokes"] >= 1
+    assert d.stop(timeout=10) == 0
