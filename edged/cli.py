@@ -142,7 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "outbox space) and print one line per check with the fix for each "
                                     "failure. Exit status 1 when something the config needs is missing.")
     dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+    dr.add_argument("--unit", metavar="PATH",
+                    help="the systemd unit whose state and runtime directories to check, as the "
+                         "service gets them (default: /etc/systemd/system/edged.service when it "
+                         "exists; 'none': this user's own directories)")
     _config_arg(dr)
+
+    rl = sub.add_parser("reload", help="make the running daemon reload its config; wait for the outcome",
+                        description="Send the daemon SIGHUP and wait until it has reloaded. Exit status 0 "
+                                    "when the new config and models are in service, 1 when the daemon "
+                                    "refused them (it keeps running the old ones) or gave no answer. The "
+                                    "unit's ExecReload= runs this, so `systemctl reload edged` waits for "
+                                    "the daemon and fails when the reload was refused. The daemon records "
+                                    "each outcome in $RUNTIME_DIRECTORY/reload.json (the unit's "
+                                    "RuntimeDirectory=); without that variable there is nothing to wait on.")
+    rl.add_argument("--pid", type=int, metavar="PID",
+                    help="the daemon's process ID (default: $MAINPID, which systemd sets for ExecReload=)")
+    rl.add_argument("--timeout", type=float, default=100.0, metavar="SECONDS",
+                    help="give up after this long (default: 100; the unit's TimeoutStartSec= "
+                         "bounds a reload at 120)")
     return p
 
 
@@ -337,8 +355,14 @@ def cmd_ingest(args) -> int:
 
 def cmd_doctor(args) -> int:
     from edged import config
-    from edged.service import doctor
+    from edged.service import doctor, unitfile
 
+    unit = None if args.unit == "none" else unitfile.installed(args.unit)
+    if args.unit not in (None, "none") and unit is None:
+        print(f"edged: --unit {args.unit}: cannot read it", file=sys.stderr)
+        return EXIT_USAGE
+    if unit is not None:
+        unitfile.apply(unit)  # $STATE_DIRECTORY etc., as systemd sets them for the service
     path = _config_path(args)
     cfg, problems = None, None
     try:
@@ -346,9 +370,32 @@ def cmd_doctor(args) -> int:
     except config.ConfigError as exc:
         problems = exc.problems
     name = str(path) if path else "<defaults>"
-    checks = doctor.run(cfg, config_path=name, problems=problems)
+    checks = doctor.run(cfg, config_path=name, problems=problems, unit=unit)
     print(doctor.to_json(checks, name) if args.json else doctor.render(checks, name))
     return doctor.exit_status(checks)
+
+
+def cmd_reload(args) -> int:
+    import os
+
+    from edged.service.reload import ReloadError, request_reload, runtime_dir
+
+    pid = args.pid or int(os.environ.get("MAINPID") or 0)
+    if pid <= 0:
+        print("edged: reload: no daemon to reload: give --pid (systemd passes $MAINPID)", file=sys.stderr)
+        return EXIT_USAGE
+    directory = runtime_dir()
+    if directory is None:
+        print("edged: reload: RUNTIME_DIRECTORY is not set, so there is no reload outcome to wait "
+              "for; this is the unit's ExecReload= (use: sudo systemctl reload edged)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        request_reload(pid, directory, timeout=args.timeout)
+    except ReloadError as exc:
+        print(f"edged: reload: {exc}", file=sys.stderr)
+        return 1
+    print("edged: reloaded: the new configuration is in service")
+    return 0
 
 
 COMMANDS = {
@@ -361,4 +408,5 @@ COMMANDS = {
     "motion": cmd_motion,
     "models": cmd_models,
     "doctor": cmd_doctor,
+    "reload": cmd_reload,
 }

@@ -26,6 +26,7 @@ from edged.service.log import Once, fields
 from edged.service.notify import Notifier, ProgressWatchdog
 from edged.delivery.outbox import Outbox
 from edged.service.pipeline import Counters, Pipeline
+from edged.service.reload import ReloadReporter, runtime_dir
 
 log = logging.getLogger("edged.daemon")
 
@@ -50,6 +51,8 @@ class Daemon:
         self._writer: threading.Thread | None = None
         self.notifier = Notifier.from_env()
         self.watchdog = ProgressWatchdog(self.notifier)
+        # Each reload's outcome, for `edged reload` (the unit's ExecReload=) to wait on.
+        self.reloads = ReloadReporter(runtime_dir())
         self._stats_prev = (self.counters.started, 0, 0.0, 0)
         self.commands: queue.Queue = queue.Queue()
         self._state_lock = threading.Lock()
@@ -245,6 +248,7 @@ class Daemon:
         from edged.runtime import RuntimeUnavailable
 
         self.notifier.reloading()
+        self.reloads.begin()
         log.info("reloading", extra=fields(config=str(self.config_path or "<defaults>")))
         try:
             new_cfg = config_mod.load(self.config_path)
@@ -253,10 +257,12 @@ class Daemon:
             for line in exc.problems:
                 log.error("reload refused; keeping the running configuration", extra=fields(problem=line))
             self.notifier.ready(self.status_line())
+            self.reloads.finish(False, "; ".join(exc.problems))
             return False
         except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, ImuError, OSError) as exc:
             log.error("reload failed; keeping the running pipeline", extra=fields(error=str(exc)))
             self.notifier.ready(self.status_line())
+            self.reloads.finish(False, str(exc))
             return False
         old_cfg = self.cfg
         self.pipeline.keep_imu_open = new.imu_handed_over_from is self.pipeline
@@ -282,6 +288,7 @@ class Daemon:
         new.start(self)
         self.notifier.ready(self.status_line())
         log.info("reloaded", extra=fields(relinked=relink))
+        self.reloads.finish(True)
         return True
 
     def spawn(self, name: str, target) -> threading.Thread:

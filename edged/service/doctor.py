@@ -5,7 +5,10 @@ nodes, libcamera cameras through picamera2 when it is importable, the configured
 I2C buses and the IMU chip, identified by its WHO_AM_I / CHIP_ID register through edged's own
 drivers; the Edge TPU (USB ids 1a6e:089a / 18d1:9302 in sysfs, /dev/apex_N, libedgetpu
 loadable); the groups the device nodes need (video, i2c, plugdev, apex); the broker (TCP
-connect, and the TLS handshake when configured); free space for the outbox.
+connect, and the TLS handshake when configured); free space for the outbox. With the systemd
+unit installed, its directories ($STATE_DIRECTORY, ...) are applied before the config is read,
+so the outbox checked is the one the service writes, and running as another user than the
+unit's User= is a warning (permissions would differ).
 
 Each check ends in one status: `ok`, `info` (nothing needed), `warn` (optional and missing or
 degraded: the daemon runs anyway) or `fail` (the config needs it and it is missing). The exit
@@ -417,6 +420,22 @@ def check_broker(cfg: Config, env: Env) -> Check:
     return Check("broker", OK, f"{where}: {version}, certificate for {subject.get('commonName', '?')} verified")
 
 
+def check_unit(unit, env: Env) -> Check:
+    """The installed unit (an `edged.service.unitfile.UnitEnv`) and whether we run as its user."""
+    if unit is None:
+        return Check("unit", INFO, "no edged.service installed: directories are this user's own")
+    service_user = unit.user or "root"
+    uid = os.getuid() if env.uid is None else env.uid
+    user = env.user or _user_name(uid)
+    edged = sys.argv[0] if os.path.basename(sys.argv[0]) == "edged" else "edged"
+    where = f"{unit.path}: User={service_user}, state in {unit.state_dir or '(no StateDirectory=)'}"
+    if user != service_user:
+        return Check("unit", WARN, f"{where}; this doctor runs as {user}, so file and device "
+                     "permissions are not the service's",
+                     f"run it as the service user: sudo runuser -u {service_user} -- {edged} doctor")
+    return Check("unit", OK, where)
+
+
 def check_outbox(cfg: Config) -> Check:
     path = cfg.outbox_path
     probe = path.parent
@@ -444,11 +463,14 @@ def _mib(n: int) -> str:
 # --------------------------------------------------------------------------- running and printing
 
 def run(cfg: Config | None, *, config_path: str = "<defaults>", problems: list[str] | None = None,
-        env: Env | None = None) -> list[Check]:
+        env: Env | None = None, unit=None) -> list[Check]:
     """Every check, in the order the table shows them. With an invalid config the hardware checks
-    still run, against the defaults."""
+    still run, against the defaults. `unit`: the installed unit (edged.service.unitfile), whose
+    directories the caller has already applied."""
     env = env or Env()
     checks = [check_python(), check_config(config_path, problems), check_runtime()]
+    if unit is not None:
+        checks.append(check_unit(unit, env))
     cfg = cfg or Config()
     checks.append(check_models(cfg))
     checks += check_camera(cfg, env)
