@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?=
 
-.PHONY: run test bench deps test-deps cloud-deps venv test-venv cloud-venv broker clean
+.PHONY: run test test-systemd bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
@@ -14,6 +14,12 @@ run: deps venv broker
 
 test: deps test-deps test-venv
 	$(PY) -m pytest -q
+
+# The provisioned unit under a real systemd: a Debian 12 minbase container booted with
+# systemd-nspawn (root; about 4 minutes, the first run also debootstraps the cached root).
+# Not part of `make test`. docs/deploy.md, "Checked under a real systemd", says what it checks.
+test-systemd: deps test-deps systemd-deps test-venv
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/boot_systemd.py
 
 bench: deps cloud-deps cloud-venv
 	$(PY) benchmarks/run.py
@@ -33,6 +39,10 @@ test-deps: cloud-deps
 	@scripts/apt-ensure systemd:systemd-analyze 'libsystemd-dev:pkg-config --exists libsystemd' \
 		pkg-config:pkg-config gcc:gcc \
 		python3-dev:'$(PYTHON) -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()[\"include\"], \"Python.h\")))"'
+
+# `make test-systemd`: the container manager and the tool that builds its Debian root.
+systemd-deps:
+	@scripts/apt-ensure systemd-container:/usr/bin/systemd-nspawn debootstrap:/usr/sbin/debootstrap
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
