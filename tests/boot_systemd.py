@@ -121,11 +121,15 @@ def box(tmp_path_factory):
         yield b
     finally:
         console = container.console
+        t = time.monotonic()
         container.shutdown()
+        say(f"container shut down in {time.monotonic() - t:.1f} s")
         if os.environ.get("EDGED_SYSTEMD_KEEP"):
             say(f"kept the container root: {container.root} (console: {console})")
         else:
+            t = time.monotonic()
             container.remove()
+            say(f"container root removed in {time.monotonic() - t:.1f} s")
         sub.close()
         broker.stop()
         say("done")
