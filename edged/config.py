@@ -173,6 +173,14 @@ class AcceleratorConfig:
         "cpu", "auto", "usb", "pci", "usb:0", "usb:1", "usb:2", "usb:3", "pci:0", "pci:1", "pci:2", "pci:3")))
     fallback: bool = True   # run on the CPU while the Edge TPU is missing or failing
     retry_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
+    # An inference on the Edge TPU that takes longer than this is hung (libedgetpu blocks in
+    # invoke() on some USB faults): the daemon records the fault and exits for a restart.
+    invoke_timeout_s: float = field(default=10.0, metadata=_check(min=1, max=600))
+    # A fake Edge TPU instead of libedgetpu (tests, demos): "tpu" works, "abort" aborts the
+    # process and "hang" blocks in invoke() after `fake_fault_after` inferences, as libedgetpu
+    # does on a USB fault.
+    fake: str = field(default="", metadata=_check(choices=("", "tpu", "abort", "hang")))
+    fake_fault_after: int = field(default=0, metadata=_check(min=0, max=10**9))
 
 
 @dataclass

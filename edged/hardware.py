@@ -55,5 +55,6 @@ def load_factory(name: str, cfg=None) -> Hardware:
 def for_config(cfg) -> Hardware:
     """The hardware a config describes: fakes for the sections with `fake = true`, real elsewhere."""
     wants_fake = (cfg.camera.enabled and cfg.camera.fake and cfg.camera.source != "replay") or \
-                 (cfg.imu.enabled and cfg.imu.fake and cfg.imu.source != "replay")
+                 (cfg.imu.enabled and cfg.imu.fake and cfg.imu.source != "replay") or \
+                 bool(cfg.accelerator.fake)
     return load_factory("fake" if wants_fake else "real", cfg)

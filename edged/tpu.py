@@ -179,6 +179,101 @@ def _same_tensors(a: Model, b: Model) -> str | None:
     return None
 
 
+class TpuFaultRecord:
+    """What survives a process that the Edge TPU took down, in the state dir (`tpu-fault.json`).
+
+    libedgetpu does not raise on a USB fault: it aborts the process (`F driver/usb/usb_driver.cc:
+    … transfer on tag … failed. Abort.`, google-coral/edgetpu#476, #494) or blocks in `invoke()`
+    for good (#94), so the in-process fallback never runs. The record remembers across the
+    restart: while a model is on the TPU the file says so (`active`); a clean stop or a switch to
+    the CPU clears that. A start that finds `active` set (the last process died on the TPU: an
+    abort) or a `hang` the daemon recorded before exiting starts on the CPU and tries the TPU
+    again after a backoff that doubles with each fault in a row (`retry_s`, 2 × retry_s, …, at
+    most an hour). An hour on the TPU without a fault resets the count. A crash for another
+    reason while on the TPU (power loss, OOM kill) also counts, erring towards the CPU."""
+
+    BACKOFF_MAX_S = 3600.0
+    CLEAN_S = 3600.0
+    _shared: dict[Path, "TpuFaultRecord"] = {}
+
+    @classmethod
+    def for_state_dir(cls, state_dir: str | Path) -> "TpuFaultRecord":
+        """The one record of this state dir (pipelines opened on reload share it)."""
+        path = Path(state_dir) / "tpu-fault.json"
+        rec = cls._shared.get(path)
+        if rec is None:
+            rec = cls._shared[path] = cls(path)
+        return rec
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._users: set[str] = set()
+        self.data = self._load()
+
+    def _load(self) -> dict:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save(self) -> None:
+        import json
+
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.data))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write the Edge TPU fault record", extra=fields(path=str(self.path), error=str(exc)))
+
+    def previous_fault(self) -> str | None:
+        """"abort" (died while on the TPU) or "hang" when the last run ended in a TPU fault."""
+        if self.data.get("active"):
+            return "abort"
+        return self.data.get("fault")
+
+    def start_fault(self, retry_s: float) -> float | None:
+        """At start: seconds to stay on the CPU because of a previous fault (None: no fault). The
+        fault is counted once, whichever model asks first."""
+        kind = self.previous_fault()
+        if kind is None:
+            return None
+        if not self.data.get("counted"):
+            self.data.update(fault=kind, faults=int(self.data.get("faults", 0)) + 1, active=False,
+                             at=self._clock(), counted=True)
+            self._save()
+        n = max(1, int(self.data.get("faults", 1)))
+        return min(self.BACKOFF_MAX_S, retry_s * 2 ** (n - 1))
+
+    def on_tpu(self, model: str) -> None:
+        self._users.add(model)
+        if not self.data.get("active"):
+            self.data.update(active=True, since=self._clock(), counted=False)
+            self.data.pop("fault", None)
+            self._save()
+
+    def off_tpu(self, model: str, *, clean: bool = True) -> None:
+        self._users.discard(model)
+        if not self._users and self.data.get("active"):
+            ran = self._clock() - float(self.data.get("since", self._clock()))
+            self.data["active"] = False
+            if clean and ran >= self.CLEAN_S:
+                self.data["faults"] = 0
+            self._save()
+
+    def hung(self, model: str) -> None:
+        """The daemon found an invoke that never returned: record it before exiting."""
+        self.data.update(active=False, fault="hang", counted=False, at=self._clock())
+        self._save()
+
+
 class BackendModel:
     """A model on the Edge TPU or the CPU, switching between them; used like `edged.runtime.Model`.
 
@@ -188,7 +283,7 @@ class BackendModel:
 
     def __init__(self, entry: ModelEntry, *, accelerator: str = "cpu", fallback: bool = True,
                  retry_s: float = 60.0, threads: int | None = None, loader: Runtime | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, faults: TpuFaultRecord | None = None) -> None:
         if not ACCELERATOR_RE.match(accelerator):
             raise TpuError(f"accelerator.device: expected cpu, auto, usb, usb:N, pci or pci:N, got {accelerator!r}")
         self.entry = entry
@@ -206,11 +301,24 @@ class BackendModel:
         self._tpu: Model | None = None
         self._cpu: Model | None = None
         self._next_retry: float | None = None
+        self.faults = faults
+        self.invoking_since: float | None = None  # monotonic start of an invoke on the TPU
         self.wants_tpu = accelerator != "cpu" and entry.edgetpu_path is not None
         if accelerator != "cpu" and entry.edgetpu_path is None:
             log.info("model has no edgetpu_file in the manifest; it runs on the CPU",
                      extra=fields(model=entry.name, accelerator=accelerator))
-        if self.wants_tpu:
+        held_off = faults.start_fault(retry_s) if (self.wants_tpu and faults is not None and fallback) else None
+        if held_off is not None:
+            # The last run ended in an Edge TPU fault that took the process with it.
+            self.tpu_failures += 1
+            self.fallbacks += 1
+            self.last_error = f"previous run ended in an Edge TPU {faults.previous_fault()}"
+            self._next_retry = self._clock() + held_off
+            log.warning("the last run ended in an Edge TPU fault; running on the CPU, trying the TPU "
+                        "again later", extra=fields(model=entry.name, fault=faults.previous_fault(),
+                                                    retry_in_s=round(held_off, 1),
+                                                    faults_in_a_row=faults.data.get("faults")))
+        elif self.wants_tpu:
             try:
                 self._tpu = self._open_tpu()
             except _Unavailable as exc:
@@ -227,6 +335,8 @@ class BackendModel:
         self.inputs = self._active.inputs
         self.outputs = self._active.outputs
         if self._tpu is not None:
+            if faults is not None:
+                faults.on_tpu(entry.name)
             log.info("model on the Edge TPU", extra=fields(model=entry.name, backend=self._tpu.backend,
                                                            file=entry.edgetpu_path.name))
 
@@ -265,14 +375,25 @@ class BackendModel:
         if self._next_retry is not None and self._clock() >= self._next_retry:
             self._retry()
         active = self._active
+        on_tpu = active is self._tpu
         try:
+            if on_tpu:
+                # Watched by the daemon: an invoke that never returns is a hung TPU.
+                self.invoking_since = time.monotonic()
             active.invoke()
             return
         except RuntimeError as exc:
-            if active is not self._tpu:
+            if not on_tpu:
                 raise
             self._lost(exc)
+        finally:
+            self.invoking_since = None
         self._active.invoke()  # the same input, now on the CPU
+
+    def close(self) -> None:
+        """A clean stop: this model no longer holds the TPU."""
+        if self.faults is not None and self._tpu is not None:
+            self.faults.off_tpu(self.entry.name)
 
     @property
     def stats(self) -> dict:
@@ -324,6 +445,8 @@ class BackendModel:
                            "accelerator.fallback = false") from None
         self.fallbacks += 1
         self._switch(tpu, self._cpu)
+        if self.faults is not None:
+            self.faults.off_tpu(self.entry.name, clean=False)
         self._next_retry = self._clock() + self.retry_s
         log.error("Edge TPU failed mid-run (unplugged or reset?); this model now runs on the CPU",
                   extra=fields(model=self.entry.name, error=text, retry_s=self.retry_s))
@@ -351,6 +474,8 @@ class BackendModel:
         self.recoveries += 1
         self._tpu = tpu
         self._switch(self._cpu, tpu)
+        if self.faults is not None:
+            self.faults.on_tpu(self.entry.name)
         for kind in ("unavailable:library", "unavailable:device", "unavailable:model"):
             self._once.clear(kind)
         log.info("Edge TPU is back; model moved to it", extra=fields(model=self.entry.name, backend=tpu.backend))
@@ -364,11 +489,12 @@ class BackendModel:
 
 def open_for_backend(entry: ModelEntry, accelerator: str = "cpu", fallback: bool = True, loader=None, *,
                      retry_s: float = 60.0, threads: int | None = None,
-                     clock: Callable[[], float] = time.monotonic) -> BackendModel:
+                     clock: Callable[[], float] = time.monotonic,
+                     faults: TpuFaultRecord | None = None) -> BackendModel:
     """The model for a stage: verified, on the Edge TPU when configured and present, else the CPU.
 
     `loader` is a `Runtime`-like object (`load_delegate`, `interpreter_cls`, `name`, `version`);
     default: the process's TFLite runtime with libedgetpu. Tests pass `edged.fakes.tpu.FakeEdgeTpu`."""
     verify(entry)
     return BackendModel(entry, accelerator=accelerator, fallback=fallback, retry_s=retry_s,
-                        threads=threads, loader=loader, clock=clock)
+                        threads=threads, loader=loader, clock=clock, faults=faults)

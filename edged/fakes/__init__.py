@@ -52,3 +52,12 @@ class FakeHardware(Hardware):
 
     def smbus_factory(self, imu):
         return imu_bus_factory(imu) if imu.fake and imu.source != "replay" else None
+
+    def edgetpu_loader(self):
+        acc = self.cfg.accelerator
+        if not acc.fake:
+            return None
+        from edged.fakes.tpu import FakeEdgeTpu
+
+        kind = "pci" if acc.device.startswith("pci") else "usb"
+        return FakeEdgeTpu(kind, fault=None if acc.fake == "tpu" else acc.fake, fault_after=acc.fake_fault_after)

@@ -12,7 +12,13 @@ the device behind it:
   was compiled from (`compile()` records which); its tensors are the source model's, as with
   edgetpu_compiler;
 - `unplug()` makes every invoke through an existing delegate raise RuntimeError (as a USB reset
-  does) and new delegate loads fail until `plug()`; a delegate from before the unplug stays dead.
+  does) and new delegate loads fail until `plug()`; a delegate from before the unplug stays dead;
+- `fault="abort"` / `fault="hang"`: after `fault_after` inferences the next one does what
+  libedgetpu really does on a USB fault instead of raising: it logs its fatal line and aborts the
+  whole process (SIGABRT; google-coral/edgetpu#476, #494), or blocks in invoke() for ever (#94).
+
+A compiled model carries its source model's sha256 (in the custom op's options), so a fake TPU
+in another process (the daemon under test) finds the source model beside the compiled one.
 
 `compile(src, dst)` writes a real .tflite flatbuffer shaped like edgetpu_compiler's output: the
 source's tensors and buffers, one CUSTOM operator `edgetpu-custom-op` in place of all layers.
@@ -50,9 +56,14 @@ class FakeEdgeTpu:
     name = "fake-edgetpu"
     version = "16.0-fake"
 
-    def __init__(self, kind: str = "usb", *, library: bool = True, present: bool = True) -> None:
+    def __init__(self, kind: str = "usb", *, library: bool = True, present: bool = True,
+                 fault: str | None = None, fault_after: int = 0) -> None:
         if kind not in ("usb", "pci"):
             raise ValueError(f"kind must be usb or pci, got {kind!r}")
+        if fault not in (None, "abort", "hang"):
+            raise ValueError(f"fault must be abort or hang, got {fault!r}")
+        self.fault = fault
+        self.fault_after = fault_after
         self.kind = kind
         self.library = library
         self.present = present
@@ -103,6 +114,18 @@ class FakeEdgeTpu:
         self._compiled[hashlib.sha256(out).hexdigest()] = src
         return dst
 
+    def _fault_now(self) -> None:
+        """What libedgetpu does on a USB fault: abort the process, or never return."""
+        import os
+        import sys
+
+        if self.fault == "abort":
+            sys.stderr.write("F driver/usb/usb_driver.cc:1012] transfer on tag 2 failed. Abort. "
+                             "(fake Edge TPU)\n")
+            sys.stderr.flush()
+            os.abort()
+        threading.Event().wait()  # "hang": blocked in the driver for good
+
     # -- what edged calls (the loader interface) ------------------------------------------------
     def load_delegate(self, library: str, options: dict | None = None) -> FakeDelegate:
         options = dict(options or {})
@@ -132,8 +155,8 @@ class FakeEdgeTpu:
                 if self._delegate is not None and not self._delegate.alive:
                     raise RuntimeError("Failed to prepare for TPU: the Edge TPU is gone")
                 if self._delegate is not None and EDGETPU_OP in custom_ops(path):
-                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                    source = tpu._compiled.get(digest)
+                    data = path.read_bytes()
+                    source = tpu._compiled.get(hashlib.sha256(data).hexdigest()) or _source_beside(path, data)
                     if source is None:
                         raise ValueError(f"{path}: not compiled for this Edge TPU")
                     path = source
@@ -165,7 +188,25 @@ class FakeEdgeTpu:
                             raise RuntimeError("Failed to execute request: USB transfer error 2 "
                                                f"[LibUsbDataOutCallback]; Node number 0 ({EDGETPU_OP}) "
                                                "failed to invoke.")
-                        tpu.invokes += 1
+                        faulting = tpu.fault is not None and tpu.invokes >= tpu.fault_after
+                        if not faulting:
+                            tpu.invokes += 1
+                    if faulting:
+                        tpu._fault_now()
                 return self._interp.invoke()
 
         return FakeTpuInterpreter
+
+
+def _source_beside(path: Path, compiled: bytes) -> Path | None:
+    """The model `compiled` was made from, found in the compiled model's directory by the sha256
+    `compile()` wrote into the custom op's options; None when it is not there."""
+    marker = b"fake-edgetpu "
+    at = compiled.find(marker)
+    if at < 0:
+        return None
+    digest = compiled[at + len(marker):at + len(marker) + 64].decode("ascii", "replace")
+    for candidate in sorted(path.parent.glob("*.tflite")):
+        if candidate != path and hashlib.sha256(candidate.read_bytes()).hexdigest() == digest:
+            return candidate
+    return None

@@ -32,6 +32,7 @@ log = logging.getLogger("edged.daemon")
 
 # The writer's outbox commits (one fsync each): this many at once, then this many per second.
 COMMIT_BURST = 4
+EXIT_TPU_HUNG = 75  # EX_TEMPFAIL: an Edge TPU inference hung; systemd restarts the daemon (on the CPU)
 COMMIT_RATE = 50.0
 
 
@@ -108,6 +109,8 @@ class Daemon:
             if tick and now >= next_tick:
                 wd.tick()
                 next_tick = now + tick
+            if self._tpu_hung():
+                break
             if now >= next_status:
                 self.notifier.status(self.status_line())
                 next_status = now + 10.0
@@ -117,6 +120,27 @@ class Daemon:
         self.notifier.stopping()
         self._shutdown()
         return self.exit_code
+
+    def _tpu_hung(self) -> bool:
+        """An Edge TPU inference that never returned (libedgetpu blocks on some USB faults): the
+        stuck thread cannot be freed, so record the fault, flush the queued results and exit with
+        EXIT_TPU_HUNG; systemd restarts the daemon, which then starts on the CPU."""
+        p = self.pipeline
+        hung = p.hung_tpu(self.cfg.accelerator.invoke_timeout_s) if p else None
+        if hung is None:
+            return False
+        model, age = hung
+        rec = next((m.faults for m in p.models() if getattr(m, "faults", None) is not None), None)
+        if rec is not None:
+            rec.hung(model)
+        log.error("Edge TPU inference hung; exiting so the service restarts on the CPU",
+                  extra=fields(model=model, stuck_s=round(age, 1), exit_code=EXIT_TPU_HUNG,
+                               timeout_s=self.cfg.accelerator.invoke_timeout_s))
+        self.exit_code = EXIT_TPU_HUNG
+        self._tpu_hang = True
+        return True
+
+    _tpu_hang = False
 
     def status_line(self) -> str:
         """systemctl status's one-line summary."""
@@ -323,7 +347,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         if self.pipeline:
-            self.pipeline.stop(self)
+            self.pipeline.stop(self, clean=not self._tpu_hang)
         self._stop_writer()
         if self.link:
             self.link.stop(timeout=0.5)

@@ -116,10 +116,14 @@ class Pipeline:
         from edged.models import default_models_dir, load_manifest, select
         from edged.tpu import open_for_backend
 
+        from edged.tpu import TpuFaultRecord
+
         p = cls(cfg)
         hardware = for_config(cfg)
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
         acc = cfg.accelerator
+        loader = hardware.edgetpu_loader()
+        faults = TpuFaultRecord.for_state_dir(cfg.state_dir) if acc.device != "cpu" else None
         try:
             if cfg.camera.enabled:
                 from edged.sources.camera import open_camera
@@ -131,7 +135,8 @@ class Pipeline:
                     from edged.stages.vision.graph import open_graph
 
                     p.vision = open_graph(cfg.vision.stages, manifest, open_entry=lambda entry: open_for_backend(
-                        entry, acc.device, acc.fallback, retry_s=acc.retry_s, threads=cfg.vision.threads or None))
+                        entry, acc.device, acc.fallback, loader, retry_s=acc.retry_s,
+                        threads=cfg.vision.threads or None, faults=faults))
                     p.camera = open_camera(cfg.camera, snapshots=snapshots, hardware=hardware)
                     model = p.vision.model
                     log.info("vision ready", extra=fields(model=",".join(s.model for s in cfg.vision.stages),
@@ -139,8 +144,8 @@ class Pipeline:
                                                           camera=p.camera.name))
                 else:
                     entry = select(manifest, cfg.vision.model, "vision", "vision.model")
-                    model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
-                                             threads=cfg.vision.threads or None)
+                    model = open_for_backend(entry, acc.device, acc.fallback, loader, retry_s=acc.retry_s,
+                                             threads=cfg.vision.threads or None, faults=faults)
                     p.vision = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
                     pre = p.vision.preprocess
                     # A live camera is asked for frames at the model's input size (the ISP scales).
@@ -152,8 +157,8 @@ class Pipeline:
                 from edged.stages.motion import MotionStage
 
                 entry = select(manifest, cfg.motion.model, "motion", "motion.model")
-                model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
-                                         threads=cfg.motion.threads or None)
+                model = open_for_backend(entry, acc.device, acc.fallback, loader, retry_s=acc.retry_s,
+                                         threads=cfg.motion.threads or None, faults=faults)
                 p.motion = MotionStage(model, entry)
                 imu = cfg.imu
                 if running is not None and running.imu is not None and imu.source != "replay" \
@@ -212,13 +217,31 @@ class Pipeline:
         if self.imu and not self.keep_imu_open:
             self.imu.close()
 
-    def stop(self, d: "Daemon") -> None:
+    def models(self) -> list:
+        return [m for m in (getattr(self.vision, "model", None), getattr(self.motion, "model", None)) if m]
+
+    def hung_tpu(self, timeout_s: float) -> tuple[str, float] | None:
+        """(model, seconds) of an Edge TPU inference running longer than `timeout_s`, or None."""
+        import time
+
+        now = time.monotonic()
+        for m in self.models():
+            since = getattr(m, "invoking_since", None)
+            if since is not None and now - since > timeout_s:
+                return m.entry.name, now - since
+        return None
+
+    def stop(self, d: "Daemon", *, clean: bool = True) -> None:
         self.stop_event.set()
         self.close_sources()
         for t in self.threads:
             t.join(0.5)
         for part in ("camera", "vision", "imu"):
             d.watchdog.unregister(part)
+        if clean:
+            for m in self.models():
+                if hasattr(m, "close"):
+                    m.close()
 
     def _camera_loop(self, d: "Daemon") -> None:
         c = d.counters
