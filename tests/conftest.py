@@ -31,7 +31,8 @@ def outbox_meta(state_dir: Path, key: str) -> int:
     except sqlite3.OperationalError:
         return 0
     try:
-        return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else 0  # the daemon has created the file but not yet its counters
     except sqlite3.OperationalError:  # created, schema not yet committed
         return 0
     finally:
