@@ -113,8 +113,10 @@ def test_sigkill_and_restart_loses_nothing(tmp_path, broker, subscriber, daemon_
         d.signal(signal.SIGKILL)
         d.wait(10)
     d = daemon_factory(cfg).start()
-    assert subscriber.wait(lambda: len(result_seqs(subscriber)) >= 5, 30)
-    time.sleep(1)
+    # The earlier runs' results are there already: wait for this one to be up and producing.
+    assert wait_until(lambda: "msg=ready" in d.output(), 60), d.output()
+    n = len(result_seqs(subscriber))
+    assert subscriber.wait(lambda: len(result_seqs(subscriber)) >= n + 5, 60), d.output()
     assert d.stop() == 0
     last = last_seq(state)
     assert subscriber.wait(lambda: set(range(1, last + 1)) <= set(result_seqs(subscriber)), 30)
