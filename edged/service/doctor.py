@@ -469,8 +469,6 @@ def run(cfg: Config | None, *, config_path: str = "<defaults>", problems: list[s
     directories the caller has already applied."""
     env = env or Env()
     checks = [check_python(), check_config(config_path, problems), check_runtime()]
-    if unit is not None:
-        checks.append(check_unit(unit, env))
     cfg = cfg or Config()
     checks.append(check_models(cfg))
     checks += check_camera(cfg, env)
@@ -479,6 +477,8 @@ def run(cfg: Config | None, *, config_path: str = "<defaults>", problems: list[s
     checks.append(check_groups(cfg, env))
     checks.append(check_broker(cfg, env))
     checks.append(check_outbox(cfg))
+    if unit is not None:
+        checks.append(check_unit(unit, env))
     return checks
 
 
