@@ -110,6 +110,11 @@ class VisionConfig:
     score_threshold: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # 0 = model's own
     heartbeat_s: float = field(default=30.0, metadata=_check(min=1, max=86400))
     threads: int = field(default=0, metadata=_check(min=0, max=16))  # 0 = one per core, up to 4
+    # What the `detections`/`events` topics carry: "labels" = a frame's objects when the set of
+    # labels changes (and every heartbeat_s); "events" = track events new/update/end; "both".
+    publish: str = field(default="labels", metadata=_check(choices=("labels", "events", "both")))
+    hold_s: float = field(default=2.0, metadata=_check(min=0.0, max=3600))  # a track ends unseen this long
+    min_hits: int = field(default=2, metadata=_check(min=1, max=100))       # frames before a track is `new`
     # Several models per frame, in order; empty: `model` alone on the whole frame.
     stages: list[VisionStageConfig] = field(default_factory=list)
 

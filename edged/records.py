@@ -55,6 +55,24 @@ class Detections:
 
 
 @dataclass(frozen=True, slots=True)
+class TrackEvent:
+    """A tracked object started (`new`), goes on (`update`: heartbeat, or what is inside it
+    changed) or left (`end`) — edged.stages.vision.tracks."""
+
+    ts: float                 # capture time of the frame that made the event (`end`: last seen)
+    type: str                 # "new", "update" or "end"
+    track_id: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    first_ts: float           # when the track was first seen
+    dwell_s: float            # last seen − first seen
+    inside: tuple[str, ...] = ()   # labels found inside its box (a person's face)
+    stage: str = ""
+    parent: int = -1          # the enclosing track's id, -1 for none
+
+
+@dataclass(frozen=True, slots=True)
 class MotionSignature:
     """What the motion stage made of one IMU window.
 

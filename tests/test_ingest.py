@@ -151,6 +151,9 @@ def test_payload_checks_agree_with_the_shipped_schemas():
                        "objects": [{"label": "face", "score": 0.9, "box": [0.1, 0.2, 0.3, 0.4]}]},
         "motion": {"v": 1, "device_id": "pi-a", "seq": 4, "ts": now, "label": "walking", "score": 0.8,
                    "signature": [1, -128, 127], "window_s": 3.0, "inference_ms": 0.3},
+        "events": {"v": 1, "device_id": "pi-a", "seq": 5, "ts": now, "type": "end", "id": 3, "label": "person",
+                   "score": 0.9, "box": [0.1, 0.2, 0.3, 0.4], "start_ts": now - 5, "dwell_s": 5.0,
+                   "inside": ["face"]},
     }
     mutations = [
         ("seq", 0), ("seq", "7"), ("seq", True), ("v", 2), ("device_id", "a/b"), ("ts", "x"),
@@ -159,7 +162,16 @@ def test_payload_checks_agree_with_the_shipped_schemas():
         ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1]}]),
         ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1, 2]}]),
         ("objects", [{"label": "face", "score": 0.5}]), ("objects", "face"),
+        ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1, 1], "parent": -1}]),
+        ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1, 1], "stage": "a b"}]),
+        ("type", "start"), ("id", 0), ("box", [0, 0, 2, 1]), ("dwell_s", -1), ("inside", ["Face"]),
+        ("inside", ["face", "face"]), ("parent", 0),
     ]
+    chained = dict(good["detections"], objects=[
+        {"label": "person", "score": 0.9, "box": [0.1, 0.1, 0.5, 0.9], "stage": "people"},
+        {"label": "face", "score": 0.8, "box": [0.2, 0.1, 0.3, 0.2], "stage": "faces_in_people", "parent": 0}])
+    assert payloads.check("detections", chained, now=now) is None
+    assert jsonschema.Draft202012Validator(_schema("detections")).is_valid(chained)
     for kind, body in good.items():
         validator = jsonschema.Draft202012Validator(_schema(kind))
         assert validator.is_valid(body) and payloads.check(kind, body, now=now) is None

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import jsonschema
+import pytest
 from conftest import write_config
+
+from edged.delivery import codec
 
 REPO = Path(__file__).resolve().parent.parent
 SCENE = REPO / "tests" / "data" / "vision" / "scenes" / "group_leuven.jpg"
+EVENTS_SCHEMA = json.loads((REPO / "docs" / "schemas" / "events.schema.json").read_text())
 
 CHAIN = """
 [camera]
@@ -49,3 +55,40 @@ def test_daemon_publishes_objects_with_stage_and_parent(tmp_path, broker, subscr
     assert stats["vision_stage_people_ms"] > 0 and stats["vision_stage_faces_in_people_ms"] > 0
     assert stats["vision_stage_faces_in_people_invokes"] >= 1
     assert d.stop(timeout=10) == 0
+
+
+EVENTS = """
+[camera]
+path = "{images}"
+fps = 5
+[imu]
+enabled = false
+[vision]
+threads = 1
+publish = "both"
+hold_s = 2.0
+"""
+
+
+@pytest.mark.parametrize("name", ["json", "cbor"])
+def test_a_face_missing_every_other_frame_is_one_track_not_a_flapping_presence(
+        tmp_path, broker, subscriber, daemon_factory, name):
+    # The replay alternates a portrait and an empty scene: the labels policy publishes every
+    # change, the tracker holds the one face across the gaps (new once, no end while it lasts).
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(REPO / "samples" / "images" / "astronaut.jpg", images / "a.jpg")
+    shutil.copy(REPO / "samples" / "images" / "coffee.jpg", images / "b.jpg")
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=EVENTS.format(images=images),
+                       mqtt=f'codec = "{name}"\n')
+    d = daemon_factory(cfg).start()
+    assert subscriber.wait(lambda: len(subscriber.on("detections")) >= 8 and subscriber.on("events"), 60), d.output()
+    assert d.stop(timeout=10) == 0
+    c = codec.get(name)
+    events = [codec.decode(p, c.content_type) for p in subscriber.on("events")]
+    for e in events:
+        jsonschema.validate(e, EVENTS_SCHEMA)
+    assert [(e["type"], e["label"]) for e in events] == [("new", "face")]
+    assert len(subscriber.on("detections")) >= 8
+    states = [json.loads(p) for p in subscriber.on("state")]
+    assert states and all(s["labels"] == ["face"] for s in states[1:]), states

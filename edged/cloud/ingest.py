@@ -1,7 +1,7 @@
 """`edged ingest`: a worker that lands every device's results in PostgreSQL exactly once.
 
 Any number of workers, on any number of machines, share the load through one MQTT 5 shared
-subscription (`$share/<group>/<prefix>/+/detections|motion|stats`); the broker hands each
+subscription (`$share/<group>/<prefix>/+/detections|motion|events|stats`); the broker hands each
 message to one member of the group. Each worker:
 
 - connects with a stable client id and a persistent session, and acknowledges (PUBACK) a result

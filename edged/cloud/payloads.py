@@ -1,5 +1,5 @@
 """What the cloud accepts as a result: a payload of either codec, decoded and checked field by
-field against the contract (docs/mqtt.md, docs/schemas/detections|motion.schema.json).
+field against the contract (docs/mqtt.md, docs/schemas/detections|motion|events.schema.json).
 
 Everything here is untrusted input from the network. `parse` never raises for a bad payload: it
 returns a `Reject` saying which kind of problem it was (for counting and logging once per kind)
@@ -17,9 +17,12 @@ from dataclasses import dataclass
 
 from edged.delivery import codec
 
-RESULT_KINDS = ("detections", "motion")
+RESULT_KINDS = ("detections", "motion", "events")
 SCHEMA_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STAGE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_OBJECT_FIELDS = {"label", "score", "box"}
+_OBJECT_OPTIONAL = {"stage", "parent"}  # only from a chain of vision stages
 _LABEL_RE = re.compile(r"^[a-z0-9 _-]+$")
 # A result's ts must be a plausible capture time: after 2000-01-01 and not far in the future
 # (the partition it lands in is made on demand; a wild clock must not make thousands of them).
@@ -29,7 +32,11 @@ TS_FUTURE_S = 7 * 86400
 _FIELDS = {
     "detections": {"v", "device_id", "seq", "ts", "objects", "inference_ms"},
     "motion": {"v", "device_id", "seq", "ts", "label", "score", "signature", "window_s", "inference_ms"},
+    "events": {"v", "device_id", "seq", "ts", "type", "id", "label", "score", "box", "start_ts", "dwell_s",
+               "inside"},
 }
+_OPTIONAL = {"detections": set(), "motion": set(), "events": {"stage", "parent"}}
+EVENT_TYPES = ("new", "update", "end")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +81,39 @@ def _show(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _box(box, where: str) -> None:
+    if not isinstance(box, list) or len(box) != 4:
+        raise _Bad(f"{where}: expected 4 numbers, got {_show(box)}")
+    for j in range(4):
+        _num(box[j], f"{where}[{j}]", 0.0, 1.0)
+
+
+def _event(body: dict, now: float) -> None:
+    if body["type"] not in EVENT_TYPES:
+        raise _Bad(f"type: expected one of {', '.join(EVENT_TYPES)}, got {_show(body['type'])}")
+    tid = body["id"]
+    if type(tid) is not int or not 1 <= tid < 1 << 63:
+        raise _Bad(f"id: expected a positive integer, got {_show(tid)}")
+    _label(body["label"], "label")
+    _num(body["score"], "score", 0.0, 1.0)
+    _box(body["box"], "box")
+    _num(body["start_ts"], "start_ts", 0.0, now + TS_FUTURE_S)
+    _num(body["dwell_s"], "dwell_s", 0.0)
+    inside = body["inside"]
+    if not isinstance(inside, list) or len(set(map(str, inside))) != len(inside):
+        raise _Bad(f"inside: expected an array of distinct labels, got {_show(inside)}")
+    for i, lab in enumerate(inside):
+        _label(lab, f"inside[{i}]")
+    if "stage" in body and (not isinstance(body["stage"], str) or not _STAGE_RE.match(body["stage"])):
+        raise _Bad(f"stage: expected 1 to 32 letters, digits, '-' or '_', got {_show(body['stage'])}")
+    if "parent" in body and (type(body["parent"]) is not int or body["parent"] < 1):
+        raise _Bad(f"parent: expected a track id, got {_show(body['parent'])}")
+
+
 def check(kind: str, body: dict, *, now: float) -> str | None:
     """None if `body` is a valid `kind` result, else what is wrong with it."""
     try:
-        extra = set(body) - _FIELDS[kind]
+        extra = set(body) - _FIELDS[kind] - _OPTIONAL[kind]
         if extra:
             raise _Bad(f"unknown field {sorted(extra)[0]!r}")
         missing = _FIELDS[kind] - set(body)
@@ -91,14 +127,23 @@ def check(kind: str, body: dict, *, now: float) -> str | None:
         if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 1 << 63:
             raise _Bad(f"seq: expected a positive integer, got {_show(seq)}")
         _num(body["ts"], "ts", TS_MIN, now + TS_FUTURE_S)
-        _num(body["inference_ms"], "inference_ms", 0.0)
-        if kind == "detections":
+        if kind != "events":
+            _num(body["inference_ms"], "inference_ms", 0.0)
+        if kind == "events":
+            _event(body, now)
+        elif kind == "detections":
             objects = body["objects"]
             if not isinstance(objects, list):
                 raise _Bad(f"objects: expected an array, got {_show(objects)}")
             for i, o in enumerate(objects):
-                if not isinstance(o, dict) or set(o) != {"label", "score", "box"}:
-                    raise _Bad(f"objects[{i}]: expected {{label, score, box}}, got {_show(o)}")
+                if (not isinstance(o, dict) or not _OBJECT_FIELDS <= set(o)
+                        or set(o) - _OBJECT_FIELDS - _OBJECT_OPTIONAL):
+                    raise _Bad(f"objects[{i}]: expected {{label, score, box}} and optionally stage, parent, "
+                               f"got {_show(o)}")
+                if "stage" in o and (not isinstance(o["stage"], str) or not _STAGE_RE.match(o["stage"])):
+                    raise _Bad(f"objects[{i}].stage: expected 1 to 32 letters, digits, '-' or '_', got {_show(o['stage'])}")
+                if "parent" in o and (type(o["parent"]) is not int or o["parent"] < 0):
+                    raise _Bad(f"objects[{i}].parent: expected an index, got {_show(o['parent'])}")
                 _label(o["label"], f"objects[{i}].label")
                 _num(o["score"], f"objects[{i}].score", 0.0, 1.0)
                 box = o["box"]

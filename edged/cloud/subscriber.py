@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 
 from edged.delivery import codec
 
-RESULT_LEAVES = ("detections", "motion")
+RESULT_LEAVES = ("detections", "motion", "events")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

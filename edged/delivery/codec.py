@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from edged.records import SCHEMA_VERSION, Detections, MotionSignature
+from edged.records import SCHEMA_VERSION, Detections, MotionSignature, TrackEvent
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -68,6 +68,29 @@ def motion_fields(m: MotionSignature, device_id: str, seq: int, *, packed: bool 
     }
 
 
+def event_fields(e: TrackEvent, device_id: str, seq: int, *, packed: bool = False) -> dict:
+    r3, r4 = _rounder(packed, 3), _rounder(packed, 4)
+    out = {
+        "v": SCHEMA_VERSION,
+        "device_id": device_id,
+        "seq": seq,
+        "ts": round(e.ts, 3),
+        "type": e.type,
+        "id": e.track_id,
+        "label": e.label,
+        "score": r3(e.score),
+        "box": [r4(x) for x in e.box],
+        "start_ts": round(e.first_ts, 3),
+        "dwell_s": round(e.dwell_s, 2),
+        "inside": list(e.inside),
+    }
+    if e.stage:
+        out["stage"] = e.stage
+    if e.parent >= 0:
+        out["parent"] = e.parent
+    return out
+
+
 @dataclass(frozen=True)
 class Codec:
     name: str
@@ -80,6 +103,9 @@ class Codec:
 
     def motion(self, m: MotionSignature, device_id: str, seq: int) -> bytes:
         return self.dumps(motion_fields(m, device_id, seq, packed=self.packed))
+
+    def events(self, e: TrackEvent, device_id: str, seq: int) -> bytes:
+        return self.dumps(event_fields(e, device_id, seq, packed=self.packed))
 
 
 def _cbor_dumps(obj: dict) -> bytes:

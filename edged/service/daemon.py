@@ -358,7 +358,7 @@ class Daemon:
     def _writer_loop(self) -> None:
         device = self.cfg.device_id
         c = codec.get(self.cfg.mqtt.codec)
-        encoders = {"detections": c.detections, "motion": c.motion}
+        encoders = {"detections": c.detections, "motion": c.motion, "events": c.events}
         topics = {leaf: self.cfg.topic(leaf) for leaf in encoders}
         done = False
         budget, refilled = float(COMMIT_BURST), time.monotonic()

@@ -258,7 +258,13 @@ class Pipeline:
 
     def _vision_loop(self, d: "Daemon") -> None:
         c = d.counters
-        policy = DetectionPolicy(self.cfg.vision.heartbeat_s)
+        v = self.cfg.vision
+        policy = DetectionPolicy(v.heartbeat_s) if v.publish in ("labels", "both") else None
+        tracker = None
+        if v.publish in ("events", "both"):
+            from edged.stages.vision.tracks import Tracker
+
+            tracker = Tracker(hold_s=v.hold_s, min_hits=v.min_hits, heartbeat_s=v.heartbeat_s)
         skipped_before = c.frames_skipped
         while not self.stop_event.is_set():
             frame = self.mailbox.take(0.25)
@@ -279,9 +285,15 @@ class Pipeline:
             c.frames_skipped = skipped_before + self.mailbox.replaced
             self.last_frame = frame
             det = Detections(frame.ts, objects, ms)
-            if policy.should_publish(det):
+            if policy is not None and policy.should_publish(det):
                 d.results.put(("detections", det))
-                d.update_state(labels=sorted(o.label for o in objects))
+                if tracker is None:
+                    d.update_state(labels=sorted(o.label for o in objects))
+            if tracker is not None:
+                for event in tracker.update(frame.ts, objects):
+                    d.results.put(("events", event))
+                # What is in view, held over missed frames: presence does not flap.
+                d.update_state(labels=sorted(t.label for t in tracker.live()))
 
     def _imu_loop(self, d: "Daemon") -> None:
         c = d.counters
