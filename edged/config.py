@@ -89,6 +89,35 @@ class CameraConfig:
     fake: bool = False  # a fake camera of `source`'s kind showing the images at `path`
 
 
+STAGE_INPUT_FRAME = "frame"
+STAGE_REGIONS = ("box", "top")
+
+
+def check_stages(specs) -> list[str]:
+    """Problems with a list of vision stages (config tables or StageSpecs), one line each, each
+    starting with the config key it is about."""
+    problems, seen = [], {}
+    for i, s in enumerate(specs):
+        key = f"vision.stages[{i}]"
+        if not s.name:
+            problems.append(f"{key}.name: missing")
+        elif s.name in seen:
+            problems.append(f"{key}.name: {s.name!r} is already the name of vision.stages[{seen[s.name]}]")
+        if s.input != STAGE_INPUT_FRAME:
+            label, at, stage = s.input.partition("@")
+            if not at or not label or not stage:
+                problems.append(f"{key}.input: expected \"frame\" or \"<label>@<stage>\", got {s.input!r}")
+            elif stage not in seen:
+                problems.append(f"{key}.input: {s.input!r} names no earlier stage "
+                                f"(earlier: {', '.join(seen) or 'none'})")
+            if s.tiles != 1:
+                problems.append(f"{key}.tiles: only a stage on the frame can tile it")
+        if s.region not in STAGE_REGIONS:
+            problems.append(f"{key}.region: expected one of {', '.join(map(repr, STAGE_REGIONS))}, got {s.region!r}")
+        seen.setdefault(s.name, i)
+    return problems
+
+
 @dataclass
 class VisionStageConfig:
     """One `[[vision.stages]]` table: a model and what it runs on (edged.stages.vision.graph)."""
@@ -328,9 +357,7 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
     if m.reconnect_min_s > m.reconnect_max_s:
         problems.append(f"{where('mqtt.reconnect_min_s')}: mqtt.reconnect_min_s: must not exceed reconnect_max_s")
     if cfg.vision.stages:
-        from edged.stages.vision.graph import check_graph
-
-        for problem in check_graph(cfg.vision.stages):
+        for problem in check_stages(cfg.vision.stages):
             key = problem.split(":", 1)[0]
             problems.append(f"{where(key)}: {problem}")
         for i, st in enumerate(cfg.vision.stages):

@@ -17,10 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edged.config import STAGE_INPUT_FRAME as FRAME, STAGE_REGIONS as REGIONS
+from edged.config import check_stages as check_graph  # noqa: F401 — the declaration's checks live with the config
 from edged.records import DetectedObject
-
-FRAME = "frame"
-REGIONS = ("box", "top")
 
 
 @dataclass(frozen=True)
@@ -44,30 +43,6 @@ class StageSpec:
             return None
         label, _, stage = self.input.partition("@")
         return label, stage
-
-
-def check_graph(specs: Sequence[StageSpec]) -> list[str]:
-    """Problems with a stage list, one line each (names are the config's keys)."""
-    problems, seen = [], {}
-    for i, s in enumerate(specs):
-        key = f"vision.stages[{i}]"
-        if not s.name:
-            problems.append(f"{key}.name: missing")
-        elif s.name in seen:
-            problems.append(f"{key}.name: {s.name!r} is already the name of vision.stages[{seen[s.name]}]")
-        if s.input != FRAME:
-            label, at, stage = s.input.partition("@")
-            if not at or not label or not stage:
-                problems.append(f"{key}.input: expected \"frame\" or \"<label>@<stage>\", got {s.input!r}")
-            elif stage not in seen:
-                problems.append(f"{key}.input: {s.input!r} names no earlier stage "
-                                f"(earlier: {', '.join(seen) or 'none'})")
-            if s.tiles != 1:
-                problems.append(f"{key}.tiles: only a stage on the frame can tile it")
-        if s.region not in REGIONS:
-            problems.append(f"{key}.region: expected one of {', '.join(map(repr, REGIONS))}, got {s.region!r}")
-        seen.setdefault(s.name, i)
-    return problems
 
 
 # The default chain, chosen by measurement on the labelled scene set (docs/models.md): people on
