@@ -204,7 +204,8 @@ class CommandsConfig:
 @dataclass
 class AcceleratorConfig:
     device: str = field(default="cpu", metadata=_check(choices=(
-        "cpu", "auto", "usb", "pci", "usb:0", "usb:1", "usb:2", "usb:3", "pci:0", "pci:1", "pci:2", "pci:3")))
+        "cpu", "auto", "usb", "pci", "usb:0", "usb:1", "usb:2", "usb:3", "pci:0", "pci:1", "pci:2", "pci:3",
+        ":0", ":1", ":2", ":3")))  # as pycoral spells them; ":N" is the Nth Edge TPU of any kind
     fallback: bool = True   # run on the CPU while the Edge TPU is missing or failing
     retry_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
     # An inference on the Edge TPU that takes longer than this is hung (libedgetpu blocks in

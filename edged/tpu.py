@@ -3,8 +3,8 @@
 A stage asks `open_for_backend(entry, accelerator)` for its model instead of `Model(...)`. With
 `accelerator = "cpu"` that is the manifest's `file` on the CPU. Otherwise, and when the manifest
 gives the model an `edgetpu_file`, edged loads libedgetpu the way Coral documents it for TFLite
-(`load_delegate("libedgetpu.so.1", {"device": "usb" | "usb:0" | "pci" | "pci:0"})`, no options
-for "auto") through the process's own TFLite runtime, and runs the compiled model with it.
+(`load_delegate("libedgetpu.so.1", {"device": ":0" | "usb" | "usb:0" | "pci" | "pci:0"})`, as
+pycoral spells them; no options for "auto") through the process's own TFLite runtime, and runs the compiled model with it.
 
 What happens when the TPU is not there:
 - configured but absent, or the delegate does not load: one log line saying which (library not
@@ -49,7 +49,9 @@ EDGETPU_LIBRARY = "libedgetpu.so.1"
 # loaded its firmware, then as Google.
 USB_IDS = {("1a6e", "089a"): "Coral USB Accelerator (firmware not loaded yet)",
            ("18d1", "9302"): "Coral USB Accelerator"}
-ACCELERATOR_RE = re.compile(r"^(cpu|auto|(usb|pci)(:\d{1,2})?)$")
+# pycoral's spelling of a device (make_interpreter's `device`, passed on to libedgetpu as is):
+# ":N" the Nth Edge TPU of any kind, "usb" / "pci" the first of that kind, "usb:N" / "pci:N" the Nth.
+ACCELERATOR_RE = re.compile(r"^(cpu|auto|(usb|pci)(:\d{1,2})?|:\d{1,2})$")
 
 INSTALL_LIBEDGETPU = ("install the Edge TPU runtime from Coral's apt repository: "
                       "sudo apt install libedgetpu1-std (see docs/hardware.md)")
@@ -61,6 +63,10 @@ FIX_PCI = ("check that the PCIe/M.2 Coral has its driver (sudo apt install gaske
 
 class TpuError(RuntimeUnavailable):
     """The Edge TPU is required (`accelerator.fallback = false`) but cannot be used."""
+
+
+class AbiMismatch(RuntimeError):
+    """libedgetpu and the interpreter were built against different TF Lite versions."""
 
 
 class _Unavailable(Exception):
@@ -80,6 +86,71 @@ def backend_name(accelerator: str) -> str:
     return "edgetpu" if accelerator == "auto" else f"edgetpu:{accelerator}"
 
 
+# --- which libedgetpu build works with which interpreter --------------------------------------------
+#
+# libedgetpu is compiled against one TensorFlow Lite version: its delegate is a TfLiteDelegate
+# struct of that version's layout, and an interpreter of another version calls into it blindly,
+# which segfaults instead of raising (google-coral/edgetpu#731, #812; google-coral/libedgetpu#53).
+# Coral's own packages (libedgetpu1-std / -max 16.0, "release-grouper") are built against
+# TF 2.5.0 (libedgetpu workspace.bzl; Coral in edgetpu#731) and are reported to work with
+# tflite_runtime up to 2.11 only (libedgetpu#53). Community builds (feranick/libedgetpu, Debian
+# version "16.0tf<X.Y.Z>-N", bookworm arm64/armhf/amd64) name the TF version they were built
+# against; one built against 2.13.1 was reported working with tflite_runtime 2.14.1 and 2.15.0
+# (edgetpu#812). LiteRT (ai_edge_litert) is versioned on its own, and no libedgetpu build is
+# made against it.
+LIBEDGETPU_PACKAGES = ("libedgetpu1-std", "libedgetpu1-max")
+CORAL_TF = (2, 5)
+# libedgetpu's TF (major, minor) -> the tflite_runtime (major, minor) reported to work with it
+REPORTED_COMPATIBLE = {(2, 5): {(2, m) for m in range(5, 12)}, (2, 13): {(2, 13), (2, 14), (2, 15)}}
+ABI_FIX = ("install a matching pair: tflite-runtime X.Y in edged's venv (which edged prefers to LiteRT "
+           "only if LiteRT is absent: pip uninstall ai-edge-litert) and the libedgetpu1-std build made "
+           "against TF X.Y (Debian version 16.0tfX.Y.Z); see docs/hardware.md, \"Runtime pairs\"")
+
+
+def installed_libedgetpu(root: str | Path = "/") -> tuple[str, str] | None:
+    """(package, Debian version) of the libedgetpu package dpkg has installed, or None."""
+    try:
+        text = Path(root, "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return None
+    for block in text.split("\n\n"):
+        fields_ = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line[0].isspace())
+        if fields_.get("Package") in LIBEDGETPU_PACKAGES and "installed" in fields_.get("Status", "").split():
+            if fields_["Status"].endswith(" installed"):
+                return fields_["Package"], fields_.get("Version", "")
+    return None
+
+
+def libedgetpu_tf(version: str) -> tuple[int, int] | None:
+    """The TF (major, minor) a libedgetpu Debian version was built against, when it says."""
+    m = re.search(r"tf(\d+)\.(\d+)", version.lower())
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if re.fullmatch(r"16\.0(-\d+)?", version.strip()):
+        return CORAL_TF
+    return None
+
+
+def abi_pair(runtime_name: str, runtime_version: str, lib: tuple[str, str] | None) -> tuple[str, str]:
+    """("match" | "mismatch" | "unknown", one line) for an interpreter and a libedgetpu package."""
+    if lib is None:
+        return "unknown", "no libedgetpu package installed by dpkg (a hand-built library is not checked)"
+    pkg, version = lib
+    lib_tf = libedgetpu_tf(version)
+    what = f"{pkg} {version}" + (f" (built against TF {lib_tf[0]}.{lib_tf[1]})" if lib_tf else "")
+    if runtime_name != "tflite_runtime":
+        return "unknown", (f"{what} with {runtime_name} {runtime_version}: LiteRT has no libedgetpu build "
+                           "known to match it; a mismatch segfaults at the first inference on the TPU")
+    m = re.match(r"(\d+)\.(\d+)", runtime_version)
+    rt = (int(m.group(1)), int(m.group(2))) if m else None
+    if lib_tf is None or rt is None:
+        return "unknown", f"{what} with tflite_runtime {runtime_version}: versions not recognised"
+    if rt == lib_tf or rt in REPORTED_COMPATIBLE.get(lib_tf, ()):
+        return "match", f"{what} with tflite_runtime {runtime_version}"
+    return "mismatch", (f"{what} does not match tflite_runtime {runtime_version}: the delegate would "
+                        "segfault the process instead of raising")
+
+
 def system_loader(library: str = EDGETPU_LIBRARY) -> Runtime:
     """The process's TFLite runtime, whose `load_delegate` first checks that the library loads.
 
@@ -89,6 +160,9 @@ def system_loader(library: str = EDGETPU_LIBRARY) -> Runtime:
 
     def load_delegate(lib: str, options: dict | None = None):
         ctypes.CDLL(lib)  # OSError: "<lib>: cannot open shared object file"
+        status, text = abi_pair(rt.name, rt.version, installed_libedgetpu())
+        if status == "mismatch":  # refuse rather than segfault: the CPU fallback takes over
+            raise AbiMismatch(f"{text}: {ABI_FIX}")
         return rt.load_delegate(lib, options or {})
 
     return dataclasses.replace(rt, load_delegate=load_delegate)
@@ -145,6 +219,8 @@ def _fix_for(accelerator: str) -> str:
 
 def _classify(exc: BaseException, accelerator: str) -> _Unavailable:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, AbiMismatch):
+        return _Unavailable("library", text)
     if isinstance(exc, OSError) or "cannot open shared object" in text:
         return _Unavailable("library", f"{EDGETPU_LIBRARY} is not installed ({text}): {INSTALL_LIBEDGETPU}")
     where = "any" if accelerator == "auto" else repr(accelerator)
@@ -285,7 +361,7 @@ class BackendModel:
                  retry_s: float = 60.0, threads: int | None = None, loader: Runtime | None = None,
                  clock: Callable[[], float] = time.monotonic, faults: TpuFaultRecord | None = None) -> None:
         if not ACCELERATOR_RE.match(accelerator):
-            raise TpuError(f"accelerator.device: expected cpu, auto, usb, usb:N, pci or pci:N, got {accelerator!r}")
+            raise TpuError(f"accelerator.device: expected cpu, auto, :N, usb, usb:N, pci or pci:N, got {accelerator!r}")
         self.entry = entry
         self.accelerator = accelerator
         self.fallback = fallback

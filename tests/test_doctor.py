@@ -288,3 +288,30 @@ def test_render_puts_the_fix_under_each_problem():
     assert text.splitlines()[2:7] == ["ok    a   fine", "FAIL  bb  broken", "          fix: do this",
                                       "WARN  c   meh", "          fix: maybe that"]
     assert text.endswith("1 failed, 1 warning(s): not ready")
+
+
+@pytest.mark.parametrize("version, fallback, status", [("16.0", True, WARN), ("16.0", False, FAIL),
+                                                       ("16.0tf2.14.1-1", True, OK)])
+def test_the_libedgetpu_build_is_checked_against_the_interpreter(tmp_path, tpu_models, monkeypatch, version,
+                                                                   fallback, status):
+    # A libedgetpu built against another TF Lite version segfaults at the first inference
+    # (google-coral/edgetpu#731): the doctor names the pair.
+    from edged import runtime as rt_mod
+
+    root = fake_root(tmp_path, usb_tpu=("18d1", "9302"))
+    dpkg = root / "var/lib/dpkg/status"
+    dpkg.parent.mkdir(parents=True, exist_ok=True)
+    dpkg.write_text(f"Package: libedgetpu1-std\nStatus: install ok installed\nVersion: {version}\n")
+    real = rt_mod.runtime()
+    monkeypatch.setattr(rt_mod, "_runtime", rt_mod.Runtime("tflite_runtime", "2.14.0", real.interpreter_cls,
+                                                           real.load_delegate))
+    cfg = cfg_for(tmp_path, 1, f'[accelerator]\ndevice = "usb"\nfallback = {str(fallback).lower()}', tpu_models)
+    (check,) = doctor.check_tpu_runtime(cfg, Env(root=root, load_library=lambda n: (True, n)))
+    assert check.name == "edgetpu abi" and check.status == status, check
+    assert f"libedgetpu1-std {version}" in check.detail and "tflite_runtime 2.14.0" in check.detail
+    if status != OK:
+        assert "tflite-runtime X.Y" in check.fix
+
+
+def test_the_runtime_pair_is_not_checked_without_a_tpu_in_the_config(tmp_path):
+    assert doctor.check_tpu_runtime(cfg_for(tmp_path, 1), Env(root=fake_root(tmp_path))) == []

@@ -19,7 +19,8 @@ from edged.sources.camera import decode_image
 from edged.fakes.tpu import FakeEdgeTpu
 from edged.models import ModelError, load_manifest
 from edged.runtime import EDGETPU_OP, Model, RuntimeUnavailable, custom_ops, runtime
-from edged.tpu import TpuError, find_pci_tpus, find_usb_tpus, open_for_backend
+from edged.tpu import TpuError, abi_pair, find_pci_tpus, find_usb_tpus, installed_libedgetpu, libedgetpu_tf, \
+    open_for_backend
 
 MODELS = REPO / "models"
 
@@ -105,6 +106,7 @@ def test_manifest_file_that_is_compiled_is_refused_with_cpu(tmp_path):
 @pytest.mark.parametrize("accelerator, options, backend", [
     ("usb", {"device": "usb"}, "edgetpu:usb"),
     ("usb:0", {"device": "usb:0"}, "edgetpu:usb:0"),
+    (":0", {"device": ":0"}, "edgetpu::0"),   # pycoral's "the first Edge TPU of any kind"
     ("auto", {}, "edgetpu"),
 ])
 def test_model_runs_on_the_tpu_with_the_documented_delegate_options(tmp_path, accelerator, options, backend):
@@ -318,7 +320,7 @@ def test_compiled_model_must_match_its_cpu_fallback(tmp_path):
 
 
 def test_bad_accelerator_value():
-    with pytest.raises(TpuError, match="expected cpu, auto, usb"):
+    with pytest.raises(TpuError, match="expected cpu, auto, :N, usb, usb:N, pci or pci:N"):
         open_for_backend(load_manifest(MODELS)["motion"], "tpu0")
 
 
@@ -337,3 +339,50 @@ def test_usb_and_pci_tpus_are_found_in_a_fake_sys_tree(tmp_path):
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev/apex_0").write_text("")
     assert find_pci_tpus(tmp_path) == [str(tmp_path / "dev/apex_0")]
+
+
+# -- which libedgetpu build goes with which interpreter ------------------------------------------------
+
+DPKG = """Package: libusb-1.0-0
+Status: install ok installed
+Version: 2:1.0.26-1
+
+Package: {pkg}
+Status: {status}
+Architecture: arm64
+Version: {version}
+Description: Support library for Edge TPU
+ with a continuation line: Version: 99
+"""
+
+
+@pytest.mark.parametrize("version, tf", [("16.0", (2, 5)), ("16.0tf2.17.1-1", (2, 17)), ("16.0TF2.13.1-2", (2, 13)),
+                                         ("15.0", None)])
+def test_libedgetpu_versions_name_the_tensorflow_they_were_built_against(version, tf):
+    assert libedgetpu_tf(version) == tf
+
+
+def test_installed_libedgetpu_is_read_from_dpkg(tmp_path):
+    status = tmp_path / "var/lib/dpkg/status"
+    status.parent.mkdir(parents=True)
+    status.write_text(DPKG.format(pkg="libedgetpu1-max", status="install ok installed", version="16.0tf2.17.1-1"))
+    assert installed_libedgetpu(tmp_path) == ("libedgetpu1-max", "16.0tf2.17.1-1")
+    status.write_text(DPKG.format(pkg="libedgetpu1-std", status="deinstall ok config-files", version="16.0"))
+    assert installed_libedgetpu(tmp_path) is None
+    assert installed_libedgetpu(tmp_path / "nowhere") is None
+
+
+@pytest.mark.parametrize("rt, rt_version, lib, status", [
+    ("tflite_runtime", "2.14.0", ("libedgetpu1-std", "16.0"), "mismatch"),        # Coral's TF 2.5 build
+    ("tflite_runtime", "2.11.0", ("libedgetpu1-std", "16.0"), "match"),           # reported to work
+    ("tflite_runtime", "2.17.1", ("libedgetpu1-std", "16.0tf2.17.1-1"), "match"),
+    ("tflite_runtime", "2.14.1", ("libedgetpu1-std", "16.0tf2.13.1-2"), "match"),  # reported (edgetpu#812)
+    ("tflite_runtime", "2.14.0", ("libedgetpu1-std", "16.0tf2.17.1-1"), "mismatch"),
+    ("ai_edge_litert", "2.3.0", ("libedgetpu1-std", "16.0tf2.17.1-1"), "unknown"),
+    ("tflite_runtime", "2.14.0", None, "unknown"),
+])
+def test_runtime_pairs(rt, rt_version, lib, status):
+    got, text = abi_pair(rt, rt_version, lib)
+    assert got == status, text
+    if status == "mismatch":
+        assert "segfault" in text

@@ -276,7 +276,7 @@ def check_tpu(cfg: Config, env: Env) -> list[Check]:
     lib = f"{EDGETPU_LIBRARY} {'loads' if ok_lib else 'missing'}"
     if acc.device == "cpu":
         return [Check("edgetpu", INFO, f"not used (accelerator.device = \"cpu\"); {devices}; {lib}")]
-    kind = acc.device.split(":")[0]
+    kind = acc.device.split(":")[0] or "auto"  # ":N": the Nth Edge TPU of any kind
     have = {"usb": bool(usb), "pci": bool(pci), "auto": bool(usb or pci)}[kind]
     problems, fixes = [], []
     if not have:
@@ -300,6 +300,35 @@ def check_tpu(cfg: Config, env: Env) -> list[Check]:
     if kind == "auto":
         return [Check("edgetpu", INFO, detail + "; models run on the CPU")]
     return [Check("edgetpu", WARN, detail + "; models will run on the CPU until it appears", "; ".join(fixes))]
+
+
+def check_tpu_runtime(cfg: Config, env: Env) -> list[Check]:
+    """Whether the installed libedgetpu was built for the interpreter edged runs (a mismatch
+    segfaults, which no fallback can catch); only when the config uses a TPU and the library loads."""
+    from edged.tpu import EDGETPU_LIBRARY, library_loadable
+
+    if cfg.accelerator.device == "cpu" or not (env.load_library or library_loadable)(EDGETPU_LIBRARY)[0]:
+        return []
+    return [_tpu_runtime_pair(env, required=not cfg.accelerator.fallback)]
+
+
+def _tpu_runtime_pair(env: Env, required: bool) -> Check:
+    from edged.runtime import RuntimeUnavailable, runtime
+    from edged.tpu import ABI_FIX, abi_pair, installed_libedgetpu
+
+    try:
+        rt = runtime()
+    except RuntimeUnavailable as exc:
+        return Check("edgetpu abi", WARN, f"no interpreter to check libedgetpu against ({exc})")
+    status, text = abi_pair(rt.name, rt.version, installed_libedgetpu(env.root))
+    if status == "match":
+        return Check("edgetpu abi", OK, text)
+    if status == "mismatch":
+        if required:
+            return Check("edgetpu abi", FAIL, text + "; accelerator.fallback = false, so edged will not start",
+                         ABI_FIX)
+        return Check("edgetpu abi", WARN, text + "; edged does not load the delegate and runs on the CPU", ABI_FIX)
+    return Check("edgetpu abi", WARN, text, ABI_FIX)
 
 
 def _models_without_edgetpu(cfg: Config) -> list[str]:
@@ -474,6 +503,7 @@ def run(cfg: Config | None, *, config_path: str = "<defaults>", problems: list[s
     checks += check_camera(cfg, env)
     checks += check_imu(cfg, env)
     checks += check_tpu(cfg, env)
+    checks += check_tpu_runtime(cfg, env)
     checks.append(check_groups(cfg, env))
     checks.append(check_broker(cfg, env))
     checks.append(check_outbox(cfg))
