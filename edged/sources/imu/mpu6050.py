@@ -8,8 +8,9 @@ Written from:
 - MPU-9250 Register Map and Descriptions, RM-MPU-9250A-00 rev 1.4 (2013-09-09). The MPU-9250's
   magnetometer (AK8963, behind the auxiliary bus) is not used;
 - checked against the Linux IIO driver drivers/iio/imu/inv_mpu6050/ (inv_mpu_iio.h: gyroscope
-  start-up 60 ms on the 6050, 70 ms on the 6500 family, INV_MPU6050/6500_GYRO_STARTUP_TIME).
-  InvenSense's own reference driver was not available to compare with.
+  start-up 60 ms on the 6050, 70 ms on the 6500 family, INV_MPU6050/6500_GYRO_STARTUP_TIME) and
+  InvenSense's Motion Driver (inv_mpu.c, `mpu_set_sensors`, which waits only 50 ms after waking
+  the sensors: edged follows the kernel's longer, per-part figures).
 
 The family shares the register layout used here; the 6500/9250 add ACCEL_CONFIG2 (a separate
 accelerometer low-pass filter) and a 13-bit FIFO count. The FIFO carries, per sample, the 12 bytes
