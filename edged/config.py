@@ -8,9 +8,11 @@ one pass; the CLI turns a `ConfigError` into exit status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,7 +20,15 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 DEFAULT_PATH = Path("/etc/edged/edged.toml")
 _REPO = Path(__file__).resolve().parent.parent
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# An MQTT topic is at most 65535 bytes of UTF-8; a prefix leaves room for /<device_id>/<leaf>.
+TOPIC_PREFIX_MAX_BYTES = 65535 - 1 - 64 - 1 - 64
+# A topic prefix: no wildcards, no whitespace or control characters (NUL included), and not
+# starting with '$' (the broker's own topics, $SYS/…, which a client may not publish to).
+_PREFIX_PATTERN = r"[^#+$\s\x00-\x1f\x7f][^#+\s\x00-\x1f\x7f]*"
+_PREFIX_EXPECT = "a topic prefix without +, #, spaces or control characters, not starting with '$'"
+# Config files are small; a bigger one is a mistake (or a device file), not a config.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -63,8 +73,8 @@ class MqttConfig:
     cert_file: str = ""
     key_file: str = ""
     client_id: str = ""
-    topic_prefix: str = field(default="edged", metadata=_check(pattern=r"^[^#+\s]+$",
-                                                               expect="a topic prefix without +, # or spaces"))
+    topic_prefix: str = field(default="edged", metadata=_check(pattern=_PREFIX_PATTERN, expect=_PREFIX_EXPECT,
+                                                               max_bytes=TOPIC_PREFIX_MAX_BYTES))
     keepalive_s: int = field(default=30, metadata=_check(min=5, max=3600))
     max_inflight: int = field(default=32, metadata=_check(min=1, max=1000))
     reconnect_min_s: float = field(default=1.0, metadata=_check(min=0.1, max=60))
@@ -87,6 +97,8 @@ class CameraConfig:
     height: int = field(default=480, metadata=_check(min=16, max=8192))
     fourcc: str = field(default="", metadata=_check(pattern=r"^([A-Za-z0-9 ]{4})?$"))  # v4l2 pixel format
     fake: bool = False  # a fake camera of `source`'s kind showing the images at `path`
+    # Replay: an image with more pixels than this is refused (JPEGs are first decoded reduced).
+    max_pixels: int = field(default=1 << 24, metadata=_check(min=1 << 12, max=1 << 28))
 
 
 STAGE_INPUT_FRAME = "frame"
@@ -190,7 +202,8 @@ class StatsConfig:
 @dataclass
 class HomeAssistantConfig:
     enabled: bool = True
-    prefix: str = field(default="homeassistant", metadata=_check(pattern=r"^[^#+\s]+$"))
+    prefix: str = field(default="homeassistant", metadata=_check(pattern=_PREFIX_PATTERN, expect=_PREFIX_EXPECT,
+                                                                 max_bytes=TOPIC_PREFIX_MAX_BYTES))
     labels: list[str] = field(default_factory=list)  # presence sensors; default: the model's labels
 
 
@@ -199,6 +212,12 @@ class CommandsConfig:
     enabled: bool = False
     snapshot: bool = False  # allow `cmd/snapshot` (publishes a JPEG of the current frame)
     snapshot_max_bytes: int = field(default=256 * 1024, metadata=_check(min=4096, max=16 << 20))
+    # Snapshot budget, over any 60 s: at most this many, and at most this many bytes sent.
+    snapshots_per_minute: int = field(default=6, metadata=_check(min=1, max=600))
+    snapshot_bytes_per_minute: int = field(default=4 << 20, metadata=_check(min=4096, max=1 << 30))
+    # Where MQTT 5 Response Topics may point besides <prefix>/<device_id>/ ("" = nowhere else).
+    reply_prefix: str = field(default="", metadata=_check(pattern=f"({_PREFIX_PATTERN})?", expect=_PREFIX_EXPECT,
+                                                          max_bytes=TOPIC_PREFIX_MAX_BYTES))
 
 
 @dataclass
@@ -257,17 +276,50 @@ def load(path: str | Path | None) -> Config:
         return Config()
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: cannot read config: not UTF-8 text (byte "
+                           f"0x{exc.object[exc.start]:02x})"]) from None
+    except (OSError, ValueError) as exc:
         raise ConfigError([f"{path}: cannot read config: {getattr(exc, 'strerror', None) or exc}"]) from None
     return parse(text, str(path))
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes. Anything else (a FIFO, a device, a directory) is refused before a
+    byte is read, so nothing blocks; so is a file over `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, f"not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > limit:
+            raise OSError(0, f"file too large ({st.st_size} bytes, at most {limit})")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(0, f"file too large (over {limit} bytes)")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
 
 
 def parse(text: str, name: str = "<config>") -> Config:
     try:
         doc = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError([f"{name}: TOML nested too deeply (arrays or tables inside each other)"]) from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = re.search(r"\(at line (\d+), column \d+\)", msg)
@@ -275,9 +327,12 @@ def parse(text: str, name: str = "<config>") -> Config:
         raise ConfigError([f"{name}{line}: TOML syntax error: {re.sub(r' [(]at line.*', '', msg)}"]) from None
     lines = _key_lines(text)
     problems: list[str] = []
-    cfg = _build(Config, doc, "", name, lines, problems)
-    cfg.source_path = name
-    _cross_checks(cfg, name, lines, problems)
+    try:
+        cfg = _build(Config, doc, "", name, lines, problems)
+        cfg.source_path = name
+        _cross_checks(cfg, name, lines, problems)
+    except RecursionError:
+        raise ConfigError([f"{name}: TOML nested too deeply (arrays or tables inside each other)"]) from None
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -293,7 +348,8 @@ def _build(cls: type, table: dict, prefix: str, name: str, lines: dict[str, int]
         f = known.get(key)
         if f is None:
             hint = ", ".join(sorted(known))
-            problems.append(f"{where}: {dotted}: unknown key (known here: {hint})")
+            shown = dotted if re.fullmatch(r"[\w.-]{1,200}", dotted) else _show(dotted)
+            problems.append(f"{where}: {shown}: unknown key (known here: {hint})")
             continue
         typ = hints[f.name]
         if get_origin(typ) is list and is_dataclass(get_args(typ)[0]):  # an array of tables
@@ -334,14 +390,34 @@ def _validate(value: Any, typ: Any, meta: dict) -> str | None:
     else:
         ok = isinstance(value, want)
     if not ok:
-        return f"expected {_tname_of(typ)}, got {_tname(value)} {value!r}"
+        return f"expected {_tname_of(typ)}, got {_tname(value)} {_show(value)}"
+    if want is float and not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    if want is str and ("\x00" in value):
+        return f"must not contain NUL characters, got {_show(value)}"
+    if want is list and any(isinstance(v, str) and "\x00" in v for v in value):
+        return f"must not contain NUL characters, got {_show(value)}"
+    if "max_bytes" in meta and len(value.encode("utf-8", "surrogatepass")) > meta["max_bytes"]:
+        return f"expected at most {meta['max_bytes']} bytes, got {len(value.encode('utf-8', 'surrogatepass'))}"
     if "min" in meta and value < meta["min"] or "max" in meta and value > meta["max"]:
-        return f"expected {meta.get('min')} to {meta.get('max')}, got {value!r}"
+        return f"expected {meta.get('min')} to {meta.get('max')}, got {_show(value)}"
     if "choices" in meta and value not in meta["choices"]:
-        return f"expected one of {', '.join(map(repr, meta['choices']))}, got {value!r}"
-    if "pattern" in meta and not re.match(meta["pattern"], value):
-        return f"expected {meta.get('expect') or 'text matching ' + meta['pattern']}, got {value!r}"
+        return f"expected one of {', '.join(map(repr, meta['choices']))}, got {_show(value)}"
+    # fullmatch: `$` in a pattern would also match before a trailing newline.
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        return f"expected {meta.get('expect') or 'text matching ' + meta['pattern']}, got {_show(value)}"
     return None
+
+
+def _plain(text: str, limit: int = 200) -> str:
+    """A path or name for an error line: as is when short and printable, else cut short."""
+    return text if len(text) <= limit and text.isprintable() else _show(text)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value for an error line: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[str]) -> None:
@@ -351,8 +427,8 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
     m = cfg.mqtt
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(m, key)
-        if value and not Path(value).is_file():
-            problems.append(f"{where('mqtt.' + key)}: mqtt.{key}: file not found: {value}")
+        if value and _kind(value) != "file":
+            problems.append(f"{where('mqtt.' + key)}: mqtt.{key}: file not found: {_plain(value)}")
     if bool(m.cert_file) != bool(m.key_file):
         problems.append(f"{where('mqtt.cert_file')}: mqtt.cert_file/key_file: give both or neither")
     if m.reconnect_min_s > m.reconnect_max_s:
@@ -366,8 +442,48 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
                 problems.append(f"{where(f'vision.stages[{i}]')}: vision.stages[{i}].model: missing")
     for section in ("camera", "imu"):
         sec = getattr(cfg, section)
-        if sec.enabled and sec.source == "replay" and not Path(sec.path).exists():
-            problems.append(f"{where(section + '.path')}: {section}.path: not found: {sec.path}")
+        if sec.enabled and sec.source == "replay" and _kind(sec.path) is None:
+            problems.append(f"{where(section + '.path')}: {section}.path: not found: {_plain(sec.path)}")
+    for key, value in (("state_dir", cfg.state_dir), ("outbox.path", cfg.outbox.path)):
+        if not value:
+            continue
+        target = Path(value) if key == "state_dir" else Path(value).parent
+        problem = _dir_problem(target)
+        if problem:
+            problems.append(f"{where(key)}: {key}: {problem}")
+
+
+def _kind(path: str) -> str | None:
+    """"file", "dir", "other", or None when nothing is there (or the path cannot be looked up)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+
+def _dir_problem(path: Path) -> str | None:
+    """Why a directory cannot be (created) at `path`, or None: the path itself or its nearest
+    existing ancestor must be a directory."""
+    p = path
+    while True:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            if p.parent == p:
+                return None
+            p = p.parent
+            continue
+        except NotADirectoryError:
+            p = p.parent
+            continue
+        except (OSError, ValueError) as exc:
+            return f"cannot use {_show(str(path))}: {getattr(exc, 'strerror', None) or exc}"
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if p == path:
+            return f"{str(path)!r} exists and is {_file_kind(st.st_mode)}, not a directory"
+        return f"cannot create {str(path)!r}: {str(p)!r} is {_file_kind(st.st_mode)}, not a directory"
 
 
 _KEY = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
