@@ -283,10 +283,11 @@ def cmd_detect(args) -> int:
         stage = VisionStage(model, entry, score_threshold=args.threshold)
     else:
         stage = _default_chain(args)
+    max_pixels = _load_config(args).camera.max_pixels
     failed = 0
     for path in args.images:
         try:
-            image = decode_image(Path(path))
+            image = decode_image(Path(path), max_pixels=max_pixels)
         except CameraError as exc:
             print(f"edged: {exc}", file=sys.stderr)
             failed += 1

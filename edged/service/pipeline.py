@@ -245,8 +245,15 @@ class Pipeline:
 
     def _camera_loop(self, d: "Daemon") -> None:
         c = d.counters
+        from edged.sources.camera import CameraError
+
         while not self.stop_event.is_set():
-            frame = self.camera.read()
+            try:
+                frame = self.camera.read()
+            except CameraError as exc:  # e.g. a replay with no usable image: the rest runs on
+                log.error("camera stopped", extra=fields(error=str(exc)))
+                d.watchdog.unregister("camera")
+                return
             d.watchdog.beat("camera")
             if frame is None:
                 if not self.stop_event.is_set():

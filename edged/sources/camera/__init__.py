@@ -28,7 +28,7 @@ def open_camera(cam, *, model_size: tuple[int, int] | None = None, letterbox: bo
     one the config section implies) supplies the picamera2 class or the V4L2 backend, real or
     emulated."""
     if cam.source == "replay":
-        return open_replay(cam.path, fps=cam.fps, loop=cam.loop)
+        return open_replay(cam.path, fps=cam.fps, loop=cam.loop, max_pixels=getattr(cam, "max_pixels", 1 << 24))
     if hardware is None:
         from edged.hardware import load_factory
 

@@ -16,17 +16,17 @@ import numpy as np
 from edged.records import Frame
 from edged.service.log import Once
 from edged.sources.camera.common import OPENCV_HINT, CameraError, Pacer
-from edged.sources.camera.images import VIDEO_SUFFIXES, decode_image, list_images
+from edged.sources.camera.images import MAX_PIXELS, VIDEO_SUFFIXES, decode_image, list_images
 
 log = logging.getLogger("edged.camera")
 
 
-def open_replay(path: str | Path, *, fps: float = 2.0, loop: bool = True):
+def open_replay(path: str | Path, *, fps: float = 2.0, loop: bool = True, max_pixels: int = MAX_PIXELS):
     """A replay source for `path`: a video file, an image file, or a folder of images."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         return VideoReplay(path, fps=fps, loop=loop)
-    return ReplayCamera(path, fps=fps, loop=loop)
+    return ReplayCamera(path, fps=fps, loop=loop, max_pixels=max_pixels)
 
 
 class VideoReplay:
@@ -79,21 +79,31 @@ class VideoReplay:
             return Frame(time.time(), out)
         return None
 
+    @property
+    def stats(self) -> dict:
+        return {"frames": self.frames, "errors": self.errors}
+
     def close(self) -> None:
         self._pacer.closed.set()
 
 
 class ReplayCamera:
-    """Replays image files at `fps`, looping. Decoded frames are cached (they are small demo sets)."""
+    """Replays image files at `fps`, looping. Decoded frames are cached (they are small demo sets).
+
+    A file that cannot be decoded, or has more than `max_pixels` pixels, is counted (`errors`;
+    `refused` for the too-large ones), logged once, and skipped; it is not read again."""
 
     name = "replay"
 
     def __init__(self, path: str | Path, *, fps: float = 2.0, loop: bool = True,
-                 cache_bytes: int = 64 << 20) -> None:
+                 cache_bytes: int = 64 << 20, max_pixels: int = MAX_PIXELS) -> None:
         self.files = list_images(Path(path))
         self.loop = loop
+        self.max_pixels = max_pixels
         self.frames = 0
         self.errors = 0
+        self.refused = 0
+        self._bad: set[Path] = set()
         self._cache: dict[Path, np.ndarray] = {}
         self._cache_left = cache_bytes
         self._i = 0
@@ -111,14 +121,20 @@ class ReplayCamera:
                 return None
             path = self.files[self._i]
             self._i += 1
+            if path in self._bad:
+                continue
             image = self._cache.get(path)
             if image is None:
                 try:
-                    image = decode_image(path)
+                    image = decode_image(path, max_pixels=self.max_pixels)
                 except CameraError as exc:
+                    from edged.sources.camera.images import ImageRefused
+
                     self.errors += 1
-                    self._once(f"decode:{path}", str(exc))
-                    if self.errors >= len(self.files) and not self._cache:
+                    self.refused += isinstance(exc, ImageRefused)
+                    self._bad.add(path)
+                    self._once(f"decode:{path}", f"image skipped: {exc}")
+                    if len(self._bad) >= len(self.files):
                         raise CameraError(f"{path.parent}: no image in the replay folder can be decoded") from None
                     continue
                 if image.nbytes <= self._cache_left:
@@ -126,6 +142,10 @@ class ReplayCamera:
                     self._cache_left -= image.nbytes
             self.frames += 1
             return Frame(time.time(), image)
+
+    @property
+    def stats(self) -> dict:
+        return {"frames": self.frames, "errors": self.errors, "refused": self.refused}
 
     def close(self) -> None:
         self._pacer.closed.set()
