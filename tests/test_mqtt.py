@@ -185,7 +185,7 @@ def test_commands_are_off_by_default(tmp_path, broker, daemon_factory):
 
 def test_commands_when_enabled(tmp_path, broker, daemon_factory):
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST.replace("interval_s = 1", "interval_s = 3600")
-                       + "[commands]\nenabled = true\n")
+                       + '[commands]\nenabled = true\nreply_prefix = "client"\n')
     d = daemon_factory(cfg).start()
     assert wait_until(lambda: "msg=connected" in d.output(), 30)
     time.sleep(0.5)
@@ -208,7 +208,8 @@ def test_commands_when_enabled(tmp_path, broker, daemon_factory):
         assert len(r) == 1 and r[0]["ok"] is False and error in r[0]["error"], (topic, r)
         validate("response", r[0])
 
-    # MQTT 5 request/response: the reply goes where the requester asked, with its correlation data.
+    # MQTT 5 request/response: the reply goes where the requester asked (under commands.reply_prefix),
+    # with its correlation data.
     got = _command(broker, "edged/test-dev/cmd/stats", b"", response_topic="client/42/replies",
                    correlation=b"abc", wait_for=lambda g: any(m.topic == "client/42/replies" for m in g))
     reply = next(m for m in got if m.topic == "client/42/replies")

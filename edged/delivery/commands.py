@@ -2,15 +2,20 @@
 
 Commands are off unless `commands.enabled` is true, and `snapshot` (the only one that can send
 pixels off the device) additionally needs `commands.snapshot = true`. A command's payload is empty
-or a JSON object; its optional `"id"` is echoed in the reply. With MQTT 5, a request's Response
-Topic and Correlation Data are honoured instead of the default response topic. Nothing a remote
-party sends can stop the daemon: every failure becomes an error reply.
+or a JSON object; its optional `"id"` (a string, number, true/false or null) is echoed in the
+reply. With MQTT 5, a request's Response Topic and Correlation Data are honoured instead of the
+default response topic — but only a Response Topic that is the device's own
+`<prefix>/<device_id>/response` or below it, or `commands.reply_prefix` or below it: any other
+is refused (the error reply goes to the default response topic). Nothing a remote party sends can stop the daemon: every failure becomes an error
+reply, and the daemon counts them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,27 +36,102 @@ class CommandError(Exception):
     pass
 
 
-def parse(name: str, payload: bytes, properties: object | None) -> tuple[Command | None, str | None]:
-    """The command, or (None, error) when it cannot be run. Never raises."""
+MAX_TOPIC_BYTES = 65535       # an MQTT topic's limit
+MAX_CORRELATION = 1024        # Correlation Data echoed back, at most this many bytes
+_ID_TYPES = (str, int, float, bool, type(None))
+
+
+def parse(name: str, payload: bytes, properties: object | None, *, own_prefix: str = "",
+          reply_prefix: str = "") -> tuple[Command, str | None]:
+    """The command, and the reason it cannot be run (None when it can). Never raises: whatever
+    the payload, topic or properties, the answer is a Command that a reply can be made for.
+
+    `own_prefix` (the device's `<prefix>/<device_id>/response`) and `reply_prefix` are where a
+    Response Topic may point (each, or a topic below it); a request asking for another is refused, and its reply goes to the default topic."""
+    try:
+        return _parse(name, payload, properties, own_prefix, reply_prefix)
+    except Exception as exc:  # RecursionError, MemoryError, anything: an error reply, not a crash
+        return Command(_safe_name(name), None, None, None), f"malformed request ({type(exc).__name__})"
+
+
+def _safe_name(name: object) -> str:
+    return name[:64] if isinstance(name, str) else "?"
+
+
+def _parse(name, payload, properties, own_prefix, reply_prefix) -> tuple[Command, str | None]:
+    name = _safe_name(name)
+    payload = bytes(payload) if payload is not None else b""
     response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
     correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+    if correlation is not None and (not isinstance(correlation, (bytes, bytearray))
+                                    or len(correlation) > MAX_CORRELATION):
+        correlation = None
     request_id = None
     error = None
-    if len(payload) > MAX_PAYLOAD:
+    if response_topic is not None:
+        error = response_topic_problem(response_topic, own_prefix, reply_prefix)
+        if error:
+            response_topic = None
+    if error is None and len(payload) > MAX_PAYLOAD:
         error = f"payload too large ({len(payload)} bytes, at most {MAX_PAYLOAD})"
-    elif payload.strip():
+    elif error is None and payload.strip():
         try:
             body = json.loads(payload)
+        except RecursionError:
+            body, error = None, "payload is not JSON: nested too deeply"
         except (ValueError, UnicodeDecodeError) as exc:
             body, error = None, f"payload is not JSON: {exc}"
         if error is None and not isinstance(body, dict):
             error = "payload must be a JSON object (or empty)"
         elif error is None:
             request_id = body.get("id")
+            if not isinstance(request_id, _ID_TYPES) or isinstance(request_id, str) and len(request_id) > 256:
+                request_id, error = None, "id must be a string (at most 256 characters), a number, true/false or null"
     if error is None and name not in NAMES:
-        error = f"unknown command {name!r} (known: {', '.join(NAMES)})"
-    cmd = Command(name, request_id, response_topic, correlation)
-    return cmd, error
+        error = f"unknown command {name[:64]!r} (known: {', '.join(NAMES)})"
+    return Command(name, request_id, response_topic, bytes(correlation) if correlation else None), error
+
+
+def response_topic_problem(topic: object, own_prefix: str, reply_prefix: str = "") -> str | None:
+    """Why a requested Response Topic may not be published to, or None when it may."""
+    if not isinstance(topic, str):
+        return "response topic refused: not a string"
+    if not topic or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        return "response topic refused: empty or too long"
+    if any(c in topic for c in "+#\x00") or topic.startswith("$"):
+        return "response topic refused: wildcards, NUL and '$' topics are not allowed"
+    allowed = [p.rstrip("/") for p in (own_prefix, reply_prefix) if p]
+    if not any(topic == p or topic.startswith(p + "/") for p in allowed):
+        return (f"response topic refused: replies go only to {' or '.join(a + '[/…]' for a in allowed)}"
+                " (see commands.reply_prefix)")
+    return None
+
+
+class Budget:
+    """At most `count` events and `nbytes` bytes in any `window_s` seconds (a sliding window)."""
+
+    def __init__(self, count: int, nbytes: int, window_s: float = 60.0, clock=time.monotonic) -> None:
+        self.count, self.nbytes, self.window_s, self.clock = count, nbytes, window_s, clock
+        self._events: deque[tuple[float, int]] = deque()
+        self._bytes = 0
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window_s:
+            self._bytes -= self._events.popleft()[1]
+
+    def allows(self) -> str | None:
+        """None when another event fits now, else why not."""
+        now = self.clock()
+        self._expire(now)
+        if len(self._events) >= self.count:
+            return f"at most {self.count} per minute"
+        if self._bytes >= self.nbytes:
+            return f"at most {self.nbytes} bytes per minute"
+        return None
+
+    def spend(self, nbytes: int) -> None:
+        self._events.append((self.clock(), nbytes))
+        self._bytes += nbytes
 
 
 def reply(cmd: Command, ok: bool, *, error: str | None = None, **result) -> bytes:

@@ -64,6 +64,7 @@ class Link:
         self.published = 0          # rows acknowledged by the broker (this run)
         self.bytes_sent = 0         # payload bytes acknowledged by the broker (this run)
         self.rejected = 0           # rows the broker refused in its PUBACK (MQTT 5 reason ≥ 0x80)
+        self.bad_messages = 0       # messages from the broker that could not even be queued
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._acked: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, accepted)
@@ -192,7 +193,8 @@ class Link:
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this from inside its `except OSError:` block, so the error is at hand.
         exc = sys.exc_info()[1]
-        self._fail("error", describe_error(exc) if exc else (self._last_error or "connection failed"))
+        tls = bool(self.cfg.mqtt.tls or self.cfg.mqtt.ca_file)
+        self._fail("error", describe_error(exc, tls=tls) if exc else (self._last_error or "connection failed"))
         self._next_delay()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -224,8 +226,14 @@ class Link:
         self._wake.set()
 
     def _on_message(self, client, userdata, msg) -> None:
-        if self._on_command is not None and msg.topic.startswith(self.cmd_prefix):
-            self._on_command(msg.topic[len(self.cmd_prefix):], msg.payload, msg.properties)
+        # On paho's network thread, which an exception would end: nothing from the broker may.
+        try:
+            topic = msg.topic
+            if self._on_command is not None and topic.startswith(self.cmd_prefix):
+                self._on_command(topic[len(self.cmd_prefix):], msg.payload, msg.properties)
+        except Exception as exc:
+            self.bad_messages += 1
+            self._once("bad-message", "message from the broker ignored", error=f"{type(exc).__name__}: {exc}")
 
     # -- drain thread ---------------------------------------------------------------------------
 
@@ -280,8 +288,13 @@ def _no_delay(sock) -> None:
         pass  # not a TCP socket (unix socket, websocket proxy): nothing to tune
 
 
-def describe_error(exc: BaseException) -> str:
-    """A connection error in words an operator can act on."""
+def describe_error(exc: BaseException, *, tls: bool = False) -> str:
+    """A connection error in words an operator can act on. `tls`: the link speaks TLS, so a
+    peer that hangs up during the handshake is most likely not a TLS listener."""
+    if tls and isinstance(exc, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError,
+                                ssl.SSLZeroReturnError)) or tls and isinstance(exc, ssl.SSLError) \
+            and "record layer failure" in str(exc).lower():
+        return f"TLS handshake failed ({type(exc).__name__}: {exc}); is the port a TLS listener?"
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or str(exc)
         if "expired" in detail:

@@ -34,6 +34,8 @@ log = logging.getLogger("edged.daemon")
 COMMIT_BURST = 4
 EXIT_TPU_HUNG = 75  # EX_TEMPFAIL: an Edge TPU inference hung; systemd restarts the daemon (on the CPU)
 COMMIT_RATE = 50.0
+# Commands waiting for the main loop; more than this at once are dropped (and counted).
+COMMAND_QUEUE = 64
 
 
 class Daemon:
@@ -55,7 +57,11 @@ class Daemon:
         # Each reload's outcome, for `edged reload` (the unit's ExecReload=) to wait on.
         self.reloads = ReloadReporter(runtime_dir())
         self._stats_prev = (self.counters.started, 0, 0.0, 0)
-        self.commands: queue.Queue = queue.Queue()
+        # Commands from the broker wait here for the main loop; a flood beyond this is dropped.
+        self.commands: queue.Queue = queue.Queue(maxsize=COMMAND_QUEUE)
+        self.command_counts = {"commands": 0, "commands_refused": 0, "commands_failed": 0,
+                               "commands_dropped": 0, "snapshots_refused": 0}
+        self._snapshot_budget = None
         self._state_lock = threading.Lock()
         self._state: dict = {"labels": [], "motion": None, "motion_score": None}
         self._state_dirty = False
@@ -202,30 +208,52 @@ class Daemon:
         self.link.publish_now("state", payload, qos=0, retain=True)
 
     def _enqueue_command(self, name: str, payload: bytes, properties) -> None:
-        self.commands.put((name, payload, properties))
+        try:
+            self.commands.put_nowait((name, payload, properties))
+        except queue.Full:
+            self.command_counts["commands_dropped"] += 1
+            self.once("cmd-flood", "commands arriving faster than they are answered; dropping some",
+                      level=logging.WARNING, queued=COMMAND_QUEUE)
 
     def _run_commands(self) -> None:
-        from edged.delivery import commands
-
         while True:
             try:
                 name, payload, properties = self.commands.get_nowait()
             except queue.Empty:
                 return
-            cmd, error = commands.parse(name, payload, properties)
-            try:
-                if error:
-                    answer = commands.reply(cmd, False, error=error)
-                else:
-                    answer = self._run_command(cmd)
-            except Exception as exc:  # nothing remote may take the daemon down
-                log.exception("command failed", extra=fields(cmd=name))
-                answer = commands.reply(cmd, False, error=f"{type(exc).__name__}: {exc}")
+            self._answer(name, payload, properties)
+
+    def _answer(self, name, payload, properties) -> None:
+        """One command, parsed, run and answered inside one boundary: whatever arrives, and
+        whatever goes wrong, the daemon carries on and the failure is counted."""
+        from edged.delivery import commands
+
+        counts = self.command_counts
+        counts["commands"] += 1
+        cmd = None
+        try:
+            cmd, error = commands.parse(name, payload, properties, own_prefix=self.cfg.topic("response"),
+                                        reply_prefix=self.cfg.commands.reply_prefix)
             if error:
-                self.once(f"cmd-error:{name}", "command refused", level=logging.WARNING, cmd=name, error=error)
+                counts["commands_refused"] += 1
+                self.once(f"cmd-error:{cmd.name}", "command refused", level=logging.WARNING,
+                          cmd=cmd.name, error=error)
+                answer = commands.reply(cmd, False, error=error)
             else:
-                log.info("command", extra=fields(cmd=name))
+                try:
+                    answer = self._run_command(cmd)
+                except Exception as exc:  # nothing remote may take the daemon down
+                    counts["commands_failed"] += 1
+                    self.once(f"cmd-failed:{cmd.name}", "command failed", level=logging.ERROR,
+                              cmd=cmd.name, error=f"{type(exc).__name__}: {exc}")
+                    answer = commands.reply(cmd, False, error=f"{type(exc).__name__}: {exc}")
+                else:
+                    log.info("command", extra=fields(cmd=cmd.name))
             self._reply(cmd, answer)
+        except Exception as exc:
+            counts["commands_failed"] += 1
+            self.once("cmd-boundary", "command could not be answered", level=logging.ERROR,
+                      cmd=getattr(cmd, "name", "?"), error=f"{type(exc).__name__}: {exc}")
 
     def _run_command(self, cmd) -> bytes:
         from edged.delivery import commands
@@ -237,8 +265,19 @@ class Daemon:
             ok = self.reload()
             return commands.reply(cmd, ok, **({} if ok else {"error": "reload failed; see the device log"}))
         # snapshot
-        if not self.cfg.commands.snapshot:
+        cc = self.cfg.commands
+        if not cc.snapshot:
             return commands.reply(cmd, False, error="snapshots are disabled (commands.snapshot = false)")
+        budget = self._snapshot_budget
+        if budget is None or (budget.count, budget.nbytes) != (cc.snapshots_per_minute, cc.snapshot_bytes_per_minute):
+            budget = self._snapshot_budget = commands.Budget(cc.snapshots_per_minute, cc.snapshot_bytes_per_minute)
+        over = budget.allows()
+        if over:
+            self.command_counts["snapshots_refused"] += 1
+            self.once("snapshot-budget", "snapshot refused: over the budget", level=logging.WARNING,
+                      limit=over)
+            return commands.reply(cmd, False, error=f"snapshot refused: {over} (commands.snapshots_per_minute, "
+                                                    "commands.snapshot_bytes_per_minute)")
         cam = self.pipeline.camera if self.pipeline else None
         full = cam.snapshot() if cam is not None and hasattr(cam, "snapshot") else None
         frame = self.pipeline.last_frame if self.pipeline else None
@@ -248,6 +287,7 @@ class Daemon:
         # because the camera thread reuses its buffers.
         image, ts = (full, time.time()) if full is not None else (frame.image.copy(), frame.ts)
         jpeg = commands.jpeg_snapshot(image, self.cfg.commands.snapshot_max_bytes)
+        budget.spend(len(jpeg))
         self.link.publish_now("snapshot", jpeg, qos=1)
         return commands.reply(cmd, True, bytes=len(jpeg), ts=round(ts, 3), topic=self.cfg.topic("snapshot"))
 
@@ -287,6 +327,11 @@ class Daemon:
             log.error("reload failed; keeping the running pipeline", extra=fields(error=str(exc)))
             self.notifier.ready(self.status_line())
             self.reloads.finish(False, str(exc))
+            return False
+        except Exception as exc:  # whatever a bad file does to the loaders, the device runs on
+            log.error("reload failed; keeping the running pipeline",
+                      extra=fields(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
+            self.notifier.ready(self.status_line())
             return False
         old_cfg = self.cfg
         self.pipeline.keep_imu_open = new.imu_handed_over_from is self.pipeline
@@ -426,6 +471,7 @@ class Daemon:
             "bytes_sent": c.bytes_sent_before + link_bytes,
             "rejected": c.rejected_before + (self.link.rejected if self.link else 0),
             "raw_bytes": c.raw_bytes,
+            **self.command_counts,
             "backend": self.pipeline.backend if self.pipeline else "cpu",
             "pid": os.getpid(),
         }
