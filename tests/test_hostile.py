@@ -1,0 +1,339 @@
+"""Input from outside, as an attacker or an unlucky operator sends it: commands and their MQTT 5
+properties from the broker, config files, IMU recordings and images. The real daemon and a real
+mosquitto where the fault involves them. Nothing may end the process, publish outside the
+device's prefix, or print a traceback; a bad file is one line naming it, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import REPO, SAMPLES, Subscriber, last_seq, wait_until, write_config
+
+FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
+NESTED = b"[" * 2000 + b"]" * 2000   # 4 KB, deeper than Python's recursion limit
+
+
+def edged(*args, timeout=60, **kw):
+    return subprocess.run([sys.executable, "-m", "edged", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, **kw)
+
+
+def one_line_exit_2(r, *needles):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert len(lines) == 1, r.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+class Requester:
+    """An MQTT 5 client that sends commands and records everything under '#'."""
+
+    def __init__(self, broker) -> None:
+        self.got: list = []
+        self._lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        self.c.on_subscribe = lambda *a: ready.set()
+        self.c.on_message = self._on_message
+        self.c.connect(broker.host, broker.port)
+        self.c.subscribe("#", qos=1)
+        self.c.loop_start()
+        assert ready.wait(10)
+
+    def _on_message(self, client, userdata, m) -> None:
+        with self._lock:
+            self.got.append((m.topic, m.payload, m.properties))
+
+    def send(self, topic: str, payload: bytes, *, response_topic=None, retain=False):
+        props = None
+        if response_topic is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = response_topic
+        self.c.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(5)
+
+    def on(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return [p for t, p, _ in self.got if t == topic]
+
+    def topics(self) -> set[str]:
+        with self._lock:
+            return {t for t, _, _ in self.got}
+
+    def replies(self, topic="edged/test-dev/response") -> list[dict]:
+        return [json.loads(p) for p in self.on(topic)]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _stats(req: Requester) -> dict:
+    got = req.on("edged/test-dev/stats")
+    return json.loads(got[-1]) if got else {}
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def test_retained_nested_command_and_hostile_response_topics(tmp_path, broker, daemon_factory):
+    req = Requester(broker)
+    # Retained before the daemon starts: it arrives at every start.
+    req.send("edged/test-dev/cmd/stats", NESTED, retain=True)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST + "[commands]\nenabled = true\n")
+    try:
+        for start in range(2):
+            mark = len(req.replies())
+            d = daemon_factory(cfg).start()
+            assert wait_until(lambda: len(req.replies()) > mark, 30), d.output()
+            r = req.replies()[mark]
+            assert r["cmd"] == "stats" and not r["ok"] and "nested too deeply" in r["error"], r
+            assert d.proc.poll() is None
+            if start == 0:
+                # Response Topics that are wildcards, another device's, Home Assistant's, $SYS.
+                hostile = ["edged/+/status", "edged/#", "edged/other-device/status",
+                           "homeassistant/binary_sensor/x/config", "$SYS/x", "edged/test-dev/detections",
+                           "edged/test-dev/cmd/reload", "edged/test-dev/responsex"]
+                before = len(req.replies())
+                for topic in hostile:
+                    req.send("edged/test-dev/cmd/stats", b"{}", response_topic=topic)
+                assert wait_until(lambda: len(req.replies()) >= before + len(hostile), 30), d.output()
+                refused = req.replies()[before:]
+                assert all(not r["ok"] and "response topic refused" in r["error"] for r in refused), refused
+                # Allowed: below the device's own response topic.
+                req.send("edged/test-dev/cmd/stats", b"{}", response_topic="edged/test-dev/response/me")
+                assert wait_until(lambda: req.on("edged/test-dev/response/me"), 30)
+                assert json.loads(req.on("edged/test-dev/response/me")[0])["ok"] is True
+                assert wait_until(lambda: _stats(req).get("commands_refused", 0) >= 1 + len(hostile), 30)
+                assert last_seq(tmp_path / "state") > 0 and d.proc.poll() is None
+            assert d.stop() == 0
+            out = d.output()
+            assert "Traceback" not in out
+    finally:
+        req.send("edged/test-dev/cmd/stats", b"", retain=True)  # clear the retained command
+        req.close()
+    mine = {t for t in req.topics() if not t.startswith("edged/test-dev/cmd/")}
+    outside = {t for t in mine if not t.startswith("edged/test-dev/")
+               and not t.startswith("homeassistant/") or t in {"homeassistant/binary_sensor/x/config"}}
+    assert outside == set(), outside
+    assert not any(t.startswith("edged/other-device") or t.startswith("edged/test-dev/detections")
+                   and t != "edged/test-dev/detections" for t in mine)
+
+
+def test_snapshot_budget_per_minute(tmp_path, broker, daemon_factory):
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST.replace("interval_s = 1", "interval_s = 3600")
+                       + "[commands]\nenabled = true\nsnapshot = true\nsnapshots_per_minute = 3\n")
+    req = Requester(broker)
+    d = daemon_factory(cfg).start()
+    try:
+        # A detection means the vision stage has a frame: snapshots can be taken.
+        assert wait_until(lambda: req.on("edged/test-dev/detections"), 60), d.output()
+        req.send("edged/test-dev/cmd/snapshot", b'{"id": 0}')
+        assert wait_until(lambda: req.replies(), 30), d.output()
+        assert req.replies()[0]["ok"] is True, req.replies()
+        for i in range(1, 41):
+            req.send("edged/test-dev/cmd/snapshot", json.dumps({"id": i}).encode())
+        assert wait_until(lambda: sum(1 for r in req.replies() if r.get("id", 0) >= 1) >= 40, 60), d.output()
+        flood = [r for r in req.replies() if r.get("id", 0) >= 1]
+        ok = [r for r in flood if r["ok"]]
+        shots = [r for r in req.replies() if r["ok"]]
+        assert len(shots) == 3, shots  # the first snapshot plus two of the flood
+        assert len(ok) == 2 and all("snapshot refused: at most 3 per minute" in r["error"]
+                                    for r in flood if not r["ok"])
+        assert len(req.on("edged/test-dev/snapshot")) == 3
+        req.send("edged/test-dev/cmd/stats", b"")
+        assert wait_until(lambda: _stats(req).get("snapshots_refused") == 38, 30), _stats(req)
+        assert d.proc.poll() is None
+        assert d.output().count("snapshot refused") == 1  # said once, counted always
+    finally:
+        req.close()
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    ("a = " + "[" * 500 + "]" * 500 + "\n", "nested too deeply"),
+    ("[camera]\nfps = nan\n", "camera.fps: expected a finite number, got nan"),
+    ("[stats]\ninterval_s = nan\n", "stats.interval_s: expected a finite number"),
+    ("[imu]\nspeed = nan\n", "imu.speed: expected a finite number"),
+    ("[imu]\nrate_hz = inf\n", "imu.rate_hz: expected a finite number, got inf"),
+    ('device_id = "nl\\n"\n', "device_id: expected 1 to 64 letters"),
+    ('[mqtt]\ntopic_prefix = "a\\u0000b"\n', "mqtt.topic_prefix: must not contain NUL"),
+    ('[mqtt]\ntopic_prefix = "$SYS"\n', "mqtt.topic_prefix: expected a topic prefix"),
+    ('[mqtt]\ntopic_prefix = "' + "p" * 70000 + '"\n', "mqtt.topic_prefix: expected at most 65405 bytes"),
+    ('[homeassistant]\nprefix = "ha/+"\n', "homeassistant.prefix: expected a topic prefix"),
+    ('state_dir = "/dev/null/x"\n', "state_dir: cannot create '/dev/null/x': '/dev/null' is a character device"),
+    ('[outbox]\npath = "/dev/null/x/outbox.db"\n', "outbox.path: cannot create"),
+    ('[camera]\npath = "a\\u0000b"\n', "camera.path: must not contain NUL"),
+]
+
+
+@pytest.mark.parametrize("text, needle", BAD_CONFIGS, ids=range(len(BAD_CONFIGS)))
+def test_bad_config_one_line_exit_2(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    line = one_line_exit_2(edged("check-config", str(p)), needle, f"{p}")
+    assert len(line) < 600
+    # `edged run` refuses it the same way, before anything starts.
+    one_line_exit_2(edged("run", "--config", str(p)), needle)
+
+
+def test_config_that_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "edged.toml"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    one_line_exit_2(edged("check-config", str(fifo), timeout=30), "not a regular file (a FIFO)")
+    one_line_exit_2(edged("check-config", str(tmp_path), timeout=30), "not a regular file (a directory)")
+    assert time.monotonic() - t0 < 25  # refused at once, not after a blocked read
+
+
+def _running(tmp_path, broker, daemon_factory, req, extra=""):
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST + extra)
+    d = daemon_factory(cfg).start()
+    assert wait_until(lambda: req.on("edged/test-dev/motion") and req.on("edged/test-dev/detections"), 60), d.output()
+    return cfg, d
+
+
+def test_reload_with_any_bad_file_keeps_the_running_pipeline(tmp_path, broker, daemon_factory):
+    req = Requester(broker)
+    good = None
+    try:
+        cfg, d = _running(tmp_path, broker, daemon_factory, req)
+        good = cfg.read_text()
+        bad_csv = tmp_path / "bad.csv"
+        bad_csv.write_bytes(b"t,ax,ay,az,gx,gy,gz\n0,1,2,3,4,5,6\n0.01,1,2,\xff\xfe,4,5,6\n")
+        bads = [text for text, _ in BAD_CONFIGS[:9]] + [good.replace("[imu]\n", f'[imu]\npath = "{bad_csv}"\n')]
+        for n, text in enumerate(bads):
+            cfg.write_text(text)
+            mark = d.output().count("msg=\"reload")
+            d.signal(signal.SIGHUP)
+            assert wait_until(lambda: d.output().count("msg=\"reload") > mark, 30), (n, d.output()[-3000:])
+            assert d.proc.poll() is None, (n, d.output()[-3000:])
+        # A FIFO in the config's place: refused without blocking, so SIGTERM still works.
+        cfg.unlink()
+        os.mkfifo(cfg)
+        mark = d.output().count("msg=\"reload")
+        d.signal(signal.SIGHUP)
+        assert wait_until(lambda: d.output().count("msg=\"reload") > mark, 30), d.output()[-3000:]
+        out = d.output()
+        assert "msg=reloaded" not in out and "Traceback" not in out
+        assert "not UTF-8 text" in out and "not a regular file (a FIFO)" in out
+        # Still running the pipeline it started with: new results keep coming.
+        seen = len(req.on("edged/test-dev/motion"))
+        assert wait_until(lambda: len(req.on("edged/test-dev/motion")) > seen + 3, 60), d.output()[-3000:]
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        req.close()
+
+
+# -- IMU recordings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, needle", [
+    (b"0,1,2,3,4,5,6\n0.01,1,2,\xff\xfe,4,5,6\n", ":3: not UTF-8 text (byte 0xff at column 10"),
+    (b"0,1,2,3,4,5,6\n0.01,1,2,1e39,4,5,6\n", ":3: az: value out of range (1e+39"),
+    (b"0,1,2,3,4,5,6\n0.01,1,2,3,-4e38,5,6\n", ":3: gx: value out of range"),
+])
+def test_imu_csv_refused_with_one_line(tmp_path, body, needle):
+    p = tmp_path / "rec.csv"
+    p.write_bytes(b"t,ax,ay,az,gx,gy,gz\n" + body)
+    one_line_exit_2(edged("motion", str(p)), str(p) + needle)
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def _bilevel_png(path, side):
+    """A 1-bit PNG that compresses to a few KB whatever its size."""
+    from PIL import Image
+
+    Image.new("1", (side, side)).save(path, optimize=True)
+    return path
+
+
+def test_detect_refuses_huge_images_in_one_line(tmp_path):
+    bomb = _bilevel_png(tmp_path / "bomb.png", 14000)
+    big = _bilevel_png(tmp_path / "big.png", 12000)
+    assert bomb.stat().st_size < 64 * 1024
+    for p in (bomb, big):
+        one_line_exit_2(edged("detect", str(p), timeout=120), str(p), "refused")
+    r = edged("detect", str(big), str(SAMPLES / "images" / sorted(os.listdir(SAMPLES / "images"))[0]))
+    assert r.returncode == 2 and len(r.stdout.splitlines()) == 1  # the good one still detected
+
+
+def test_large_images_are_decoded_within_bounds(tmp_path):
+    """Peak memory of decoding, in a fresh process: a refused PNG costs nothing, a large JPEG is
+    decoded reduced (draft mode)."""
+    from PIL import Image
+
+    big = _bilevel_png(tmp_path / "big.png", 12000)
+    jpeg = tmp_path / "large.jpg"
+    Image.new("RGB", (8000, 6000), (90, 120, 200)).save(jpeg, quality=60)
+    code = ("import resource, sys\nfrom pathlib import Path\n"
+            "from edged.sources.camera.images import decode_image, ImageRefused\n"
+            "try:\n    decode_image(Path(sys.argv[1]))\nexcept ImageRefused:\n    print('refused')\n"
+            "im = decode_image(Path(sys.argv[2]))\nprint(im.shape)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(big), str(jpeg)], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    refused, shape, rss_kb = r.stdout.split("\n")[:3]
+    assert refused == "refused"
+    assert shape == "(3000, 4000, 3)"  # 48 M pixels decoded at 1/2: 12 M ≤ camera.max_pixels
+    assert int(rss_kb) < 400 * 1024, rss_kb  # a full decode would need 144 MB for the JPEG alone
+
+
+def test_replay_daemon_skips_and_counts_refused_images(tmp_path, broker, daemon_factory):
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((SAMPLES / "images").iterdir())[:2]:
+        shutil.copy(p, images / p.name)
+    _bilevel_png(images / "zz-bomb.png", 14000)
+    (images / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    req = Requester(broker)
+    try:
+        cfg = write_config(tmp_path / "edged.toml", broker,
+                           extra=FAST.replace("[camera]\n", f'[camera]\npath = "{images}"\n'))
+        d = daemon_factory(cfg).start()
+        assert wait_until(lambda: _stats(req).get("camera_refused") == 1 and _stats(req).get("camera_errors") == 2
+                          and _stats(req).get("frames", 0) > 5, 60), (_stats(req), d.output()[-3000:])
+        assert d.proc.poll() is None
+        out = d.output()
+        assert len([line for line in out.splitlines() if "zz-bomb.png" in line]) == 1  # said once
+        assert "Traceback" not in out
+    finally:
+        req.close()
+
+
+# -- TLS to a port that does not speak it ----------------------------------------------------------
+
+def test_tls_to_a_plain_port_says_so(tmp_path, broker, daemon_factory):
+    from test_mqtt import Pki
+
+    (tmp_path / "pki").mkdir()
+    pki = Pki(tmp_path / "pki")
+    ca = pki.files["ca"][0]
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST, mqtt=f'tls = true\nca_file = "{ca}"\n')
+    d = daemon_factory(cfg).start()
+    try:
+        assert wait_until(lambda: "cannot connect to the broker" in d.output(), 60), d.output()
+        line = next(ln for ln in d.output().splitlines() if "cannot connect to the broker" in ln)
+        assert "is the port a TLS listener?" in line, line
+        assert d.proc.poll() is None
+    finally:
+        d.kill()
