@@ -332,6 +332,7 @@ class Daemon:
             log.error("reload failed; keeping the running pipeline",
                       extra=fields(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
             self.notifier.ready(self.status_line())
+            self.reloads.finish(False, f"{type(exc).__name__}: {exc}")
             return False
         old_cfg = self.cfg
         self.pipeline.keep_imu_open = new.imu_handed_over_from is self.pipeline
