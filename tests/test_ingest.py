@@ -21,7 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import REPO, wait_until
+from conftest import REPO, last_seq, wait_until, write_config
 from harness import Broker
 from pgserver import Postgres
 
@@ -310,6 +310,36 @@ def test_two_workers_one_killed_and_restarted_mid_stream_lose_nothing(ingest_bro
     assert_exactly_once(db, fleet.last_seqs())
     assert w2.proc.poll() is None
     fleet.stop()
+
+
+def test_three_real_daemons_two_workers_one_killed(ingest_broker, db, workers, daemon_factory, tmp_path):
+    """The issue's bar: real `edged run` daemons (demo camera and IMU replay, sped up), two
+    workers in one group, one SIGKILLed mid-stream and restarted; afterwards each device's seqs
+    are contiguous from 1 to its outbox's last, once each, and `gaps` is empty."""
+    fast = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
+    w1 = workers(ingest_broker, db, "w1").start()
+    workers(ingest_broker, db, "w2").start()
+    daemons, states = [], {}
+    for n in range(3):
+        d = tmp_path / f"dev{n}"
+        d.mkdir()
+        cfg = write_config(d / "edged.toml", ingest_broker, device_id=f"pi-{n}", extra=fast,
+                           mqtt='codec = "cbor"\n' if n == 1 else "")
+        daemons.append(daemon_factory(cfg).start())
+        states[f"pi-{n}"] = d / "state"
+    assert wait_until(lambda: count(db) >= 40, 90), [dm.output()[-1000:] for dm in daemons]
+    w1.kill()
+    before = count(db)
+    assert wait_until(lambda: count(db) >= before + 20, 60)
+    w1.start()
+    assert wait_until(lambda: count(db) >= before + 60, 60)
+    for dm in daemons:
+        assert dm.stop() == 0
+    last = {device: last_seq(state) for device, state in states.items()}
+    assert wait_until(lambda: count(db) >= sum(last.values()), 60)
+    assert_exactly_once(db, last)
+    stats = q(db, "SELECT device_id, status, dropped, backend FROM devices ORDER BY 1")
+    assert stats == [(f"pi-{n}", "offline", 0, "cpu") for n in range(3)]
 
 
 def test_postgres_restarted_mid_stream_loses_nothing(ingest_broker, postgres, db, workers):
