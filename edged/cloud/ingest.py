@@ -64,7 +64,7 @@ class IngestSection:
 @dataclass
 class DatabaseSection:
     url: str = field(default="postgresql:///edged", metadata=_check(
-        pattern=r"^(postgresql|postgres)://", expect="a postgresql:// URL"))
+        pattern=r"(postgresql|postgres)://\S*", expect="a postgresql:// URL"))
     retention_days: int = field(default=30, metadata=_check(min=0, max=36500))  # 0 = keep everything
     reconnect_min_s: float = field(default=0.5, metadata=_check(min=0.05, max=60))
     reconnect_max_s: float = field(default=30.0, metadata=_check(min=0.1, max=3600))
@@ -81,8 +81,8 @@ class BrokerSection:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
-    topic_prefix: str = field(default="edged", metadata=_check(
-        pattern=r"^[^#+\s$][^#+\s]*$", expect="a topic prefix without +, # or spaces"))
+    topic_prefix: str = field(default="edged", metadata=_check(  # as the devices' mqtt.topic_prefix
+        pattern=_config._PREFIX_PATTERN, expect=_config._PREFIX_EXPECT, max_bytes=_config.TOPIC_PREFIX_MAX_BYTES))
     keepalive_s: int = field(default=30, metadata=_check(min=5, max=3600))
     session_expiry_s: int = field(default=86400, metadata=_check(min=60, max=(1 << 32) - 1))
     reconnect_min_s: float = field(default=0.5, metadata=_check(min=0.1, max=60))
