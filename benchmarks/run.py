@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bandwidth, idle, imu_fifo, ingest, memory, pipeline, storage  # noqa: E402
+from benchmarks import bandwidth, idle, imu_fifo, ingest, memory, pipeline, stages, storage  # noqa: E402
 from benchmarks.common import Figure, machine  # noqa: E402
 
 # In the order of issue 8.
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "imu": imu_fifo.imu_fifo,
     "idle": idle.idle,
     "ingest": ingest.ingest,  # issue 12: the cloud half at fleet scale
+    "stages": stages.stages,  # issue 14: a chain of vision stages, per stage and per crop
 }
 
 

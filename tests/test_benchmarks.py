@@ -152,3 +152,13 @@ def test_ingest_loses_nothing_and_orders_its_percentiles(results):
     two = f["two workers, results/s (drain) = PostgreSQL rows/s"].value
     assert one > 0 and two > 0
     assert f["scale-out: two workers ÷ one"].value == pytest.approx(two / one, rel=0.02)
+
+
+def test_stage_figures_cover_each_stage_and_the_floor(results):
+    f = by_name(results["stages"])
+    for frame in ("vtest_0300.jpg", "group_leuven.jpg"):
+        for stage in ("people", "faces", "faces_in_people"):
+            assert f[f"{frame}: stage {stage}"].value > 0
+        ratio = f[f"{frame}: summed bare invokes / chain frame time"]
+        assert 0 < ratio.value < 5 and ratio.goal == "≥ 0.95"
+    assert f["bare invoke, person"].value > f["bare invoke, face"].value  # 300x300 int8 vs 128x128
