@@ -98,3 +98,19 @@ def test_events_in_both_codecs_match_the_schema(name):
     face_new = next(e for e in events if e.label == "face" and e.type == "new")
     person_id = next(e.track_id for e in events if e.label == "person")
     assert codec.decode(c.events(face_new, "d", 1), c.content_type)["parent"] == person_id
+
+
+@pytest.mark.parametrize("publish, codec_name, has_event", [("labels", "json", False), ("events", "json", True),
+                                                            ("both", "cbor", False)])
+def test_home_assistant_gets_counts_and_a_track_event_entity(publish, codec_name, has_event):
+    from edged.config import parse
+    from edged.delivery import homeassistant as ha
+
+    cfg = parse(f'device_id = "d1"\n[vision]\npublish = "{publish}"\n[mqtt]\ncodec = "{codec_name}"\n')
+    configs = {t: json.loads(p) for t, p in ha.discovery(cfg, ["person", "face"])}
+    count = configs["homeassistant/sensor/d1/person_count/config"]
+    assert count["state_topic"] == "edged/d1/state" and "counts['person']" in count["value_template"]
+    event = configs.get("homeassistant/event/d1/track/config")
+    assert (event is not None) == has_event
+    if event:
+        assert event["state_topic"] == "edged/d1/events" and event["event_types"] == ["new", "update", "end"]

@@ -2,7 +2,10 @@
 
 On every connect the daemon publishes, retained, one discovery message per entity under
 `<ha prefix>/<component>/<device_id>/<object_id>/config`:
-- a presence binary sensor per label (`face_present`, `person_present`, …),
+- a presence binary sensor per label (`face_present`, `person_present`, …) and a count sensor
+  per label (`person_count`: how many are in view),
+- with `vision.publish = "events"` or `"both"` and the JSON codec, an event entity (`track`)
+  fed by the events topic: `new`, `update`, `end` with the track's label, id and dwell time,
 - "Detected objects" (the labels in view) and "Motion" (the current motion label),
 - diagnostic health sensors fed by the stats topic (fps, inference time, outbox depth, drops),
 all tied to one device and to the status topic for availability.
@@ -66,6 +69,24 @@ def discovery(cfg: Config, labels: list[str]) -> list[tuple[str, bytes]]:
             "value_template": f"{{{{ 'ON' if {label!r} in value_json.labels else 'OFF' }}}}",
             "device_class": "occupancy",
         })
+    for label in labels:
+        add("sensor", f"{_slug(label)}_count", {
+            "name": f"{label.capitalize()} count",
+            "state_topic": state,
+            "value_template": f"{{{{ value_json.counts[{label!r}] | default(0) }}}}",
+            "state_class": "measurement",
+            "icon": "mdi:counter",
+        })
+    if cfg.vision.publish in ("events", "both") and cfg.mqtt.codec == "json":
+        # Track events as a Home Assistant event entity (its templates read JSON, not CBOR).
+        add("event", "track", {
+            "name": "Track",
+            "state_topic": cfg.topic("events"),
+            "event_types": ["new", "update", "end"],
+            "value_template": "{{ {'event_type': value_json.type, 'label': value_json.label, "
+                              "'id': value_json.id, 'dwell_s': value_json.dwell_s} | tojson }}",
+            "icon": "mdi:account-arrow-right",
+        })
     add("sensor", "objects", {
         "name": "Detected objects",
         "state_topic": state,
@@ -96,8 +117,8 @@ def discovery(cfg: Config, labels: list[str]) -> list[tuple[str, bytes]]:
 
 def removal(cfg: Config, labels: list[str]) -> list[str]:
     """Discovery topics to clear (empty retained payload) for labels no longer announced."""
-    return [f"{cfg.homeassistant.prefix}/binary_sensor/{cfg.device_id}/{_slug(label)}_present/config"
-            for label in labels]
+    return [f"{cfg.homeassistant.prefix}/{component}/{cfg.device_id}/{_slug(label)}_{suffix}/config"
+            for label in labels for component, suffix in (("binary_sensor", "present"), ("sensor", "count"))]
 
 
 def presence_labels(cfg: Config, model_labels: list[str]) -> list[str]:
