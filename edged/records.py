@@ -43,6 +43,7 @@ class DetectedObject:
     box: tuple[float, float, float, float]  # normalised [x0, y0, x1, y1], origin top-left
     stage: str = ""    # the vision stage that found it, where several run (edged.stages.vision.graph)
     parent: int = -1   # index of the object it was found inside (a face in person N), -1 for none
+    signature: tuple[int, ...] = ()  # int8 values: a pose's keypoints (edged.stages.vision.pose)
 
 
 @dataclass(frozen=True, slots=True)

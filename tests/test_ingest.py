@@ -164,12 +164,15 @@ def test_payload_checks_agree_with_the_shipped_schemas():
         ("objects", [{"label": "face", "score": 0.5}]), ("objects", "face"),
         ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1, 1], "parent": -1}]),
         ("objects", [{"label": "face", "score": 0.5, "box": [0, 0, 1, 1], "stage": "a b"}]),
+        ("objects", [{"label": "pose", "score": 0.5, "box": [0, 0, 1, 1], "signature": [128, 0, 0]}]),
         ("type", "start"), ("id", 0), ("box", [0, 0, 2, 1]), ("dwell_s", -1), ("inside", ["Face"]),
         ("inside", ["face", "face"]), ("parent", 0),
     ]
     chained = dict(good["detections"], objects=[
         {"label": "person", "score": 0.9, "box": [0.1, 0.1, 0.5, 0.9], "stage": "people"},
-        {"label": "face", "score": 0.8, "box": [0.2, 0.1, 0.3, 0.2], "stage": "faces_in_people", "parent": 0}])
+        {"label": "face", "score": 0.8, "box": [0.2, 0.1, 0.3, 0.2], "stage": "faces_in_people", "parent": 0},
+        {"label": "pose", "score": 0.9, "box": [0.1, 0.1, 0.5, 0.9], "stage": "poses", "parent": 0,
+         "signature": [0, -127, 127] * 17}])
     assert payloads.check("detections", chained, now=now) is None
     assert jsonschema.Draft202012Validator(_schema("detections")).is_valid(chained)
     for kind, body in good.items():

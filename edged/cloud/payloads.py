@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _OBJECT_FIELDS = {"label", "score", "box"}
-_OBJECT_OPTIONAL = {"stage", "parent"}  # only from a chain of vision stages
+_OBJECT_OPTIONAL = {"stage", "parent", "signature"}  # only from a chain of vision stages
 _LABEL_RE = re.compile(r"^[a-z0-9 _-]+$")
 # A result's ts must be a plausible capture time: after 2000-01-01 and not far in the future
 # (the partition it lands in is made on demand; a wild clock must not make thousands of them).
@@ -144,6 +144,11 @@ def check(kind: str, body: dict, *, now: float) -> str | None:
                     raise _Bad(f"objects[{i}].stage: expected 1 to 32 letters, digits, '-' or '_', got {_show(o['stage'])}")
                 if "parent" in o and (type(o["parent"]) is not int or o["parent"] < 0):
                     raise _Bad(f"objects[{i}].parent: expected an index, got {_show(o['parent'])}")
+                if "signature" in o:
+                    sig = o["signature"]
+                    if (not isinstance(sig, list) or not 3 <= len(sig) <= 99
+                            or not all(type(x) is int and -128 <= x <= 127 for x in sig)):
+                        raise _Bad(f"objects[{i}].signature: expected 3 to 99 int8 values, got {_show(sig)}")
                 _label(o["label"], f"objects[{i}].label")
                 _num(o["score"], f"objects[{i}].score", 0.0, 1.0)
                 box = o["box"]

@@ -48,6 +48,8 @@ def _object(o, r3, r4) -> dict:
         out["stage"] = o.stage
     if o.parent >= 0:
         out["parent"] = o.parent
+    if o.signature:  # int8 two's complement, one byte per value, where the codec has byte strings
+        out["signature"] = bytes(v & 0xFF for v in o.signature) if r3 is _half else list(o.signature)
     return out
 
 
@@ -140,6 +142,10 @@ def decode(payload: bytes, content_type: str | None = None) -> dict:
     sig = obj.get("signature")
     if isinstance(sig, (bytes, bytearray)):
         obj["signature"] = [b - 256 if b > 127 else b for b in sig]
+    for o in obj.get("objects") or ():
+        sig = o.get("signature") if isinstance(o, dict) else None
+        if isinstance(sig, (bytes, bytearray)):
+            o["signature"] = [b - 256 if b > 127 else b for b in sig]
     return obj
 
 

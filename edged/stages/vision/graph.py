@@ -143,7 +143,8 @@ class VisionGraph:
                              or (b[2] > 1 - e and x1 < w) or (b[3] > 1 - e and y1 < h)):
                 continue
             out.append(DetectedObject(o.label, o.score, ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h,
-                                                         (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h)))
+                                                         (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h),
+                                      signature=o.signature))
         return out
 
     def detect(self, image: np.ndarray) -> tuple[DetectedObject, ...]:
@@ -197,7 +198,7 @@ class VisionGraph:
             if f.parent >= 0:
                 parent = index.get(id(found[f.parent]), -1)
             o = f.obj
-            out.append(DetectedObject(o.label, o.score, o.box, f.stage, parent))
+            out.append(DetectedObject(o.label, o.score, o.box, f.stage, parent, o.signature))
         return tuple(out)
 
     @property
@@ -253,7 +254,10 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
     stages = []
     for i, s in enumerate(specs):
         entry = select(manifest, s.model, "vision", f"vision.stages[{i}].model")
-        stages.append(VisionStage(open_entry(entry), entry, score_threshold=s.score_threshold or None))
+        kind = VisionStage
+        if entry.decoder == "pose_landmarks":  # keypoints, not boxes
+            from edged.stages.vision.pose import PoseStage as kind
+        stages.append(kind(open_entry(entry), entry, score_threshold=s.score_threshold or None))
     graph = VisionGraph([StageRun(s, st.detect) for s, st in zip(specs, stages)])
     graph.stages = stages
     return graph
