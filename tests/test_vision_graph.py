@@ -136,3 +136,15 @@ def test_config_reads_stages_and_names_the_line_of_each_problem():
         parse(text.replace("tiles = 9\n", ""), "c.toml")
     assert e.value.problems == ["c.toml:7: vision.stages[1].input: 'face@nobody' names no earlier stage "
                                 "(earlier: people)"]
+
+
+def test_doctor_verifies_every_model_of_a_chain():
+    from edged.config import parse
+    from edged.service.doctor import check_models
+
+    cfg = parse('[[vision.stages]]\nname = "people"\nmodel = "person"\n'
+                '[[vision.stages]]\nname = "faces"\nmodel = "face_full_range"\n')
+    c = check_models(cfg)
+    assert "person (" in c.detail and "face_full_range (" in c.detail and "motion (" in c.detail, c
+    bad = parse('[[vision.stages]]\nname = "people"\nmodel = "nobody"\n')
+    assert "no model named 'nobody'" in check_models(bad).detail

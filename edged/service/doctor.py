@@ -109,9 +109,9 @@ def check_runtime() -> Check:
 def check_models(cfg: Config) -> Check:
     from edged.models import ModelError, default_models_dir, load_manifest, verify
 
-    wanted = [(cfg.vision.model, "vision") if cfg.camera.enabled else None,
-              (cfg.motion.model, "motion") if cfg.imu.enabled else None]
-    wanted = [w for w in wanted if w]
+    vision = [s.model for s in cfg.vision.stages] or [cfg.vision.model]  # a chain checks each stage's model
+    wanted = [(name, "vision") for name in dict.fromkeys(vision)] if cfg.camera.enabled else []
+    wanted += [(cfg.motion.model, "motion")] if cfg.imu.enabled else []
     if not wanted:
         return Check("models", INFO, "camera and IMU disabled: no model needed")
     try:
@@ -126,7 +126,7 @@ def check_models(cfg: Config) -> Check:
             tpu = f" + {entry.edgetpu_path.name}" if entry.edgetpu_path else ""
             done.append(f"{name} ({entry.path.name}{tpu})")
     except ModelError as exc:
-        return Check("models", FAIL, str(exc), "restore the models from the release, or fix vision.model / motion.model")
+        return Check("models", FAIL, str(exc), "restore the models from the release, or fix vision.model / vision.stages / motion.model")
     return Check("models", OK, "verified sha256: " + ", ".join(done))
 
 
