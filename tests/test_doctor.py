@@ -97,7 +97,7 @@ def test_a_ready_pi_passes(tmp_path, broker, tpu_models):
     assert c["edgetpu"].status == OK and "Coral USB Accelerator 18d1:9302" in c["edgetpu"].detail
     assert "face_edgetpu.tflite" in c["models"].detail
     assert c["groups"].status == OK and c["groups"].detail == "user pi is in video, i2c, plugdev"
-    assert c["broker"].status == OK and "accepts TCP connections" in c["broker"].detail
+    assert c["broker"].status == OK and "an MQTT broker accepted CONNECT" in c["broker"].detail
     assert c["outbox"].status == OK
     assert doctor.exit_status(checks) == 0, doctor.render(checks, "edged.toml")
 
@@ -315,3 +315,43 @@ def test_the_libedgetpu_build_is_checked_against_the_interpreter(tmp_path, tpu_m
 
 def test_the_runtime_pair_is_not_checked_without_a_tpu_in_the_config(tmp_path):
     assert doctor.check_tpu_runtime(cfg_for(tmp_path, 1), Env(root=fake_root(tmp_path))) == []
+
+def test_a_port_held_by_something_else_is_not_a_broker(tmp_path, broker):
+    """An open port is not a broker: only a CONNACK is. Named in words, with what to do."""
+    from test_first_run import NotMqtt
+
+    with NotMqtt(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
+        http = doctor.check_broker(cfg_for(tmp_path, port), Env())
+    assert http.status == FAIL and "not an MQTT broker" in http.detail and "HTTP/1.1" in http.detail
+    assert "mqtt.port" in http.fix
+    with NotMqtt(None) as port:
+        silent = doctor.check_broker(cfg_for(tmp_path, port), Env(timeout_s=0.5))
+    assert silent.status == FAIL and "sent no MQTT CONNACK within 0.5 s" in silent.detail
+
+    (tmp_path / "auth").mkdir()
+    passwords = tmp_path / "auth" / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "edge", "secret"], check=True)
+    strict = Broker(tmp_path / "auth", listener_conf=f"password_file {passwords}\n").start()
+    try:
+        wrong = cfg_for(tmp_path, strict.port).mqtt.__class__
+        cfg = cfg_for(tmp_path, strict.port)
+        cfg.mqtt = wrong(**{**cfg.mqtt.__dict__, "username": "edge", "password": "not-it"})
+        refused = doctor.check_broker(cfg, Env())
+        cfg.mqtt = wrong(**{**cfg.mqtt.__dict__, "password": "secret"})
+        accepted = doctor.check_broker(cfg, Env())
+    finally:
+        strict.stop()
+    assert refused.status == FAIL and "refused:" in refused.detail, refused.detail
+    assert "mqtt.username" in refused.fix
+    assert accepted.status == OK, accepted.detail
+
+
+def test_a_video_replay_without_opencv_fails_as_edged_run_would(tmp_path, monkeypatch):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\0" * 64)
+    cfg = cfg_for(tmp_path, 1, f'[camera]\nsource = "replay"\npath = "{video}"\n')
+    assert doctor.check_camera(cfg, Env(root=fake_root(tmp_path)))[0].status == OK
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    check = doctor.check_camera(cfg, Env(root=fake_root(tmp_path / "again")))[0]
+    assert check.status == FAIL and "OpenCV is not importable" in check.detail
+    assert "opencv-python-headless" in check.fix

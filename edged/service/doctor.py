@@ -4,11 +4,11 @@ Checks: Python and the TFLite runtime; the config and the models it names; camer
 nodes, libcamera cameras through picamera2 when it is importable, the configured V4L2 device);
 I2C buses and the IMU chip, identified by its WHO_AM_I / CHIP_ID register through edged's own
 drivers; the Edge TPU (USB ids 1a6e:089a / 18d1:9302 in sysfs, /dev/apex_N, libedgetpu
-loadable); the groups the device nodes need (video, i2c, plugdev, apex); the broker (TCP
-connect, and the TLS handshake when configured); free space for the outbox. With the systemd
-unit installed, its directories ($STATE_DIRECTORY, ...) are applied before the config is read,
-so the outbox checked is the one the service writes, and running as another user than the
-unit's User= is a warning (permissions would differ).
+loadable); the groups the device nodes need (video, i2c, plugdev, apex); the broker (an MQTT
+CONNECT answered by a CONNACK, after the TLS handshake when configured); free space for the
+outbox. With the systemd unit installed, its directories ($STATE_DIRECTORY, ...) are applied
+before the config is read, so the outbox checked is the one the service writes, and running as
+another user than the unit's User= is a warning (permissions would differ).
 
 Each check ends in one status: `ok`, `info` (nothing needed), `warn` (optional and missing or
 degraded: the daemon runs anyway) or `fail` (the config needs it and it is missing). The exit
@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import ssl
 import sys
 from dataclasses import asdict, dataclass, field
@@ -149,6 +148,18 @@ def check_camera(cfg: Config, env: Env) -> list[Check]:
     if not cam.enabled:
         return [Check("camera", INFO, "disabled (camera.enabled = false)"), inventory]
     if cam.source == "replay":
+        from edged.sources.camera import OPENCV_HINT, VIDEO_SUFFIXES
+
+        replay = Path(cam.path)
+        if replay.suffix.lower() in VIDEO_SUFFIXES:
+            if not replay.is_file():
+                return [Check("camera", FAIL, f"replay video {cam.path} does not exist",
+                              "set camera.path to a video file or a folder of images"), inventory]
+            try:
+                import cv2  # noqa: F401
+            except ImportError:  # as `edged run` would refuse it
+                return [Check("camera", FAIL, f"replay of the video {cam.path}: OpenCV is not importable",
+                              OPENCV_HINT), inventory]
         return [Check("camera", OK, f"replay of {cam.path}"), inventory]
     if cam.fake:
         return [Check("camera", WARN, f"fake {cam.source} camera showing {cam.path} (camera.fake = true)",
@@ -416,37 +427,46 @@ def _user_name(uid: int) -> str:
 
 
 def check_broker(cfg: Config, env: Env) -> Check:
+    """An MQTT CONNECT answered by a CONNACK, not merely an open port: any service may hold 1883."""
+    from edged.delivery.probe import TlsRefused, ask
+
     m = cfg.mqtt
     where = f"{m.host}:{m.port}"
-    try:
-        sock = socket.create_connection((m.host, m.port), timeout=env.timeout_s)
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        # A warning, not a failure: edged spools results until the broker is reachable, so a
-        # device provisioned before its network or broker is up is still a working device.
-        return Check("broker", WARN, f"cannot connect to {where}: {reason} (results will be spooled)",
-                     "start the broker (sudo systemctl start mosquitto) or fix mqtt.host / mqtt.port; "
-                     "check the network and any firewall between")
-    with sock:
-        if not m.tls:
-            return Check("broker", OK, f"{where} accepts TCP connections (no TLS: mqtt.tls = false)")
+    ctx = None
+    if m.tls:
         try:
             ctx = ssl.create_default_context(cafile=m.ca_file or None)
             if m.cert_file:
                 ctx.load_cert_chain(m.cert_file, m.key_file or None)
-            sock.settimeout(env.timeout_s)
-            with ctx.wrap_socket(sock, server_hostname=m.host) as tls:
-                version = tls.version()
-                cert = tls.getpeercert() or {}
-        except ssl.SSLCertVerificationError as exc:
-            return Check("broker", FAIL, f"{where}: TLS certificate not trusted: {exc.verify_message}",
+        except (ssl.SSLError, OSError) as exc:
+            return Check("broker", FAIL, f"{where}: cannot load the TLS files: {exc}",
+                         "check mqtt.ca_file, mqtt.cert_file and mqtt.key_file")
+    try:
+        answer = ask(m.host, m.port, timeout=env.timeout_s, username=m.username, password=m.password,
+                     tls=ctx, client_id=f"edged-doctor-{cfg.device_id}")
+    except TlsRefused as exc:
+        if exc.untrusted:
+            return Check("broker", FAIL, str(exc),
                          "set mqtt.ca_file to the CA that signed the broker's certificate, and make "
                          "mqtt.host match a name in that certificate")
-        except (ssl.SSLError, OSError) as exc:
-            return Check("broker", FAIL, f"{where}: TLS handshake failed: {exc}",
-                         "check that this port speaks TLS (often 8883) and the client certificate/key")
-    subject = dict(x[0] for x in cert.get("subject", ()) if x)
-    return Check("broker", OK, f"{where}: {version}, certificate for {subject.get('commonName', '?')} verified")
+        return Check("broker", FAIL, str(exc),
+                     "check that this port speaks TLS (often 8883) and the client certificate/key")
+    if not answer.reachable:
+        # A warning, not a failure: edged spools results until the broker is reachable, so a
+        # device provisioned before its network or broker is up is still a working device.
+        return Check("broker", WARN, f"{answer.detail} (results will be spooled)",
+                     "start the broker (sudo systemctl start mosquitto) or fix mqtt.host / mqtt.port; "
+                     "check the network and any firewall between")
+    if not answer.ok:
+        if "user name or password" in answer.detail or "not authorised" in answer.detail:
+            fix = "set mqtt.username / mqtt.password to an account the broker accepts (and its ACL allows)"
+        else:
+            fix = ("point mqtt.host / mqtt.port at the MQTT broker; find what holds the port with "
+                   f"'sudo ss -ltnp sport = :{m.port}'")
+        return Check("broker", FAIL, answer.detail, fix)
+    if not m.tls:
+        return Check("broker", OK, f"{answer.detail} (no TLS: mqtt.tls = false)")
+    return Check("broker", OK, f"{answer.detail} over {answer.tls}, certificate for {answer.peer_cn} verified")
 
 
 def check_unit(unit, env: Env) -> Check:
