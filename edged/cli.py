@@ -27,6 +27,27 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
                         "else the embedded defaults: demo sources, broker on 127.0.0.1:1883)")
 
 
+def _score(text: str) -> float:
+    """--threshold: a score within 0..1, as vision.score_threshold takes it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number within 0..1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number within 0..1, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edged",
@@ -53,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("images", nargs="+", metavar="IMAGE")
     d.add_argument("--model", help="run only this vision model from the manifest (default: the config's "
                                     "vision.model if it sets one, else the default chain)")
-    d.add_argument("--threshold", type=float, help="minimum score (default: the model's own)")
+    d.add_argument("--threshold", type=_score, metavar="SCORE",
+                   help="minimum score, 0..1; 0 (the default) means each model's own threshold from "
+                        "the manifest, as vision.score_threshold = 0 does")
     _config_arg(d)
 
     m = sub.add_parser("motion", help="run the motion model on an IMU CSV, one JSON line per window",
@@ -68,16 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Subscribe to every device's results under a prefix, decode JSON or "
                                    "CBOR, store them in SQLite, print one JSON line per result, and on "
                                    "exit report per device how many arrived, duplicates and missing seqs.")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=1883)
+    s.add_argument("--host", default="127.0.0.1", help="broker host name or address (default: %(default)s)")
+    s.add_argument("--port", type=_port, default=1883, help="broker port, 1-65535 (default: %(default)s)")
     s.add_argument("--prefix", default="edged", help="topic prefix (default: edged)")
     s.add_argument("--db", default="edged-results.db", help="SQLite file to store results in (default: %(default)s)")
     s.add_argument("--client-id", help="a fixed client id: the broker keeps the session and queues results while away")
-    s.add_argument("--username")
-    s.add_argument("--password")
-    s.add_argument("--ca-file")
-    s.add_argument("--cert-file")
-    s.add_argument("--key-file")
+    s.add_argument("--username", help="broker user name")
+    s.add_argument("--password", help="broker password")
+    s.add_argument("--ca-file", metavar="PATH", help="CA certificate to verify the broker with (turns TLS on)")
+    s.add_argument("--cert-file", metavar="PATH", help="client certificate for TLS (turns TLS on)")
+    s.add_argument("--key-file", metavar="PATH", help="the client certificate's private key")
     s.add_argument("--count", type=int, default=0, help="stop after N results (default: run until Ctrl-C)")
     s.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
     s.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
@@ -165,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, even while the heavy modules are imported
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from edged.sources.camera import CameraError
     from edged.config import ConfigError
@@ -269,7 +299,7 @@ def _default_chain(args):
     cfg = _load_config(args)
     models_dir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
     specs = DEFAULT_CHAIN
-    if args.threshold is not None:
+    if args.threshold:  # 0 or absent: each model's own
         specs = tuple(replace(s, score_threshold=args.threshold) for s in specs)
     return open_graph(specs, load_manifest(models_dir), threads=cfg.vision.threads or None)
 
@@ -280,7 +310,7 @@ def cmd_detect(args) -> int:
 
     if args.model or _config_names_vision_model(args):
         entry, model = _stage_model(args, "vision")
-        stage = VisionStage(model, entry, score_threshold=args.threshold)
+        stage = VisionStage(model, entry, score_threshold=args.threshold or None)
     else:
         stage = _default_chain(args)
     max_pixels = _load_config(args).camera.max_pixels
@@ -299,14 +329,27 @@ def cmd_detect(args) -> int:
 
 def cmd_motion(args) -> int:
     from edged.sources.imu.imucsv import read_imu_csv
-    from edged.stages.motion import MotionStage
+    from edged.stages.motion import MotionStage, recording_problem
 
     entry, model = _stage_model(args, "motion")
     stage = MotionStage(model, entry)
     batch = read_imu_csv(Path(args.csv))
-    for sig in stage.push(batch):
+    problem = recording_problem(batch.t, stage.spec)
+    if problem:
+        print(f"edged: {args.csv}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        signatures = stage.push(batch)
+    except ValueError as exc:  # e.g. a stretch of the recording slower than the model's rate
+        print(f"edged: {args.csv}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for sig in signatures:
         print(json.dumps({"t": round(sig.ts, 3), "label": sig.label, "score": round(sig.score, 3),
                           "signature": list(sig.signature)}), flush=True)
+    if not signatures:
+        print(f"edged: {args.csv}: no complete window (breaks in the timestamps longer than "
+              f"{stage.spec.max_gap_s:.2f} s split it into pieces shorter than one window)", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

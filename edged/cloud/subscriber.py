@@ -65,10 +65,10 @@ class Collector:
         self.on_result = on_result
         self.paused = False  # set (e.g. from on_result) to ignore everything that arrives after
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self.db_path = str(db_path)
+        self._db: sqlite3.Connection | None = None  # opened once the broker has accepted us
         self._subscribed = threading.Event()
+        self._refused: str | None = None
         # persistent: the broker keeps our session and queues QoS 1 results while we are away.
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                         client_id=client_id or f"edged-subscriber-{time.monotonic_ns()}",
@@ -94,18 +94,40 @@ class Collector:
         self.host, self.port = host, port
 
     def start(self, timeout: float = 10.0) -> "Collector":
+        """Connect and subscribe; the database is created only once the broker has accepted us
+        (a refused or unreachable broker leaves no empty file behind)."""
         self.client.connect(self.host, self.port, **self._connect_kw)
         self.client.loop_start()
-        if not self._subscribed.wait(timeout):
-            raise ConnectionError(f"could not subscribe at {self.host}:{self.port}")
+        if not self._subscribed.wait(timeout) or self._refused:
+            self.client.loop_stop()
+            self.client.disconnect()
+            why = self._refused or f"no answer to CONNECT/SUBSCRIBE within {timeout:g} s (is it an MQTT broker?)"
+            raise ConnectionError(why)
         return self
 
-    def stop(self) -> None:
+    def stop_receiving(self) -> None:
+        """Stop the network thread: after this returns nothing more arrives or is counted."""
         self.client.loop_stop()
         self.client.disconnect()
-        self._db.close()
+
+    def stop(self) -> None:
+        self.stop_receiving()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = f"the broker refused the connection: {reason_code}"
+            self._subscribed.set()
+            client.disconnect()
+            return
+        with self._lock:
+            if self._db is None:
+                self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
         client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -183,12 +205,16 @@ def run_cli(args) -> int:
     try:
         col.start()
     except (OSError, ConnectionError) as exc:
-        print(f"edged: cannot subscribe at {args.host}:{args.port}: {exc}", file=sys.stderr)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"edged: cannot subscribe at {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 69
     try:
         stop.wait(args.seconds if args.seconds else None)
     except KeyboardInterrupt:
         pass
+    # Stop receiving before counting, so the summary covers exactly what was printed and stored.
+    col.paused = True
+    col.stop_receiving()
     summary = col.summary()
     col.stop()
     for device, s in sorted(summary.items()):

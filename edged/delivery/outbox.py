@@ -12,6 +12,7 @@ and deletes; every statement is short, so the lock is never held long.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -57,7 +58,7 @@ class Outbox:
         self.max_file_bytes = max_file_bytes  # a hard cap on the database file (SQLITE_FULL beyond)
         self.synchronous = synchronous.upper()
         self.write_errors = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writable_dir(self.path.parent)
         self._lock = threading.Lock()
         self._once = Once(log)
         try:
@@ -77,6 +78,20 @@ class Outbox:
                 self._open(seq_floor=floor)
             except sqlite3.DatabaseError as exc2:
                 raise OutboxError(f"{self.path}: cannot open outbox: {exc2}") from None
+
+    @staticmethod
+    def _writable_dir(directory: Path) -> None:
+        """Create the outbox's directory; a directory this user cannot create or write is one
+        line saying which and what to set, not a traceback (and not a 'corrupt' file)."""
+        fix = ("set state_dir (or outbox.path) in the config to a directory this user can write; "
+               "the systemd service gets /var/lib/edged from StateDirectory=")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"{directory}: cannot create the outbox directory "
+                              f"({exc.strerror or exc}): {fix}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise OutboxError(f"{directory}: the outbox directory is not writable by this user: {fix}")
 
     def _open(self, seq_floor: int = 0) -> None:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

@@ -73,9 +73,10 @@ class Daemon:
     def open(self) -> None:
         """Open models, sources and the outbox; errors here end `edged run` with one line (exit 2
         for a bad config or model file, 69 for a device or runtime that is not there)."""
+        # The outbox first: an unwritable state_dir is found before seconds of model loading.
+        self.outbox = self._open_outbox(self.cfg)
         self.pipeline = Pipeline.open(self.cfg)
         logsetup.set_static(backend=self.pipeline.backend)
-        self.outbox = self._open_outbox(self.cfg)
 
     @staticmethod
     def _open_outbox(cfg: Config) -> Outbox:

@@ -267,6 +267,26 @@ def prepare_window(t: np.ndarray, data: np.ndarray, spec: InputSpec,
     return Preprocessor(spec, len(t))(t, np.asarray(data), out, end)
 
 
+def recording_problem(t: np.ndarray, spec: InputSpec) -> str | None:
+    """Why a whole recording (a CSV) yields no window, or None: too slow a rate, or too short.
+
+    The same rule as the stage's: a rate below 0.9 × the model's is refused, and a window needs
+    `reach_s + lookahead_s` of samples.
+    """
+    n = len(t)
+    need = spec.reach_s + spec.lookahead_s
+    covered = float(t[-1] - t[0]) if n >= 2 else 0.0
+    if n >= 2 and covered > 0:
+        rate = (n - 1) / covered
+        if rate < _RATE_TOLERANCE * spec.rate_hz:
+            return (f"sample rate {rate:.3g} Hz is below the model's {spec.rate_hz:g} Hz "
+                    f"(at least {_RATE_TOLERANCE * spec.rate_hz:g} Hz is accepted)")
+    if covered < need - _T_EPS:
+        return (f"{n} sample(s) over {covered:.2f} s: shorter than one window, which needs "
+                f"{need:.2f} s of samples ({spec.window_s:g} s plus the filter's margins)")
+    return None
+
+
 def segments(t: np.ndarray, spec: InputSpec) -> list[tuple[int, int]]:
     """Split a sample stream at breaks longer than the filter can bridge (or where time goes back)."""
     steps = np.diff(t)
