@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?=
 
-.PHONY: run test test-systemd bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker clean
+.PHONY: run test test-systemd bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker stop clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
@@ -44,9 +44,11 @@ test-deps: cloud-deps
 systemd-deps:
 	@scripts/apt-ensure systemd-container:/usr/bin/systemd-nspawn debootstrap:/usr/sbin/debootstrap
 
+# Not -q: the first install takes a while, and pip's own lines show it is working.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e .
+	@echo "edged: installing edged and its Python packages into $(VENV) (first run only)"
+	$(PY) -m pip install --disable-pip-version-check -e .
 	@touch $@
 
 # The cloud half (edged ingest) runs against PostgreSQL: the tests and the benchmarks start a
@@ -66,5 +68,14 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.cfg
 broker:
 	@scripts/dev-broker
 
-clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+# Stops the broker `make run` started (scripts/dev-broker records its pid); not a system one.
+stop:
+	@if [ -f run/mosquitto.pid ] && kill -0 "$$(cat run/mosquitto.pid)" 2>/dev/null; then \
+		kill "$$(cat run/mosquitto.pid)" && rm -f run/mosquitto.pid && echo "edged: stopped the mosquitto make run started"; \
+	else \
+		rm -f run/mosquitto.pid; echo "edged: no broker started by make run is running"; \
+	fi
+
+clean: stop
+	rm -rf $(VENV) build *.egg-info .pytest_cache run
+	@echo "edged: kept the outbox and state (state_dir, default ~/.local/state/edged): results not yet delivered live there"

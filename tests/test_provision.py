@@ -133,6 +133,9 @@ def test_provision_writes_everything(root, source, certs):
     res = run(PROVISION, *full_args(root, source, certs, BROKER))
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
+    # Under --root a command is recorded, not run, and the output says so.
+    assert "would run: apt-get update (recorded in" in res.stdout
+    assert not any(line.lstrip().startswith("run:") for line in res.stdout.splitlines())
 
     # Config: the lead's schema, values from the flags, secrets not world-readable.
     conf = root / "etc/edged/edged.toml"
