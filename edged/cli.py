@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a config file; print one line per problem; exit 2 if any.")
     c.add_argument("path", help="TOML config file")
 
+    cf = sub.add_parser("config", help="print a complete config file: the one in effect, or the defaults",
+                        description="Print every config key as a TOML file that check-config accepts: "
+                                    "the config in effect (the file, else /etc/edged/edged.toml if it "
+                                    "exists, else the defaults), or with --defaults the embedded defaults "
+                                    "as they resolve on this machine (device_id from the host name, "
+                                    "state_dir, the shipped samples). A starting point for a config.")
+    cf.add_argument("--defaults", action="store_true", help="the embedded defaults, ignoring any config file")
+    _config_arg(cf)
+
     d = sub.add_parser("detect", help="find people and faces in image files, one JSON line each",
                        description="Run the vision models on image files and print one JSON line "
                                    'per image: {"image": PATH, "objects": [{label, score, box, stage, '
@@ -149,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("signatures", metavar="SIGNATURES_JSONL")
     b.add_argument("--out", "-o", required=True, metavar="CENTROIDS_JSON")
     b.add_argument("--label-key", default="label", help="field holding the true label (default: label)")
+    b.add_argument("--quantile", type=_score, default=0.99, metavar="Q",
+                   help="a motion's 'unknown' threshold is this quantile of its examples' distances "
+                        "to its centroid ... (default: %(default)s)")
+    b.add_argument("--margin", type=float, default=1.25, metavar="M",
+                   help="... times this margin; raise it to flag fewer signatures 'unknown' (default: %(default)s)")
     cl = sgs.add_parser("classify", help="nearest centroid per signature, or 'unknown'")
     cl.add_argument("signatures", metavar="SIGNATURES_JSONL")
     cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
@@ -255,6 +269,16 @@ def cmd_check_config(args) -> int:
 
     cfg = config.load(args.path)
     print(f"{args.path}: ok (device_id={cfg.device_id}, broker={cfg.mqtt.host}:{cfg.mqtt.port})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from edged import config
+
+    cfg = config.Config() if args.defaults else _load_config(args)
+    where = "the embedded defaults on this machine" if args.defaults else cfg.source_path
+    print(f"# edged {__version__}: every key, from {where}. Check a copy with: edged check-config FILE")
+    print(config.to_toml(cfg), end="")
     return 0
 
 
@@ -377,7 +401,11 @@ def cmd_signatures(args) -> int:
     from edged.cloud import signatures
 
     if args.action == "build":
-        cents = signatures.build(args.signatures, args.out, label_key=args.label_key)
+        if args.margin <= 0:
+            print(f"edged: --margin: expected a number above 0, got {args.margin:g}", file=sys.stderr)
+            return EXIT_USAGE
+        cents = signatures.build(args.signatures, args.out, label_key=args.label_key,
+                                 quantile=args.quantile, margin=args.margin)
         print(f"{args.out}: {len(cents.labels)} centroids ({', '.join(cents.labels)})", file=sys.stderr)
         return 0
     for m in signatures.classify_path(args.centroids, args.signatures):
@@ -448,6 +476,7 @@ COMMANDS = {
     "signatures": cmd_signatures,
     "run": cmd_run,
     "check-config": cmd_check_config,
+    "config": cmd_config,
     "detect": cmd_detect,
     "motion": cmd_motion,
     "models": cmd_models,

@@ -8,6 +8,7 @@ one pass; the CLI turns a `ConfigError` into exit status 2.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -533,3 +534,29 @@ def _tname_of(typ: Any) -> str:
 
 
 _PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+
+
+def to_toml(cfg: Config) -> str:
+    """Every key of `cfg` as a TOML config file that `load` reads back to an equal Config
+    (`edged config`). Top-level keys first, then one table per section, in the schema's order."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a TOML basic string
+
+    top, tables = [], []
+    for f in fields(cfg):
+        if f.metadata.get("internal"):
+            continue
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            tables.append(f"\n[{f.name}]")
+            tables += [f"{g.name} = {value(getattr(v, g.name))}" for g in fields(v)]
+        else:
+            top.append(f"{f.name} = {value(v)}")
+    return "\n".join(top + tables) + "\n"
