@@ -206,6 +206,7 @@ class HomeAssistantConfig:
     prefix: str = field(default="homeassistant", metadata=_check(pattern=_PREFIX_PATTERN, expect=_PREFIX_EXPECT,
                                                                  max_bytes=TOPIC_PREFIX_MAX_BYTES))
     labels: list[str] = field(default_factory=list)  # presence sensors; default: the model's labels
+    hold_s: float = field(default=5.0, metadata=_check(min=0, max=3600))  # presence held after last seen
 
 
 @dataclass

@@ -65,6 +65,8 @@ class Daemon:
         self._state_lock = threading.Lock()
         self._state: dict = {"labels": [], "motion": None, "motion_score": None}
         self._state_dirty = False
+        self._presence = None  # homeassistant.Presence, made with the first state published
+        self._present: list[str] = []
         # Early, so a SIGTERM while models load still ends in an orderly stop.
         self._install_signals()
 
@@ -172,15 +174,31 @@ class Daemon:
 
     def _on_link_connected(self, link) -> None:
         """On paho's thread, after each connect: announce to Home Assistant, restate the state."""
-        if not self.cfg.homeassistant.enabled:
-            return
+        self._announce(link)
+        self._publish_state(force=True)
+
+    def _announce(self, link) -> None:
+        """Publish discovery for what this config offers, and an empty retained config (HA's
+        "remove") for every entity announced before that it no longer offers."""
         from edged.delivery import homeassistant as ha
 
-        vision = self.pipeline.vision if self.pipeline else None
-        labels = ha.presence_labels(self.cfg, list(getattr(vision, "labels", [])) if vision else [])
-        for topic, payload in ha.discovery(self.cfg, labels):
+        cfg = self.cfg
+        announced = ha.announced_path(cfg)
+        current: list[tuple[str, bytes]] = []
+        if cfg.homeassistant.enabled:
+            p = self.pipeline
+            vision, motion = (p.vision, p.motion) if p else (None, None)
+            labels = ha.presence_labels(cfg, list(getattr(vision, "labels", [])) if vision else [])
+            motion_labels = list(getattr(motion, "labels", [])) if motion else None
+            current = ha.discovery(cfg, labels, motion_labels, hw_version=ha.pi_model())
+        gone = ha.stale(ha.load_announced(announced), [t for t, _ in current])
+        for topic in gone:
+            link.publish_now("", b"", topic=topic, qos=1, retain=True)
+        for topic, payload in current:
             link.publish_now("", payload, topic=topic, qos=1, retain=True)
-        self._publish_state(force=True)
+        ha.save_announced(announced, [t for t, _ in current])
+        if gone or current:
+            log.info("announced to Home Assistant", extra=fields(entities=len(current), removed=len(gone)))
 
     def update_state(self, *, labels: list[str] | None = None, motion: tuple[str, float] | None = None) -> None:
         """Called by the pipeline threads when what is in view or the motion label changes. Only
@@ -200,10 +218,17 @@ class Daemon:
         from edged.delivery import homeassistant as ha
 
         with self._state_lock:
+            if self._presence is None or self._presence.hold_s != self.cfg.homeassistant.hold_s:
+                self._presence = ha.Presence(self.cfg.homeassistant.hold_s)
+            present = self._presence.update(self._state["labels"], time.monotonic())
+            if present != self._present:
+                self._present = present
+                self._state_dirty = True
             if not (force or self._state_dirty):
                 return
             self._state_dirty = False
-            payload = ha.state_payload(self._state["labels"], self._state["motion"], self._state["motion_score"])
+            payload = ha.state_payload(self._state["labels"], self._state["motion"], self._state["motion_score"],
+                                       present)
         # QoS 0: the state is superseded by the next one, and unacknowledged QoS 1 side messages
         # would take room in the client's in-flight window from the results.
         self.link.publish_now("state", payload, qos=0, retain=True)
@@ -357,6 +382,8 @@ class Daemon:
         self.pipeline = new
         logsetup.set_static(backend=new.backend)
         new.start(self)
+        if not relink and self.link:  # a new link announces on connect; this one must now
+            self._announce(self.link)
         self.notifier.ready(self.status_line())
         log.info("reloaded", extra=fields(relinked=relink))
         self.reloads.finish(True)
@@ -397,6 +424,10 @@ class Daemon:
             self.pipeline.stop(self, clean=not self._tpu_hang)
         self._stop_writer()
         if self.link:
+            if self.cfg.homeassistant.enabled:
+                # No stale "face present" or motion on the next start: the state is cleared (QoS 1,
+                # sent before the offline status the link waits for).
+                self.link.publish_now("state", b"", qos=1, retain=True)
             self.link.stop(timeout=0.5)
         if self.outbox:
             self.outbox.close()
@@ -498,6 +529,7 @@ class Daemon:
 
     def publish_stats(self) -> None:
         values = self.stats_values()
-        self.link.publish_now("stats", codec.stats(values, self.cfg.device_id))
+        # Retained: Home Assistant's diagnostic sensors have a value at once after it restarts.
+        self.link.publish_now("stats", codec.stats(values, self.cfg.device_id), retain=True)
         log.debug("stats", extra={"fields": values})
 
