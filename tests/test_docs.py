@@ -260,3 +260,36 @@ def test_doctor_example_shows_what_doctor_prints(tmp_path):
     assert shown == real
     fails, warns = (sum(c.status == s for c in checks) for s in ("fail", "warn"))
     assert f"{fails} failed, {warns} warning(s): not ready" in example
+
+
+# -------------------------------------------------------------------------------- example code
+
+def test_the_example_subscriber_in_mqtt_md_works(tmp_path, broker, daemon_factory):
+    import subprocess
+    import sys
+
+    from conftest import wait_until, write_config
+
+    examples = [body for where, body in blocks("python") if where.startswith("mqtt.md")]
+    assert len(examples) == 1
+    script = tmp_path / "example.py"
+    script.write_text(examples[0])
+    out = tmp_path / "example.out"
+    proc = subprocess.Popen([sys.executable, str(script), broker.host, str(broker.port)],
+                            stdout=out.open("w"), stderr=subprocess.STDOUT)
+    try:
+        cfg = write_config(tmp_path / "edged.toml", broker, extra="[camera]\nfps = 5\n[imu]\nspeed = 10\n",
+                           mqtt='codec = "cbor"\n')
+        d = daemon_factory(cfg).start()
+        # The example subscribes after it connects: once it has printed the device's status, it
+        # prints what follows; wait for a detection with a face and a motion line.
+        assert wait_until(lambda: "test-dev is online" in out.read_text()
+                          and re.search(r"^test-dev \d+ \['face'\]$", out.read_text(), re.M)
+                          and re.search(r"^test-dev \d+ (standing|walking|running|badminton) [\d.]+$",
+                                        out.read_text(), re.M), 60), out.read_text() + d.output()
+        assert d.stop() == 0
+        assert wait_until(lambda: "test-dev is offline" in out.read_text(), 10), out.read_text()
+        assert "Traceback" not in out.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

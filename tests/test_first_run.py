@@ -86,6 +86,8 @@ def test_detect_threshold_has_one_meaning():
 
 CTRL_C_DURING_IMPORT = """
 import importlib.abc, signal, sys
+# As in a terminal: a shell that starts jobs in the background makes them ignore SIGINT.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class CtrlC(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == sys.argv[1]:
