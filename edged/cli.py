@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "the manifest, as vision.score_threshold = 0 does")
     _config_arg(d)
 
+    sn = sub.add_parser("snapshot", help="save one camera frame as a JPEG with the detections drawn",
+                        description="Take one frame from the configured camera (the full-size stream "
+                                    "where the camera has one), run the configured vision model on it, "
+                                    "draw each object's box, label and score, and write a JPEG: what "
+                                    "the daemon sees, without MQTT. Prints the detections as one JSON line. "
+                                    "Stop edged run first when it holds the camera.")
+    sn.add_argument("--out", "-o", default="snapshot.jpg", metavar="JPEG",
+                    help="where to write the JPEG (default: %(default)s)")
+    sn.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                    help="give up when the camera has no frame within S seconds (default: %(default)s)")
+    _config_arg(sn)
+
     m = sub.add_parser("motion", help="run the motion model on an IMU CSV, one JSON line per window",
                        description="Run the motion stage on a CSV with columns t,ax,ay,az,gx,gy,gz "
                                    "(seconds, m/s², rad/s, as a chip reports them) and print one "
@@ -351,6 +363,48 @@ def cmd_detect(args) -> int:
     return EXIT_USAGE if failed else 0
 
 
+def cmd_snapshot(args) -> int:
+    import time
+
+    from edged.hardware import for_config
+    from edged.models import default_models_dir, load_manifest, select
+    from edged.delivery.commands import draw_objects
+    from edged.sources.camera import CameraError, open_camera
+    from edged.stages.vision import VisionStage
+    from edged.tpu import open_for_backend
+
+    cfg = _load_config(args)
+    if not cfg.camera.enabled:
+        print("edged: camera.enabled = false: no camera to take a snapshot from", file=sys.stderr)
+        return EXIT_USAGE
+    manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+    entry = select(manifest, cfg.vision.model, "vision", "vision.model")
+    acc = cfg.accelerator
+    model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                             threads=cfg.vision.threads or None)
+    stage = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
+    pre = stage.preprocess
+    cam = open_camera(cfg.camera, model_size=(pre.width, pre.height), letterbox=pre.letterbox,
+                      snapshots=True, hardware=for_config(cfg))
+    try:
+        end = time.monotonic() + args.timeout
+        frame = None
+        while frame is None and time.monotonic() < end:
+            frame = cam.read()
+        if frame is None:
+            raise CameraError(f"{cam.name}: no frame within {args.timeout:g} s")
+        full = cam.snapshot() if hasattr(cam, "snapshot") else None
+        image = full if full is not None else frame.image.copy()
+    finally:
+        cam.close()
+    objects = stage.detect(image)
+    Path(args.out).write_bytes(draw_objects(image, objects))
+    print(json.dumps({"image": args.out, "camera": cam.name, "size": [image.shape[1], image.shape[0]],
+                      "objects": [{"label": o.label, "score": round(o.score, 3),
+                                   "box": [round(x, 4) for x in o.box]} for o in objects]}), flush=True)
+    return 0
+
+
 def cmd_motion(args) -> int:
     from edged.sources.imu.imucsv import read_imu_csv
     from edged.stages.motion import MotionStage, recording_problem
@@ -478,6 +532,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "config": cmd_config,
     "detect": cmd_detect,
+    "snapshot": cmd_snapshot,
     "motion": cmd_motion,
     "models": cmd_models,
     "doctor": cmd_doctor,

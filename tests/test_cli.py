@@ -7,7 +7,7 @@ import time
 
 from conftest import REPO, SAMPLES, write_config
 
-COMMANDS = ("run", "check-config", "detect", "motion", "models", "subscribe", "signatures")
+COMMANDS = ("run", "check-config", "config", "detect", "snapshot", "motion", "models", "subscribe", "signatures", "doctor")
 
 
 def edged(*args, timeout=120):

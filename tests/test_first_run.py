@@ -163,3 +163,30 @@ class NotMqtt:
         for c in self._held:
             c.close()
         self._thread.join(5)
+
+
+def test_snapshot_writes_what_the_camera_sees_with_the_boxes(tmp_path):
+    """`edged snapshot` from the replay camera and from the fake V4L2 webcam (the live path)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    for name, body in (("replay", ""), ("v4l2", '[camera]\nsource = "v4l2"\nfake = true\n')):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n{body}[imu]\nenabled = false\n')
+        out = tmp_path / f"{name}.jpg"
+        r = edged("snapshot", "--config", str(cfg), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        shown = json.loads(r.stdout)
+        assert shown["camera"] == name and [o["label"] for o in shown["objects"]] == ["face"]
+        im = np.asarray(Image.open(out).convert("RGB")).astype(int)
+        assert [im.shape[1], im.shape[0]] == shown["size"]
+        x0, y0, x1, y1 = (round(v * s) for v, s in zip(shown["objects"][0]["box"], shown["size"] * 2))
+        ymid = (y0 + y1) // 2
+        edge = im[ymid - 3:ymid + 3, max(0, x0 - 1):x0 + 2]  # the box's left side, drawn in red
+        assert (edge[..., 0] - edge[..., 1:].max(axis=-1) > 100).any()
+    no_camera = tmp_path / "none.toml"
+    no_camera.write_text("[camera]\nenabled = false\n")
+    r = edged("snapshot", "--config", str(no_camera))
+    assert r.returncode == 2 and "camera.enabled = false" in one_line(r)

@@ -158,3 +158,27 @@ def jpeg_snapshot(image: np.ndarray, max_bytes: int) -> bytes:
         if min(im.size) <= 16:
             raise CommandError(f"frame does not fit in {max_bytes} bytes as JPEG")
         im = im.resize((max(1, im.width // 2), max(1, im.height // 2)))
+
+
+def draw_objects(image: np.ndarray, objects, *, quality: int = 90) -> bytes:
+    """A JPEG of an RGB frame with each object's box, label and score drawn (`edged snapshot`).
+    Boxes are normalised [x0, y0, x1, y1] on this image, as the vision stage returns them."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(image)
+    draw = ImageDraw.Draw(im)
+    w, h = im.size
+    line = max(1, round(min(w, h) / 200))
+    for o in objects:
+        x0, y0, x1, y1 = (o.box[0] * w, o.box[1] * h, o.box[2] * w, o.box[3] * h)
+        draw.rectangle((x0, y0, x1, y1), outline=BOX_COLOUR, width=line)
+        text = f"{o.label} {o.score:.2f}"
+        tx, ty = x0, max(0.0, y0 - 12 * line)
+        draw.rectangle(draw.textbbox((tx, ty), text), fill=BOX_COLOUR)
+        draw.text((tx, ty), text, fill=(0, 0, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+BOX_COLOUR = (255, 40, 40)
