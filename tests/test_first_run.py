@@ -190,3 +190,18 @@ def test_snapshot_writes_what_the_camera_sees_with_the_boxes(tmp_path):
     no_camera.write_text("[camera]\nenabled = false\n")
     r = edged("snapshot", "--config", str(no_camera))
     assert r.returncode == 2 and "camera.enabled = false" in one_line(r)
+
+
+def test_a_port_that_is_not_a_broker_is_named_in_the_log(tmp_path, daemon_factory):
+    """The daemon says in words, once, that the port takes TCP but never answers MQTT."""
+    from conftest import wait_until
+
+    with NotMqtt(None) as port:
+        cfg = tmp_path / "edged.toml"
+        cfg.write_text(f'device_id = "test-dev"\nstate_dir = "{tmp_path / "state"}"\n'
+                       f"[mqtt]\nport = {port}\n")
+        d = daemon_factory(cfg).start()
+        assert wait_until(lambda: "sent no MQTT CONNACK within 10 s" in d.output(), 60), d.output()
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+    assert d.output().count("sent no MQTT CONNACK") == 1

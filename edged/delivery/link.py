@@ -25,6 +25,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -42,6 +43,8 @@ OFFLINE = b"offline"
 # Publishes that are not outbox rows (status, stats, discovery, replies) get this much room in
 # paho's own in-flight window on top of the drain window, so they never queue behind it.
 _SIDE_WINDOW = 16
+# A TCP connection without a CONNACK this long: something that is not an MQTT broker holds the port.
+CONNACK_WAIT_S = 10.0
 
 
 class Link:
@@ -73,6 +76,7 @@ class Link:
         self._once = Once(log)
         self._last_error: str | None = None
         self._attempt = 0
+        self._tcp_since: tuple[int, float] | None = None  # (id of paho's socket, when first seen)
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
 
@@ -175,7 +179,7 @@ class Link:
             self._fail("refused", f"broker refused the connection: {reason_code}")
             self._next_delay()
             return
-        for kind in ("refused", "error"):
+        for kind in ("refused", "error", "no-connack"):
             self._once.clear(kind)
         self._attempt = 0
         self._next_delay()
@@ -264,6 +268,7 @@ class Link:
             self._on_turn()
             self._collect_acks()
             if not self.connected.is_set():
+                self._check_connack()
                 continue
             room = self.window - len(self._inflight)
             if room <= 0:
@@ -275,6 +280,22 @@ class Link:
                     break
                 self._inflight[info.mid] = (row.seq, len(row.payload))
                 self._last_sent = row.seq
+
+
+    def _check_connack(self) -> None:
+        """Say so when the broker's port takes the connection but never answers CONNECT: paho
+        alone would wait for its keepalive to run out and then report only 'not connected'."""
+        sock = self.client.socket()
+        if sock is None:
+            self._tcp_since = None
+            return
+        now = time.monotonic()
+        if self._tcp_since is None or self._tcp_since[0] != id(sock):
+            self._tcp_since = (id(sock), now)
+        elif now - self._tcp_since[1] >= CONNACK_WAIT_S:
+            self._fail("no-connack", f"{self.broker} accepts TCP connections but sent no MQTT CONNACK "
+                       f"within {CONNACK_WAIT_S:g} s: is it an MQTT broker (or a TLS port while "
+                       f"mqtt.tls = false)? edged doctor checks it")
 
 
 def _no_delay(sock) -> None:
