@@ -555,9 +555,21 @@ def to_toml(cfg: Config) -> str:
         if f.metadata.get("internal"):
             continue
         v = getattr(cfg, f.name)
-        if is_dataclass(v):
-            tables.append(f"\n[{f.name}]")
-            tables += [f"{g.name} = {value(getattr(v, g.name))}" for g in fields(v)]
-        else:
+        if not is_dataclass(v):
             top.append(f"{f.name} = {value(v)}")
+            continue
+        tables.append(f"\n[{f.name}]")
+        arrays = []
+        for g in fields(v):
+            item = getattr(v, g.name)
+            if isinstance(item, list) and item and is_dataclass(item[0]):  # [[section.key]] tables
+                for element in item:
+                    arrays.append(f"\n[[{f.name}.{g.name}]]")
+                    arrays += [f"{h.name} = {value(getattr(element, h.name))}" for h in fields(element)]
+            elif not (isinstance(item, list) and not item and g.name in _TABLE_ARRAYS):
+                tables.append(f"{g.name} = {value(item)}")
+        tables += arrays
     return "\n".join(top + tables) + "\n"
+
+
+_TABLE_ARRAYS = {"stages"}  # list fields whose elements are tables: left out when empty

@@ -50,9 +50,16 @@ def config_blocks() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("where, body", config_blocks(), ids=[w for w, _ in config_blocks()])
-def test_every_config_block_is_a_valid_config(where, body):
+def test_every_config_block_is_a_valid_config(where, body, tmp_path):
     try:
-        config.parse(body, where)
+        if re.search(r"^\[(ingest|database)\]", body, re.M):  # the cloud worker's own file
+            from edged.cloud import ingest
+
+            path = tmp_path / "ingest.toml"
+            path.write_text(body)
+            ingest.load(path)
+        else:
+            config.parse(body, where)
     except config.ConfigError as exc:
         # Files an example names (certificates, footage) need not exist on this machine.
         real = [p for p in exc.problems if "file not found" not in p and ": not found:" not in p]
@@ -83,14 +90,23 @@ def test_readme_lists_every_key_with_its_default():
     block = _all_keys_block()
     doc = tomllib.loads(block)
     config.parse(block, "README.md")  # valid as it stands: it can be pasted
-    shown, table = set(), ""
+    shown, table, element_keys = set(), "", set()
     for line in block.splitlines():
         m = re.match(r"^\[(\w+)\]", line)
         if m:
             table = m.group(1) + "."
+        m = re.match(r"^#?\s?\[\[(\w+)\.(\w+)\]\]", line)  # an array of tables, e.g. [[vision.stages]]
+        if m:
+            shown.add(f"{m.group(1)}.{m.group(2)}")
+            table = None
+            continue
         m = re.match(r"^#?\s?(\w+) = ", line)  # a key, set or commented out with an example
         if m:
-            shown.add(table + m.group(1))
+            if table is None:
+                element_keys.add(m.group(1))
+            else:
+                shown.add(table + m.group(1))
+    assert element_keys <= {f.name for f in fields(config.VisionStageConfig)}, element_keys
     schema = _schema_keys()
     assert shown == set(schema), f"missing: {set(schema) - shown}, unknown: {shown - set(schema)}"
     for key, default in schema.items():
@@ -116,12 +132,16 @@ def test_config_defaults_prints_a_config_check_config_accepts(tmp_path):
     assert cfg == config.Config()
     # And a file's config, every key filled in, reads back to the same config.
     small = tmp_path / "small.toml"
-    small.write_text('device_id = "pi-kitchen"\n[mqtt]\nport = 8883\n[homeassistant]\nlabels = ["face"]\n')
+    small.write_text('device_id = "pi-kitchen"\n[mqtt]\nport = 8883\n[homeassistant]\nlabels = ["face"]\n'
+                     '[[vision.stages]]\nname = "people"\nmodel = "person"\ntiles = 2\n'
+                     '[[vision.stages]]\nname = "faces"\nmodel = "face"\ninput = "person@people"\n')
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["config", "--config", str(small)]) == 0
     path.write_text(out.getvalue())
-    assert config.load(path).mqtt.port == 8883 and config.load(path).homeassistant.labels == ["face"]
+    again, first = config.load(path), config.load(small)
+    again.source_path = first.source_path
+    assert again == first and [st.name for st in again.vision.stages] == ["people", "faces"]
 
 
 # -------------------------------------------------------------------------------- commands
