@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -31,23 +32,32 @@ def one_line(r) -> str:
 
 
 def test_an_unwritable_state_dir_is_one_line(tmp_path):
+    """The config check refuses a state_dir that cannot be created (exit 2); the outbox refuses one
+    it cannot write (exit 69, e.g. a read-only mount). One line naming the directory either way."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     cfg = tmp_path / "edged.toml"
     cfg.write_text(f'state_dir = "{blocker / "edged"}"\n[mqtt]\nport = {free_port()}\n')
     r = edged("run", "--config", str(cfg))
-    assert r.returncode == 69
+    assert r.returncode in (2, 69)
     line = [x for x in r.stderr.splitlines() if x.startswith("edged:")]
     assert "Traceback" not in r.stderr and len(line) == 1
-    assert str(blocker / "edged") in line[0] and "set state_dir" in line[0]
+    assert str(blocker / "edged") in line[0] and "state_dir" in line[0]
 
     # The default state dir, for a service user whose HOME cannot hold one.
     env = {k: v for k, v in os.environ.items() if k not in ("STATE_DIRECTORY", "XDG_STATE_HOME")}
     env["HOME"] = str(blocker)
     cfg.write_text(f"[mqtt]\nport = {free_port()}\n")
     r = edged("run", "--config", str(cfg), env=env)
-    assert r.returncode == 69 and "Traceback" not in r.stderr
-    assert f"{blocker}/.local/state/edged: cannot create the outbox directory" in r.stderr
+    assert r.returncode in (2, 69) and "Traceback" not in r.stderr
+    assert f"{blocker}/.local/state/edged" in r.stderr and "state_dir" in r.stderr
+
+
+def test_the_outbox_names_a_directory_it_cannot_create():
+    from edged.delivery.outbox import Outbox, OutboxError
+
+    with pytest.raises(OutboxError, match="cannot create the outbox directory .*set state_dir"):
+        Outbox(Path("/proc/1/edged-cannot-be-here/outbox.db"))
 
 
 def _resampled(tmp_path, name: str, keep) -> str:
