@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--migrate", action="store_true",
                     help="create or update the database schema (idempotent), make the current "
                          "partitions, drop those past the retention, and exit")
-    ig.add_argument("--db", metavar="URL", help="PostgreSQL URL (default: postgresql:///edged)")
+    ig.add_argument("--db", metavar="URL", help="PostgreSQL URL (default: postgresql:///edged), or "
+                                                "sqlite:///FILE for one machine without a database server")
     ig.add_argument("--host", help="broker host (default: 127.0.0.1)")
     ig.add_argument("--port", type=int, help="broker port (default: 1883)")
     ig.add_argument("--prefix", help="topic prefix the devices use (default: edged)")

@@ -234,7 +234,7 @@ def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path):
     assert lines == [
         f"edged: {cfg}:2: ingest.batch_size: expected 1 to 10000, got 0",
         f"edged: {cfg}:3: ingest.group: expected 1 to 64 letters, digits, '-' or '_', got 'a/b'",
-        f"edged: {cfg}:5: database.url: expected a postgresql:// URL, got 'mysql://x'",
+        f"edged: {cfg}:5: database.url: expected a postgresql:// URL or sqlite:///FILE, got 'mysql://x'",
         f"edged: {cfg}:8: mqtt.bogus: unknown key (known here: ca_file, cert_file, host, keepalive_s, "
         "key_file, password, port, reconnect_max_s, reconnect_min_s, session_expiry_s, tls, topic_prefix, username)",
         "edged: command line: ingest.batch_delay_s: expected 0.0 to 60, got -1.0",
@@ -426,6 +426,44 @@ def test_malformed_payloads_are_rejected_stored_and_the_worker_keeps_going(inges
     assert w.proc.poll() is None
     c.loop_stop()
     c.disconnect()
+
+
+def test_one_machine_on_sqlite_same_worker_same_guarantees(ingest_broker, workers, tmp_path):
+    """`--db sqlite:///FILE`: the same worker with no database server; the schema is made on first
+    open, every result lands once, rejects are kept, the views answer."""
+    import sqlite3
+
+    path = tmp_path / "results.db"
+    url = f"sqlite:///{path}"
+    mig = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert mig.returncode == 0 and "applied 0001_schema" in mig.stdout, mig.stderr
+    again = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert again.returncode == 0 and "applied" not in again.stdout
+    w = workers(ingest_broker, url, "solo").start()
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 8, motion_hz=40, detection_every_s=0.1,
+                  per_device=40, stats_every_s=0.2).start()
+    fleet.restart(2)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(ingest_broker.host, ingest_broker.port)
+    c.loop_start()
+    c.publish("edged/sim-0001/motion", b"\xff\x00junk", qos=1).wait_for_publish(10)
+    assert wait_until(fleet.done, 60)
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    total = fleet.made()
+    rows = lambda sql: db.execute(sql).fetchall()  # noqa: E731
+    assert wait_until(lambda: rows("SELECT count(*) FROM results")[0][0] >= total and
+                      rows("SELECT count(*) FROM rejected")[0][0] == 1, 60)
+    got = {d: (n, lo, hi) for d, n, lo, hi in rows("SELECT device_id, count(*), min(seq), max(seq) FROM results GROUP BY 1")}
+    assert got == {d: (last, 1, last) for d, last in fleet.last_seqs().items()}
+    assert rows("SELECT * FROM gaps") == []
+    assert rows("SELECT kind, device_id FROM rejected") == [("undecodable", "sim-0001")]
+    assert rows("SELECT count(*) FROM motion")[0][0] + rows("SELECT count(*) FROM detections")[0][0] == total
+    assert wait_until(lambda: rows("SELECT count(*) FROM devices WHERE status = 'online' AND dropped = 0")[0][0] == 8, 30)
+    db.close()
+    c.loop_stop()
+    c.disconnect()
+    fleet.stop()
+    assert w.stop() == 0
 
 
 def test_retention_drops_old_partitions_only(db):

@@ -64,7 +64,7 @@ class IngestSection:
 @dataclass
 class DatabaseSection:
     url: str = field(default="postgresql:///edged", metadata=_check(
-        pattern=r"(postgresql|postgres)://\S*", expect="a postgresql:// URL"))
+        pattern=r"(postgresql|postgres)://\S*|sqlite:///\S+", expect="a postgresql:// URL or sqlite:///FILE"))
     retention_days: int = field(default=30, metadata=_check(min=0, max=36500))  # 0 = keep everything
     reconnect_min_s: float = field(default=0.5, metadata=_check(min=0.05, max=60))
     reconnect_max_s: float = field(default=30.0, metadata=_check(min=0.1, max=3600))
@@ -212,8 +212,7 @@ class Worker:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._once: set[str] = set()
-        self._conn = None
-        self._known_days: set = set()
+        self.store = open_store(cfg.database.url, cfg.client_id)
         self._next_retention = 0.0
         self._next_stats = time.monotonic() + cfg.ingest.stats_interval_s
         m = cfg.mqtt
@@ -296,74 +295,53 @@ class Worker:
 
     # -- database ----------------------------------------------------------------------------------
 
-    def _connect_db(self):
-        """A connection, trying again with jittered backoff until one works or we stop."""
-        import psycopg
-
+    def _open_store(self) -> bool:
+        """Connect, trying again with jittered backoff until it works (True) or we stop."""
         delay = self.cfg.database.reconnect_min_s
         while not self.stopping.is_set():
             try:
-                conn = psycopg.connect(self.cfg.database.url, autocommit=True, connect_timeout=10,
-                                       application_name=self.cfg.client_id)
-                store.require_schema(conn)
+                self.store.open()
                 if self._clear_once("db_down"):
                     log.info("the database is back", extra=_fields(database=_db_target(self.cfg.database.url)))
-                return conn
-            except psycopg.OperationalError as exc:
+                return True
+            except store.StoreDown as exc:
                 self._log_once("db_down", "cannot reach the database; not acknowledging until it is back",
-                               database=_db_target(self.cfg.database.url), error=_first_line(exc))
+                               database=_db_target(self.cfg.database.url), error=str(exc))
             self.stopping.wait(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self.cfg.database.reconnect_max_s)
-        return None
+        return False
 
     def _commit(self, results, rejected, news, dups) -> store.Outcome | None:
         """Write one batch, retrying on database faults until it commits (or we stop: None)."""
-        import psycopg
-
         delay = self.cfg.database.reconnect_min_s
         while True:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect_db()
-                if self._conn is None:
-                    return None
-                self._known_days = store.existing_partitions(self._conn)
+            if not self.store.is_open and not self._open_store():
+                return None
             try:
                 t0 = time.perf_counter()
-                out = store.write(self._conn, results, rejected, news, self._known_days, dups)
+                out = self.store.write(results, rejected, news, dups)
                 self.counters.commit_s += time.perf_counter() - t0
                 return out
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-                continue  # another worker's batch touched the same devices: nothing was committed
-            except psycopg.OperationalError as exc:
+            except store.StoreDown as exc:
                 self.counters.db_failures += 1
                 self._log_once("db_down", "lost the database; not acknowledging until it is back",
-                               database=_db_target(self.cfg.database.url), error=_first_line(exc))
-                try:
-                    self._conn.close()
-                except Exception:  # noqa: BLE001 — already broken
-                    pass
-                self._conn = None
+                               database=_db_target(self.cfg.database.url), error=str(exc))
+                self.store.close()
                 if self.stopping.wait(delay * (0.5 + random.random() / 2)):
                     return None
                 delay = min(delay * 2, self.cfg.database.reconnect_max_s)
-            except psycopg.Error as exc:  # e.g. an undefined table: the schema was changed under us
-                raise store.StoreError(f"database error: {_first_line(exc)}") from None
 
     def _maintain(self) -> None:
-        if self._conn is None or time.monotonic() < self._next_retention:
+        if not self.store.is_open or time.monotonic() < self._next_retention:
             return
-        import psycopg
-
         try:
-            dropped = store.retention_pass(self._conn, self.cfg.database.retention_days, time.time(),
-                                           self._known_days)
+            dropped = self.store.maintain(self.cfg.database.retention_days, time.time())
             for name in dropped:
-                log.info("dropped a partition past the retention", extra=_fields(
-                    partition=name, retention_days=self.cfg.database.retention_days))
+                log.info("dropped results past the retention", extra=_fields(
+                    what=name, retention_days=self.cfg.database.retention_days))
             self._next_retention = time.monotonic() + 3600
-        except psycopg.OperationalError:
-            self._conn = None  # the next batch reconnects
-            self._next_retention = time.monotonic() + 10
+        except store.StoreDown:
+            self._next_retention = time.monotonic() + 10  # the next batch reconnects
 
     # -- the writer loop (main thread) -------------------------------------------------------------
 
@@ -459,10 +437,8 @@ class Worker:
             log.info("ingest stats", extra=_fields(**self.counters.line()))
 
     def start(self) -> None:
-        self._conn = self._connect_db()
-        if self._conn is None:
+        if not self._open_store():
             return
-        self._known_days = store.existing_partitions(self._conn)
         self._maintain()
         m = self.cfg.mqtt
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
@@ -485,8 +461,7 @@ class Worker:
         except Exception:  # noqa: BLE001 — not connected
             pass
         self.client.loop_stop()
-        if self._conn is not None:
-            self._conn.close()
+        self.store.close()
         log.info("ingest worker stopped", extra=_fields(**self.counters.line()))
 
 
@@ -507,13 +482,17 @@ def _stats(payload: bytes, limit: int):
     return body, float(ts)
 
 
+def open_store(url: str, application_name: str):
+    """The store a database URL names: PostgreSQL, or a SQLite file for one machine."""
+    if url.startswith("sqlite:///"):
+        from edged.cloud.sqlite_store import SqliteStore
+
+        return SqliteStore(url)
+    return store.PostgresStore(url, application_name)
+
+
 def _fields(**kw) -> dict:
     return {"fields": kw}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def run_cli(args) -> int:
@@ -525,6 +504,9 @@ def run_cli(args) -> int:
     except _config.ConfigError as exc:
         for line in exc.problems:
             print(f"edged: {line}", file=sys.stderr)
+        return 2
+    except store.StoreError as exc:  # not migrated, not a database: restarting will not help
+        print(f"edged: {exc}", file=sys.stderr)
         return 2
 
 
@@ -541,21 +523,16 @@ def _run(args) -> int:
     cfg = load(path, overrides)
     edlog.setup(cfg.ingest.log_level)
     if args.migrate:
-        import psycopg
-
+        st = open_store(cfg.database.url, cfg.client_id)
         try:
-            with psycopg.connect(cfg.database.url, autocommit=True, connect_timeout=10) as conn:
-                applied = store.migrate(conn)
-                store.retention_pass(conn, cfg.database.retention_days, time.time(), set())
-        except psycopg.OperationalError as exc:
-            print(f"edged: cannot reach the database {_db_target(cfg.database.url)}: {_first_line(exc)}",
-                  file=sys.stderr)
+            applied = st.migrate(cfg.database.retention_days, time.time())
+        except store.StoreDown as exc:
+            print(f"edged: cannot reach the database {_db_target(cfg.database.url)}: {exc}", file=sys.stderr)
             return 69
-        except psycopg.Error as exc:
-            print(f"edged: migration failed: {_first_line(exc)}", file=sys.stderr)
-            return 2
-        print(f"edged: database {_db_target(cfg.database.url)}: schema version "
-              f"{store.migrations()[-1][0]}" + (f" (applied {', '.join(applied)})" if applied else " (up to date)"))
+        finally:
+            st.close()
+        print(f"edged: database {_db_target(cfg.database.url)}: schema up to date"
+              + (f" (applied {', '.join(applied)})" if applied else ""))
         return 0
     worker = Worker(cfg)
 

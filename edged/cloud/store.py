@@ -245,3 +245,85 @@ def write(conn, results: list[Result], rejected: list[Rejected], news: dict[str,
                                       json.dumps(models) if isinstance(models, (dict, list)) else None))
         out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
     return out
+
+
+class StoreDown(Exception):
+    """The database cannot be reached or lost the connection: try again later."""
+
+
+class PostgresStore:
+    """One worker's PostgreSQL connection and what the worker asks of it. psycopg's errors stay
+    in here: a fault of the connection is `StoreDown`, anything else about the schema is
+    `StoreError`."""
+
+    def __init__(self, url: str, application_name: str = "edged-ingest") -> None:
+        self.url = url
+        self.application_name = application_name
+        self.conn = None
+        self.known_days: set[dt.date] = set()
+
+    def open(self) -> None:
+        import psycopg
+
+        try:
+            self.conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                        application_name=self.application_name)
+            require_schema(self.conn)
+            self.known_days = existing_partitions(self.conn)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise StoreDown(_first_line(exc)) from None
+
+    @property
+    def is_open(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def write(self, results, rejected, news, duplicates) -> Outcome:
+        import psycopg
+
+        while True:
+            try:
+                return write(self.conn, results, rejected, news, self.known_days, duplicates)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                continue  # another worker's batch touched the same devices; nothing was committed
+            except psycopg.OperationalError as exc:
+                self.close()
+                raise StoreDown(_first_line(exc)) from None
+            except psycopg.Error as exc:  # e.g. an undefined table: the schema was changed under us
+                raise StoreError(f"database error: {_first_line(exc)}") from None
+
+    def maintain(self, retention_days: int, now: float) -> list[str]:
+        import psycopg
+
+        try:
+            return retention_pass(self.conn, retention_days, now, self.known_days)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise StoreDown(_first_line(exc)) from None
+
+    def migrate(self, retention_days: int, now: float) -> list[str]:
+        """Apply what is missing and make the current partitions (`--migrate`)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                applied = migrate(conn)
+                retention_pass(conn, retention_days, now, set())
+                return applied
+        except psycopg.OperationalError as exc:
+            raise StoreDown(_first_line(exc)) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"migration failed: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 — already broken
+                pass
+        self.conn = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

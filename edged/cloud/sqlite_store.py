@@ -1,0 +1,189 @@
+"""`edged ingest --db sqlite:///FILE`: the same worker on one machine, with no database server.
+
+The tables and views are PostgreSQL's under the same names (migrations/sqlite/), times in UNIX
+seconds and JSON as text; one transaction per batch, keyed by (device_id, seq), so a batch is
+committed before its messages are acknowledged exactly as with PostgreSQL. The schema is made
+on first open: a single machine needs no `--migrate` step (it works too).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from importlib import resources
+from pathlib import Path
+
+from edged.cloud.store import DeviceNews, Outcome, Rejected, StoreDown, StoreError
+from edged.cloud.payloads import Result
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def path_of(url: str) -> Path:
+    """sqlite:///results.db is results.db (relative), sqlite:////var/lib/edged/r.db absolute."""
+    return Path(url[len("sqlite:///"):])
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    out = []
+    for f in (resources.files("edged.cloud") / "migrations" / "sqlite").iterdir():
+        m = _MIGRATION_RE.match(f.name)
+        if m:
+            out.append((int(m.group(1)), m.group(2), f.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+_DEVICES = """
+INSERT INTO devices AS d (device_id, first_seen, last_seen, last_seq, duplicates, rejected)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    first_seen = coalesce(min(d.first_seen, excluded.first_seen), d.first_seen, excluded.first_seen),
+    last_seen  = coalesce(max(d.last_seen, excluded.last_seen), d.last_seen, excluded.last_seen),
+    last_seq   = coalesce(max(d.last_seq, excluded.last_seq), d.last_seq, excluded.last_seq),
+    duplicates = d.duplicates + excluded.duplicates,
+    rejected   = d.rejected + excluded.rejected
+"""
+
+_STATUS = """
+INSERT INTO devices AS d (device_id, status, status_since) VALUES (?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET status = excluded.status, status_since = excluded.status_since
+WHERE d.status IS NOT excluded.status
+"""
+
+_STATS = """
+INSERT INTO devices AS d (device_id, stats, stats_at, dropped, backend, models) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    stats = excluded.stats, stats_at = excluded.stats_at, dropped = excluded.dropped,
+    backend = coalesce(excluded.backend, d.backend), models = coalesce(excluded.models, d.models)
+WHERE d.stats_at IS NULL OR d.stats_at <= excluded.stats_at
+"""
+
+
+class SqliteStore:
+    """The worker's store on a SQLite file (WAL): the PostgresStore interface."""
+
+    def __init__(self, url: str, application_name: str = "") -> None:
+        self.path = path_of(url)
+        self.conn: sqlite3.Connection | None = None
+        self.applied: list[str] = []
+
+    def open(self) -> None:
+        if not self.path.parent.is_dir():
+            raise StoreError(f"database.url: directory not found: {self.path.parent}")
+        try:
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.applied = self._migrate()
+        except sqlite3.OperationalError as exc:  # locked, I/O: may pass
+            self.close()
+            raise StoreDown(str(exc)) from None
+        except sqlite3.DatabaseError as exc:  # not a database, corrupt: it will not pass
+            self.close()
+            raise StoreError(f"{self.path}: {exc}") from None
+
+    @property
+    def is_open(self) -> bool:
+        return self.conn is not None
+
+    def _migrate(self) -> list[str]:
+        have = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        applied = []
+        for version, name, sql in migrations():
+            if version <= have:
+                continue
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(sql):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {version}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            applied.append(f"{version:04d}_{name}")
+        return applied
+
+    def migrate(self, retention_days: int, now: float) -> list[str]:
+        if not self.is_open:
+            self.open()  # which applies what is missing
+        self.maintain(retention_days, now)
+        return self.applied
+
+    def write(self, results: list[Result], rejected: list[Rejected], news: dict[str, DeviceNews],
+              duplicates: dict[str, int] | None) -> Outcome:
+        out = Outcome()
+        now = time.time()
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                stored: set[tuple[str, int]] = set()
+                for r in results:
+                    cur = c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                    (r.device_id, r.seq, r.kind, r.ts, now, r.json()))
+                    if cur.rowcount == 1:
+                        stored.add((r.device_id, r.seq))
+                out.stored = len(stored)
+                per: dict[str, list] = {}
+                for r in results:
+                    p = per.setdefault(r.device_id, [r.ts, r.ts, r.seq, 0, 0])
+                    p[0], p[1], p[2] = min(p[0], r.ts), max(p[1], r.ts), max(p[2], r.seq)
+                    if (r.device_id, r.seq) not in stored:
+                        p[3] += 1
+                for device, n in (duplicates or {}).items():
+                    per.setdefault(device, [None, None, None, 0, 0])[3] += n
+                for rj in rejected:
+                    if rj.device_id:
+                        per.setdefault(rj.device_id, [None, None, None, 0, 0])[4] += 1
+                c.executemany("INSERT INTO rejected (received_at, topic, device_id, kind, reason, size, payload) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [(now, rj.topic, rj.device_id, rj.kind, rj.reason, rj.size, rj.payload)
+                               for rj in rejected])
+                out.rejected = len(rejected)
+                c.executemany(_DEVICES, [(d, *per[d]) for d in sorted(per)])
+                for device in sorted(news):
+                    n = news[device]
+                    if n.status is not None:
+                        c.execute(_STATUS, (device, n.status, now))
+                    if n.stats is not None:
+                        dropped, backend, models = (n.stats.get(k) for k in ("dropped", "backend", "models"))
+                        c.execute(_STATS, (device, json.dumps(n.stats), n.stats_ts,
+                                           dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
+                                           backend if isinstance(backend, str) else None,
+                                           json.dumps(models) if isinstance(models, (dict, list)) else None))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreDown(str(exc)) from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
+        return out
+
+    def maintain(self, retention_days: int, now: float) -> list[str]:
+        if not retention_days:
+            return []
+        try:
+            cur = self.conn.execute("DELETE FROM results WHERE ts < ?", (now - retention_days * 86400.0,))
+        except sqlite3.OperationalError as exc:
+            raise StoreDown(str(exc)) from None
+        return [f"{cur.rowcount} results"] if cur.rowcount else []
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
+        self.conn = None
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a migration file (none of ours has a ';' inside a string)."""
+    text = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in text.split(";") if s.strip()]
