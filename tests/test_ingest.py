@@ -466,6 +466,21 @@ def test_one_machine_on_sqlite_same_worker_same_guarantees(ingest_broker, worker
     assert w.stop() == 0
 
 
+def test_fleet_sim_command_feeds_a_worker(ingest_broker, db, workers):
+    workers(ingest_broker, db, "solo").start()
+    r = subprocess.run([sys.executable, "-m", "edged", "fleet-sim", "--port", str(ingest_broker.port),
+                        "-n", "5", "--seconds", "2", "--motion-hz", "10", "--detection-every", "0.5",
+                        "--restart-every", "0.5", "--drop-every", "0.7"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    made = int(line.split(" made ")[1].split()[0])
+    assert made > 20 and "all acknowledged" in line and "restarts" in line
+    assert wait_stored(db, made) == made
+    rows = q(db, "SELECT device_id, count(*), min(seq), max(seq) FROM results GROUP BY 1")
+    assert sum(n for _, n, _, _ in rows) == made and all(lo == 1 and hi == n for _, n, lo, hi in rows)
+
+
 def test_retention_drops_old_partitions_only(db):
     day = 86400.0
     now = time.time()

@@ -358,3 +358,63 @@ class Fleet:
 def _box(rng: random.Random) -> tuple[float, float, float, float]:
     x0, y0 = rng.uniform(0, 0.6), rng.uniform(0, 0.6)
     return (x0, y0, x0 + rng.uniform(0.05, 0.4), y0 + rng.uniform(0.05, 0.4))
+
+
+def run_cli(args) -> int:
+    """`edged fleet-sim`: run N simulated devices for a while; one summary line at the end."""
+    import sys
+
+    bad = [f"--{k.replace('_', '-')}: expected {what}, got {getattr(args, k)}" for k, what, ok in (
+        ("devices", "1 to 10000", 1 <= args.devices <= 10000), ("seconds", "0 or more", args.seconds >= 0),
+        ("motion_hz", "0 or more", args.motion_hz >= 0), ("detection_every", "0 or more", args.detection_every >= 0),
+        ("stats_every", "0 or more", args.stats_every >= 0), ("restart_every", "0 or more", args.restart_every >= 0),
+        ("drop_every", "0 or more", args.drop_every >= 0), ("port", "1 to 65535", 1 <= args.port <= 65535))
+        if not ok]
+    if bad:
+        for line in bad:
+            print(f"edged: {line}", file=sys.stderr)
+        return 2
+    fleet = Fleet(args.host, args.port, args.devices, prefix=args.prefix, id_prefix=args.id_prefix,
+                  motion_hz=args.motion_hz, detection_every_s=args.detection_every, codec=args.codec,
+                  stats_every_s=args.stats_every, seed=args.seed)
+    try:
+        fleet.start()
+    except ConnectionError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 69
+    rng = random.Random(args.seed)
+    end = time.monotonic() + args.seconds if args.seconds else float("inf")
+    next_restart = time.monotonic() + args.restart_every if args.restart_every else float("inf")
+    next_drop = time.monotonic() + args.drop_every if args.drop_every else float("inf")
+    restarts = drops = 0
+    try:
+        while time.monotonic() < end:
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+            now = time.monotonic()
+            if now >= next_restart:
+                fleet.restart(rng.randrange(len(fleet.devices)))
+                restarts += 1
+                next_restart = now + args.restart_every
+            if now >= next_drop:
+                fleet.drop(rng.randrange(len(fleet.devices)))
+                drops += 1
+                next_drop = now + args.drop_every
+    except KeyboardInterrupt:
+        pass
+    fleet.pause()
+    drained = _wait(fleet.acked_all, 30)
+    made = fleet.made()
+    fleet.stop()
+    print(f"edged: {len(fleet.devices)} devices made {made} results"
+          f" ({'all' if drained else 'not all'} acknowledged by the broker), {restarts} restarts, {drops} drops",
+          file=sys.stderr)
+    return 0 if drained else 1
+
+
+def _wait(pred, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
