@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
                     help="from 'edged signatures build' (the shipped model's: models/motion.centroids.json)")
 
+    _release_parser(sub)
+
     mo = sub.add_parser("models", help="list or verify the shipped models",
                         description="List the models in the manifest, or verify their files' sha256.")
     mo.add_argument("action", choices=("list", "verify"))
@@ -236,6 +238,63 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give up after this long (default: 100; the unit's TimeoutStartSec= "
                          "bounds a reload at 120)")
     return p
+
+
+def _release_parser(sub) -> None:
+    rl = sub.add_parser("release", help="cloud side: signed model releases for the fleet (a TUF repository)",
+                        description="Build and change the repository devices update their models from "
+                                    "(The Update Framework; docs/updates.md). Needs the cloud extra: "
+                                    "pip install 'edged[cloud]'. Serve REPO/public with any web server.")
+    rls = rl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    i = rls.add_parser("init", help="new keys and root metadata: a repository devices can pin",
+                       description="Create REPO with four ed25519 keys (root, targets, snapshot, timestamp), "
+                                   "root metadata, and REPO/root.json to pin on devices.")
+    i.add_argument("repo", metavar="REPO")
+    i.add_argument("--root-key", metavar="PATH",
+                   help="where to write the root key (default: REPO/offline/root.pem; move it offline)")
+    a = rls.add_parser("add", help="release a model with its manifest entry and golden self-test vectors",
+                       description="Add MODEL (a .tflite listed in the manifest of its directory) as release "
+                                   "NAME/VERSION: the model, its _edgetpu variant, the files its entry names, "
+                                   "the entry itself and golden self-test vectors measured on real inputs.")
+    a.add_argument("repo", metavar="REPO")
+    a.add_argument("model", metavar="MODEL")
+    a.add_argument("--name", help="release name, as devices' vision.model / motion.model (default: the manifest's)")
+    a.add_argument("--version", type=int, required=True, help="release version, a positive integer, new for NAME")
+    a.add_argument("--edgetpu", metavar="FILE", help="the Edge TPU variant (default: the entry's edgetpu_file)")
+    a.add_argument("--golden", metavar="NPZ", help="self-test vectors measured elsewhere (default: measure now)")
+    a.add_argument("--inputs", nargs="+", metavar="FILE",
+                   help="images (vision) or an IMU CSV (motion) to measure vectors on (default: the shipped samples)")
+    a.add_argument("--tolerance", type=float, help="allowed self-test difference, as a share of each output's range "
+                                                   "(default: 0.05)")
+    a.add_argument("--min-edged", metavar="VERSION", help="oldest edged that may install it (default: this one)")
+    ro = rls.add_parser("rollout", help="offer a release to PERCENT of a channel's devices",
+                        description="Set the share of devices (by a stable hash of their id) that run "
+                                    "NAME/VERSION on a channel; raising it only adds devices.")
+    ro.add_argument("repo", metavar="REPO")
+    ro.add_argument("--name", required=True)
+    ro.add_argument("--version", type=int, required=True)
+    ro.add_argument("--percent", type=float, required=True)
+    ro.add_argument("--channel", default="stable", help="(default: %(default)s)")
+    rv = rls.add_parser("revoke", help="withdraw a release: devices running it leave it",
+                        description="Withdraw NAME/VERSION from a channel (default: every channel); devices "
+                                    "go back to the highest version still offered, else the shipped model.")
+    rv.add_argument("repo", metavar="REPO")
+    rv.add_argument("--name", required=True)
+    rv.add_argument("--version", type=int, required=True)
+    rv.add_argument("--channel")
+    st = rls.add_parser("status", help="releases, channels, expiry, and with --broker what devices run",
+                        description="Print the repository's releases, channels and metadata expiry; with "
+                                    "--broker, also every device's retained models report.")
+    st.add_argument("repo", metavar="REPO")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--broker", metavar="HOST", help="MQTT broker to read the devices' models reports from")
+    st.add_argument("--port", type=int, default=1883)
+    st.add_argument("--prefix", default="edged", help="topic prefix (default: %(default)s)")
+    st.add_argument("--seconds", type=float, default=2.0, help="how long to collect reports (default: %(default)s)")
+    rf = rls.add_parser("refresh", help="sign a new timestamp (run hourly from cron)",
+                        description="Sign a new timestamp (and snapshot when past half its life): devices "
+                                    "stop trusting a repository whose timestamp is older than a day.")
+    rf.add_argument("repo", metavar="REPO")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,7 +614,35 @@ def cmd_reload(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    try:
+        from edged.cloud import releases
+    except ImportError as exc:
+        print(f"edged: release needs the cloud extra ({exc.name} is missing): pip install 'edged[cloud]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from edged.selftest import DEFAULT_TOLERANCE, Golden, SelfTestError
+
+    try:
+        golden = None
+        if args.action == "add":
+            if args.golden:
+                golden = Golden.load(Path(args.golden))
+                if args.tolerance is not None:
+                    golden.tolerance = args.tolerance
+            else:  # measured here: the vectors come from the device's own preprocessing
+                from edged.stages.golden import measure_release
+
+                golden = measure_release(Path(args.model), [Path(p) for p in args.inputs or []] or None,
+                                         DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+        return releases.run_cli(args, golden)
+    except (releases.ReleaseError, SelfTestError) as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 COMMANDS = {
+    "release": cmd_release,
     "subscribe": cmd_subscribe,
     "ingest": cmd_ingest,
     "fleet-sim": cmd_fleet_sim,

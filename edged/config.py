@@ -240,6 +240,20 @@ class AcceleratorConfig:
 
 
 @dataclass
+class UpdatesConfig:
+    """Signed model releases (docs/updates.md); off while `url` is empty."""
+    url: str = field(default="", metadata=_check(
+        pattern=r"^(https?://[^\s/]+(/\S*)?)?$", expect="an http:// or https:// URL of the repository's public/ directory"))
+    root_json: str = ""  # the pinned root metadata (edged release init writes REPO/root.json)
+    channel: str = field(default="stable", metadata=_check(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", expect="lower-case letters, digits, '-' or '_'"))
+    poll_interval_s: float = field(default=3600.0, metadata=_check(min=1, max=7 * 86400))
+    bandwidth_kbps: int = field(default=0, metadata=_check(min=0, max=10_000_000))  # 0 = no cap
+    health_window_s: float = field(default=600.0, metadata=_check(min=1, max=7 * 86400))
+    max_download_bytes: int = field(default=64 * 1024 * 1024, metadata=_check(min=1024, max=1 << 34))
+
+
+@dataclass
 class Config:
     device_id: str = field(default_factory=lambda: _sanitize_id(socket.gethostname()),
                            metadata=_check(pattern=_ID_RE.pattern,
@@ -257,6 +271,7 @@ class Config:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     source_path: str = field(default="<defaults>", metadata=_check(internal=True))
 
     @property
@@ -442,6 +457,18 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
         for i, st in enumerate(cfg.vision.stages):
             if not st.model:
                 problems.append(f"{where(f'vision.stages[{i}]')}: vision.stages[{i}].model: missing")
+    u = cfg.updates
+    if any(": updates." in p for p in problems):
+        pass  # a bad value was replaced by its default: pairing it up would only add noise
+    elif u.url and not u.root_json:
+        problems.append(f"{where('updates.url')}: updates.root_json: required with updates.url "
+                        "(the root.json from `edged release init`, pinned on the device)")
+    elif u.root_json and not u.url:
+        problems.append(f"{where('updates.root_json')}: updates.url: required with updates.root_json")
+    elif u.root_json:
+        err = _root_json_problem(u.root_json)
+        if err:
+            problems.append(f"{where('updates.root_json')}: updates.root_json: {err}")
     for section in ("camera", "imu"):
         sec = getattr(cfg, section)
         if sec.enabled and sec.source == "replay" and _kind(sec.path) is None:
@@ -486,6 +513,24 @@ def _dir_problem(path: Path) -> str | None:
         if p == path:
             return f"{str(path)!r} exists and is {_file_kind(st.st_mode)}, not a directory"
         return f"cannot create {str(path)!r}: {str(p)!r} is {_file_kind(st.st_mode)}, not a directory"
+
+
+def _root_json_problem(path: str) -> str | None:
+    """Why `path` is not TUF root metadata, or None. Only the shape: ngclient verifies it."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return f"file not found: {path}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except ValueError:
+        return f"{path} is not JSON"
+    signed = doc.get("signed") if isinstance(doc, dict) else None
+    if not isinstance(signed, dict) or signed.get("_type") != "root":
+        return f"{path} is not TUF root metadata (no signed._type = \"root\")"
+    return None
 
 
 _KEY = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'

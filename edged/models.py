@@ -83,42 +83,48 @@ def load_manifest(models_dir: Path | None = None) -> dict[str, ModelEntry]:
     entries = {}
     defined_in: dict[str, Path] = {}
     for path, name, t in tables:
-        where = f"{path}: models.{name}"
         if name in defined_in:
-            raise ModelError(f"{where}: model {name!r} is already defined in {defined_in[name]}")
+            raise ModelError(f"{path}: models.{name}: model {name!r} is already defined in {defined_in[name]}")
         defined_in[name] = path
-        try:
-            labels_file = models_dir / t["labels"]
-            labels = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
-            task = t["task"]
-            if task not in TASKS:
-                raise ModelError(f"{where}.task: expected one of {', '.join(TASKS)}, got {task!r}")
-            edgetpu = t.get("edgetpu_file")
-            entries[name] = ModelEntry(
-                name=name,
-                path=models_dir / t["file"],
-                sha256=str(t["sha256"]).lower(),
-                size=int(t["size"]),
-                task=task,
-                decoder=str(t.get("decoder", "")),
-                labels=labels,
-                source=str(t.get("source", "")),
-                license=str(t.get("license", "")),
-                input=dict(t.get("input", {})),
-                params=dict(t.get("params", {})),
-                metrics=dict(t.get("metrics", {})),
-                edgetpu_path=models_dir / edgetpu if edgetpu else None,
-                edgetpu_sha256=str(t["edgetpu_sha256"]).lower() if edgetpu else None,
-                edgetpu_size=int(t["edgetpu_size"]) if edgetpu else None,
-                manifest=path,
-            )
-        except KeyError as exc:
-            raise ModelError(f"{where}: missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:  # e.g. size = "big"
-            raise ModelError(f"{where}: a value has the wrong type ({exc})") from None
-        except OSError as exc:
-            raise ModelError(f"{where}.labels: cannot read {exc.filename}: {exc.strerror}") from None
+        entries[name] = entry_from_table(name, t, models_dir, path)
     return entries
+
+
+def entry_from_table(name: str, t: dict, models_dir: Path, path: Path) -> ModelEntry:
+    """One manifest table as an entry, its files relative to `models_dir`; `path` is the file
+    that defines it (a manifest, or an installed release's release.json), for messages."""
+    where = f"{path}: models.{name}"
+    try:
+        labels_file = models_dir / t["labels"]
+        labels = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
+        task = t["task"]
+        if task not in TASKS:
+            raise ModelError(f"{where}.task: expected one of {', '.join(TASKS)}, got {task!r}")
+        edgetpu = t.get("edgetpu_file")
+        return ModelEntry(
+            name=name,
+            path=models_dir / t["file"],
+            sha256=str(t["sha256"]).lower(),
+            size=int(t["size"]),
+            task=task,
+            decoder=str(t.get("decoder", "")),
+            labels=labels,
+            source=str(t.get("source", "")),
+            license=str(t.get("license", "")),
+            input=dict(t.get("input", {})),
+            params=dict(t.get("params", {})),
+            metrics=dict(t.get("metrics", {})),
+            edgetpu_path=models_dir / edgetpu if edgetpu else None,
+            edgetpu_sha256=str(t["edgetpu_sha256"]).lower() if edgetpu else None,
+            edgetpu_size=int(t["edgetpu_size"]) if edgetpu else None,
+            manifest=path,
+        )
+    except KeyError as exc:
+        raise ModelError(f"{where}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:  # e.g. size = "big"
+        raise ModelError(f"{where}: a value has the wrong type ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{where}.labels: cannot read {exc.filename}: {exc.strerror}") from None
 
 
 def select(manifest: dict[str, ModelEntry], name: str, task: str, key: str) -> ModelEntry:

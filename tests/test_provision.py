@@ -424,3 +424,33 @@ def test_picamera2_is_installed_where_the_archive_has_it(root, source):
     # Installed even though this config uses a webcam: switching to the Pi camera later needs it.
     assert any(c.endswith(" python3-picamera2") for c in commands(root) if "apt-get install" in c)
     assert "skip: python3-picamera2" not in res.stdout
+
+
+def test_updates_install_the_pinned_root_and_the_updates_section(root, source, tmp_path):
+    pinned = tmp_path / "root.json"
+    pinned.write_text(json.dumps({"signed": {"_type": "root", "version": 1}, "signatures": []}))
+    r = run(PROVISION, "--root", str(root), "--source", str(source),
+            "--updates", "https://releases.example/edged", "--root-json", str(pinned))
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/edged/root.json").read_bytes() == pinned.read_bytes()
+    conf = tomllib.loads((root / "etc/edged/edged.toml").read_text())
+    assert conf["updates"] == {"url": "https://releases.example/edged", "root_json": "/etc/edged/root.json"}
+    assert any("pip install" in c and f"{source}[pi,updates]" in c for c in commands(root)), commands(root)
+    # A second run without the flags keeps the updates extra and changes nothing.
+    before = tree(root)
+    r = run(PROVISION, "--root", str(root), "--source", str(source))
+    assert r.returncode == 0, r.stderr
+    assert tree(root) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--updates", "https://releases.example/edged"], "--updates and --root-json: give both or neither"),
+    (["--updates", "ftp://releases.example/", "--root-json", "ROOT"], "--updates: expected an http:// or https:// URL"),
+    (["--updates", "https://releases.example/", "--root-json", "NOTROOT"], "not TUF root metadata"),
+])
+def test_bad_updates_flags_are_one_clear_line(root, source, tmp_path, args, message):
+    (tmp_path / "ROOT").write_text(json.dumps({"signed": {"_type": "root"}}))
+    (tmp_path / "NOTROOT").write_text(json.dumps({"signed": {"_type": "targets"}}))
+    args = [str(tmp_path / a) if a in ("ROOT", "NOTROOT") else a for a in args]
+    r = run(PROVISION, "--root", str(root), "--source", str(source), *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NAMES = ("reload", "snapshot", "stats")
+NAMES = ("reload", "snapshot", "stats", "update")
 MAX_PAYLOAD = 4096
 
 

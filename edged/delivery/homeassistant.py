@@ -9,6 +9,7 @@ entity under `<ha prefix>/<component>/<device_id>/<object_id>/config`:
 - "Detected objects" (the labels in view) and "Motion" (an enum of the motion model's labels),
 - diagnostic sensors fed by the retained stats topic: fps, inference time, uptime, backend,
   skipped frames, published / rejected results, outbox depth, drops, bandwidth saved,
+- with `[updates]`, a diagnostic "Model update" sensor fed by the retained models report,
 - with `[commands]` enabled, buttons for stats / reload (and snapshot with an image entity for it),
 all tied to one device (with `origin`, and the Pi's model as `hw_version`) and to the status
 topic for availability.
@@ -171,6 +172,16 @@ def discovery(cfg: Config, labels: list[str], motion_labels: list[str] | None = 
         if cfg.commands.snapshot:
             add("image", "snapshot", {"name": "Snapshot", "image_topic": cfg.topic("snapshot"),
                                       "content_type": "image/jpeg"})
+    if cfg.updates.url:
+        add("sensor", "model_update", {
+            "name": "Model update",
+            "state_topic": cfg.topic("models"),
+            "value_template": "{{ value_json.last.outcome if value_json.last else 'none' }}",
+            "json_attributes_topic": cfg.topic("models"),
+            "json_attributes_template": "{{ {'models': value_json.models, 'last': value_json.last} | tojson }}",
+            "entity_category": "diagnostic",
+            "icon": "mdi:package-up",
+        })
     return [(t, _drop_none(p)) for t, p in out]
 
 

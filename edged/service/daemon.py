@@ -67,6 +67,12 @@ class Daemon:
         self._state_dirty = False
         self._presence = None  # homeassistant.Presence, made with the first state published
         self._present: list[str] = []
+        self.last_reload_error = ""
+        self.updater = None
+        if cfg.updates.url:  # python-tuf is imported only then, by the updater's own thread
+            from edged.service.updater import Updater
+
+            self.updater = Updater(cfg)
         # Early, so a SIGTERM while models load still ends in an orderly stop.
         self._install_signals()
 
@@ -77,8 +83,27 @@ class Daemon:
         for a bad config or model file, 69 for a device or runtime that is not there)."""
         # The outbox first: an unwritable state_dir is found before seconds of model loading.
         self.outbox = self._open_outbox(self.cfg)
-        self.pipeline = Pipeline.open(self.cfg)
+        self.pipeline = self._open_first_pipeline()
         logsetup.set_static(backend=self.pipeline.backend)
+
+    def _overlay(self) -> dict | None:
+        return self.updater.overlay() if self.updater else None
+
+    def _open_first_pipeline(self) -> Pipeline:
+        """The pipeline at start; an installed release that cannot open is rolled back (to the
+        release before it, else the shipped model) rather than leaving the device down."""
+        from edged.models import ModelError
+        from edged.runtime import RuntimeUnavailable
+
+        if self.updater:
+            self.updater.on_start()
+        while True:
+            try:
+                return Pipeline.open(self.cfg, overlay=self._overlay())
+            except (ModelError, RuntimeUnavailable) as exc:
+                if not self._overlay():
+                    raise
+                self.updater.rollback_running(f"failed to open at start: {exc}")
 
     @staticmethod
     def _open_outbox(cfg: Config) -> Outbox:
@@ -98,6 +123,9 @@ class Daemon:
         self._start_link()
         self._writer = self.spawn("writer", self._writer_loop)
         self.pipeline.start(self)
+        if self.updater:
+            self.updater.on_start_trials(self)
+            self.updater.start()
         # READY only now: models loaded, sources open, outbox open. The broker may still be down;
         # that is what the outbox is for, not a reason to fail start-up.
         self.notifier.ready(self.status_line())
@@ -114,6 +142,8 @@ class Daemon:
             if not self.commands.empty():
                 self._run_commands()
             self._publish_state()
+            if self.updater:
+                self.updater.service(self)
             now = time.monotonic()
             if tick and now >= next_tick:
                 wd.tick()
@@ -174,6 +204,8 @@ class Daemon:
 
     def _on_link_connected(self, link) -> None:
         """On paho's thread, after each connect: announce to Home Assistant, restate the state."""
+        if self.updater:
+            self.updater.report_dirty = True  # the main loop restates the models report
         self._announce(link)
         self._publish_state(force=True)
 
@@ -287,6 +319,11 @@ class Daemon:
         if cmd.name == "stats":
             self.publish_stats()
             return commands.reply(cmd, True)
+        if cmd.name == "update":
+            if not self.updater:
+                return commands.reply(cmd, False, error="updates are not configured ([updates] url)")
+            self.updater.poke()
+            return commands.reply(cmd, True)
         if cmd.name == "reload":
             ok = self.reload()
             return commands.reply(cmd, ok, **({} if ok else {"error": "reload failed; see the device log"}))
@@ -342,14 +379,16 @@ class Daemon:
         log.info("reloading", extra=fields(config=str(self.config_path or "<defaults>")))
         try:
             new_cfg = config_mod.load(self.config_path)
-            new = Pipeline.open(new_cfg, running=self.pipeline)
+            new = Pipeline.open(new_cfg, running=self.pipeline, overlay=self._overlay())
         except ConfigError as exc:
+            self.last_reload_error = exc.problems[0]
             for line in exc.problems:
                 log.error("reload refused; keeping the running configuration", extra=fields(problem=line))
             self.notifier.ready(self.status_line())
             self.reloads.finish(False, "; ".join(exc.problems))
             return False
         except (ModelError, RuntimeUnavailable, CameraError, ImuCsvError, ImuError, OSError) as exc:
+            self.last_reload_error = str(exc)
             log.error("reload failed; keeping the running pipeline", extra=fields(error=str(exc)))
             self.notifier.ready(self.status_line())
             self.reloads.finish(False, str(exc))
@@ -380,6 +419,8 @@ class Daemon:
             self._start_link()
             self._writer = self.spawn("writer", self._writer_loop)
         self.pipeline = new
+        if self.updater:
+            self.updater.reconfigure(new_cfg)
         logsetup.set_static(backend=new.backend)
         new.start(self)
         if not relink and self.link:  # a new link announces on connect; this one must now
@@ -420,6 +461,8 @@ class Daemon:
             self._writer.join(1.0)
 
     def _shutdown(self) -> None:
+        if self.updater:
+            self.updater.stop(clean=self.exit_code == 0)
         if self.pipeline:
             self.pipeline.stop(self, clean=not self._tpu_hang)
         self._stop_writer()
@@ -508,6 +551,8 @@ class Daemon:
             "backend": self.pipeline.backend if self.pipeline else "cpu",
             "pid": os.getpid(),
         }
+        if self.updater:
+            values.update(self.updater.stats())
         for k, v in self._source_stats().items():
             values.setdefault(k, v)  # the daemon's own counters win over a source's same-named one
         return values

@@ -505,6 +505,34 @@ def check_outbox(cfg: Config) -> Check:
     return Check("outbox", OK, text)
 
 
+def check_updates(cfg: Config, env: Env) -> Check:
+    """[updates]: python-tuf present, the repository answering, what the device runs."""
+    import urllib.request
+
+    from edged.service.updater import INSTALL_HINT, State, STATE_FILE
+
+    u = cfg.updates
+    if not u.url:
+        return Check("updates", INFO, "off (no [updates] url)")
+    try:
+        import tuf.ngclient  # noqa: F401
+    except ImportError:
+        return Check("updates", FAIL, "updates configured but python-tuf is not installed", INSTALL_HINT)
+    state = State.load(Path(cfg.state_dir) / "updates" / STATE_FILE)
+    running = ", ".join(f"{n} {m.running or 'shipped'}" for n, m in sorted(state.models.items())) or "shipped models"
+    last = state.last or {}
+    summary = f"running {running}" + (f"; last: {last.get('outcome')} {last.get('model')} {last.get('version')}"
+                                      if last else "")
+    where = f"{u.url.rstrip('/')}/metadata/timestamp.json"
+    try:
+        with urllib.request.urlopen(where, timeout=env.timeout_s) as r:
+            r.read(16384)
+    except (OSError, ValueError) as exc:
+        return Check("updates", WARN, f"{where}: cannot fetch: {getattr(exc, 'reason', exc)}; {summary}",
+                     "check updates.url and the network; the device keeps its models meanwhile")
+    return Check("updates", OK, f"{u.url} answers (channel {u.channel}); {summary}")
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
@@ -527,6 +555,7 @@ def run(cfg: Config | None, *, config_path: str = "<defaults>", problems: list[s
     checks.append(check_groups(cfg, env))
     checks.append(check_broker(cfg, env))
     checks.append(check_outbox(cfg))
+    checks.append(check_updates(cfg, env))
     if unit is not None:
         checks.append(check_unit(unit, env))
     return checks

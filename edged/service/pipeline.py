@@ -107,11 +107,13 @@ class Pipeline:
         self.keep_imu_open = False  # set when a reload hands our IMU to the next pipeline
 
     @classmethod
-    def open(cls, cfg: Config, *, running: "Pipeline | None" = None) -> "Pipeline":
+    def open(cls, cfg: Config, *, running: "Pipeline | None" = None,
+             overlay: dict | None = None) -> "Pipeline":
         """Open models and sources; errors here are the user's to fix.
 
         On reload, `running` is the pipeline in service: an IMU chip whose settings did not change
-        is handed over rather than opened (and reconfigured) a second time while it is read."""
+        is handed over rather than opened (and reconfigured) a second time while it is read.
+        `overlay`: manifest entries that replace the shipped ones (installed releases)."""
         from edged.hardware import for_config
         from edged.models import default_models_dir, load_manifest, select
         from edged.tpu import open_for_backend
@@ -121,6 +123,7 @@ class Pipeline:
         p = cls(cfg)
         hardware = for_config(cfg)
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+        manifest.update(overlay or {})
         acc = cfg.accelerator
         loader = hardware.edgetpu_loader()
         faults = TpuFaultRecord.for_state_dir(cfg.state_dir) if acc.device != "cpu" else None
