@@ -193,7 +193,8 @@ class Updater:
         """Model name -> task, for the stages the config enables."""
         out = {}
         if self.cfg.camera.enabled:
-            out[self.cfg.vision.model] = "vision"
+            for st in self.cfg.vision.stages or [self.cfg.vision]:  # a graph of stages, or one model
+                out[st.model] = "vision"
         if self.cfg.imu.enabled:
             out[self.cfg.motion.model] = "motion"
         return out
