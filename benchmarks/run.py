@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bandwidth, idle, imu_fifo, ingest, memory, pipeline, stages, storage  # noqa: E402
+from benchmarks import bandwidth, idle, imu_fifo, ingest, memory, pipeline, stages, storage, updates  # noqa: E402
 from benchmarks.common import Figure, machine  # noqa: E402
 
 # In the order of issue 8.
@@ -32,6 +32,7 @@ BENCHMARKS = {
     "idle": idle.idle,
     "ingest": ingest.ingest,  # issue 12: the cloud half at fleet scale
     "stages": stages.stages,  # issue 14: a chain of vision stages, per stage and per crop
+    "updates": updates.updates,  # issue 13: what the model updater costs, how fast a rollout spreads
 }
 
 

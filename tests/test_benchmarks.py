@@ -162,3 +162,15 @@ def test_stage_figures_cover_each_stage_and_the_floor(results):
         ratio = f[f"{frame}: summed bare invokes / chain frame time"]
         assert 0 < ratio.value < 5 and ratio.goal == "≥ 0.95"
     assert f["bare invoke, person"].value > f["bare invoke, face"].value  # 300x300 int8 vs 128x128
+
+
+def test_updates_figures(results):
+    f = by_name(results["updates"])
+    quiet = f["bytes per metadata refresh, nothing new"]
+    assert 0 < quiet.value < 2000, quiet  # a timestamp, not the whole metadata again
+    first = int(quiet.note.rsplit(": ", 1)[1].split()[0])
+    assert first > quiet.value
+    assert f["memory added by the updater"].value >= 0
+    polled = next(x for n, x in f.items() if n.startswith("rollout to 100 %") and "polling" in n)
+    announced = next(x for n, x in f.items() if n.startswith("rollout to 100 %") and "announced" in n)
+    assert polled.value > 0 and announced.value > 0

@@ -450,3 +450,36 @@ def test_python_tuf_is_not_imported_without_updates():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_release_with_a_stalled_pipeline_is_rolled_back_in_its_health_window(tmp_path, broker, subscriber,
+                                                                             daemon_factory):
+    # The camera plays one photo and stops: after the swap the vision stage makes at most one
+    # step, then none. With a 24 s window the stall limit is 6 s, so the rollback comes for the
+    # stall whether or not that one frame was counted.
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    shutil.copy(REPO / "samples" / "images" / "astronaut.jpg", scene / "astronaut.jpg")
+    repo = tmp_path / "repo"
+    r = Repository.init(repo)
+    r.add(FACE, version=2, golden=measure_release(FACE))
+    r.rollout("face", 2, 100.0)
+    r.publish()
+    srv = Server(repo / "public")
+    try:
+        cfg = write_config(tmp_path / "edged.toml", broker, extra=(
+            f'[camera]\npath = "{scene}"\nloop = false\nfps = 5\n[imu]\nenabled = false\n'
+            f'[updates]\nurl = "{srv.url}"\nroot_json = "{repo / "root.json"}"\n'
+            'poll_interval_s = 3600\nhealth_window_s = 24\n'))
+        d = daemon_factory(cfg).start()
+        assert subscriber.wait(lambda: any((m["last"] or {}).get("outcome") == "rolled back"
+                                           for m in models_reports(subscriber)), 60), d.output()
+        back = [m for m in models_reports(subscriber) if (m["last"] or {}).get("outcome") == "rolled back"][-1]
+        assert back["last"]["version"] == 2 and "no vision progress for" in back["last"]["reason"]
+        assert back["models"]["face"]["running"] is None
+        assert "update installed" in d.output()
+        assert d.stop(timeout=10) == 0
+        state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
+        assert 2 in state["models"]["face"]["bad"]
+    finally:
+        srv.close()

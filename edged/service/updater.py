@@ -278,8 +278,8 @@ class Updater:
             except queue.Empty:
                 break
             s.done.set()
-        if self._thread:
-            self._thread.join(2.0)
+        if self._thread:  # a download or self-test in progress is abandoned (staging is cleared at start)
+            self._thread.join(0.5)
         self.state.clean_stop = clean
         self._save()
 
@@ -551,6 +551,7 @@ class Updater:
                           f"failed to load: {getattr(daemon, 'last_reload_error', '') or 'see the log'}")
             return
         staged.ok = True
+        self._prune(staged.name)
         task = self.tracked()[staged.name]
         progress, failed = _counters(daemon, task)
         now = time.monotonic()
@@ -586,6 +587,16 @@ class Updater:
                 del self._health[name]
                 self._rollback_state(name, reason)
                 daemon.reload()
+                self._prune(name)
+
+    def _prune(self, name: str) -> None:
+        """Keep the installed releases that may still run: the running, previous and trial ones."""
+        m = self.state.model(name)
+        keep = {str(v) for v in (m.running, m.previous, (m.trial or {}).get("version")) if v}
+        d = self.models_dir / name
+        for p in d.iterdir() if d.is_dir() else ():
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
 
     def _rollback_state(self, name: str, reason: str) -> None:
         m = self.state.model(name)
@@ -653,6 +664,7 @@ def _reason(exc: BaseException) -> str:
 
 def _fetcher(updater: Updater):
     """ngclient's urllib3 fetcher, counting bytes and held to `bandwidth_kbps`."""
+    from tuf.api import exceptions as tufx
     from tuf.ngclient import Urllib3Fetcher
 
     class CappedFetcher(Urllib3Fetcher):
@@ -666,7 +678,7 @@ def _fetcher(updater: Updater):
                 if rate:
                     ahead = sent / rate - (time.monotonic() - start)
                     if ahead > 0 and updater._stop.wait(ahead):
-                        return
+                        raise tufx.DownloadError("edged is stopping")  # not a short, "tampered" file
                 yield chunk
 
     return CappedFetcher(socket_timeout=30, chunk_size=16384, app_user_agent=f"edged/{__version__}")
