@@ -103,9 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("motion", help="run the motion model on an IMU CSV, one JSON line per window",
                        description="Run the motion stage on a CSV with columns t,ax,ay,az,gx,gy,gz "
                                    "(seconds, m/s², rad/s, as a chip reports them) and print one "
-                                   'JSON line per window: {"t", "label", "score", "signature"}.')
+                                   'JSON line per window: {"t", "label", "score", "signature", "sig_v"} '
+                                   "(what 'edged signatures build' and 'enroll' read).")
     m.add_argument("csv", metavar="CSV")
     m.add_argument("--model", help="motion model name from the manifest (default: the config's motion.model)")
+    m.add_argument("--mounting", choices=("fixed", "free"),
+                   help="whether the sensor's tilt means something (default: the config's motion.mounting)")
+    m.add_argument("--centroids", metavar="CENTROIDS_JSON",
+                   help="label windows by nearest centroid from this file (default: the config's motion.centroids; "
+                        "without one, the model's own classes)")
     _config_arg(m)
 
     s = sub.add_parser("subscribe", help="receive results from devices (the reference cloud subscriber)",
@@ -186,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a random device's connection this often; 0 = never")
     fs.add_argument("--seed", type=int, default=0)
 
-    sg = sub.add_parser("signatures", help="cloud side: build motion centroids, classify signatures",
+    sg = sub.add_parser("signatures", help="cloud side: build motion centroids, enroll a new motion, classify",
                         description="Work with motion signatures as a cloud subscriber would. "
-                                    "Input files are JSON lines with a 'signature' (int8 list) and, "
-                                    "for build, a 'label': motion payloads as they arrive over MQTT.")
+                                    "Input files are JSON lines with a 'signature' (int8 list), for build "
+                                    "and enroll a 'label', and optionally 'sig_v' (the signature version): "
+                                    "motion payloads as they arrive over MQTT, or 'edged motion' output.")
     sgs = sg.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = sgs.add_parser("build", help="centroids (and 'unknown' thresholds) from labelled signatures")
     b.add_argument("signatures", metavar="SIGNATURES_JSONL")
@@ -200,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "to its centroid ... (default: %(default)s)")
     b.add_argument("--margin", type=float, default=1.25, metavar="M",
                    help="... times this margin; raise it to flag fewer signatures 'unknown' (default: %(default)s)")
+    en = sgs.add_parser("enroll", help="add a motion to a centroid file from a handful of its signatures",
+                        description="Add one motion to a centroid file from a few labelled signatures (five "
+                                    "windows are enough): its centroid is their mean, its 'unknown' threshold "
+                                    "the larger of their own spread and the file's median threshold. A device "
+                                    "given the result as motion.centroids labels the new motion itself.")
+    en.add_argument("signatures", metavar="SIGNATURES_JSONL")
+    en.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
+                    help="the file to add to (the shipped model's: models/motion.centroids.json)")
+    en.add_argument("--out", "-o", metavar="CENTROIDS_JSON", help="where to write the result (default: --centroids)")
+    en.add_argument("--label", help="the new motion's name (default: the one label every line carries)")
+    en.add_argument("--label-key", default="label", help="field holding the label (default: label)")
+    en.add_argument("--replace", action="store_true", help="rebuild a motion the file already has")
     cl = sgs.add_parser("classify", help="nearest centroid per signature, or 'unknown'")
     cl.add_argument("signatures", metavar="SIGNATURES_JSONL")
     cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
@@ -491,10 +510,13 @@ def cmd_snapshot(args) -> int:
 
 def cmd_motion(args) -> int:
     from edged.sources.imu.imucsv import read_imu_csv
-    from edged.stages.motion import MotionStage, recording_problem
+    from edged.stages.motion import MotionStage, load_stage_centroids, recording_problem
 
+    cfg = _load_config(args)
     entry, model = _stage_model(args, "motion")
-    stage = MotionStage(model, entry)
+    centroids = args.centroids if args.centroids is not None else cfg.motion.centroids
+    stage = MotionStage(model, entry, mounting=args.mounting or cfg.motion.mounting,
+                        centroids=load_stage_centroids(centroids, entry))
     batch = read_imu_csv(Path(args.csv))
     problem = recording_problem(batch.t, stage.spec)
     if problem:
@@ -507,7 +529,7 @@ def cmd_motion(args) -> int:
         return EXIT_USAGE
     for sig in signatures:
         print(json.dumps({"t": round(sig.ts, 3), "label": sig.label, "score": round(sig.score, 3),
-                          "signature": list(sig.signature)}), flush=True)
+                          "signature": list(sig.signature), "sig_v": sig.signature_v}), flush=True)
     if not signatures:
         print(f"edged: {args.csv}: no complete window (breaks in the timestamps longer than "
               f"{stage.spec.max_gap_s:.2f} s split it into pieces shorter than one window)", file=sys.stderr)
@@ -545,6 +567,13 @@ def cmd_signatures(args) -> int:
         cents = signatures.build(args.signatures, args.out, label_key=args.label_key,
                                  quantile=args.quantile, margin=args.margin)
         print(f"{args.out}: {len(cents.labels)} centroids ({', '.join(cents.labels)})", file=sys.stderr)
+        return 0
+    if args.action == "enroll":
+        out = args.out or args.centroids
+        cents = signatures.enroll(args.centroids, args.signatures, out, label=args.label,
+                                  label_key=args.label_key, replace=args.replace)
+        print(f"{out}: {cents.labels[-1]} enrolled from {cents.counts[-1]} signatures "
+              f"(threshold {cents.thresholds[-1]:.1f}); {len(cents.labels)} motions", file=sys.stderr)
         return 0
     for m in signatures.classify_path(args.centroids, args.signatures):
         print(json.dumps({"label": m.label, "nearest": m.nearest, "distance": round(m.distance, 2)}), flush=True)

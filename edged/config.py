@@ -185,6 +185,10 @@ class ImuConfig:
 class MotionConfig:
     model: str = "motion"
     threads: int = field(default=1, metadata=_check(min=0, max=16))
+    # "fixed": the IMU's tilt is part of the motion (a strapped wearable, a bolted board);
+    # "free": it is not (a sensor that may sit at any angle) — the model gets no tilt channels.
+    mounting: str = field(default="fixed", metadata=_check(choices=("fixed", "free")))
+    centroids: str = ""  # a centroid file for the model (edged signatures build / enroll): labels by it
 
 
 @dataclass
@@ -473,6 +477,9 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
         sec = getattr(cfg, section)
         if sec.enabled and sec.source == "replay" and _kind(sec.path) is None:
             problems.append(f"{where(section + '.path')}: {section}.path: not found: {_plain(sec.path)}")
+    if cfg.imu.enabled and cfg.motion.centroids and _kind(cfg.motion.centroids) != "file":
+        problems.append(f"{where('motion.centroids')}: motion.centroids: file not found: "
+                        f"{_plain(cfg.motion.centroids)}")
     for key, value in (("state_dir", cfg.state_dir), ("outbox.path", cfg.outbox.path)):
         if not value:
             continue

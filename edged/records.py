@@ -87,3 +87,4 @@ class MotionSignature:
     signature: tuple[int, ...]
     window_s: float
     inference_ms: float
+    signature_v: int = 1  # the model's signature version (manifest params.signature_version)

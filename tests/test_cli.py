@@ -36,14 +36,18 @@ def test_signatures_build_and_classify_round_trip(tmp_path):
     assert "4 centroids" in b.stderr
     c = edged("signatures", "classify", "-c", str(cents), str(sigs))
     matches = [json.loads(x) for x in c.stdout.splitlines()]
-    truth = [json.loads(x)["label"] for x in r.stdout.splitlines()]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    truth = [x["label"] for x in lines]
     assert len(matches) == len(truth)
-    agree = sum(m["nearest"] == t for m, t in zip(matches, truth)) / len(truth)
-    assert agree >= 0.95
+    # Windows that lie within one of the demo's 10 s recordings (the others straddle two
+    # activities, and the signature is not the classifier's input: they may fall either way).
+    inside = [i for i, x in enumerate(lines) if x["t"] % 10.0 >= 2.85]
+    agree = sum(matches[i]["nearest"] == truth[i] for i in inside) / len(inside)
+    assert len(inside) >= 50 and agree >= 0.95
     # The shipped centroids, built from TRAIN, classify the demo recording too.
     shipped = edged("signatures", "classify", "-c", str(REPO / "models" / "motion.centroids.json"), str(sigs))
     shipped = [json.loads(x) for x in shipped.stdout.splitlines()]
-    assert sum(m["nearest"] == t for m, t in zip(shipped, truth)) / len(truth) >= 0.95
+    assert sum(shipped[i]["nearest"] == truth[i] for i in inside) / len(inside) >= 0.95
     # Windows that straddle two activities in the demo recording are rightly far from every
     # centroid; most are not.
     assert sum(m["label"] == "unknown" for m in shipped) / len(shipped) <= 0.25

@@ -107,7 +107,8 @@ def test_manifest_describes_an_int8_two_output_model(entry, model, spec):
 
 def test_manifest_input_errors_name_the_key(entry):
     bad = dict(entry.input, std=[1.0] * 3)
-    with pytest.raises(ModelError, match=r"models\.motion\.input\.std: expected 8 values"):
+    n = len(entry.input["channels"])
+    with pytest.raises(ModelError, match=rf"models\.motion\.input\.std: expected {n} values"):
         InputSpec.from_dict(bad, "models.motion.input")
     with pytest.raises(ModelError, match=r"input\.gravity: expected one of window-mean"):
         InputSpec.from_dict(dict(entry.input, gravity="highpass"))
@@ -119,9 +120,19 @@ def test_samples_on_the_model_grid_pass_through(spec):
     raw = load("test")[0][25][:spec.window + 6]
     t = np.arange(len(raw)) / RATE
     got = prepare_window(t, raw, spec, end=t[spec.window + 2])
-    x = raw[3:spec.window + 3]
-    acc = x[:, :3] - x[:, :3].mean(axis=0)
-    want = np.column_stack([acc, x[:, 3:], np.linalg.norm(acc, axis=1), np.linalg.norm(x[:, 3:], axis=1)])
+    x = raw[3:spec.window + 3].astype(np.float64)
+    g = x[:, :3].mean(axis=0)
+    acc = x[:, :3] - g
+    # BasicMotions is gravity-free (|g| far below 1 g): the vertical fades to g / (0.5 g).
+    up = g / max(np.linalg.norm(g), 0.5 * GRAVITY)
+    a_vert, g_vert = acc @ up, x[:, 3:] @ up
+    a_norm, g_norm = np.linalg.norm(acc, axis=1), np.linalg.norm(x[:, 3:], axis=1)
+    every = {"ax": acc[:, 0], "ay": acc[:, 1], "az": acc[:, 2], "gx": x[:, 3], "gy": x[:, 4], "gz": x[:, 5],
+             "a_norm": a_norm, "g_norm": g_norm, "grav_x": np.full(len(x), g[0] / GRAVITY),
+             "grav_y": np.full(len(x), g[1] / GRAVITY), "grav_z": np.full(len(x), g[2] / GRAVITY),
+             "a_vert": a_vert, "a_horiz": np.sqrt(np.maximum(a_norm ** 2 - a_vert ** 2, 0)),
+             "g_vert": g_vert, "g_horiz": np.sqrt(np.maximum(g_norm ** 2 - g_vert ** 2, 0))}
+    want = np.column_stack([every[c] for c in spec.channels])
     np.testing.assert_allclose(got, (want - spec.mean) / spec.std, atol=1e-4)
 
 
@@ -132,11 +143,42 @@ def test_gravity_and_mounting_angle_only_rotate_the_axes(spec):
     r = rotation(rng)
     tilted = np.column_stack([x[:, :3] @ r.T + GRAVITY * _unit(rng), x[:, 3:] @ r.T])
     a, b = prepare_window(t, x, spec), prepare_window(t, tilted, spec)
-    # Magnitudes do not see the mounting at all; the axes turn with it.
-    np.testing.assert_allclose(a[:, 6:], b[:, 6:], atol=1e-4)
+    col = {c: i for i, c in enumerate(spec.channels)}
     un = lambda w, s: w[:, s] * spec.std[s] + spec.mean[s]  # noqa: E731
+    # Magnitudes do not see the mounting at all; the axes turn with it.
+    for c in ("a_norm", "g_norm"):
+        np.testing.assert_allclose(a[:, col[c]], b[:, col[c]], atol=1e-4)
     np.testing.assert_allclose(un(a, slice(0, 3)) @ r.T, un(b, slice(0, 3)), atol=1e-3)
     np.testing.assert_allclose(un(a, slice(3, 6)) @ r.T, un(b, slice(3, 6)), atol=1e-3)
+    # The tilt is the gravity just added, in the sensor's axes (in g).
+    tilt = slice(col["grav_x"], col["grav_z"] + 1)
+    g = un(b, tilt)[0]
+    assert abs(np.linalg.norm(g) - 1.0) < 0.1
+    np.testing.assert_allclose(un(b, tilt), np.tile(g, (len(b), 1)), atol=1e-6)
+
+
+def test_vertical_channels_do_not_depend_on_the_mounting(spec):
+    """Along and across gravity, a motion reads the same at every mounting angle; the tilt does not."""
+    rng = np.random.default_rng(4)
+    x = load("test")[0][35][:40].astype(np.float64)
+    t = np.arange(len(x)) / RATE
+    up = _unit(rng)
+    col = {c: i for i, c in enumerate(spec.channels)}
+    fixed = [col[c] for c in ("a_norm", "g_norm", "a_vert", "a_horiz", "g_vert", "g_horiz")]
+    tilt = [col[c] for c in ("grav_x", "grav_y", "grav_z")]
+    outs = []
+    for _ in range(3):
+        r = rotation(rng)
+        chip = np.column_stack([(x[:, :3] + GRAVITY * up) @ r.T, x[:, 3:] @ r.T])
+        outs.append((prepare_window(t, chip, spec), prepare_window(t, chip, spec, mounting="free")))
+    for (w, free), (w0, _) in zip(outs, outs[:1] * 3):
+        np.testing.assert_allclose(w[:, fixed], w0[:, fixed], atol=1e-3)
+        np.testing.assert_allclose(free[:, fixed], w[:, fixed], atol=1e-6)
+        # mounting="free" hands the model no tilt at all.
+        np.testing.assert_allclose(free[:, tilt] * spec.std[tilt] + spec.mean[tilt], 0.0, atol=1e-6)
+    assert np.abs(outs[0][0][:, tilt] - outs[1][0][:, tilt]).max() > 0.1
+    with pytest.raises(ValueError, match="mounting: expected one of fixed, free"):
+        Preprocessor(spec, mounting="sideways")
 
 
 @pytest.mark.parametrize("rate", [50.0, 200.0])

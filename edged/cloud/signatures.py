@@ -1,191 +1,41 @@
-"""Cloud-side use of motion signatures: centroids per motion, and open-set nearest-centroid matching.
+"""Cloud-side use of motion signatures: files of signatures, and the `edged signatures` commands.
 
-A signature is the motion model's int8 embedding of one IMU window (`MotionSignature.signature`).
-`build_centroids` averages labelled signatures per motion and calibrates, per motion, how far a
-signature of that motion may lie from its centroid: the `quantile` of the distances seen in the
-labelled (training) signatures, times `margin`. `classify` names the nearest centroid, or
-`"unknown"` when the signature lies beyond that motion's threshold — a motion none of the
-centroids describes. Distances are Euclidean in int8 units (one quantisation scale covers the
-whole embedding, so this is the Euclidean distance of the dequantised values up to a constant).
-
-Files: centroids are JSON (`save_centroids` / `load_centroids`); signatures come as JSON lines,
-one object per line with a `signature` list and, for building, a `label` (the MQTT motion
-payload has both fields, so captured payloads can be used as they are).
+Signatures come as JSON lines, one object per line with a `signature` list and, for building or
+enrolling, a `label` (the MQTT motion payload has both fields, so captured payloads can be used
+as they are). `build` makes a centroid file from labelled signatures, `enroll` adds one motion to
+a centroid file from a handful of them, `classify_path` matches signatures against a file. The
+centroid model itself lives in `edged.centroids`, which the device shares.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
-UNKNOWN = "unknown"
-DEFAULT_QUANTILE = 0.99
-DEFAULT_MARGIN = 1.25
-FORMAT = "edged-centroids/1"
-
-
-class SignatureError(ValueError):
-    """A signature or centroid file that cannot be used, worded for the user (one line)."""
-
-
-@dataclass(frozen=True)
-class Centroids:
-    labels: tuple[str, ...]
-    centroids: np.ndarray  # (motions, dim) float64, in int8 signature units
-    thresholds: np.ndarray  # (motions,) distance beyond which a signature is "unknown"
-    counts: tuple[int, ...]  # signatures each centroid was built from
-    quantile: float
-    margin: float
-
-    @property
-    def dim(self) -> int:
-        return int(self.centroids.shape[1])
-
-    @property
-    def threshold(self) -> float:
-        """The largest per-motion threshold (a one-number summary)."""
-        return float(self.thresholds.max())
-
-    def to_json(self) -> dict:
-        return {
-            "format": FORMAT,
-            "metric": "euclidean",
-            "quantile": self.quantile,
-            "margin": self.margin,
-            "motions": [
-                {"label": lab, "count": int(n), "threshold": round(float(th), 4),
-                 "centroid": [round(float(v), 4) for v in c]}
-                for lab, n, th, c in zip(self.labels, self.counts, self.thresholds, self.centroids)
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict, where: str = "centroids") -> "Centroids":
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise SignatureError(f"{where}: not an edged centroid file (expected \"format\": \"{FORMAT}\")")
-        motions = doc.get("motions")
-        if not isinstance(motions, list) or not motions:
-            raise SignatureError(f"{where}: motions: expected a non-empty list")
-        labels, counts, ths, cents = [], [], [], []
-        for i, m in enumerate(motions):
-            try:
-                labels.append(str(m["label"]))
-                counts.append(int(m["count"]))
-                ths.append(float(m["threshold"]))
-                cents.append([float(v) for v in m["centroid"]])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise SignatureError(f"{where}: motions[{i}]: missing or bad field ({exc})") from None
-        if len({len(c) for c in cents}) != 1:
-            raise SignatureError(f"{where}: centroids have different lengths {sorted({len(c) for c in cents})}")
-        return cls(tuple(labels), np.array(cents), np.array(ths), tuple(counts),
-                   float(doc.get("quantile", DEFAULT_QUANTILE)), float(doc.get("margin", DEFAULT_MARGIN)))
-
-
-@dataclass(frozen=True)
-class Match:
-    label: str  # the nearest motion, or "unknown" beyond its threshold
-    nearest: str  # the nearest motion, whatever the distance
-    distance: float
-
-
-def _as_matrix(signatures, where: str) -> np.ndarray:
-    try:
-        arr = np.asarray(signatures, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise SignatureError(f"{where}: signatures must be equal-length lists of numbers") from None
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        raise SignatureError(f"{where}: expected (signatures, dim) values, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise SignatureError(f"{where}: signatures contain non-finite values")
-    return arr
-
-
-def _distances(sig: np.ndarray, cents: np.ndarray) -> np.ndarray:
-    """(n, motions) Euclidean distances, without an (n, motions, dim) intermediate."""
-    d2 = (sig * sig).sum(axis=1)[:, None] - 2.0 * sig @ cents.T + (cents * cents).sum(axis=1)[None, :]
-    return np.sqrt(np.maximum(d2, 0.0))
-
-
-def build_centroids(signatures: Sequence[Sequence[int]] | np.ndarray, labels: Sequence[str], *,
-                    quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                    order: Sequence[str] | None = None) -> Centroids:
-    """Centroids (one per label; in `order`, else first-seen order) and per-motion "unknown" thresholds.
-
-    `signatures` (n, dim) and `labels` (n,) are labelled examples, e.g. signatures the device
-    produced on training recordings. Each threshold is the `quantile` of the distances of that
-    motion's examples to its own centroid, times `margin` (headroom for recordings the centroids
-    were not built from).
-    """
-    sig = _as_matrix(signatures, "build_centroids")
-    labels = [str(v) for v in labels]
-    if len(labels) != len(sig):
-        raise SignatureError(f"build_centroids: {len(sig)} signatures but {len(labels)} labels")
-    if not 0.0 < quantile <= 1.0:
-        raise SignatureError(f"build_centroids: quantile must be in (0, 1], got {quantile}")
-    if not margin >= 1.0:
-        raise SignatureError(f"build_centroids: margin must be >= 1, got {margin}")
-    names = list(dict.fromkeys(labels))
-    if order is not None:
-        missing = sorted(set(names) - set(order))
-        if missing:
-            raise SignatureError(f"build_centroids: labels {missing} are not in order={list(order)}")
-        names = [n for n in order if n in names]
-    if UNKNOWN in names:
-        raise SignatureError(f"build_centroids: {UNKNOWN!r} is reserved for open-set rejections")
-    lab = np.array(labels)
-    cents, ths, counts = [], [], []
-    for name in names:
-        members = sig[lab == name]
-        if len(members) < 2:
-            raise SignatureError(f"build_centroids: {name!r} has {len(members)} signature; "
-                                 "a threshold needs at least 2")
-        c = members.mean(axis=0)
-        d = np.sqrt(((members - c) ** 2).sum(axis=1))
-        cents.append(c)
-        ths.append(float(np.quantile(d, quantile)) * margin)
-        counts.append(len(members))
-    return Centroids(tuple(names), np.array(cents), np.array(ths), tuple(counts), quantile, margin)
-
-
-def classify(centroids: Centroids, signatures: Sequence[Sequence[int]] | np.ndarray) -> list[Match]:
-    """The nearest motion for each signature, "unknown" when beyond that motion's threshold."""
-    sig = _as_matrix(signatures, "classify")
-    if sig.shape[1] != centroids.dim:
-        raise SignatureError(f"classify: signatures have {sig.shape[1]} values, centroids {centroids.dim}")
-    d = _distances(sig, centroids.centroids)
-    near = d.argmin(axis=1)
-    dist = d[np.arange(len(sig)), near]
-    out = []
-    for k, dd in zip(near.tolist(), dist.tolist()):
-        name = centroids.labels[k]
-        out.append(Match(name if dd <= centroids.thresholds[k] else UNKNOWN, name, float(dd)))
-    return out
-
-
-def save_centroids(centroids: Centroids, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(centroids.to_json(), indent=1) + "\n")
-
-
-def load_centroids(path: str | Path) -> Centroids:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SignatureError(f"{path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise SignatureError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
-    return Centroids.from_json(doc, str(path))
+from edged.centroids import (  # noqa: F401  (re-exported: the cloud side's one import)
+    DEFAULT_MARGIN, DEFAULT_QUANTILE, FORMAT, UNKNOWN, Centroids, Match, SignatureError, build_centroids,
+    classify, enroll_centroid, load_centroids, nearest, save_centroids,
+)
 
 
 def read_signatures(path: str | Path, *, label_key: str | None = "label") -> tuple[np.ndarray, list[str | None]]:
     """Signatures (and labels, when `label_key` is given) from a JSON-lines file."""
+    sig, labels, _ = read_signature_file(path, label_key=label_key)
+    return sig, labels
+
+
+def read_signature_file(path: str | Path, *, label_key: str | None = "label") -> tuple[np.ndarray, list[str | None], int]:
+    """Signatures, labels and their signature version (each line's `sig_v`, 1 where absent).
+
+    One file holds one version: signatures of two embeddings cannot be compared.
+    """
     path = Path(path)
-    sigs, labels = [], []
+    sigs, labels, versions = [], [], set()
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -208,18 +58,32 @@ def read_signatures(path: str | Path, *, label_key: str | None = "label") -> tup
             label = rec.get(label_key)
             if not isinstance(label, str) or not label:
                 raise SignatureError(f"{path}:{lineno}: {label_key}: expected a motion name")
+        version = rec.get("sig_v", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise SignatureError(f"{path}:{lineno}: sig_v: expected an integer >= 1, got {version!r}")
+        versions.add(version)
+        if len(versions) > 1:
+            raise SignatureError(f"{path}:{lineno}: sig_v: signature versions {sorted(versions)} in one file; "
+                                 "signatures of different models cannot be compared")
         sigs.append(sig)
         labels.append(label)
     if not sigs:
         raise SignatureError(f"{path}: no signatures")
-    return np.array(sigs, dtype=np.float64), labels
+    return np.array(sigs, dtype=np.float64), labels, versions.pop()
+
+
+def _check_version(cents: Centroids, version: int, signatures_path, centroids_path) -> None:
+    if cents.signature_version != version:
+        raise SignatureError(f"{signatures_path}: signature version {version}, but {centroids_path} holds "
+                             f"version {cents.signature_version} centroids")
 
 
 def build(signatures_path: str | Path, out_path: str | Path, *, label_key: str = "label",
           quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN) -> Centroids:
     """`edged signatures build`: labelled JSON-lines signatures → centroid file."""
-    sig, labels = read_signatures(signatures_path, label_key=label_key)
+    sig, labels, version = read_signature_file(signatures_path, label_key=label_key)
     cents = build_centroids(sig, labels, quantile=quantile, margin=margin)
+    cents = replace(cents, signature_version=version)
     save_centroids(cents, out_path)
     return cents
 
@@ -227,11 +91,35 @@ def build(signatures_path: str | Path, out_path: str | Path, *, label_key: str =
 def classify_path(centroids_path: str | Path, signatures_path: str | Path) -> list[Match]:
     """`edged signatures classify`: one Match per line of a JSON-lines signature file."""
     cents = load_centroids(centroids_path)
-    sig, _ = read_signatures(signatures_path, label_key=None)
+    sig, _, version = read_signature_file(signatures_path, label_key=None)
+    _check_version(cents, version, signatures_path, centroids_path)
     if sig.shape[1] != cents.dim:
         raise SignatureError(f"{signatures_path}: signatures have {sig.shape[1]} values, "
                              f"{centroids_path} has {cents.dim}")
     return classify(cents, sig)
+
+
+def enroll(centroids_path: str | Path, signatures_path: str | Path, out_path: str | Path, *,
+           label: str | None = None, label_key: str = "label", replace: bool = False) -> Centroids:
+    """`edged signatures enroll`: add a motion to a centroid file from a few labelled signatures.
+
+    The motion's name is `label`, or else the one name all lines carry under `label_key`.
+    """
+    cents = load_centroids(centroids_path)
+    sig, labels, version = read_signature_file(signatures_path, label_key=None if label else label_key)
+    _check_version(cents, version, signatures_path, centroids_path)
+    if label is None:
+        names = sorted(set(labels))
+        if len(names) != 1:
+            raise SignatureError(f"{signatures_path}: {label_key}: one motion per enrollment, found {names} "
+                                 "(or name it with --label)")
+        label = names[0]
+    if sig.shape[1] != cents.dim:
+        raise SignatureError(f"{signatures_path}: signatures have {sig.shape[1]} values, "
+                             f"{centroids_path} has {cents.dim}")
+    new = enroll_centroid(cents, sig, label, replace=replace)
+    save_centroids(new, out_path)
+    return new
 
 
 def accuracy(matches: Iterable[Match], truth: Iterable[str]) -> float:

@@ -65,6 +65,7 @@ def motion_fields(m: MotionSignature, device_id: str, seq: int, *, packed: bool 
         "score": r3(m.score),
         # int8 two's complement, one byte per value, when the codec has byte strings.
         "signature": bytes(v & 0xFF for v in sig) if packed else list(sig),
+        "sig_v": m.signature_v,
         "window_s": r3(m.window_s),
         "inference_ms": r2(m.inference_ms),
     }

@@ -157,12 +157,13 @@ class Pipeline:
                     log.info("vision ready", extra=fields(model=entry.name, runtime=model.runtime,
                                                           backend=model.backend, camera=p.camera.name))
             if cfg.imu.enabled:
-                from edged.stages.motion import MotionStage
+                from edged.stages.motion import MotionStage, load_stage_centroids
 
                 entry = select(manifest, cfg.motion.model, "motion", "motion.model")
                 model = open_for_backend(entry, acc.device, acc.fallback, loader, retry_s=acc.retry_s,
                                          threads=cfg.motion.threads or None, faults=faults)
-                p.motion = MotionStage(model, entry)
+                p.motion = MotionStage(model, entry, mounting=cfg.motion.mounting,
+                                       centroids=load_stage_centroids(cfg.motion.centroids, entry))
                 imu = cfg.imu
                 if running is not None and running.imu is not None and imu.source != "replay" \
                         and running.cfg.imu == imu:

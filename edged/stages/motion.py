@@ -19,15 +19,29 @@ import numpy as np
 
 from edged.sources.imu.imucsv import read_imu_csv
 from edged.models import ModelEntry, ModelError
+from edged.centroids import Centroids, SignatureError, classify, load_centroids
 from edged.records import IMU_CHANNELS, ImuBatch, MotionSignature
 from edged.runtime import Model
 
 GRAVITY = 9.80665  # m/s², standard gravity
 
-# Channels a model may ask for, beyond the raw six: the magnitudes do not change when the sensor
-# is mounted at another angle, which is what makes a model robust to mounting.
-DERIVED_CHANNELS = ("a_norm", "g_norm")
+# Channels a model may ask for, beyond the raw six (accelerometer with the window's gravity removed,
+# gyroscope):
+#   a_norm, g_norm      magnitudes of the two; they do not change when the sensor is mounted at
+#                       another angle.
+#   grav_x/y/z          the window's gravity estimate (its mean acceleration) in units of g, in the
+#                       sensor's axes: the sensor's tilt. Only meaningful where the mounting is
+#                       fixed (a strapped wearable, a bolted board); `mounting="free"` feeds zeros.
+#   a_vert, a_horiz     acceleration along gravity (signed) and the magnitude across it;
+#   g_vert, g_horiz     the same for the angular rate (turning about the vertical, and tilting).
+#                       These four are mounting-invariant too, but keep what the magnitudes lose:
+#                       which part of a motion is up-down and which is sideways.
+# A gravity-free recording (a window whose mean acceleration is far below 1 g) has no vertical:
+# the direction fades out linearly below GRAVITY_FULL_G, so a_vert and g_vert go to 0 there.
+DERIVED_CHANNELS = ("a_norm", "g_norm", "grav_x", "grav_y", "grav_z", "a_vert", "a_horiz", "g_vert", "g_horiz")
 KNOWN_CHANNELS = IMU_CHANNELS + DERIVED_CHANNELS
+MOUNTINGS = ("fixed", "free")
+GRAVITY_FULL_G = 0.5
 GRAVITY_METHODS = ("window-mean",)
 ANTIALIAS_METHODS = ("lanczos3",)
 UNITS = {"accel": "m/s^2", "gyro": "rad/s"}
@@ -157,8 +171,11 @@ class InputSpec:
 class Preprocessor:
     """`prepare_window` with its work arrays kept between calls (what the stage uses)."""
 
-    def __init__(self, spec: InputSpec, max_samples: int = 0) -> None:
+    def __init__(self, spec: InputSpec, max_samples: int = 0, *, mounting: str = "fixed") -> None:
+        if mounting not in MOUNTINGS:
+            raise ValueError(f"mounting: expected one of {', '.join(MOUNTINGS)}, got {mounting!r}")
         self.spec = spec
+        self.mounting = mounting
         m = spec.window
         # Output sample times relative to the window's end, in output periods.
         self._tau = np.arange(m, dtype=np.float64) - (m - 1)
@@ -167,8 +184,15 @@ class Preprocessor:
         self._res = np.empty((m, len(IMU_CHANNELS)), np.float64)
         self._rowsum = np.empty((m, 1), np.float64)
         self._norm = np.empty(m, np.float64)
+        self._dot = np.empty(m, np.float64)
+        self._sq = np.empty(m, np.float64)
         self._cols = [KNOWN_CHANNELS.index(c) for c in spec.channels]
         self._feat = np.empty((m, len(KNOWN_CHANNELS)), np.float64)
+
+    @property
+    def resampled(self) -> np.ndarray:
+        """The last window's raw samples on the model's grid (window, 6), before gravity removal."""
+        return self._res
 
     def _grow(self, n: int) -> None:
         m = self.spec.window
@@ -238,12 +262,30 @@ class Preprocessor:
         # Gravity: the mean acceleration over the window, removed per axis. Exact for a sensor
         # whose orientation holds still during the window, whatever the mounting tilt; what a
         # turning sensor leaves behind, training leaves behind too (it calls this same code).
-        acc -= acc.mean(axis=0)
-        np.einsum("ij,ij->i", acc, acc, out=self._norm)
-        np.sqrt(self._norm, out=feat[:, 6])
+        g = acc.mean(axis=0)
+        acc -= g
+        a2 = self._norm
+        np.einsum("ij,ij->i", acc, acc, out=a2)
+        np.sqrt(a2, out=feat[:, 6])
         gyr = feat[:, 3:6]
-        np.einsum("ij,ij->i", gyr, gyr, out=self._norm)
-        np.sqrt(self._norm, out=feat[:, 7])
+        g2 = self._dot
+        np.einsum("ij,ij->i", gyr, gyr, out=g2)
+        np.sqrt(g2, out=feat[:, 7])
+        # The vertical: gravity's direction, faded out for a window with (almost) no gravity in it.
+        g_len = math.sqrt(float(g @ g))
+        up = g / max(g_len, GRAVITY_FULL_G * GRAVITY)
+        feat[:, 8:11] = 0.0 if self.mounting == "free" else g / GRAVITY
+        np.matmul(acc, up, out=feat[:, 11])
+        np.matmul(gyr, up, out=feat[:, 13])
+        # |x|² - (x·up)², clipped at 0 against rounding, is the squared magnitude across gravity.
+        np.multiply(feat[:, 11], feat[:, 11], out=self._sq)
+        a2 -= self._sq
+        np.maximum(a2, 0.0, out=a2)
+        np.sqrt(a2, out=feat[:, 12])
+        np.multiply(feat[:, 13], feat[:, 13], out=self._sq)
+        g2 -= self._sq
+        np.maximum(g2, 0.0, out=g2)
+        np.sqrt(g2, out=feat[:, 14])
 
         if out is None:
             out = np.empty((spec.window, len(spec.channels)), np.float32)
@@ -255,7 +297,8 @@ class Preprocessor:
 
 
 def prepare_window(t: np.ndarray, data: np.ndarray, spec: InputSpec,
-                   out: np.ndarray | None = None, end: float | None = None) -> np.ndarray:
+                   out: np.ndarray | None = None, end: float | None = None, *,
+                   mounting: str = "fixed") -> np.ndarray:
     """One model input window from raw IMU samples, as float32 (window, channels).
 
     `t` (N,) seconds and `data` (N, 6) in IMU_CHANNELS order — accelerometer in m/s² with
@@ -264,7 +307,7 @@ def prepare_window(t: np.ndarray, data: np.ndarray, spec: InputSpec,
     before `t[-1]`); for full filtering the samples reach `spec.reach_s` before `end` and
     `spec.lookahead_s` after it.
     """
-    return Preprocessor(spec, len(t))(t, np.asarray(data), out, end)
+    return Preprocessor(spec, len(t), mounting=mounting)(t, np.asarray(data), out, end)
 
 
 def recording_problem(t: np.ndarray, spec: InputSpec) -> str | None:
@@ -340,14 +383,22 @@ class MotionStage:
     `spec.lookahead_s` past its end (the anti-aliasing filter looks both ways), so results lag
     the newest sample by that much; `ts` is the window's end. A break in the timestamps longer
     than the filter can bridge, or time going backwards, restarts the windowing (counted in `gaps`).
+
+    `mounting` ("fixed" or "free", see DERIVED_CHANNELS) says whether the sensor's tilt means
+    anything. With `centroids` (a file from `edged signatures build` / `enroll` for this model),
+    each window is labelled by its nearest centroid — `unknown` beyond that motion's threshold —
+    and its score says how well it fits (1 at the centroid, 0 at the threshold); without, by the
+    model's own classifier. Either way the signature is the model's.
     """
 
-    def __init__(self, model: Model, entry: ModelEntry, *, max_rate_hz: float = 1000.0) -> None:
+    def __init__(self, model: Model, entry: ModelEntry, *, max_rate_hz: float = 1000.0,
+                 mounting: str = "fixed", centroids: Centroids | None = None) -> None:
         self.model = model
         self.entry = entry
         self.spec = spec = InputSpec.from_entry(entry)
         self.labels = list(entry.labels)
         where = f"models.{entry.name}"
+        self.signature_version = signature_version(entry)
         want = (1, spec.window, len(spec.channels))
         if len(model.inputs) != 1 or model.inputs[0].shape != want:
             got = [t.shape for t in model.inputs]
@@ -362,8 +413,11 @@ class MotionStage:
         self._n = 0
         self._base: float | None = None  # first sample time of the current segment
         self._k = 0  # windows emitted in the current segment
-        self._pre = Preprocessor(spec, keep)
+        self._pre = Preprocessor(spec, keep, mounting=mounting)
         self._win = np.empty((spec.window, len(spec.channels)), np.float32)
+        self.centroids = centroids
+        if centroids is not None:
+            check_centroids(centroids, entry, model.outputs[self._sig_i].shape[-1])
         self.windows = 0
         self.gaps = 0
 
@@ -448,16 +502,54 @@ class MotionStage:
         ms = (time.perf_counter() - t0) * 1000.0
         raw = model.raw_output(self._scores_i).reshape(-1)
         top = int(np.argmax(raw))  # dequantisation is monotonic (scale > 0): argmax on the raw values
-        sig = model.raw_output(self._sig_i).reshape(-1)
+        sig = tuple(int(v) for v in model.raw_output(self._sig_i).reshape(-1))
         self.windows += 1
+        if self.centroids is None:
+            label, score = self.labels[top], _dequantize(model, self._scores_i, raw[top])
+        else:
+            match = classify(self.centroids, (sig,))[0]
+            label, score = match.label, match.score
         return MotionSignature(
             ts=float(end),
-            label=self.labels[top],
-            score=_dequantize(model, self._scores_i, raw[top]),
-            signature=tuple(int(v) for v in sig),
+            label=label,
+            score=score,
+            signature=sig,
             window_s=self.spec.window_s,
             inference_ms=ms,
+            signature_v=self.signature_version,
         )
+
+
+def load_stage_centroids(path: str | Path, entry: ModelEntry) -> Centroids | None:
+    """The `motion.centroids` file for `entry`'s model, checked against it; None for "" (no file)."""
+    if not path:
+        return None
+    try:
+        cents = load_centroids(path)
+    except SignatureError as exc:
+        raise ModelError(f"motion.centroids: {exc}") from None
+    dim = entry.params.get("signature_dim")
+    check_centroids(cents, entry, dim if isinstance(dim, int) else cents.dim, f"motion.centroids: {path}")
+    return cents
+
+
+def signature_version(entry: ModelEntry) -> int:
+    """The model's `params.signature_version` (1 for models from before the field existed)."""
+    v = entry.params.get("signature_version", 1)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ModelError(f"models.{entry.name}.params.signature_version: expected an integer >= 1, got {v!r}")
+    return v
+
+
+def check_centroids(centroids: Centroids, entry: ModelEntry, dim: int, where: str = "centroids") -> None:
+    """Refuse centroids made for another model's signatures (one line naming both)."""
+    version = signature_version(entry)
+    if centroids.dim != dim:
+        raise ModelError(f"{where}: centroids have {centroids.dim} values, model {entry.name}'s signatures {dim}")
+    if centroids.signature_version != version or (centroids.model and centroids.model != entry.name):
+        made = f"{centroids.model or 'a model'} signature version {centroids.signature_version}"
+        raise ModelError(f"{where}: made for {made}, but model {entry.name} has signature version {version}; "
+                         "rebuild them from this model's signatures")
 
 
 def _dequantize(model: Model, i: int, value) -> float:
