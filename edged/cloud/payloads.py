@@ -35,7 +35,7 @@ _FIELDS = {
     "events": {"v", "device_id", "seq", "ts", "type", "id", "label", "score", "box", "start_ts", "dwell_s",
                "inside"},
 }
-_OPTIONAL = {"detections": set(), "motion": set(), "events": {"stage", "parent"}}
+_OPTIONAL = {"detections": set(), "motion": {"sig_v"}, "events": {"stage", "parent"}}
 EVENT_TYPES = ("new", "update", "end")
 
 
@@ -164,6 +164,8 @@ def check(kind: str, body: dict, *, now: float) -> str | None:
             if (not isinstance(sig, list) or not 1 <= len(sig) <= 16
                     or not all(type(x) is int and -128 <= x <= 127 for x in sig)):
                 raise _Bad(f"signature: expected 1 to 16 int8 values, got {_show(sig)}")
+            if "sig_v" in body and (type(body["sig_v"]) is not int or body["sig_v"] < 1):
+                raise _Bad(f"sig_v: expected a signature version (an integer >= 1), got {_show(body['sig_v'])}")
     except _Bad as exc:
         return str(exc)
     return None
