@@ -212,7 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "windows are enough): its centroid is their mean, its 'unknown' threshold "
                                     "the larger of their own spread and the file's median threshold. A device "
                                     "given the result as motion.centroids labels the new motion itself.")
-    en.add_argument("signatures", metavar="SIGNATURES_JSONL")
+    en.add_argument("signatures", metavar="SIGNATURES_JSONL", nargs="?",
+                    help="the labelled signatures (or use --db)")
+    en.add_argument("--db", metavar="URL",
+                    help="take the signatures from the PostgreSQL database 'edged ingest' fills instead: "
+                         "the motion windows of --device between --since and --until (needs --label)")
+    en.add_argument("--device", help="with --db: the device whose windows to enroll")
+    en.add_argument("--since", type=_when, default=0.0, metavar="TIME",
+                    help="with --db: first window end, UNIX seconds or ISO 8601 (default: any)")
+    en.add_argument("--until", type=_when, default=1e12, metavar="TIME",
+                    help="with --db: last window end, UNIX seconds or ISO 8601 (default: any)")
+    en.add_argument("--limit", type=int, default=1000, help="with --db: at most this many windows, oldest "
+                                                          "first (default: %(default)s)")
     en.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
                     help="the file to add to (the shipped model's: models/motion.centroids.json)")
     en.add_argument("--out", "-o", metavar="CENTROIDS_JSON", help="where to write the result (default: --centroids)")
@@ -557,6 +568,22 @@ def cmd_models(args) -> int:
     return 1 if bad else 0
 
 
+def _when(text: str) -> float:
+    """A time on the command line: UNIX seconds, or ISO 8601 (UTC unless it says otherwise)."""
+    import argparse
+    from datetime import datetime, timezone
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected UNIX seconds or an ISO 8601 time, got {text!r}") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def cmd_signatures(args) -> int:
     from edged.cloud import signatures
 
@@ -570,8 +597,19 @@ def cmd_signatures(args) -> int:
         return 0
     if args.action == "enroll":
         out = args.out or args.centroids
-        cents = signatures.enroll(args.centroids, args.signatures, out, label=args.label,
-                                  label_key=args.label_key, replace=args.replace)
+        if (args.db is None) == (args.signatures is None):
+            print("edged: signatures enroll: give a SIGNATURES_JSONL file or --db (one of them)", file=sys.stderr)
+            return EXIT_USAGE
+        if args.db is not None:
+            if not args.device or not args.label:
+                print("edged: signatures enroll --db: --device and --label are needed", file=sys.stderr)
+                return EXIT_USAGE
+            cents = signatures.enroll_from_db(args.centroids, args.db, args.device, out, label=args.label,
+                                              since=args.since, until=args.until, limit=args.limit,
+                                              replace=args.replace)
+        else:
+            cents = signatures.enroll(args.centroids, args.signatures, out, label=args.label,
+                                      label_key=args.label_key, replace=args.replace)
         print(f"{out}: {cents.labels[-1]} enrolled from {cents.counts[-1]} signatures "
               f"(threshold {cents.thresholds[-1]:.1f}); {len(cents.labels)} motions", file=sys.stderr)
         return 0

@@ -494,3 +494,66 @@ def test_retention_drops_old_partitions_only(db):
         assert len(dropped) == 2
         assert [r[0] for r in conn.execute("SELECT seq FROM results ORDER BY seq")] == [3, 4]
         assert store.retention_pass(conn, 0, now, known) == []  # 0 keeps everything
+
+
+# -- enrolling a new motion from what a device sent -----------------------------------------------
+
+def test_enroll_a_motion_from_a_devices_stored_windows(db, tmp_path):
+    """The operator's loop: people climb stairs in front of one device, its windows land in the
+    database, `edged signatures enroll --db` turns the stored windows of that time range into a new
+    motion, and the device labels someone else's stairs with it."""
+    import numpy as np
+
+    from edged.centroids import classify, load_centroids
+    from edged.delivery import codec
+    from edged.models import load_manifest, open_model
+    from edged.records import ImuBatch
+    from edged.stages.motion import MotionStage
+    from test_motion_signatures import bouts
+
+    entry = load_manifest()["motion"]
+    model = open_model(entry, threads=1)
+    t0 = float(int(time.time()) - 3600)
+    results, seq, later = [], 0, []
+    for s, a, t, x in bouts():
+        if a not in ("walking_upstairs", "sitting") or not 16 <= s <= 20:
+            continue
+        out = MotionStage(model, entry).push(ImuBatch(t, x.astype(np.float32)))
+        # One window of each person's climb in the first five minutes; their sitting afterwards.
+        at = t0 + 60 * (s - 16) if a == "walking_upstairs" else t0 + 600 + 60 * (s - 16)
+        for k, m in enumerate(out[2:3] if a == "walking_upstairs" else out[:3]):
+            seq += 1
+            m = type(m)(ts=at + k, label=m.label, score=m.score, signature=m.signature, window_s=m.window_s,
+                        inference_ms=m.inference_ms, signature_v=m.signature_v)
+            r = payloads.parse("gym-1", "motion", codec.JSON.motion(m, "gym-1", seq), "application/json",
+                               now=time.time(), max_bytes=65536)
+            assert isinstance(r, payloads.Result), r
+            (results if a == "walking_upstairs" else later).append(r)
+    with psycopg.connect(db, autocommit=True) as conn:
+        store.write(conn, results + later, [], {}, set())
+
+    out = tmp_path / "centroids.json"
+    shipped = str(REPO / "models" / "motion.centroids.json")
+    r = edged_cli("signatures", "enroll", "--db", db, "--device", "gym-1", "--since", str(t0),
+                  "--until", str(t0 + 300), "--label", "stairs", "-c", shipped, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "stairs enrolled from 5 signatures" in r.stderr
+    cents = load_centroids(out)
+    assert cents.labels[-1] == "stairs" and cents.signature_version == entry.params["signature_version"]
+
+    # Someone else on the stairs, through the device's stage: labelled with the new motion.
+    s, a, t, x = next(b for b in bouts() if b[0] == 27 and b[1] == "walking_upstairs")
+    sig = [m.signature for m in MotionStage(model, entry).push(ImuBatch(t, x.astype(np.float32)))]
+    assert np.mean([m.label == "stairs" for m in classify(cents, sig)]) >= 0.8
+
+    # A time range with nothing in it, or no --device: one line, exit 2.
+    r = edged_cli("signatures", "enroll", "--db", db, "--device", "gym-1", "--since", str(t0 + 5000),
+                  "--label", "stairs", "-c", shipped, "-o", str(out))
+    assert r.returncode == 2 and "no motion windows" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = edged_cli("signatures", "enroll", "--db", db, "--label", "stairs", "-c", shipped)
+    assert r.returncode == 2 and "--device and --label are needed" in r.stderr
+
+
+def edged_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edged", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)

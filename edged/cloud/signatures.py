@@ -122,6 +122,74 @@ def enroll(centroids_path: str | Path, signatures_path: str | Path, out_path: st
     return new
 
 
+# Motion windows a device sent, as `edged ingest` stores them (docs/cloud.md): the signature, its
+# version (absent before version 2: 1), oldest first.
+_DB_WINDOWS = """
+SELECT ARRAY(SELECT jsonb_array_elements_text(payload -> 'signature')::smallint),
+       coalesce((payload ->> 'sig_v')::int, 1)
+FROM results
+WHERE kind = 'motion' AND device_id = %s AND ts >= to_timestamp(%s) AND ts <= to_timestamp(%s)
+ORDER BY ts, seq
+LIMIT %s
+"""
+
+
+def signatures_from_db(url: str, device_id: str, *, since: float = 0.0, until: float = 1e12,
+                       limit: int = 1000) -> tuple[np.ndarray, int]:
+    """The signatures (and their one version) of a device's motion windows between two times,
+    from the PostgreSQL database `edged ingest` fills: "what pi-gym-3 did from 10:00:05 to
+    10:00:20", the handful of windows an operator enrolls as a new motion."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise SignatureError(f"--db: expected a PostgreSQL URL (postgresql://…), got {_safe_url(url)!r}")
+    try:
+        import psycopg
+    except ImportError:
+        raise SignatureError("reading signatures from a database needs psycopg: "
+                             "pip install 'edged[cloud]'") from None
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            rows = conn.execute(_DB_WINDOWS, (device_id, since, until, limit)).fetchall()
+    except psycopg.Error as exc:
+        raise SignatureError(f"{_safe_url(url)}: {str(exc).strip().splitlines()[0]}") from None
+    where = f"{_safe_url(url)}: device {device_id!r}"
+    if not rows:
+        raise SignatureError(f"{where}: no motion windows between {since:.3f} and {until:.3f}")
+    versions = sorted({v for _, v in rows})
+    if len(versions) > 1:
+        raise SignatureError(f"{where}: signature versions {versions} in that time range; "
+                             "narrow it to one model's windows")
+    if len({len(sig) for sig, _ in rows}) != 1:
+        raise SignatureError(f"{where}: signatures of different lengths in that time range")
+    return np.array([sig for sig, _ in rows], dtype=np.float64), versions[0]
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def enroll_from_db(centroids_path: str | Path, url: str, device_id: str, out_path: str | Path, *,
+                   label: str, since: float = 0.0, until: float = 1e12, limit: int = 1000,
+                   replace: bool = False) -> Centroids:
+    """`edged signatures enroll --db`: add a motion from a device's stored windows."""
+    cents = load_centroids(centroids_path)
+    sig, version = signatures_from_db(url, device_id, since=since, until=until, limit=limit)
+    _check_version(cents, version, f"device {device_id!r}", centroids_path)
+    if sig.shape[1] != cents.dim:
+        raise SignatureError(f"device {device_id!r}: signatures have {sig.shape[1]} values, "
+                             f"{centroids_path} has {cents.dim}")
+    new = enroll_centroid(cents, sig, label, replace=replace)
+    save_centroids(new, out_path)
+    return new
+
+
 def accuracy(matches: Iterable[Match], truth: Iterable[str]) -> float:
     pairs = list(zip(matches, truth))
     return sum(m.label == t for m, t in pairs) / max(1, len(pairs))
