@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?=
 
-.PHONY: run test test-systemd bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker stop clean
+.PHONY: run test test-systemd test-ha bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker stop clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
@@ -20,6 +20,24 @@ test: deps test-deps test-venv
 # Not part of `make test`. docs/deploy.md, "Checked under a real systemd", says what it checks.
 test-systemd: deps test-deps systemd-deps test-venv
 	$(PY) -m pytest -q -s -p no:cacheprovider tests/boot_systemd.py
+
+# Optional, not in CI: edged against a real Home Assistant Core (tests-ha/), installed from PyPI
+# into its own venv. 2024.3.3 is the newest release that runs on Python 3.11 (Debian 12's);
+# HA runs with --skip-pip, so the requirements of the integrations it loads (frontend, onboarding,
+# MQTT, ...: tests-ha/ha_requirements.py lists them) are installed here, under HA's own pins.
+HA_VENV    ?= .ha-venv
+HA_VERSION ?= 2024.3.3
+test-ha: deps test-deps test-venv $(HA_VENV)/.installed
+	EDGED_HA_PYTHON=$(HA_VENV)/bin/python $(PY) -m pytest -q -p no:cacheprovider tests-ha
+
+$(HA_VENV)/.installed:
+	@[ -x $(HA_VENV)/bin/python ] || $(PYTHON) -m venv $(HA_VENV)
+	$(HA_VENV)/bin/pip install --disable-pip-version-check homeassistant==$(HA_VERSION)
+	$(HA_VENV)/bin/python tests-ha/ha_requirements.py > $(HA_VENV)/requirements.txt
+	@# josepy 2 dropped what the acme package under HA 2024.3's cloud integration imports.
+	$(HA_VENV)/bin/pip install --disable-pip-version-check -r $(HA_VENV)/requirements.txt 'josepy<2' \
+		-c "$$($(HA_VENV)/bin/python -c 'import homeassistant, os; print(os.path.dirname(homeassistant.__file__))')/package_constraints.txt"
+	@touch $@
 
 bench: deps cloud-deps cloud-venv
 	$(PY) benchmarks/run.py
@@ -77,5 +95,5 @@ stop:
 	fi
 
 clean: stop
-	rm -rf $(VENV) build *.egg-info .pytest_cache run
+	rm -rf $(VENV) $(HA_VENV) build *.egg-info .pytest_cache run
 	@echo "edged: kept the outbox and state (state_dir, default ~/.local/state/edged): results not yet delivered live there"

@@ -54,10 +54,14 @@ def test_a_late_home_assistant_finds_every_entity(tmp_path, broker, daemon_facto
             assert c["default_entity_id"] == f"{component}.edged_test-dev_{object_id}"
             assert c["unique_id"] == f"edged_test-dev_{object_id}"
             assert c["origin"]["name"] == "edged" and c["device"]["identifiers"] == ["edged_test-dev"]
-            assert c["availability_topic"] == "edged/test-dev/status"
+            status = c.get("availability_topic") or c["availability"][0]["topic"]
+            assert status == "edged/test-dev/status"
         motion = configs["homeassistant/sensor/test-dev/motion/config"]
         assert motion["device_class"] == "enum"
         assert motion["options"] == ["standing", "walking", "running", "badminton"]
+        # Unavailable while no motion is known (an enum's state must be one of its options).
+        assert [a["topic"] for a in motion["availability"]] == ["edged/test-dev/status", "edged/test-dev/state"]
+        assert motion["availability_mode"] == "all" and "availability_topic" not in motion
         assert configs["homeassistant/sensor/test-dev/inference_ms/config"]["device_class"] == "duration"
         assert configs["homeassistant/sensor/test-dev/uptime/config"]["entity_category"] == "diagnostic"
         # What the presence template reads is in the state, and a motion label is one of the options.
@@ -68,9 +72,10 @@ def test_a_late_home_assistant_finds_every_entity(tmp_path, broker, daemon_facto
         assert d.stop() == 0
     finally:
         live.close()
-    # A clean stop leaves no stale state; stats stay retained for the diagnostics.
+    # A clean stop leaves no stale state (nothing in view, no motion); stats stay retained.
     after = retained(broker, "edged/test-dev/#", settle="edged/test-dev/zz-marker")
-    assert "edged/test-dev/state" not in after
+    last = after["edged/test-dev/state"]
+    assert last["labels"] == last["present"] == [] and last["motion"] is None and last["counts"] == {}
     assert after.get("edged/test-dev/stats", {}).get("device_id") == "test-dev"
 
 

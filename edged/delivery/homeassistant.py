@@ -108,7 +108,10 @@ def discovery(cfg: Config, labels: list[str], motion_labels: list[str] | None = 
     out = []
 
     def add(component: str, object_id: str, body: dict) -> None:
-        body = {**body, **common, "unique_id": f"edged_{node}_{object_id}",
+        base = dict(common)
+        if "availability" in body:  # its own list (with the status topic): not both forms
+            base.pop("availability_topic"), base.pop("payload_available"), base.pop("payload_not_available")
+        body = {**body, **base, "unique_id": f"edged_{node}_{object_id}",
                 "default_entity_id": f"{component}.edged_{node}_{object_id}"}
         out.append((f"{ha.prefix}/{component}/{node}/{object_id}/config",
                     json.dumps(body, separators=(",", ":")).encode()))
@@ -151,8 +154,15 @@ def discovery(cfg: Config, labels: list[str], motion_labels: list[str] | None = 
             "state_topic": state,
             "device_class": "enum",
             "options": list(motion_labels),
-            # 'None' is how an MQTT sensor is told "unknown" (no motion window yet).
-            "value_template": "{{ value_json.motion if value_json.motion else 'None' }}",
+            # An enum sensor's state must be one of its options: while no motion window is known
+            # (start-up, after a stop) the entity is unavailable rather than a made-up state.
+            "availability": [
+                {"topic": cfg.topic("status"), "payload_available": "online", "payload_not_available": "offline"},
+                {"topic": state, "value_template": "{{ 'online' if value_json.motion else 'offline' }}",
+                 "payload_available": "online", "payload_not_available": "offline"},
+            ],
+            "availability_mode": "all",
+            "value_template": "{{ value_json.motion }}",
             "json_attributes_topic": state,
             "json_attributes_template": "{{ {'score': value_json.motion_score} | tojson }}",
             "icon": "mdi:run",

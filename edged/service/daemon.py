@@ -468,9 +468,12 @@ class Daemon:
         self._stop_writer()
         if self.link:
             if self.cfg.homeassistant.enabled:
-                # No stale "face present" or motion on the next start: the state is cleared (QoS 1,
-                # sent before the offline status the link waits for).
-                self.link.publish_now("state", b"", qos=1, retain=True)
+                # No stale "face present" or motion on the next start: the retained state says
+                # nothing is in view and no motion is known (JSON still, so Home Assistant's
+                # templates render; QoS 1, sent before the offline status the link waits for).
+                from edged.delivery import homeassistant as ha
+
+                self.link.publish_now("state", ha.state_payload([], None, None, []), qos=1, retain=True)
             self.link.stop(timeout=0.5)
         if self.outbox:
             self.outbox.close()
