@@ -22,13 +22,11 @@ import pytest
 
 from conftest import REPO, last_seq, write_config
 
-pytest.importorskip("tuf", reason="the test extra installs python-tuf: pip install -e '.[test]'")
-
-from edged import config as config_mod  # noqa: E402
-from edged.cloud.releases import Repository  # noqa: E402
-from edged.rollout import Channel, ModelRollout, admitted  # noqa: E402
-from edged.service.updater import Updater  # noqa: E402
-from edged.stages.golden import measure_release  # noqa: E402
+from edged import config as config_mod
+from edged.cloud.releases import Repository
+from edged.rollout import Channel, ModelRollout, admitted
+from edged.service.updater import Updater
+from edged.stages.golden import measure_release
 
 FACE = REPO / "models" / "face_detection_short_range.tflite"
 PERSON = REPO / "models" / "person_ssdlite_int8.tflite"
