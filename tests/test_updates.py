@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, last_seq, write_config
+from conftest import REPO, last_seq, wait_until, write_config
 
 from edged import config as config_mod
 from edged.cloud.releases import Repository
@@ -367,38 +367,6 @@ def test_daemon_installs_refuses_and_reports(tmp_path, broker, subscriber, daemo
         srv.close()
 
 
-def test_crash_during_health_window_rolls_back_on_next_start(tmp_path, broker, subscriber, daemon_factory):
-    repo = tmp_path / "repo"
-    r = Repository.init(repo)
-    r.add(FACE, version=2, golden=measure_release(FACE))
-    r.rollout("face", 2, 100.0)
-    r.publish()
-    srv = Server(repo / "public")
-    try:
-        cfg = write_config(tmp_path / "edged.toml", broker, extra=UPDATES + (
-            f'[updates]\nurl = "{srv.url}"\nroot_json = "{repo / "root.json"}"\n'
-            'poll_interval_s = 3600\nhealth_window_s = 3600\n'))
-        d = daemon_factory(cfg).start()
-        assert subscriber.wait(lambda: any(m["models"]["face"]["running"] == 2 and m["models"]["face"]["trial"]
-                                           for m in models_reports(subscriber)), 60), d.output()
-        d.signal(signal.SIGKILL)  # as a model that crashes the process would
-        d.wait(10)
-        d2 = daemon_factory(cfg).start()
-        assert subscriber.wait(lambda: any((m["last"] or {}).get("outcome") == "rolled back"
-                                           for m in models_reports(subscriber)), 60), d2.output()
-        back = [m for m in models_reports(subscriber) if (m["last"] or {}).get("outcome") == "rolled back"][-1]
-        assert back["models"]["face"]["running"] is None and back["last"]["version"] == 2
-        assert "stopped unexpectedly" in back["last"]["reason"]
-        n = len(subscriber.json("detections"))
-        assert subscriber.wait(lambda: len(subscriber.json("detections")) > n, 30), d2.output()
-        # The crashed release is not tried again although the channel still offers it.
-        assert d2.stop(timeout=10) == 0
-        state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
-        assert state["models"]["face"]["running"] is None and 2 in state["models"]["face"]["bad"]
-    finally:
-        srv.close()
-
-
 def test_doctor_and_home_assistant_show_updates(tmp_path, repo_dir, server):
     from edged.delivery import homeassistant
     from edged.service import doctor
@@ -479,5 +447,72 @@ def test_release_with_a_stalled_pipeline_is_rolled_back_in_its_health_window(tmp
         assert d.stop(timeout=10) == 0
         state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
         assert 2 in state["models"]["face"]["bad"]
+    finally:
+        srv.close()
+
+
+def test_sigkill_at_every_step_leaves_a_daemon_that_starts_with_a_valid_model(tmp_path, broker, subscriber,
+                                                                               daemon_factory):
+    """A new release before each start; the daemon is SIGKILLed when its update reaches a step
+    (seen on disk or on the models topic), and the next start must serve from a valid model."""
+    from edged.models import verify
+
+    repo = tmp_path / "repo"
+    r = Repository.init(repo)
+    golden = measure_release(FACE)
+    srv = Server(repo / "public")
+    state = tmp_path / "state"
+    updates = state / "updates"
+
+    def st() -> dict:
+        try:
+            return json.loads((updates / "state.json").read_text())
+        except (OSError, ValueError):  # not written yet
+            return {}
+
+    def face(key: str):
+        return st().get("models", {}).get("face", {}).get(key)
+
+    steps = [  # (step, when it is reached)
+        ("download", lambda v: any((updates / "staging").glob(f"face-{v}"))),
+        ("self-test", lambda v: face("testing") == v),
+        ("stage", lambda v: (updates / "models" / "face" / str(v)).is_dir()),
+        ("swap", lambda v: (face("trial") or {}).get("version") == v),
+        ("health", lambda v: any(m["models"]["face"]["running"] == v and m["models"]["face"]["trial"]
+                                 for m in models_reports(subscriber))),
+    ]
+    try:
+        # A capped download keeps the staging step on disk long enough to be seen.
+        cfg = write_config(tmp_path / "edged.toml", broker, extra=UPDATES + (
+            f'[updates]\nurl = "{srv.url}"\nroot_json = "{repo / "root.json"}"\n'
+            'poll_interval_s = 1\nhealth_window_s = 3600\nbandwidth_kbps = 4000\n'))
+        for version, (step, reached) in enumerate(steps, start=2):
+            r.add(FACE, version=version, golden=golden)
+            r.rollout("face", version, 100.0)
+            r.publish()
+            n = len(subscriber.json("detections"))
+            d = daemon_factory(cfg).start()
+            assert subscriber.wait(lambda: len(subscriber.json("detections")) > n, 60), (step, d.output())
+            assert wait_until(lambda: reached(version), 60, 0.002), (step, d.output())
+            d.signal(signal.SIGKILL)
+            d.wait(10)
+        n = len(subscriber.json("detections"))
+        d = daemon_factory(cfg).start()
+        assert subscriber.wait(lambda: len(subscriber.json("detections")) > n, 60), d.output()
+
+        def rolled_back() -> list[dict]:
+            return [m for m in models_reports(subscriber) if (m["last"] or {}).get("outcome") == "rolled back"
+                    and m["last"]["version"] == 6]
+        assert subscriber.wait(rolled_back, 30), d.output()
+        assert d.stop(timeout=10) == 0
+        assert "Traceback" not in d.output()
+        running = face("running")
+        assert running is None or running not in (face("bad") or [])
+        if running is not None:  # the release in service is whole
+            up = Updater(config_mod.load(cfg))
+            verify(up.entry("face", running))
+        # The crash in a health window was rolled back, said so, and not retried.
+        assert 6 in face("bad")
+        assert "stopped unexpectedly during its health window" in rolled_back()[-1]["last"]["reason"]
     finally:
         srv.close()

@@ -487,6 +487,8 @@ class Updater:
         self._set_check({"outcome": outcome})
 
     def _check_failed(self, kind: str, message: str) -> None:
+        if self._stop.is_set():
+            return  # a download cut short by the daemon's own stop is not a failure to report
         self._set_check({"outcome": "failed", "reason": message})
         self.once(f"check:{kind}", "update check failed", reason=message)
 
