@@ -215,11 +215,11 @@ def test_migrate_is_idempotent_and_an_unmigrated_database_is_refused(postgres, t
     refused = run("--port", "1")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        "edged: the database schema is at version 0, this edged needs 1: run `edged ingest --migrate` first"]
+        "edged: the database schema is at version 0, this edged needs 2: run `edged ingest --migrate` first"]
     first, again = run("--migrate"), run("--migrate")
     assert first.returncode == again.returncode == 0, first.stderr
-    assert "applied 0001_schema" in first.stdout and "up to date" in again.stdout
-    assert q(url, "SELECT version FROM schema_migrations") == [(1,)]
+    assert "applied 0001_schema, 0002_events" in first.stdout and "applied" not in again.stdout
+    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,)]
     # Today's partition (and its neighbours) exist before any result arrives.
     assert len(q(url, "SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass")) == 3
 
@@ -436,7 +436,7 @@ def test_one_machine_on_sqlite_same_worker_same_guarantees(ingest_broker, worker
     path = tmp_path / "results.db"
     url = f"sqlite:///{path}"
     mig = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert mig.returncode == 0 and "applied 0001_schema" in mig.stdout, mig.stderr
+    assert mig.returncode == 0 and "applied 0001_schema, 0002_events" in mig.stdout, mig.stderr
     again = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert again.returncode == 0 and "applied" not in again.stdout
     w = workers(ingest_broker, url, "solo").start()
@@ -479,6 +479,35 @@ def test_fleet_sim_command_feeds_a_worker(ingest_broker, db, workers):
     assert wait_stored(db, made) == made
     rows = q(db, "SELECT device_id, count(*), min(seq), max(seq) FROM results GROUP BY 1")
     assert sum(n for _, n, _, _ in rows) == made and all(lo == 1 and hi == n for _, n, lo, hi in rows)
+
+
+def test_track_events_land_and_a_row_the_database_refuses_is_rejected_alone(ingest_broker, db, workers):
+    """Events are results like the others (their own view); and a row the database refuses —
+    here through a constraint added for the test — goes to `rejected` by itself while the rest of
+    its batch is stored and the worker goes on."""
+    from edged.delivery import codec
+    from edged.records import TrackEvent
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE results ADD CONSTRAINT test_no_seq_7 CHECK (seq <> 7)")
+    w = workers(ingest_broker, db, "solo", "--batch-delay", "0.5").start()
+    now = time.time()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(ingest_broker.host, ingest_broker.port)
+    c.loop_start()
+    for seq in range(5, 10):
+        e = TrackEvent(ts=now, type="new" if seq == 5 else "update", track_id=1, label="person", score=0.9,
+                       box=(0.1, 0.1, 0.5, 0.9), first_ts=now - 1, dwell_s=1.0, inside=("face",))
+        cdc = codec.JSON if seq % 2 else codec.get("cbor")
+        c.publish("edged/pi-e/events", cdc.events(e, "pi-e", seq), qos=1).wait_for_publish(10)
+    assert wait_until(lambda: count(db) == 4 and q(db, "SELECT count(*) FROM rejected")[0][0] == 1, 30), w.output()[-2000:]
+    assert [r[0] for r in q(db, "SELECT seq FROM events ORDER BY seq")] == [5, 6, 8, 9]
+    assert q(db, "SELECT type, label, inside FROM events WHERE seq = 5") == [("new", "person", ["face"])]
+    kind, reason = q(db, "SELECT kind, reason FROM rejected")[0]
+    assert kind == "refused" and "test_no_seq_7" in reason
+    assert w.proc.poll() is None
+    c.loop_stop()
+    c.disconnect()
 
 
 def test_retention_drops_old_partitions_only(db):

@@ -319,7 +319,10 @@ class Worker:
                 return None
             try:
                 t0 = time.perf_counter()
-                out = self.store.write(results, rejected, news, dups)
+                try:
+                    out = self.store.write(results, rejected, news, dups)
+                except store.StoreRefused:
+                    out = self._write_apart(results, rejected, news, dups)
                 self.counters.commit_s += time.perf_counter() - t0
                 return out
             except store.StoreDown as exc:
@@ -330,6 +333,30 @@ class Worker:
                 if self.stopping.wait(delay * (0.5 + random.random() / 2)):
                     return None
                 delay = min(delay * 2, self.cfg.database.reconnect_max_s)
+
+    def _write_apart(self, results, rejected, news, dups) -> store.Outcome:
+        """The database refused something in the batch: write its results one at a time, turn
+        the refused ones into rejected rows, then the rest of the batch. Slow, and rare."""
+        out = store.Outcome()
+        rejected = list(rejected)
+        for r in results:
+            try:
+                one = self.store.write([r], [], {}, {})
+            except store.StoreRefused as exc:
+                m = self._origin[(r.device_id, r.seq)]
+                rejected.append(self._reject(m, r.device_id, Reject("refused", f"the database refused it: {exc}")))
+                continue
+            out.stored += one.stored
+            for d, n in one.duplicates.items():
+                out.duplicates[d] = out.duplicates.get(d, 0) + n
+        try:
+            rest = self.store.write([], rejected, news, dups)
+        except store.StoreRefused as exc:  # not a result's fault: the schema is not ours
+            raise store.StoreError(f"the database refused a batch without results: {exc}") from None
+        out.rejected = rest.rejected
+        for d, n in rest.duplicates.items():
+            out.duplicates[d] = out.duplicates.get(d, 0) + n
+        return out
 
     def _maintain(self) -> None:
         if not self.store.is_open or time.monotonic() < self._next_retention:
@@ -362,6 +389,7 @@ class Worker:
 
     def _split(self, batch: list[_Msg]):
         results: list[Result] = []
+        self._origin: dict[tuple[str, int], _Msg] = {}
         rejected: list[store.Rejected] = []
         news: dict[str, store.DeviceNews] = {}
         seen: set[tuple[str, int]] = set()
@@ -400,6 +428,7 @@ class Worker:
                 continue
             seen.add(key)
             results.append(r)
+            self._origin[key] = m
         return results, rejected, news, dup_in_batch
 
     def _reject(self, m: _Msg, device: str | None, r: Reject) -> store.Rejected:

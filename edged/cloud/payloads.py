@@ -53,7 +53,7 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    kind: str    # undecodable | invalid | wrong_device | too_large | bad_topic
+    kind: str    # undecodable | invalid | wrong_device | too_large | bad_topic (| refused, by the database)
     reason: str  # one line, for the rejected table and the log
 
 

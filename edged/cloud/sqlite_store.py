@@ -15,7 +15,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edged.cloud.store import DeviceNews, Outcome, Rejected, StoreDown, StoreError
+from edged.cloud.store import DeviceNews, Outcome, Rejected, StoreDown, StoreError, StoreRefused
 from edged.cloud.payloads import Result
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -160,6 +160,8 @@ class SqliteStore:
                 raise
         except sqlite3.OperationalError as exc:
             raise StoreDown(str(exc)) from None
+        except sqlite3.IntegrityError as exc:
+            raise StoreRefused(str(exc)) from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         out.duplicates = {d: p[3] for d, p in per.items() if p[3]}

@@ -251,6 +251,11 @@ class StoreDown(Exception):
     """The database cannot be reached or lost the connection: try again later."""
 
 
+class StoreRefused(Exception):
+    """The database refused a row of the batch (a constraint, a value it cannot hold): nothing of
+    the batch was committed; written one by one, the refused ones can be told apart."""
+
+
 class PostgresStore:
     """One worker's PostgreSQL connection and what the worker asks of it. psycopg's errors stay
     in here: a fault of the connection is `StoreDown`, anything else about the schema is
@@ -289,6 +294,8 @@ class PostgresStore:
             except psycopg.OperationalError as exc:
                 self.close()
                 raise StoreDown(_first_line(exc)) from None
+            except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+                raise StoreRefused(_first_line(exc)) from None
             except psycopg.Error as exc:  # e.g. an undefined table: the schema was changed under us
                 raise StoreError(f"database error: {_first_line(exc)}") from None
 
