@@ -581,6 +581,9 @@ def test_enroll_a_motion_from_a_devices_stored_windows(db, tmp_path):
     assert r.returncode == 2 and "no motion windows" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = edged_cli("signatures", "enroll", "--db", db, "--label", "stairs", "-c", shipped)
     assert r.returncode == 2 and "--device and --label are needed" in r.stderr
+    r = edged_cli("signatures", "enroll", "--db", f"sqlite:///{tmp_path}/r.db", "--device", "gym-1",
+                  "--label", "stairs", "-c", shipped)
+    assert r.returncode == 2 and "expected a PostgreSQL URL" in r.stderr and f"sqlite:///{tmp_path}" in r.stderr
 
 
 def edged_cli(*args: str) -> subprocess.CompletedProcess:
