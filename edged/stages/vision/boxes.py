@@ -126,7 +126,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_out: int, *,
 FEW = 32
 
 
-def _iou_py(a: Sequence[float], b: Sequence[float]) -> float:
+def iou_py(a: Sequence[float], b: Sequence[float]) -> float:
     """`_iou_one` for two boxes, on Python floats."""
     inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
@@ -144,7 +144,7 @@ def nms_few(cands: list[tuple[float, tuple[float, float, float, float]]], iou: f
             break
         if not alive[i]:
             continue
-        group = [j for j in range(i, len(cands)) if alive[j] and (j == i or _iou_py(box, cands[j][1]) > iou)]
+        group = [j for j in range(i, len(cands)) if alive[j] and (j == i or iou_py(box, cands[j][1]) > iou)]
         for j in group:
             alive[j] = False
         if weighted and len(group) > 1:

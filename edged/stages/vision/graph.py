@@ -20,6 +20,7 @@ import numpy as np
 from edged.config import STAGE_INPUT_FRAME as FRAME, STAGE_REGIONS as REGIONS
 from edged.config import check_stages as check_graph  # noqa: F401 — the declaration's checks live with the config
 from edged.records import DetectedObject
+from edged.stages.vision.boxes import iou_py
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,6 @@ DEFAULT_CHAIN: tuple[StageSpec, ...] = (
 )
 
 
-def _iou(a, b) -> float:
-    ix = min(a[2], b[2]) - max(a[0], b[0])
-    iy = min(a[3], b[3]) - max(a[1], b[1])
-    if ix <= 0 or iy <= 0:
-        return 0.0
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def _inside(a, b) -> float:
     ix = min(a[2], b[2]) - max(a[0], b[0])
     iy = min(a[3], b[3]) - max(a[1], b[1])
@@ -87,7 +79,7 @@ def merge(found: list[_Found], iou: float = 0.4, contain: float = 0.7) -> list[_
     or more inside a larger kept box of their label."""
     keep: list[_Found] = []
     for f in sorted(found, key=lambda f: -f.obj.score):
-        if all(k.obj.label != f.obj.label or _iou(k.obj.box, f.obj.box) < iou for k in keep):
+        if all(k.obj.label != f.obj.label or iou_py(k.obj.box, f.obj.box) < iou for k in keep):
             keep.append(f)
     return [f for f in keep
             if not any(k is not f and k.obj.label == f.obj.label and _area(k.obj.box) > _area(f.obj.box)

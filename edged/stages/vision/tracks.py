@@ -19,15 +19,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from edged.records import DetectedObject, TrackEvent
-
-
-def _iou(a, b) -> float:
-    ix = min(a[2], b[2]) - max(a[0], b[0])
-    iy = min(a[3], b[3]) - max(a[1], b[1])
-    if ix <= 0 or iy <= 0:
-        return 0.0
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+from edged.stages.vision.boxes import iou_py
 
 
 def _near(track_box, box) -> bool:
@@ -81,7 +73,7 @@ class Tracker:
             idx = [i for i, o in enumerate(objects) if o.label == label]
             live = [t for t in self.tracks if t.label == label]
             guess = [t.predicted(ts) for t in live]
-            pairs = sorted(((_iou(guess[n], objects[i].box), n, i) for n in range(len(live)) for i in idx),
+            pairs = sorted(((iou_py(guess[n], objects[i].box), n, i) for n in range(len(live)) for i in idx),
                            reverse=True)
             used_t, used_o = set(), set()
             for ov, n, i in pairs:
