@@ -128,3 +128,86 @@ class NotifySocket:
         self._stop.set()
         self._t.join(1)
         self.sock.close()
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a broker, for cutting connections under a client.
+
+    `hold(True)` stops forwarding in both directions (what is sent meanwhile is kept back, and
+    lost at the next cut, as on a network that went quiet before it dropped); `cut()` closes
+    every proxied connection at once; new connections are accepted at once afterwards."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.host = "127.0.0.1"
+        self.target = (target_host, target_port)
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind((self.host, 0))
+        self._srv.listen(16)
+        self.port = self._srv.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._hold = threading.Event()
+        self._closed = threading.Event()
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._pairs.append((client, upstream))
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        held = b""
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            if self._hold.is_set():
+                held += data
+                continue
+            try:
+                dst.sendall(held + data)
+            except OSError:
+                break
+            held = b""
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def hold(self, on: bool) -> None:
+        (self._hold.set if on else self._hold.clear)()
+
+    def cut(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._srv.close()
+        self.cut()

@@ -73,6 +73,12 @@ class Link:
         self._acked: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, accepted)
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, payload bytes)
         self._last_sent = 0
+        self._to_delete: list[int] = []      # acknowledged seqs the outbox has yet to forget
+        self._barrier: set[int] = set()      # mids in flight at a reconnect, not yet re-acked
+        self._barrier_until = 0.0
+        self._connects = 0                   # incremented by each connect (paho's thread)
+        self._connects_seen = 0
+        self.drain_errors = 0
         self._once = Once(log)
         self._last_error: str | None = None
         self._attempt = 0
@@ -184,6 +190,10 @@ class Link:
         self._attempt = 0
         self._next_delay()
         _no_delay(client.socket())
+        # What was in flight when the connection dropped: paho re-sends it after this callback.
+        # The drain thread (which owns the in-flight table) holds new rows back until it is
+        # acknowledged: see _drain_turn.
+        self._connects += 1
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         if self._on_command is not None:
             client.subscribe(self.cmd_prefix + "+", qos=1)
@@ -192,7 +202,11 @@ class Link:
         log.info("connected", extra=fields(broker=self.broker, spooled=self.outbox.depth,
                                            session_present=bool(flags.session_present)))
         if self._on_connected:
-            self._on_connected(self)
+            try:
+                self._on_connected(self)
+            except Exception as exc:  # on paho's thread: an exception here would end it
+                self._once("on-connected", "after-connect announcements failed",
+                           level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this from inside its `except OSError:` block, so the error is at hand.
@@ -246,6 +260,7 @@ class Link:
         while self._acked:
             mid, accepted = self._acked.popleft()
             hit = self._inflight.pop(mid, None)
+            self._barrier.discard(mid)
             if hit is None:
                 continue
             done.append(hit[0])
@@ -258,28 +273,64 @@ class Link:
                 self.rejected += 1
                 self._once("rejected", "broker rejected a result (check its ACL for this device)",
                            seq=hit[0])
-        if done:
-            self.outbox.delete(done)
+        self._to_delete.extend(done)
+        if self._to_delete:
+            # Kept until the outbox takes them: a delete that fails (a full disk) is retried on
+            # the next turn instead of being forgotten.
+            self.outbox.delete(self._to_delete)
+            self._to_delete = []
 
     def _drain_loop(self) -> None:
+        """The drain thread: never ends before stop(). A turn that fails (the outbox cannot be
+        written, …) is logged once and tried again with a growing pause, and the link recovers
+        by itself when the cause goes away."""
+        pause = 0.0
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            self._wake.wait(max(0.5, pause))
             self._wake.clear()
-            self._on_turn()
-            self._collect_acks()
-            if not self.connected.is_set():
-                self._check_connack()
+            try:
+                self._on_turn()
+                self._drain_turn()
+            except Exception as exc:
+                pause = min(5.0, max(0.5, pause * 2))
+                self.drain_errors += 1
+                self._once("drain", "outbox drain failed; retrying", level=logging.ERROR,
+                           error=f"{type(exc).__name__}: {exc}", retry_s=pause)
                 continue
-            room = self.window - len(self._inflight)
-            if room <= 0:
-                continue
-            for row in self.outbox.pending(self._last_sent, room):
-                info = self.client.publish(row.topic, row.payload, qos=1, properties=self._result_props)
-                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                    self._once("publish-error", "publish failed; will retry", rc=mqtt.error_string(info.rc))
-                    break
-                self._inflight[info.mid] = (row.seq, len(row.payload))
-                self._last_sent = row.seq
+            if pause:
+                pause = 0.0
+                self._once.clear("drain")
+                log.info("outbox drain working again", extra=fields(depth=self.outbox.depth))
+
+    def _drain_turn(self) -> None:
+        self._collect_acks()
+        if not self.connected.is_set():
+            self._check_connack()
+            return
+        if self._connects != self._connects_seen:
+            self._connects_seen = self._connects
+            self._barrier = set(self._inflight)
+            self._barrier_until = time.monotonic() + 2 * self.cfg.mqtt.keepalive_s
+        if self._barrier:
+            # Reconnected with results still unacknowledged: paho re-sends them first; new rows
+            # wait until they are acknowledged, so no result overtakes an older one.
+            if time.monotonic() < self._barrier_until:
+                return
+            self._once("barrier", "unacknowledged results were not re-sent in time; resuming",
+                       level=logging.WARNING, waiting=len(self._barrier))
+            self._barrier.clear()
+        room = self.window - len(self._inflight)
+        if room <= 0:
+            return
+        for row in self.outbox.pending(self._last_sent, room):
+            if self._connects != self._connects_seen:
+                break  # reconnected meanwhile: the next turn sets the barrier first
+            info = self.client.publish(row.topic, row.payload, qos=1, properties=self._result_props)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self._once("publish-error", "publish failed; will retry", rc=mqtt.error_string(info.rc))
+                break
+            self._inflight[info.mid] = (row.seq, len(row.payload))
+            self._last_sent = row.seq
 
 
     def _check_connack(self) -> None:
