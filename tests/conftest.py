@@ -173,3 +173,31 @@ def daemon_factory(tmp_path):
     yield make
     for d in procs:
         d.kill()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 1 MiB filesystem (tmpfs) at tmp_path/"state": ENOSPC as a full SD card gives it.
+    Mounting needs root (CI and `make test` run as root); it is unmounted afterwards."""
+    import shutil
+
+    mnt = tmp_path / "state"
+    mnt.mkdir()
+    mount, umount = shutil.which("mount"), shutil.which("umount")
+    r = subprocess.run([mount or "mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt)],
+                       capture_output=True, text=True) if mount else None
+    if r is None or r.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here (needs root): {r.stderr.strip() if r else 'no mount'}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run([umount or "umount", "-l", str(mnt)], capture_output=True)
+
+
+def without_dac_override(argv: list[str]) -> list[str]:
+    """argv run so that file permissions apply even to root (CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH dropped, with util-linux's setpriv), as they do for the service user."""
+    if os.geteuid() != 0:
+        return argv
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *argv]

@@ -133,7 +133,7 @@ class NotifySocket:
 class TcpProxy:
     """A loopback TCP proxy in front of a broker, for cutting connections under a client.
 
-    `hold(True)` stops forwarding in both directions (what is sent meanwhile is kept back, and
+    `refuse(True)` makes the broker look down. `hold(True)` stops forwarding in both directions (what is sent meanwhile is kept back, and
     lost at the next cut, as on a network that went quiet before it dropped); `cut()` closes
     every proxied connection at once; new connections are accepted at once afterwards."""
 
@@ -148,6 +148,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._hold = threading.Event()
+        self._refuse = threading.Event()
         self._closed = threading.Event()
         self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
@@ -158,6 +159,9 @@ class TcpProxy:
                 client, _ = self._srv.accept()
             except OSError:
                 return
+            if self._refuse.is_set():
+                client.close()  # the broker is "down", yet its port stays ours
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -192,6 +196,13 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def refuse(self, on: bool) -> None:
+        """While on, connections are closed as soon as they are made (and open ones are cut):
+        a broker that is down, on a port no other process can take meanwhile."""
+        (self._refuse.set if on else self._refuse.clear)()
+        if on:
+            self.cut()
 
     def hold(self, on: bool) -> None:
         (self._hold.set if on else self._hold.clear)()

@@ -128,7 +128,7 @@ def test_corrupt_outbox_at_start_is_moved_aside(tmp_path, broker, daemon_factory
         d = daemon_factory(cfg).start()
         assert wait_until(lambda: max(col.seqs("test-dev")) > before + 3, 60), d.output()
         out = d.output()
-        assert "outbox file unreadable; moved aside, starting a fresh outbox" in out
+        assert "outbox file corrupt; moved aside, starting a fresh outbox" in out
         assert "Traceback" not in out
         assert [p for p in state.iterdir() if ".corrupt-" in p.name]
         assert min(s for s in col.seqs("test-dev") if s > before) > before  # seq never goes back

@@ -7,6 +7,17 @@ increasing across restarts and a subscriber can tell a gap from a duplicate.
 
 One connection, guarded by a lock: the writer thread appends in batches and the MQTT link reads
 and deletes; every statement is short, so the lock is never held long.
+
+A full filesystem keeps the drop-oldest policy: SQLite needs room in its WAL even to delete, so
+the outbox keeps a small reserve file beside the database (`outbox.db.reserve`). When a write
+fails with "disk full", the reserve is released, the WAL is checkpointed and truncated, the
+oldest rows are deleted, and the write is tried again; the reserve is taken back once the
+filesystem has room. Beside the database, `outbox.db.seq` records how far seq has gone, so a
+database that is lost or emptied never makes seq go back (the reset is logged as an error).
+
+A file that cannot be opened for lack of permission is left alone (OutboxError: the daemon
+exits 69 with one line); only a file SQLite finds corrupt (or that fails `PRAGMA quick_check`)
+is moved aside, after its readable rows are copied into the fresh outbox.
 """
 
 from __future__ import annotations
@@ -50,6 +61,18 @@ class OutboxError(Exception):
     pass
 
 
+# How far ahead of the last committed seq `outbox.db.seq` reserves (one small file write per
+# this many results): after a crash that also lost the database, seq resumes above this.
+SEQ_BLOCK = 256
+# The reserve file: released when the filesystem is full, so deletes and checkpoints have room.
+RESERVE_MAX = 256 << 10
+# Keep the WAL small (pages), so that a checkpoint on a full disk fits in the reserve.
+WAL_PAGES = 32
+# Room the WAL (and its index) needs beside the database: its size limit, twice, and the -shm.
+_WAL_ROOM = 2 * (2 * WAL_PAGES * 4096) + (64 << 10)
+_CORRUPT_CODES = {getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26)}
+
+
 class Outbox:
     def __init__(self, path: Path, *, max_bytes: int = 64 << 20, synchronous: str = "full",
                  max_file_bytes: int | None = None) -> None:
@@ -58,26 +81,54 @@ class Outbox:
         self.max_file_bytes = max_file_bytes  # a hard cap on the database file (SQLITE_FULL beyond)
         self.synchronous = synchronous.upper()
         self.write_errors = 0
-        self._writable_dir(self.path.parent)
+        self.salvaged = 0
+        self.mark_path = Path(f"{self.path}.seq")
+        self.reserve_path = Path(f"{self.path}.reserve")
         self._lock = threading.Lock()
         self._once = Once(log)
+        self._writable_dir(self.path.parent)
+        self._check_access()
+        mark = self._read_mark()
         try:
-            self._open()
+            self._open(seq_floor=0)
         except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from None
             # A corrupted or truncated file must not keep a device offline: keep it for
-            # inspection, start a fresh outbox, and continue the seq above anything it held.
-            floor = self._salvage_seq()
+            # inspection, start a fresh outbox with the rows that can still be read, and
+            # continue the seq above anything it held.
+            rows, old_seq = self._salvage()
+            floor = max(old_seq, mark[1] if mark else 0, max((r[0] for r in rows), default=0))
+            if not floor:
+                floor = int(time.time() * 1000)  # nothing says where seq was: above any it reached
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
                 if src.exists():
                     src.rename(Path(str(aside) + suffix))
-            log.error("outbox file unreadable; moved aside, starting a fresh outbox", extra=fields(
-                path=str(self.path), moved_to=str(aside), error=str(exc), seq_from=floor))
+            log.error("outbox file corrupt; moved aside, starting a fresh outbox", extra=fields(
+                path=str(self.path), moved_to=str(aside), error=str(exc), salvaged=len(rows), seq_from=floor))
             try:
                 self._open(seq_floor=floor)
+                self._restore(rows)
             except sqlite3.DatabaseError as exc2:
                 raise OutboxError(f"{self.path}: cannot open outbox: {exc2}") from None
+        else:
+            if mark and self._seq < mark[0]:
+                # The database holds less than it had committed: it was emptied or replaced
+                # (deleted, truncated, its WAL lost). Seq must not go back.
+                floor = mark[1]
+                log.error("outbox reset: the database is behind its seq record; seq continues above "
+                          "it (results between may be missing)", extra=fields(
+                              path=str(self.path), db_seq=self._seq, recorded_seq=mark[0], seq_from=floor + 1))
+                with self._lock:
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (floor,))
+                    self._seq = floor
+        self._reserved = self._seq
+        self._write_mark(self._seq, self._seq + SEQ_BLOCK)
+        self._take_reserve()
+
+    # -- opening ----------------------------------------------------------------------------------
 
     @staticmethod
     def _writable_dir(directory: Path) -> None:
@@ -91,7 +142,16 @@ class Outbox:
             raise OutboxError(f"{directory}: cannot create the outbox directory "
                               f"({exc.strerror or exc}): {fix}") from None
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise OutboxError(f"{directory}: the outbox directory is not writable by this user: {fix}")
+            raise OutboxError(f"{directory}: the outbox directory is not writable by {_whoami()} "
+                              f"({_owner_mode(directory)}): {fix}")
+
+    def _check_access(self) -> None:
+        """A permission problem is not corruption: say which file and what is missing."""
+        for suffix in ("", "-wal", "-shm", ".seq"):
+            f = Path(f"{self.path}{suffix}")
+            if f.exists() and not os.access(f, os.R_OK | os.W_OK):
+                raise OutboxError(f"{f}: permission denied: the outbox must be readable and writable by "
+                                  f"{_whoami()} ({_owner_mode(f)}); the file is left as it is")
 
     def _open(self, seq_floor: int = 0) -> None:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -99,6 +159,10 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed row survives a power cut, so a published seq is never reused.
             self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            # A small WAL, truncated after each checkpoint: it must fit beside the data on a
+            # nearly full card.
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={2 * WAL_PAGES * 4096}")
             if self.max_file_bytes:
                 page = self._db.execute("PRAGMA page_size").fetchone()[0]
                 self._db.execute(f"PRAGMA max_page_count={max(8, self.max_file_bytes // page)}")
@@ -116,17 +180,144 @@ class Outbox:
             self._db.close()
             raise
 
-    def _salvage_seq(self) -> int:
-        """The highest seq the damaged file still shows; else a floor above any seq it could hold."""
+    def _salvage(self) -> tuple[list, int]:
+        """The rows (and the seq counter) a damaged file still gives up, read-only."""
+        rows: list = []
+        seq = 0
         try:
             db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.DatabaseError:
+            return rows, seq
+        try:
             try:
-                return int(db.execute("SELECT MAX(value) FROM meta WHERE key = 'seq'").fetchone()[0])
+                seq = int(db.execute("SELECT MAX(value) FROM meta WHERE key = 'seq'").fetchone()[0] or 0)
+            except (sqlite3.DatabaseError, TypeError, ValueError):
+                pass
+            # Walk in seq order; past a damaged page, jump ahead and go on where rows read again.
+            after, misses = 0, 0
+            while misses < 64:
+                try:
+                    for r in db.execute("SELECT seq, topic, payload, created FROM outbox WHERE seq > ? "
+                                        "ORDER BY seq", (after,)):
+                        rows.append((int(r[0]), str(r[1]), bytes(r[2]), float(r[3])))
+                        after = rows[-1][0]
+                    break
+                except (sqlite3.DatabaseError, TypeError, ValueError):
+                    misses += 1
+                    after += 1 + misses * misses
+        finally:
+            db.close()
+        return rows, seq
+
+    def _restore(self, rows: list) -> None:
+        if not rows:
+            return
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR IGNORE INTO outbox (seq, topic, payload, created) VALUES (?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.salvaged = len(rows)
+        self._bytes, self._depth = db.execute(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox").fetchone()
+
+    # -- the seq record -----------------------------------------------------------------------------
+
+    def _read_mark(self) -> tuple[int, int] | None:
+        """(committed, reserved): seq had reached at least `committed`, and never passed `reserved`."""
+        try:
+            text = self.mark_path.read_text(encoding="ascii")
+            committed, reserved = (int(x) for x in text.split()[:2])
+            return (committed, reserved) if 0 <= committed <= reserved else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, UnicodeDecodeError):
+            log.warning("outbox seq record unreadable; ignoring it", extra=fields(path=str(self.mark_path)))
+            return None
+
+    def _write_mark(self, committed: int, reserved: int) -> None:
+        """Replace the record atomically (write, fsync, rename). A failure (a full disk) only
+        means a later reset would be detected less precisely: logged once."""
+        tmp = Path(f"{self.mark_path}.tmp")
+        try:
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(f"{committed} {reserved}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.mark_path)
+            self._reserved = reserved
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            self._once("mark", "cannot update the outbox seq record", level=logging.WARNING,
+                       path=str(self.mark_path), error=exc.strerror or str(exc))
+
+    # -- the reserve --------------------------------------------------------------------------------
+
+    def _take_reserve(self) -> None:
+        """Hold RESERVE_MAX bytes (at most an eighth of the filesystem, a quarter of what is
+        free) while there is room: on a full disk it is what lets a checkpoint finish."""
+        if self.reserve_path.exists():
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+            size = min(RESERVE_MAX, st.f_blocks * st.f_frsize // 8, st.f_bavail * st.f_frsize // 4)
+            if size < 16 << 10:
+                return
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
             finally:
-                db.close()
-        except (sqlite3.DatabaseError, TypeError, ValueError):
-            # Milliseconds since the epoch: larger than any seq a device produces at its rates.
-            return int(time.time() * 1000)
+                os.close(fd)
+        except FileExistsError:
+            return
+        except OSError:
+            try:
+                self.reserve_path.unlink()
+            except OSError:
+                pass
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve_path.unlink()
+            return True
+        except OSError:
+            return False
+
+    def _fit_cap(self) -> None:
+        """Cap the database at its size plus the free space beyond the WAL's and the reserve's
+        room (and at `max_file_bytes`); re-done on every full episode, so space freed on the
+        filesystem is used again."""
+        db = self._db
+        try:
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            st = os.statvfs(self.path.parent)
+            headroom = RESERVE_MAX + _WAL_ROOM
+            grow = max(0, st.f_bavail * st.f_frsize - headroom) // page
+            cap = pages + grow
+            if self.max_file_bytes:
+                cap = min(cap, max(8, self.max_file_bytes // page))
+            db.execute(f"PRAGMA max_page_count={cap}")
+        except (OSError, sqlite3.OperationalError):
+            pass
+
+    def _lift_cap(self) -> None:
+        page = self._db.execute("PRAGMA page_size").fetchone()[0]
+        cap = max(8, self.max_file_bytes // page) if self.max_file_bytes else 0xFFFFFFFE
+        self._db.execute(f"PRAGMA max_page_count={cap}")
+
+    def _checkpoint(self, mode: str) -> None:
+        try:
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except sqlite3.OperationalError:
+            pass
 
     def _meta(self, key: str) -> int:
         return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
@@ -148,8 +339,9 @@ class Outbox:
         returns the payload for the sequence number assigned to it. Returns the seqs.
 
         When the disk (or the file's size cap) is full, the oldest rows are dropped to make
-        room, as the size bound would; if even that does not help, the batch itself is dropped.
-        Either way it is counted in `dropped`, and the daemon carries on.
+        room, as the size bound would (releasing the reserve and checkpointing first, so that
+        the deletes themselves have room); if even that does not help, the batch itself is
+        dropped. Either way it is counted in `dropped`, and the daemon carries on.
         """
         if not items:
             return []
@@ -158,10 +350,11 @@ class Outbox:
             first = self._seq + 1
             rows = [(first + i, topic, encode(first + i), now) for i, (topic, encode) in enumerate(items)]
             added = sum(len(r[2]) for r in rows)
-            for attempt in range(3):
+            if rows[-1][0] > self._reserved:
+                self._write_mark(self._seq, rows[-1][0] + SEQ_BLOCK)
+            for attempt in range(6):
                 try:
-                    room, bound = self._insert(rows, self._bytes + added, make_room=attempt)
-                    dropped = (room[0] + bound[0], room[1] + bound[1])
+                    bound = self._insert(rows, self._bytes + added)
                     break
                 except sqlite3.OperationalError as exc:
                     if not _is_full(exc):
@@ -169,42 +362,75 @@ class Outbox:
                     self.write_errors += 1
                     self._once("full", "outbox storage full; dropping oldest results to make room",
                                level=logging.ERROR, path=str(self.path), error=str(exc))
+                    self._make_room(max(self._bytes // 10, added) * attempt, attempt)
             else:
                 # Nothing could be written: these results are lost, and counted as such.
                 self._seq = rows[-1][0]
                 self.dropped += len(rows)
                 return []
             self._seq = rows[-1][0]
-            self._bytes += added - dropped[1]
-            self._depth += len(rows) - dropped[0]
-            self.dropped += dropped[0]
+            self._bytes += added - bound[1]
+            self._depth += len(rows) - bound[0]
+            self.dropped += bound[0]
         if bound[0]:
             self._once("bound", "outbox reached outbox.max_bytes: dropping the oldest results "
                        "(see stats.dropped)", max_bytes=self.max_bytes)
         return [r[0] for r in rows]
 
-    def _insert(self, rows: list, total: int, make_room: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Insert a batch; returns (rows, bytes) dropped to make room and (rows, bytes) dropped
-        by the size bound."""
+    def _make_room(self, want: int, attempt: int) -> None:
+        """Storage is full: delete the oldest rows covering `want` bytes in their own
+        transaction, so the insert can reuse their pages. Under the lock.
+
+        What was measured to work on a full 1 MiB tmpfs (tests/test_outbox_faults.py): release
+        the reserve, checkpoint the WAL, and cap the database file at what the filesystem
+        holds, less room for the WAL and the reserve. From then on a full outbox is SQLite's
+        own "full" at the cap, where deleting the oldest rows frees pages the next insert
+        reuses; without the cap, the file grows into the room the WAL needs and even a delete
+        fails (the outbox then kept the oldest rows and dropped every new one)."""
+        if not attempt:
+            # First, room without losing anything: the reserve, a checkpointed WAL, a cap.
+            self._release_reserve()
+            self._checkpoint("RESTART")
+            self._checkpoint("TRUNCATE")
+            self._fit_cap()
+            return
+        self._checkpoint("RESTART")
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                n, freed = self._drop_oldest(want)
+                db.execute(f"UPDATE meta SET value = {self.dropped + n} WHERE key = 'dropped'")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+            return  # not even that fits: the next attempt asks for more, after a checkpoint
+        self._bytes -= freed
+        self._depth -= n
+        self.dropped += n
+        self._checkpoint("RESTART")  # the deleted pages are free for the insert
+
+    def _insert(self, rows: list, total: int) -> tuple[int, int]:
+        """Insert a batch; returns the (rows, bytes) dropped by the size bound."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            freed = (0, 0)
-            if make_room:
-                # Storage is full below our own bound: free a tenth of the outbox (at least the
-                # batch's size), oldest first, per attempt.
-                want = max(self._bytes // 10, sum(len(r[2]) for r in rows)) * make_room
-                freed = self._drop_oldest(want)
             db.executemany("INSERT INTO outbox (seq, topic, payload, created) VALUES (?, ?, ?, ?)", rows)
             db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (rows[-1][0],))
-            more = self._drop_oldest(total - freed[1] - self.max_bytes)
-            db.execute(f"UPDATE meta SET value = {self.dropped + freed[0] + more[0]} WHERE key = 'dropped'")
+            more = self._drop_oldest(total - self.max_bytes)
+            if more[0]:
+                db.execute(f"UPDATE meta SET value = {self.dropped + more[0]} WHERE key = 'dropped'")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return freed, more
+        return more
 
     def _drop_oldest(self, excess: int) -> tuple[int, int]:
         """Delete the oldest rows covering `excess` bytes, inside the caller's transaction.
@@ -229,18 +455,46 @@ class Outbox:
             return [Row(s, t, bytes(p)) for s, t, p in cur]
 
     def delete(self, seqs: Iterable[int]) -> None:
-        """Forget rows the broker has acknowledged."""
+        """Forget rows the broker has acknowledged. Raises sqlite3.OperationalError when even
+        that cannot be written (the caller keeps the seqs and tries again)."""
         seqs = list(seqs)
         if not seqs:
             return
         with self._lock:
-            db = self._db
-            # No fsync for deletes: one lost to a power cut only brings back an acknowledged row,
-            # sent again after the restart (a duplicate, which at-least-once allows). The next
-            # synced commit makes it durable anyway, since the WAL is written in order.
-            relax = self.synchronous == "FULL"
-            if relax:
-                db.execute("PRAGMA synchronous=NORMAL")
+            for attempt in range(2):
+                try:
+                    freed, n = self._delete(seqs)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _is_full(exc) or attempt:
+                        raise
+                    # A delete needs WAL room too: make some, as append does, and try once more.
+                    self.write_errors += 1
+                    self._release_reserve()
+                    self._checkpoint("TRUNCATE")
+            self._bytes -= freed
+            self._depth -= n
+            if self._depth == 0:
+                # Drained: a later full disk or full bound is a new episode, worth a new line.
+                self._once.clear("full")
+                self._once.clear("bound")
+                if self.write_errors and not self.reserve_path.exists():
+                    # The episode is over: take the reserve back and let the file grow again
+                    # (if there is still no room, the next full episode caps it again).
+                    self._checkpoint("TRUNCATE")
+                    self._take_reserve()
+                    if self.reserve_path.exists():
+                        self._lift_cap()
+
+    def _delete(self, seqs: list[int]) -> tuple[int, int]:
+        db = self._db
+        # No fsync for deletes: one lost to a power cut only brings back an acknowledged row,
+        # sent again after the restart (a duplicate, which at-least-once allows). The next
+        # synced commit makes it durable anyway, since the WAL is written in order.
+        relax = self.synchronous == "FULL"
+        if relax:
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
             db.execute("BEGIN IMMEDIATE")
             try:
                 freed, n = db.execute(
@@ -249,21 +503,55 @@ class Outbox:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", ((s,) for s in seqs))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may already have rolled back (it does on a full disk).
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            finally:
-                if relax:
-                    db.execute("PRAGMA synchronous=FULL")
-            self._bytes -= freed
-            self._depth -= n
-            if self._depth == 0:
-                # Drained: a later full disk or full bound is a new episode, worth a new line.
-                self._once.clear("full")
-                self._once.clear("bound")
+        finally:
+            if relax:
+                db.execute("PRAGMA synchronous=FULL")
+        return freed, n
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                self._db.close()
+            finally:
+                # A clean stop: the record says exactly where seq is.
+                self._write_mark(self._seq, self._seq)
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _CORRUPT_CODES
+    text = str(exc).lower()
+    return "integrity check failed" in text or "malformed" in text or "not a database" in text
+
+
+def _whoami() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _owner_mode(path: Path) -> str:
+    import pwd
+    import stat as st_mod
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f"owner {owner}, mode {st_mod.filemode(st.st_mode)}"
 
 
 def _is_full(exc: sqlite3.OperationalError) -> bool:
