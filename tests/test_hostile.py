@@ -9,6 +9,7 @@ import json
 import os
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -339,3 +340,43 @@ def test_tls_to_a_plain_port_says_so(tmp_path, broker, daemon_factory):
         assert d.proc.poll() is None
     finally:
         d.kill()
+
+
+# -- the reference subscriber ----------------------------------------------------------------------
+
+def test_subscriber_survives_forged_results_and_reports_gaps_as_ranges(tmp_path, broker):
+    sub = subprocess.Popen([sys.executable, "-m", "edged", "subscribe", "--port", str(broker.port),
+                            "--db", str(tmp_path / "r.db"), "--count", "4", "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    pub = Requester(broker)
+    try:
+        topic = "edged/dev1/motion"
+
+        def first_stored() -> bool:
+            # Sent until the subscriber has stored it: then it is surely subscribed.
+            pub.send(topic, json.dumps({"v": 1, "device_id": "dev1", "seq": 1, "ts": 1.0}).encode())
+            try:
+                db = sqlite3.connect(f"file:{tmp_path / 'r.db'}?mode=ro", uri=True)
+                try:
+                    return db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 1
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                return False
+
+        assert wait_until(first_stored, 30, interval=0.2)
+        for forged in (b'{"seq": 1e20}', b'{"seq": "12"}', b'{"seq": -5}', b'{"seq": true}', b'[1, 2]',
+                       b'{"seq": 7, "ts": "now"}', b'{"seq": 18446744073709551616}', b'\xa1cseq\xfb\x7f\xf0\x00\x00\x00\x00\x00\x00'):
+            pub.send(topic, forged)
+        epoch_ms = int(time.time() * 1000)
+        for seq in (2, 5, epoch_ms):  # a jump to epoch milliseconds, as a reset outbox made
+            pub.send(topic, json.dumps({"v": 1, "device_id": "dev1", "seq": seq, "ts": 1.0}).encode())
+        out, err = sub.communicate(timeout=60)
+    finally:
+        pub.close()
+        if sub.poll() is None:
+            sub.kill()
+    assert sub.returncode == 0, err
+    line = next(ln for ln in err.splitlines() if "dev1:" in ln)
+    assert f"4 results (seq 1–{epoch_ms})" in line, line
+    assert f"{epoch_ms - 4} missing: 3–4, 6–{epoch_ms - 1}" in line and "7 rejected, 1 undecodable" in line, line

@@ -40,18 +40,47 @@ CREATE TABLE IF NOT EXISTS status (
 """
 
 
+# A seq is a positive integer that fits SQLite's INTEGER; anything else is forged or broken.
+MAX_SEQ = (1 << 63) - 1
+
+
 @dataclass
 class DeviceTally:
     received: int = 0
     duplicates: int = 0
     undecodable: int = 0
+    rejected: int = 0            # decodable, but with an impossible seq or field (forged?)
     seqs: set[int] = field(default_factory=set)
 
-    def gaps(self) -> list[int]:
-        """Seqs between the lowest and highest seen that never arrived."""
-        if not self.seqs:
-            return []
-        return sorted(set(range(min(self.seqs), max(self.seqs) + 1)) - self.seqs)
+    def gaps(self) -> list[tuple[int, int]]:
+        """Runs of seqs between the lowest and highest seen that never arrived, as
+        (first, last) ranges: the work is in the seqs received, not the span they cover."""
+        out = []
+        prev = None
+        for s in sorted(self.seqs):
+            if prev is not None and s > prev + 1:
+                out.append((prev + 1, s - 1))
+            prev = s
+        return out
+
+    def missing(self) -> int:
+        return sum(b - a + 1 for a, b in self.gaps())
+
+
+def result_seq(body: object) -> int | None:
+    """The seq of a decoded result, or None when the result cannot be genuine: not an object,
+    a seq that is not an integer in 1…2⁶³−1, a ts that is not a finite number."""
+    import math
+
+    if not isinstance(body, dict):
+        return None
+    seq = body.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
+        return None
+    ts = body.get("ts")
+    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts)):
+        return None
+    return seq
 
 
 class Collector:
@@ -64,6 +93,8 @@ class Collector:
         self.statuses: dict[str, list[str]] = {}
         self.on_result = on_result
         self.paused = False  # set (e.g. from on_result) to ignore everything that arrives after
+        self.errors = 0             # messages whose handling failed (the network thread goes on)
+        self.failure: str | None = None   # the first such failure, in words
         self._lock = threading.Lock()
         self.db_path = str(db_path)
         self._db: sqlite3.Connection | None = None  # opened once the broker has accepted us
@@ -131,6 +162,15 @@ class Collector:
         client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
 
     def _on_message(self, client, userdata, msg) -> None:
+        # On paho's network thread: an exception would end it, and every later result with it.
+        try:
+            self._take(msg)
+        except Exception as exc:
+            self.errors += 1
+            if self.failure is None:
+                self.failure = f"{type(exc).__name__}: {exc}"
+
+    def _take(self, msg) -> None:
         if self.paused:
             return
         parts = msg.topic.split("/")
@@ -149,9 +189,17 @@ class Collector:
             t = self.tally.setdefault(device, DeviceTally())
             try:
                 body = codec.decode(msg.payload, content_type)
-                seq = int(body["seq"])
             except Exception:
                 t.undecodable += 1
+                return
+            seq = result_seq(body)
+            if seq is None:
+                t.rejected += 1
+                return
+            try:
+                text = json.dumps(body, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                t.rejected += 1
                 return
             t.received += 1
             if seq in t.seqs:
@@ -159,9 +207,14 @@ class Collector:
                 return
             t.seqs.add(seq)
             self._db.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                             (device, seq, leaf, body.get("ts"), now, json.dumps(body)))
+                             (device, seq, leaf, body.get("ts"), now, text))
         if self.on_result:
             self.on_result(device, leaf, body)
+
+    def alive(self) -> bool:
+        """Whether paho's network thread is still running (after start())."""
+        thread = getattr(self.client, "_thread", None)
+        return thread is not None and thread.is_alive()
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -178,7 +231,8 @@ class Collector:
     def summary(self) -> dict:
         with self._lock:
             return {d: {"received": t.received, "unique": len(t.seqs), "duplicates": t.duplicates,
-                        "undecodable": t.undecodable, "first_seq": min(t.seqs) if t.seqs else None,
+                        "undecodable": t.undecodable, "rejected": t.rejected,
+                        "missing": t.missing(), "first_seq": min(t.seqs) if t.seqs else None,
                         "last_seq": max(t.seqs) if t.seqs else None, "gaps": t.gaps()}
                     for d, t in self.tally.items()}
 
@@ -208,8 +262,17 @@ def run_cli(args) -> int:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"edged: cannot subscribe at {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 69
+    end = time.monotonic() + args.seconds if args.seconds else None
+    status = 0
     try:
-        stop.wait(args.seconds if args.seconds else None)
+        while not stop.wait(0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))):
+            if end is not None and time.monotonic() >= end:
+                break
+            if not col.alive():
+                print(f"edged: the MQTT network thread stopped ({col.failure or 'no reason given'}); "
+                      "results after this point were not received", file=sys.stderr)
+                status = 1
+                break
     except KeyboardInterrupt:
         pass
     # Stop receiving before counting, so the summary covers exactly what was printed and stored.
@@ -219,8 +282,13 @@ def run_cli(args) -> int:
     col.stop()
     for device, s in sorted(summary.items()):
         gaps = s["gaps"]
-        shown = ",".join(map(str, gaps[:20])) + ("…" if len(gaps) > 20 else "")
+        shown = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in gaps[:10]) + ("…" if len(gaps) > 10 else "")
+        extra = f", {s['rejected']} rejected" if s["rejected"] else ""
+        extra += f", {s['undecodable']} undecodable" if s["undecodable"] else ""
         print(f"edged: {device}: {s['unique']} results (seq {s['first_seq']}–{s['last_seq']}), "
-              f"{s['duplicates']} duplicates, {len(gaps)} missing{': ' + shown if gaps else ''}",
+              f"{s['duplicates']} duplicates, {s['missing']} missing{': ' + shown if gaps else ''}{extra}",
               file=sys.stderr)
-    return 0
+    if col.errors and not status:
+        print(f"edged: {col.errors} messages could not be handled (first: {col.failure})", file=sys.stderr)
+        status = 1
+    return status
