@@ -132,21 +132,34 @@ def get(name: str) -> Codec:
 
 
 def decode(payload: bytes, content_type: str | None = None) -> dict:
-    """A result payload of either codec as a dict; CBOR signatures become lists of ints."""
+    """A result payload of either codec as a dict; CBOR signatures become lists of ints.
+    Anything that is not one (malformed, nested too deeply, not a map) raises ValueError."""
+    try:
+        obj = _decode(bytes(payload), content_type)
+    except ValueError:
+        raise
+    except Exception as exc:  # RecursionError, cbor2's own errors, …: all mean "not a result"
+        raise ValueError(f"undecodable payload ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("payload is not a map")
+    return obj
+
+
+def _decode(payload: bytes, content_type: str | None) -> object:
     if content_type == JSON.content_type or (content_type is None and payload[:1] == b"{"):
         return json.loads(payload)
     import cbor2
 
     obj = cbor2.loads(payload)
-    if not isinstance(obj, dict):
-        raise ValueError("payload is not a map")
-    sig = obj.get("signature")
-    if isinstance(sig, (bytes, bytearray)):
-        obj["signature"] = [b - 256 if b > 127 else b for b in sig]
-    for o in obj.get("objects") or ():
-        sig = o.get("signature") if isinstance(o, dict) else None
+    if isinstance(obj, dict):
+        sig = obj.get("signature")
         if isinstance(sig, (bytes, bytearray)):
-            o["signature"] = [b - 256 if b > 127 else b for b in sig]
+            obj["signature"] = [b - 256 if b > 127 else b for b in sig]
+        objects = obj.get("objects")
+        for o in objects if isinstance(objects, list) else ():
+            sig = o.get("signature") if isinstance(o, dict) else None
+            if isinstance(sig, (bytes, bytearray)):
+                o["signature"] = [b - 256 if b > 127 else b for b in sig]
     return obj
 
 
