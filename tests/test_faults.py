@@ -103,7 +103,8 @@ def test_outbox_on_a_full_disk_drops_by_policy_and_counts(tmp_path, daemon_facto
         broker.start()
         assert wait_until(lambda: last_seq(state) - max(col.seqs("test-dev"), default=0) < 5, 60), d.output()
         assert d.stop() == 0
-        assert wait_until(lambda: len(account(col, state)["missing"]) == account(col, state)["dropped"], 30)
+        assert wait_until(lambda: len(account(col, state)["missing"]) == account(col, state)["dropped"], 30), \
+            {k: v if k != "missing" else (len(v), v[:3], v[-3:]) for k, v in account(col, state).items()}
         acc = account(col, state)
         # Every result is either received or counted as dropped, and the dropped ones are the
         # oldest (nothing was delivered before the broker came back).

@@ -86,3 +86,15 @@ def test_corrupt_file_is_moved_aside_and_seq_continues(tmp_path):
     seqs = ob.append([("t", enc(b"b"))])
     assert seqs[0] > 7  # never reuses a seq a subscriber may already have seen
     ob.close()
+
+
+def test_a_row_dropped_while_in_flight_and_then_acknowledged_is_not_counted_as_dropped(tmp_path):
+    ob = Outbox(tmp_path / "o.db", max_bytes=64 * 1024)
+    ob.append([("t", enc(b"x" * 1000)) for _ in range(100)])  # the bound drops the oldest
+    assert ob.dropped > 0
+    first = ob.pending(0, 1)[0].seq
+    before = ob.dropped
+    ob.delete([first - 1, first])  # acks for a dropped row (it was in flight) and a stored one
+    assert ob.dropped == before - 1 and ob.depth == 100 - before - 1
+    ob.close()
+    assert Outbox(tmp_path / "o.db").dropped == before - 1

@@ -364,9 +364,15 @@ class Outbox:
                                level=logging.ERROR, path=str(self.path), error=str(exc))
                     self._make_room(max(self._bytes // 10, added) * attempt, attempt)
             else:
-                # Nothing could be written: these results are lost, and counted as such.
+                # Nothing could be written: these results are lost, and counted as such (on disk
+                # too, if even that small write fits).
                 self._seq = rows[-1][0]
                 self.dropped += len(rows)
+                try:
+                    self._db.execute("UPDATE meta SET value = CASE key WHEN 'seq' THEN ? ELSE ? END "
+                                     "WHERE key IN ('seq', 'dropped')", (self._seq, self.dropped))
+                except sqlite3.OperationalError:
+                    pass
                 return []
             self._seq = rows[-1][0]
             self._bytes += added - bound[1]
@@ -474,6 +480,7 @@ class Outbox:
                     self._checkpoint("TRUNCATE")
             self._bytes -= freed
             self._depth -= n
+            self.dropped = max(0, self.dropped - (len(set(seqs)) - n))
             if self._depth == 0:
                 # Drained: a later full disk or full bound is a new episode, worth a new line.
                 self._once.clear("full")
@@ -501,6 +508,12 @@ class Outbox:
                     f"SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox WHERE seq IN "
                     f"({','.join('?' * len(seqs))})", seqs).fetchone()
                 db.executemany("DELETE FROM outbox WHERE seq = ?", ((s,) for s in seqs))
+                # An acknowledged row that is no longer here was dropped to make room while it
+                # was in flight: it reached the broker after all, so it is not counted as dropped.
+                delivered_anyway = len(set(seqs)) - n
+                if delivered_anyway > 0:
+                    db.execute("UPDATE meta SET value = MAX(0, value - ?) WHERE key = 'dropped'",
+                               (delivered_anyway,))
                 db.execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back (it does on a full disk).
