@@ -178,7 +178,8 @@ _collector = None
 def collector() -> Collector:
     global _collector
     if _collector is None:
-        _collector = Collector()  # not started: only its message handling is exercised
+        _collector = Collector()  # not connected: only its message handling is exercised
+        _collector.open_store()
     return _collector
 
 

@@ -154,12 +154,16 @@ class Collector:
             self._subscribed.set()
             client.disconnect()
             return
+        self.open_store()
+        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
+
+    def open_store(self) -> None:
+        """Open the SQLite store (done on the first successful connect)."""
         with self._lock:
             if self._db is None:
                 self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.executescript(_SCHEMA)
-        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
 
     def _on_message(self, client, userdata, msg) -> None:
         # On paho's network thread: an exception would end it, and every later result with it.

@@ -44,7 +44,8 @@ def decode_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 if w * h > max_pixels:
                     raise ImageRefused(f"{path}: image is {w}×{h} = {w * h} pixels, more than "
                                        f"camera.max_pixels ({max_pixels}); refused")
-                return np.asarray(im.convert("RGB"))
+                im.load()
+                return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except CameraError:
         raise
     except Image.DecompressionBombError as exc:
