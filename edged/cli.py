@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _release_parser(sub) -> None:
+    from edged.rollout import ARTEFACT_KINDS
+
     rl = sub.add_parser("release", help="cloud side: signed model releases for the fleet (a TUF repository)",
                         description="Build and change the repository devices update their models from "
                                     "(The Update Framework; docs/updates.md). Needs the cloud extra: "
@@ -297,21 +299,38 @@ def _release_parser(sub) -> None:
     a.add_argument("--tolerance", type=float, help="allowed self-test difference, as a share of each output's range "
                                                    "(default: 0.05)")
     a.add_argument("--min-edged", metavar="VERSION", help="oldest edged that may install it (default: this one)")
+    ar = rls.add_parser("artefact", help="release a model's centroids or label map on its own, without a new model",
+                        description="Add FILE as artefact release NAME/KIND/VERSION: motion centroids (from "
+                                    "edged signatures build / enroll; NAME defaults to the model the file names) "
+                                    "or a label map (one label per line, as many as the model's classes). "
+                                    "Devices running model NAME install it once rolled out (--kind on rollout), "
+                                    "if it fits the model they run.")
+    ar.add_argument("repo", metavar="REPO")
+    ar.add_argument("file", metavar="FILE")
+    ar.add_argument("--kind", required=True, choices=ARTEFACT_KINDS)
+    ar.add_argument("--name", help="the model it is for (default, for centroids: the file's model)")
+    ar.add_argument("--version", type=int, required=True, help="a positive integer, new for NAME and KIND")
+    ar.add_argument("--min-edged", metavar="VERSION", help="oldest edged that may install it (default: this one)")
+    kinds = ("model",) + ARTEFACT_KINDS
     ro = rls.add_parser("rollout", help="offer a release to PERCENT of a channel's devices",
                         description="Set the share of devices (by a stable hash of their id) that run "
-                                    "NAME/VERSION on a channel; raising it only adds devices.")
+                                    "NAME/VERSION (of the model, or with --kind of its artefact) on a channel; "
+                                    "raising it only adds devices.")
     ro.add_argument("repo", metavar="REPO")
     ro.add_argument("--name", required=True)
     ro.add_argument("--version", type=int, required=True)
     ro.add_argument("--percent", type=float, required=True)
     ro.add_argument("--channel", default="stable", help="(default: %(default)s)")
+    ro.add_argument("--kind", default="model", choices=kinds, help="what is rolled out (default: %(default)s)")
     rv = rls.add_parser("revoke", help="withdraw a release: devices running it leave it",
                         description="Withdraw NAME/VERSION from a channel (default: every channel); devices "
-                                    "go back to the highest version still offered, else the shipped model.")
+                                    "go back to the highest version still offered, else the shipped model "
+                                    "(for an artefact: the highest still offered, else none).")
     rv.add_argument("repo", metavar="REPO")
     rv.add_argument("--name", required=True)
     rv.add_argument("--version", type=int, required=True)
     rv.add_argument("--channel")
+    rv.add_argument("--kind", default="model", choices=kinds, help="what is withdrawn (default: %(default)s)")
     st = rls.add_parser("status", help="releases, channels, expiry, and with --broker what devices run",
                         description="Print the repository's releases, channels and metadata expiry; with "
                                     "--broker, also every device's retained models report.")

@@ -255,6 +255,10 @@ class UpdatesConfig:
     bandwidth_kbps: int = field(default=0, metadata=_check(min=0, max=10_000_000))  # 0 = no cap
     health_window_s: float = field(default=600.0, metadata=_check(min=1, max=7 * 86400))
     max_download_bytes: int = field(default=64 * 1024 * 1024, metadata=_check(min=1024, max=1 << 34))
+    # A message on <prefix>/fleet/release (retained, any payload: it is not trusted) makes the
+    # device check the repository at once; however many arrive, at most one check per interval.
+    announce: bool = True
+    announce_interval_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
 
 
 @dataclass
@@ -284,6 +288,10 @@ class Config:
 
     def topic(self, leaf: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device_id}/{leaf}"
+
+    def fleet_topic(self, leaf: str) -> str:
+        """A topic every device under the prefix reads (never writes): `<prefix>/fleet/<leaf>`."""
+        return f"{self.mqtt.topic_prefix}/fleet/{leaf}"
 
 
 def _sanitize_id(name: str) -> str:

@@ -54,6 +54,9 @@ class ModelEntry:
     edgetpu_sha256: str | None = None
     edgetpu_size: int | None = None
     manifest: Path | None = None  # the file that defines it (manifest.toml or manifest.d/*.toml)
+    # A centroid file an update installed for this model (an artefact release, edged.artefacts):
+    # the motion stage labels by it rather than by motion.centroids.
+    centroids: Path | None = None
 
 
 def _manifest_docs(models_dir: Path) -> list[tuple[Path, dict]]:

@@ -11,6 +11,13 @@ A device is in a rollout when its cohort (a stable hash of the model name and it
 0 ≤ c < 100) is below the rollout's percent: the same device is always in or out, and raising the
 percent only adds devices. Each device runs the highest version whose rollout admits it; a revoked
 version is never chosen, and a device running one leaves it.
+
+Small artefacts released on their own — a model's motion centroids, its label map — have rollouts
+of their own, per model and kind, under "artefacts" (absent when there are none):
+
+    "artefacts": {"motion": {"centroids": {"rollouts": [{"version": 4, "percent": 100.0}], "revoked": []}}}
+
+Their cohort is the model's: the devices that try a model first also try its artefacts first.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from dataclasses import dataclass, field
 BUCKETS = 10_000  # cohort resolution: 0.01 %
 CHANNEL_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# What may be released without a model: centroids (edged.centroids' file, for a motion model) and
+# a label map (one label per line, as many as the model has classes).
+ARTEFACT_KINDS = ("centroids", "labels")
 
 
 class ChannelError(ValueError):
@@ -49,16 +59,39 @@ class ModelRollout:
         return max(ok) if ok else None
 
 
+def _rollout_doc(m: ModelRollout) -> dict:
+    return {"rollouts": [{"version": v, "percent": p} for v, p in sorted(m.rollouts.items(), reverse=True)],
+            "revoked": sorted(m.revoked)}
+
+
+def _rollout_from(m, where: str) -> ModelRollout:
+    rollouts = {}
+    for r in m["rollouts"]:
+        v, p = r["version"], r["percent"]
+        if type(v) is not int or v < 1 or not isinstance(p, (int, float)) or not 0 <= p <= 100:
+            raise ChannelError(f"{where}: bad rollout {r!r}")
+        rollouts[v] = float(p)
+    revoked = set(m.get("revoked", []))
+    if not all(type(v) is int for v in revoked):
+        raise ChannelError(f"{where}.revoked: expected version numbers")
+    return ModelRollout(rollouts, revoked)
+
+
 @dataclass
 class Channel:
     name: str
     models: dict[str, ModelRollout] = field(default_factory=dict)
+    artefacts: dict[str, dict[str, ModelRollout]] = field(default_factory=dict)  # model -> kind -> rollout
+
+    def artefact(self, name: str, kind: str) -> ModelRollout | None:
+        return self.artefacts.get(name, {}).get(kind)
 
     def to_bytes(self) -> bytes:
-        doc = {"v": 1, "channel": self.name, "models": {
-            n: {"rollouts": [{"version": v, "percent": p} for v, p in sorted(m.rollouts.items(), reverse=True)],
-                "revoked": sorted(m.revoked)}
-            for n, m in sorted(self.models.items())}}
+        doc = {"v": 1, "channel": self.name,
+               "models": {n: _rollout_doc(m) for n, m in sorted(self.models.items())}}
+        if any(self.artefacts.values()):
+            doc["artefacts"] = {n: {k: _rollout_doc(m) for k, m in sorted(kinds.items())}
+                                for n, kinds in sorted(self.artefacts.items()) if kinds}
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -67,19 +100,13 @@ class Channel:
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("v") != 1:
                 raise ChannelError(f"{where}: not a version 1 channel document")
-            models = {}
-            for name, m in doc["models"].items():
-                rollouts = {}
-                for r in m["rollouts"]:
-                    v, p = r["version"], r["percent"]
-                    if type(v) is not int or v < 1 or not isinstance(p, (int, float)) or not 0 <= p <= 100:
-                        raise ChannelError(f"{where}: models.{name}: bad rollout {r!r}")
-                    rollouts[v] = float(p)
-                revoked = set(m.get("revoked", []))
-                if not all(type(v) is int for v in revoked):
-                    raise ChannelError(f"{where}: models.{name}.revoked: expected version numbers")
-                models[str(name)] = ModelRollout(rollouts, revoked)
-            return cls(str(doc["channel"]), models)
+            models = {str(name): _rollout_from(m, f"{where}: models.{name}") for name, m in doc["models"].items()}
+            artefacts = {}
+            for name, kinds in (doc.get("artefacts") or {}).items():
+                # A kind this edged does not know (from a newer release tool) is not an error.
+                artefacts[str(name)] = {k: _rollout_from(m, f"{where}: artefacts.{name}.{k}")
+                                        for k, m in kinds.items() if k in ARTEFACT_KINDS}
+            return cls(str(doc["channel"]), models, artefacts)
         except ChannelError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -14,8 +14,11 @@ device side is `edged.service.updater`, which trusts only what the pinned root a
 A release of model NAME at version N is the model file (and its `_edgetpu` variant), the files
 its manifest entry names (labels, anchors, centroids), golden self-test vectors, and
 `release.json` (the manifest entry, the minimum edged version, the file list), all as targets
-under models/NAME/N/. Who should run it is the channel document (`edged.rollout`): a percent per
-version, and revoked versions. Every change re-signs targets, snapshot and timestamp; the
+under models/NAME/N/. Small artefacts are released on their own, without a new model
+(`add_artefact`): a motion model's centroids (e.g. after `edged signatures enroll`) or a label map,
+as `artefacts/NAME/KIND/N/` (the file and its `release.json`), with versions of their own. Who
+should run what is the channel document (`edged.rollout`): a percent per version, and revoked
+versions, for models and for artefacts. Every change re-signs targets, snapshot and timestamp; the
 timestamp expires after a day, so a repository must be refreshed (`edged release refresh`, e.g.
 hourly from cron) or devices stop trusting it: that is TUF's protection against a frozen mirror.
 """
@@ -37,7 +40,8 @@ from tuf.api.metadata import (Metadata, MetaFile, Root, Snapshot, TargetFile, Ta
 from tuf.api.serialization.json import JSONSerializer
 
 from edged import __version__
-from edged.rollout import CHANNEL_RE, NAME_RE, Channel, ChannelError, ModelRollout
+from edged import artefacts as art
+from edged.rollout import ARTEFACT_KINDS, CHANNEL_RE, NAME_RE, Channel, ChannelError, ModelRollout
 from edged.selftest import Golden
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
@@ -190,6 +194,18 @@ class Repository:
                 out.setdefault(m.group(1), []).append(int(m.group(2)))
         return {k: sorted(v) for k, v in sorted(out.items())}
 
+    def artefacts(self) -> dict[str, dict[str, list[int]]]:
+        """Model name -> artefact kind -> released versions."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for p in self.targets.signed.targets:
+            m = re.fullmatch(rf"artefacts/([^/]+)/([^/]+)/(\d+)/{DESCRIPTOR}", p)
+            if m:
+                out.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(int(m.group(3)))
+        return {n: {k: sorted(v) for k, v in sorted(kinds.items())} for n, kinds in sorted(out.items())}
+
+    def _versions(self, name: str, kind: str) -> list[int]:
+        return self.releases().get(name, []) if kind == "model" else self.artefacts().get(name, {}).get(kind, [])
+
     def channel(self, name: str) -> Channel:
         data = self.read_target(f"channels/{name}.json")
         return Channel.from_bytes(data, f"channels/{name}.json") if data else Channel(name)
@@ -236,31 +252,78 @@ class Repository:
         self._add_target(f"{base}/{DESCRIPTOR}", json.dumps(descriptor, indent=1, sort_keys=True).encode())
         return Release(name, version, str(entry.get("task")), sorted(files))
 
-    def rollout(self, name: str, version: int, percent: float, channel: str = "stable") -> Channel:
+    def add_artefact(self, path: str | Path, kind: str, *, version: int, name: str | None = None,
+                     min_edged: str | None = None) -> Release:
+        """Release a small artefact for model NAME on its own: centroids (their file names the model,
+        the default NAME) or a label map. Checked here as the device will check it."""
+        path = Path(path)
+        if kind not in ARTEFACT_KINDS:
+            raise ReleaseError(f"--kind: expected one of {', '.join(ARTEFACT_KINDS)}, got {kind!r}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ReleaseError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            artefact = art.parse(kind, data, str(path))
+        except art.ArtefactError as exc:
+            raise ReleaseError(str(exc)) from None
+        if kind == "centroids":
+            if name and artefact.model and name != artefact.model:
+                raise ReleaseError(f"{path}: centroids for model {artefact.model!r}, not --name {name!r}")
+            name = name or artefact.model
+            if not name:
+                raise ReleaseError(f"{path}: the file names no model; give --name")
+        if not name or not re.match(NAME_RE, name):
+            raise ReleaseError(f"--name: expected letters, digits, '-' or '_', got {name!r}")
+        if version < 1:
+            raise ReleaseError(f"--version: expected a positive integer, got {version}")
+        if version in self._versions(name, kind):
+            raise ReleaseError(f"{name} {kind} version {version} is already released; releases are immutable, "
+                               "give a new --version")
+        fname = art.FILES[kind]
+        descriptor = {"v": 1, "name": name, "kind": kind, "version": version, "file": fname,
+                      "min_edged": min_edged or __version__, "created": _now().isoformat(),
+                      "for": art.describe(kind, artefact)}
+        base = f"artefacts/{name}/{kind}/{version}"
+        self._add_target(f"{base}/{fname}", data)
+        self._add_target(f"{base}/{DESCRIPTOR}", json.dumps(descriptor, indent=1, sort_keys=True).encode())
+        return Release(name, version, kind, [fname])
+
+    def rollout(self, name: str, version: int, percent: float, channel: str = "stable",
+                kind: str = "model") -> Channel:
         if not re.match(CHANNEL_RE, channel):
             raise ReleaseError(f"--channel: expected lower-case letters, digits, '-' or '_', got {channel!r}")
         if not 0 <= percent <= 100:
             raise ReleaseError(f"--percent: expected 0 to 100, got {percent:g}")
-        if version not in self.releases().get(name, []):
-            have = ", ".join(map(str, self.releases().get(name, []))) or "none"
-            raise ReleaseError(f"{name} version {version} is not released (released: {have}); "
-                               "add it first: edged release add")
+        what = name if kind == "model" else f"{name} {kind}"
+        if version not in self._versions(name, kind):
+            have = ", ".join(map(str, self._versions(name, kind))) or "none"
+            raise ReleaseError(f"{what} version {version} is not released (released: {have}); add it first: "
+                               f"edged release {'add' if kind == 'model' else 'artefact'}")
         ch = self.channel(channel)
-        m = ch.models.setdefault(name, ModelRollout())
+        m = self._rollout_of(ch, name, kind)
         if version in m.revoked:
-            raise ReleaseError(f"{name} version {version} is revoked; release a new version instead")
+            raise ReleaseError(f"{what} version {version} is revoked; release a new version instead")
         m.rollouts[version] = float(percent)
         self._add_target(f"channels/{channel}.json", ch.to_bytes())
         return ch
 
-    def revoke(self, name: str, version: int, channel: str | None = None) -> list[str]:
+    @staticmethod
+    def _rollout_of(ch: Channel, name: str, kind: str) -> ModelRollout:
+        if kind == "model":
+            return ch.models.setdefault(name, ModelRollout())
+        if kind not in ARTEFACT_KINDS:
+            raise ReleaseError(f"--kind: expected model or one of {', '.join(ARTEFACT_KINDS)}, got {kind!r}")
+        return ch.artefacts.setdefault(name, {}).setdefault(kind, ModelRollout())
+
+    def revoke(self, name: str, version: int, channel: str | None = None, kind: str = "model") -> list[str]:
         """Withdraw a version from one channel (default: all): devices running it leave it."""
         names = [channel] if channel else self.channels()
         if not names:
             raise ReleaseError("no channel has any rollout yet")
         for c in names:
             ch = self.channel(c)
-            m = ch.models.setdefault(name, ModelRollout())
+            m = self._rollout_of(ch, name, kind)
             m.rollouts.pop(version, None)
             m.revoked.add(version)
             self._add_target(f"channels/{c}.json", ch.to_bytes())
@@ -314,7 +377,10 @@ class Repository:
                             (("root", self.root), ("targets", self.targets), ("snapshot", self.snapshot),
                              ("timestamp", self.timestamp))},
                 "releases": self.releases(),
-                "channels": {c: json.loads(self.channel(c).to_bytes())["models"] for c in self.channels()}}
+                "artefacts": self.artefacts(),
+                "channels": {c: json.loads(self.channel(c).to_bytes())["models"] for c in self.channels()},
+                "artefact_channels": {c: doc["artefacts"] for c in self.channels()
+                                      if "artefacts" in (doc := json.loads(self.channel(c).to_bytes()))}}
 
 
 # -- what goes into a release -----------------------------------------------------------------------
@@ -408,14 +474,21 @@ def run_cli(args, golden: Golden | None = None) -> int:
         print(f"{rel.name} {rel.version}: released ({rel.task}: {', '.join(rel.files)}); roll it out with "
               f"edged release rollout {args.repo} --name {rel.name} --version {rel.version} --percent P",
               file=sys.stderr)
+    elif args.action == "artefact":
+        rel = repo.add_artefact(args.file, args.kind, version=args.version, name=args.name, min_edged=args.min_edged)
+        repo.publish()
+        print(f"{rel.name} {args.kind} {rel.version}: released; roll it out with edged release rollout "
+              f"{args.repo} --name {rel.name} --kind {args.kind} --version {rel.version} --percent P", file=sys.stderr)
     elif args.action == "rollout":
-        repo.rollout(args.name, args.version, args.percent, args.channel)
+        repo.rollout(args.name, args.version, args.percent, args.channel, args.kind)
         repo.publish()
-        print(f"{args.name} {args.version}: offered to {args.percent:g} % of channel {args.channel}", file=sys.stderr)
+        what = args.name if args.kind == "model" else f"{args.name} {args.kind}"
+        print(f"{what} {args.version}: offered to {args.percent:g} % of channel {args.channel}", file=sys.stderr)
     elif args.action == "revoke":
-        channels = repo.revoke(args.name, args.version, args.channel)
+        channels = repo.revoke(args.name, args.version, args.channel, args.kind)
         repo.publish()
-        print(f"{args.name} {args.version}: revoked on {', '.join(channels)}", file=sys.stderr)
+        what = args.name if args.kind == "model" else f"{args.name} {args.kind}"
+        print(f"{what} {args.version}: revoked on {', '.join(channels)}", file=sys.stderr)
     elif args.action == "refresh":
         repo.refresh()
         print(f"timestamp {repo.timestamp.signed.version} signed, expires "
@@ -437,11 +510,20 @@ def _print_status(status: dict) -> None:
         print(f"  {role:9} expires {when}")
     for name, versions in status["releases"].items():
         print(f"release {name}: versions {', '.join(map(str, versions))}")
+    for name, kinds in status.get("artefacts", {}).items():
+        for kind, versions in kinds.items():
+            print(f"release {name} {kind}: versions {', '.join(map(str, versions))}")
+
+    def offers(m: dict) -> str:
+        offered = ", ".join(f"v{r['version']} {r['percent']:g}%" for r in m["rollouts"]) or "nothing"
+        return offered + (f"; revoked {', '.join(map(str, m['revoked']))}" if m["revoked"] else "")
+
     for channel, models in status["channels"].items():
         for name, m in models.items():
-            offers = ", ".join(f"v{r['version']} {r['percent']:g}%" for r in m["rollouts"]) or "nothing"
-            revoked = f"; revoked {', '.join(map(str, m['revoked']))}" if m["revoked"] else ""
-            print(f"channel {channel}: {name}: {offers}{revoked}")
+            print(f"channel {channel}: {name}: {offers(m)}")
+        for name, kinds in status.get("artefact_channels", {}).get(channel, {}).items():
+            for kind, m in kinds.items():
+                print(f"channel {channel}: {name} {kind}: {offers(m)}")
     for device, rep in (status.get("devices") or {}).items():
         for name, m in (rep.get("models") or {}).items():
             last = rep.get("last") or {}

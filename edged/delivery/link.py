@@ -51,16 +51,20 @@ class Link:
     def __init__(self, cfg: Config, outbox: Outbox, *, content_type: str = "application/json",
                  on_turn: Callable[[], None] | None = None,
                  on_connected: Callable[["Link"], None] | None = None,
-                 on_command: Callable[[str, bytes, object], None] | None = None) -> None:
+                 on_command: Callable[[str, bytes, object], None] | None = None,
+                 on_announce: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.outbox = outbox
         self._on_turn = on_turn or (lambda: None)      # every drain-loop turn (watchdog)
         self._on_connected = on_connected              # after each connect (discovery, …)
         self._on_command = on_command                  # messages under <prefix>/<device>/cmd/
+        self._on_announce = on_announce                # a message on the fleet's announce topic
         m = cfg.mqtt
         self.broker = f"{m.host}:{m.port}"
         self.status_topic = cfg.topic("status")
         self.cmd_prefix = cfg.topic("cmd/")
+        # Read, never written: the device publishes only under its own <prefix>/<device_id>/.
+        self.announce_topic = cfg.fleet_topic("release")
         self.v5 = m.protocol == "5"
         self.window = m.max_inflight
         self.connected = threading.Event()
@@ -197,6 +201,8 @@ class Link:
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         if self._on_command is not None:
             client.subscribe(self.cmd_prefix + "+", qos=1)
+        if self._on_announce is not None:
+            client.subscribe(self.announce_topic, qos=1)
         self.connected.set()
         self._wake.set()
         log.info("connected", extra=fields(broker=self.broker, spooled=self.outbox.depth,
@@ -249,6 +255,8 @@ class Link:
             topic = msg.topic
             if self._on_command is not None and topic.startswith(self.cmd_prefix):
                 self._on_command(topic[len(self.cmd_prefix):], msg.payload, msg.properties)
+            elif self._on_announce is not None and topic == self.announce_topic:
+                self._on_announce()  # what it says is not read: it only prompts a verified check
         except Exception as exc:
             self.bad_messages += 1
             self._once("bad-message", "message from the broker ignored", error=f"{type(exc).__name__}: {exc}")

@@ -197,7 +197,8 @@ class Daemon:
         self.link = Link(self.cfg, self.outbox, content_type=codec.get(self.cfg.mqtt.codec).content_type,
                          on_turn=lambda: self.watchdog.beat("mqtt"),
                          on_connected=self._on_link_connected,
-                         on_command=self._enqueue_command if self.cfg.commands.enabled else None)
+                         on_command=self._enqueue_command if self.cfg.commands.enabled else None,
+                         on_announce=self.updater.announced if self.updater and self.cfg.updates.announce else None)
         self.link.start()
 
     # -- things published outside the outbox: Home Assistant, command replies ---------------------
@@ -221,7 +222,7 @@ class Daemon:
             p = self.pipeline
             vision, motion = (p.vision, p.motion) if p else (None, None)
             labels = ha.presence_labels(cfg, list(getattr(vision, "labels", [])) if vision else [])
-            motion_labels = list(getattr(motion, "labels", [])) if motion else None
+            motion_labels = list(getattr(motion, "output_labels", getattr(motion, "labels", []))) if motion else None
             current = ha.discovery(cfg, labels, motion_labels, hw_version=ha.pi_model())
         gone = ha.stale(ha.load_announced(announced), [t for t, _ in current])
         for topic in gone:

@@ -163,7 +163,8 @@ class Pipeline:
                 model = open_for_backend(entry, acc.device, acc.fallback, loader, retry_s=acc.retry_s,
                                          threads=cfg.motion.threads or None, faults=faults)
                 p.motion = MotionStage(model, entry, mounting=cfg.motion.mounting,
-                                       centroids=load_stage_centroids(cfg.motion.centroids, entry))
+                                       centroids=load_stage_centroids(entry.centroids or cfg.motion.centroids,
+                                                                      entry))
                 imu = cfg.imu
                 if running is not None and running.imu is not None and imu.source != "replay" \
                         and running.cfg.imu == imu:

@@ -1,7 +1,10 @@
 """The device's model updater: signed releases over TUF, staged rollout, self-test, health, rollback.
 
 Off unless `[updates]` names a repository. Then a background thread, every `poll_interval_s` (or
-at once when poked by `cmd/update`):
+at once when poked by `cmd/update`, or soon after a message on the fleet's announce topic
+`<prefix>/fleet/release` — at most one such check per `announce_interval_s`, so a flood of
+announcements cannot make the device hammer the repository; what the message says is never read,
+it only prompts the verified check below):
 
   1. refreshes the repository's metadata with python-tuf's ngclient, trusting only what the pinned
      root.json allows (signatures, thresholds, expiry, version rollback, mix-and-match, lengths);
@@ -17,19 +20,28 @@ at once when poked by `cmd/update`):
      next start, because a start during a health window that did not follow a clean stop is
      counted as its crash.
 
+Small artefacts — a motion model's centroids, a model's label map (`edged.artefacts`) — have
+rollouts of their own. They are fetched and verified the same way, checked against the model the
+device runs (centroids of another model or signature version are refused in one line), renamed
+into `artefacts/NAME/KIND/VERSION/`, and applied through the same reload: the new pipeline's
+model entry carries them. An installed artefact that no longer fits (its model was updated since)
+is left unused, said once in the log.
+
 Nothing here blocks the pipeline: network, disk and self-test work run on this thread; the
 swap itself is the same reload a SIGHUP does. Power cuts: a release directory is renamed into
 place only when complete and fsynced, `state.json` is replaced atomically, and every model file is
 verified (size, sha256) again when a pipeline opens it, so a half-written model is never used.
 
 State, under `<state_dir>/updates/`: `tuf/` (trusted metadata), `staging/`, `models/<name>/<version>/`
-(installed releases: the running one, the previous one, one on trial), `state.json`.
+(installed releases: the running one, the previous one, one on trial), `artefacts/<name>/<kind>/<version>/`
+(the running and previous artefact of each kind), `state.json`.
 python-tuf is imported only when this module starts its thread, so a device without `[updates]`
 never loads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,8 +54,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged import __version__
+from edged import artefacts as art
 from edged.service.log import Once, fields
-from edged.rollout import Channel, ChannelError
+from edged.rollout import ARTEFACT_KINDS, Channel, ChannelError
 
 if TYPE_CHECKING:
     from edged.models import ModelEntry
@@ -85,6 +98,27 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 # -- persisted state --------------------------------------------------------------------------------
 
+def _version(v):
+    return v if type(v) is int and v > 0 else None
+
+
+@dataclass
+class ArtefactState:
+    running: int | None = None   # the artefact release in service; None: none (the shipped files)
+    previous: int | None = None
+    bad: list[int] = field(default_factory=list)  # refused: never tried again
+
+    def to_dict(self) -> dict:
+        return {"running": self.running, "previous": self.previous, "bad": self.bad}
+
+    @classmethod
+    def from_dict(cls, d) -> "ArtefactState":
+        if not isinstance(d, dict):
+            return cls()
+        return cls(_version(d.get("running")), _version(d.get("previous")),
+                   [v for v in d.get("bad", []) if type(v) is int])
+
+
 @dataclass
 class ModelState:
     running: int | None = None     # the release in service; None: the shipped model
@@ -92,21 +126,28 @@ class ModelState:
     trial: dict | None = None      # {"version", "since"}: in its health window
     testing: int | None = None     # a release being self-tested (a crash then is its fault)
     bad: list[int] = field(default_factory=list)  # refused after staging: never tried again
+    artefacts: dict[str, ArtefactState] = field(default_factory=dict)  # kind -> its releases
+
+    def artefact(self, kind: str) -> ArtefactState:
+        return self.artefacts.setdefault(kind, ArtefactState())
 
     def to_dict(self) -> dict:
-        return {"running": self.running, "previous": self.previous, "trial": self.trial,
-                "testing": self.testing, "bad": self.bad}
+        d = {"running": self.running, "previous": self.previous, "trial": self.trial,
+             "testing": self.testing, "bad": self.bad}
+        if self.artefacts:
+            d["artefacts"] = {k: a.to_dict() for k, a in sorted(self.artefacts.items())}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelState":
-        def version(v):
-            return v if type(v) is int and v > 0 else None
-
+        version = _version
         trial = d.get("trial")
         if not (isinstance(trial, dict) and version(trial.get("version"))):
             trial = None
+        arts = d.get("artefacts") if isinstance(d.get("artefacts"), dict) else {}
         return cls(version(d.get("running")), version(d.get("previous")), trial, version(d.get("testing")),
-                   [v for v in d.get("bad", []) if type(v) is int])
+                   [v for v in d.get("bad", []) if type(v) is int],
+                   {k: ArtefactState.from_dict(a) for k, a in arts.items() if k in ARTEFACT_KINDS})
 
 
 @dataclass
@@ -147,6 +188,7 @@ class Staged:
     """A release downloaded, verified and self-tested, waiting for the main thread to swap it in."""
     name: str
     version: int
+    kind: str = "model"  # or an artefact kind
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
 
@@ -176,12 +218,21 @@ class Updater:
         self.state = State.load(self.state_path)
         self.once = Once(log)
         self._wake = threading.Event()
+        self._poked = False
+        self._announce_pending = False
+        self._announce_next = 0.0  # monotonic: no announced check before this
+        self.announcements = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._staged: queue.Queue[Staged] = queue.Queue()
         self._lock = threading.Lock()
         self._health: dict[str, _Health] = {}
         self.pending: dict[str, int] = {}   # name -> version being fetched or staged
+        self.pending_artefacts: dict[tuple[str, str], int] = {}  # (name, kind) -> version
+        # Artefacts refused because they do not fit the model in service: (name, kind, version,
+        # that model's sha256). Not fetched again while that model runs; tried again after a change.
+        self._misfits: set[tuple[str, str, int, str]] = set()
+        self.artefacts_dir = self.dir / "artefacts"
         self.report_dirty = True
         self.checks = 0
         self.bytes_fetched = 0
@@ -210,13 +261,73 @@ class Updater:
             raise ModelError(f"{d / DESCRIPTOR}: installed release unreadable: {exc}") from None
         return entry_from_table(name, desc["entry"], d, d / DESCRIPTOR)
 
+    def shipped(self) -> dict[str, "ModelEntry"]:
+        from edged.models import ModelError, default_models_dir, load_manifest
+
+        try:
+            return load_manifest(Path(self.cfg.models_dir) if self.cfg.models_dir else default_models_dir())
+        except ModelError:
+            return {}  # the pipeline opening it says what is wrong
+
+    def base_entry(self, name: str) -> "ModelEntry | None":
+        """The model `name` in service without its artefacts: the running release, else the shipped one."""
+        m = self.state.model(name)
+        return self.entry(name, m.running) if m.running is not None else self.shipped().get(name)
+
     def overlay(self) -> dict[str, "ModelEntry"]:
-        """Manifest entries that replace the shipped ones: the releases in service."""
+        """Manifest entries that replace the shipped ones: the releases in service, with the
+        artefacts in service applied."""
         out = {}
+        shipped = None
         for name, m in self.state.models.items():
-            if m.running is not None and name in self.tracked():
-                out[name] = self.entry(name, m.running)
+            if name not in self.tracked():
+                continue
+            entry = self.entry(name, m.running) if m.running is not None else None
+            arts = {k: a.running for k, a in sorted(m.artefacts.items()) if a.running is not None}
+            if arts:
+                if entry is None:
+                    shipped = self.shipped() if shipped is None else shipped
+                    entry = shipped.get(name)
+                if entry is not None:
+                    entry = self._with_artefacts(entry, arts)
+            if entry is not None:
+                out[name] = entry
         return out
+
+    def artefact_dir(self, name: str, kind: str, version: int) -> Path:
+        return self.artefacts_dir / name / kind / str(version)
+
+    def _load_artefact(self, name: str, kind: str, version: int):
+        """An installed artefact, checked against the sha256 recorded when it was installed."""
+        d = self.artefact_dir(name, kind, version)
+        try:
+            desc = json.loads((d / DESCRIPTOR).read_bytes())
+            path = d / art.FILES[kind]
+            data = path.read_bytes()
+        except (OSError, ValueError) as exc:
+            raise art.ArtefactError(f"{d}: installed artefact unreadable: {exc}") from None
+        if not isinstance(desc, dict) or hashlib.sha256(data).hexdigest() != desc.get("sha256"):
+            raise art.ArtefactError(f"{path}: does not match the sha256 recorded at install: damaged")
+        return path, art.parse(kind, data, str(path))
+
+    def _with_artefacts(self, entry: "ModelEntry", arts: dict[str, int]) -> "ModelEntry":
+        from dataclasses import replace
+
+        for kind, version in arts.items():
+            try:
+                path, artefact = self._load_artefact(entry.name, kind, version)
+            except art.ArtefactError as exc:
+                self.once(f"artefact-bad:{entry.name}:{kind}:{version}", "installed artefact unusable; not used",
+                          level=logging.ERROR, model=entry.name, artefact=kind, version=version, error=str(exc))
+                continue
+            reason = art.misfit(kind, artefact, entry)
+            if reason:
+                self.once(f"artefact-misfit:{entry.name}:{kind}:{version}:{entry.sha256}",
+                          "installed artefact does not fit the model in service; not used", level=logging.WARNING,
+                          model=entry.name, artefact=kind, version=version, reason=reason)
+                continue
+            entry = replace(entry, labels=list(artefact)) if kind == "labels" else replace(entry, centroids=path)
+        return entry
 
     # -- start and stop --------------------------------------------------------------------------
 
@@ -248,6 +359,16 @@ class Updater:
                               extra=fields(model=name, version=m.running, error=str(exc)))
                     m.bad.append(m.running)
                     m.running, m.previous, m.trial = m.previous, None, None
+            for kind, a in m.artefacts.items():
+                while a.running is not None:
+                    try:
+                        self._load_artefact(name, kind, a.running)
+                        break
+                    except art.ArtefactError as exc:
+                        log.error("installed artefact damaged; using the one before it",
+                                  extra=fields(model=name, artefact=kind, version=a.running, error=str(exc)))
+                        a.bad.append(a.running)
+                        a.running, a.previous = a.previous, None
         shutil.rmtree(self.dir / "staging", ignore_errors=True)
         self.state.clean_stop = False
         self._save()
@@ -284,8 +405,17 @@ class Updater:
         self._save()
 
     def poke(self) -> None:
-        """Check the repository now (a `cmd/update`, or an announced release)."""
+        """Check the repository now (a `cmd/update`)."""
+        self._poked = True
         self._wake.set()
+
+    def announced(self) -> None:
+        """A message on the fleet's announce topic (on paho's thread): check soon — within
+        `announce_interval_s` of the last check, and at most once per interval however many come."""
+        self.announcements += 1
+        if self.u.announce:
+            self._announce_pending = True
+            self._wake.set()
 
     def _save(self) -> None:
         with self._lock:
@@ -295,12 +425,31 @@ class Updater:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._announce_next = time.monotonic() + self.u.announce_interval_s
             try:
                 self.check()
             except Exception:  # a bug here must not take the daemon down; say it and go on
                 log.exception("update check failed")
-            self._wake.wait(self.u.poll_interval_s)
-            self._wake.clear()
+            self._wait_turn()
+
+    def _wait_turn(self) -> None:
+        """Until the next check is due: the poll interval, a poke, or an announcement whose turn came."""
+        deadline = time.monotonic() + self.u.poll_interval_s
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._poked:
+                self._poked = False
+                return
+            if self._announce_pending and now >= self._announce_next:
+                self._announce_pending = False
+                return
+            if now >= deadline:
+                return
+            timeout = deadline - now
+            if self._announce_pending:
+                timeout = min(timeout, self._announce_next - now)
+            self._wake.wait(timeout)
+            self._wake.clear()  # the flags above say why it was set
 
     def check(self) -> None:
         """One round: refresh metadata, pick versions, fetch, verify, self-test, hand over."""
@@ -350,6 +499,13 @@ class Updater:
             self._consider(client, channel, name, task)
 
     def _consider(self, client, channel: Channel, name: str, task: str) -> None:
+        self._consider_model(client, channel, name, task)
+        for kind in ARTEFACT_KINDS:
+            if self._stop.is_set():
+                return
+            self._consider_artefact(client, channel, name, kind)
+
+    def _consider_model(self, client, channel: Channel, name: str, task: str) -> None:
         m = self.state.model(name)
         rollout = channel.models.get(name)
         running_revoked = rollout is not None and m.running in rollout.revoked
@@ -380,6 +536,104 @@ class Updater:
             with self._lock:
                 self.pending.pop(name, None)
         self._hand_over(Staged(name, want))
+
+    def _consider_artefact(self, client, channel: Channel, name: str, kind: str) -> None:
+        from tuf.api import exceptions as tufx
+
+        rollout = channel.artefact(name, kind)
+        m = self.state.model(name)
+        if rollout is None or (m.trial or {}).get("version") is not None:
+            return  # nothing offered (keep what runs), or a model on trial: one change at a time
+        a = m.artefact(kind)
+        revoked = a.running in rollout.revoked
+        want = rollout.choose(self.cfg.device_id, name)
+        if revoked and (want is None or want == a.running):
+            self._hand_over(Staged(name, 0, kind))  # back to none
+            return
+        if want is None or want == a.running or want in a.bad:
+            return
+        if a.running is not None and want < a.running and not revoked:
+            return
+        try:
+            entry = self.base_entry(name)
+        except Exception as exc:  # the running release unreadable: on_start's business, not this round's
+            self.once(f"artefact-base:{name}", "cannot read the model in service", model=name, error=str(exc))
+            return
+        key = (name, kind, want, entry.sha256 if entry else "")
+        if key in self._misfits:
+            return
+        with self._lock:
+            self.pending_artefacts[(name, kind)] = want
+        self.report_dirty = True
+        try:
+            self._stage_artefact(client, name, kind, want, entry, key)
+        except UpdateRefused as exc:
+            self._refused(name, want, str(exc), kind)
+            return
+        except tufx.DownloadError as exc:
+            self._check_failed("net", f"cannot download {name} {kind} {want}: {_reason(exc)}")
+            return
+        finally:
+            with self._lock:
+                self.pending_artefacts.pop((name, kind), None)
+        self._hand_over(Staged(name, want, kind))
+
+    def _stage_artefact(self, client, name: str, kind: str, version: int, entry, key) -> None:
+        """Download and verify artefact NAME/KIND/VERSION, check that it fits `entry` (the model in
+        service), and rename it into artefacts/NAME/KIND/VERSION."""
+        from tuf.api import exceptions as tufx
+
+        base = f"artefacts/{name}/{kind}/{version}"
+        staging = self.dir / "staging" / f"{name}-{kind}-{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            info = client.get_targetinfo(f"{base}/{DESCRIPTOR}")
+            if info is None:
+                raise UpdateRefused(f"{base}/{DESCRIPTOR}: not in the signed targets")
+            self._download(client, info, staging / DESCRIPTOR)
+            desc = json.loads((staging / DESCRIPTOR).read_bytes())
+            if (desc.get("name"), desc.get("kind"), desc.get("version")) != (name, kind, version):
+                raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('kind')} "
+                                    f"{desc.get('version')}, not {name} {kind} {version}")
+            if _version_tuple(desc.get("min_edged", "0")) > _version_tuple(__version__):
+                raise UpdateRefused(f"{base}: needs edged {desc['min_edged']} or newer (this is {__version__})")
+            fname = art.FILES[kind]
+            if desc.get("file") != fname:
+                raise UpdateRefused(f"{base}/{DESCRIPTOR}: file {desc.get('file')!r}, expected {fname!r}")
+            finfo = client.get_targetinfo(f"{base}/{fname}")
+            if finfo is None:
+                raise UpdateRefused(f"{base}/{fname}: not in the signed targets")
+            self._download(client, finfo, staging / fname)
+            data = (staging / fname).read_bytes()
+            artefact = art.parse(kind, data, f"{base}/{fname}")
+            if entry is None:
+                raise UpdateRefused(f"{base}: model {name} is not in this device's manifest")
+            reason = art.misfit(kind, artefact, entry)
+            if reason:
+                self._misfits.add(key)
+                raise UpdateRefused(f"{base}: {reason}")
+            desc["sha256"] = hashlib.sha256(data).hexdigest()  # checked again whenever it is applied
+            (staging / DESCRIPTOR).write_text(json.dumps(desc, indent=1, sort_keys=True))
+            for p in staging.iterdir():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(staging)
+            final = self.artefact_dir(name, kind, version)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            _fsync_dir(final.parent)
+        except tufx.RepositoryError as exc:
+            raise UpdateRefused(_reason(exc)) from None
+        except art.ArtefactError as exc:
+            self.state.model(name).artefact(kind).bad.append(version)
+            self._save()
+            raise UpdateRefused(str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateRefused(f"{base}/{DESCRIPTOR}: malformed release descriptor ({exc})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _hand_over(self, staged: Staged) -> None:
         self._staged.put(staged)
@@ -498,17 +752,20 @@ class Updater:
         self.last_check = {"ts": round(self.clock(), 3), **result}
         self.report_dirty |= changed
 
-    def _refused(self, name: str | None, version: int | None, reason: str) -> None:
+    def _refused(self, name: str | None, version: int | None, reason: str, artefact: str | None = None) -> None:
         import zlib
 
-        kind = f"refused:{name}:{version}:{zlib.crc32(reason.encode()):08x}"
-        self.once(kind, "update refused; keeping the running model",
-                  level=logging.ERROR, model=name or "-", version=version or "-", reason=reason)
-        self._outcome(name, version, "refused", reason)
+        kind = f"refused:{name}:{artefact}:{version}:{zlib.crc32(reason.encode()):08x}"
+        extra = {"artefact": artefact} if artefact else {}
+        self.once(kind, "update refused; keeping the running model", level=logging.ERROR,
+                  model=name or "-", version=version or "-", reason=reason, **extra)
+        self._outcome(name, version, "refused", reason, artefact)
 
-    def _outcome(self, name, version, outcome: str, reason: str | None = None) -> None:
+    def _outcome(self, name, version, outcome: str, reason: str | None = None, artefact: str | None = None) -> None:
         self.state.last = {"model": name, "version": version, "outcome": outcome, "reason": reason,
                            "ts": round(self.clock(), 3)}
+        if artefact:
+            self.state.last["artefact"] = artefact
         self._save()
         self.report_dirty = True
 
@@ -522,7 +779,10 @@ class Updater:
             except queue.Empty:
                 break
             try:
-                self._swap(daemon, staged)
+                if staged.kind == "model":
+                    self._swap(daemon, staged)
+                else:
+                    self._swap_artefact(daemon, staged)
             finally:
                 staged.done.set()
         self._judge(daemon)
@@ -562,6 +822,45 @@ class Updater:
             model=staged.name, version=staged.version, previous=m.previous or "shipped",
             health_window_s=self.u.health_window_s))
         self._outcome(staged.name, staged.version, "installed")
+
+    def _swap_artefact(self, daemon, staged: Staged) -> None:
+        a = self.state.model(staged.name).artefact(staged.kind)
+        before = (a.running, a.previous)
+        if staged.version == 0:  # the running artefact was revoked and nothing else admits us
+            revoked = a.running
+            a.running, a.previous = None, None
+            self._save()
+            if not daemon.reload():
+                a.running, a.previous = before
+                self._save()
+                return
+            log.warning("running artefact revoked; none in service now",
+                        extra=fields(model=staged.name, artefact=staged.kind, version=revoked))
+            self._outcome(staged.name, revoked, "rolled back", "revoked by the repository", staged.kind)
+            self._prune_artefacts(staged.name, staged.kind)
+            return
+        a.previous, a.running = a.running, staged.version
+        self._save()
+        if not daemon.reload():
+            a.running, a.previous = before
+            a.bad.append(staged.version)
+            self._save()
+            self._refused(staged.name, staged.version,
+                          f"failed to load: {getattr(daemon, 'last_reload_error', '') or 'see the log'}", staged.kind)
+            return
+        staged.ok = True
+        self._prune_artefacts(staged.name, staged.kind)
+        log.info("update installed", extra=fields(model=staged.name, artefact=staged.kind, version=staged.version,
+                                                  previous=a.previous or "none"))
+        self._outcome(staged.name, staged.version, "installed", None, staged.kind)
+
+    def _prune_artefacts(self, name: str, kind: str) -> None:
+        a = self.state.model(name).artefact(kind)
+        keep = {str(v) for v in (a.running, a.previous) if v}
+        d = self.artefacts_dir / name / kind
+        for p in d.iterdir() if d.is_dir() else ():
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
 
     def _judge(self, daemon) -> None:
         now = time.monotonic()
@@ -621,11 +920,17 @@ class Updater:
     def report(self, device_id: str) -> dict:
         with self._lock:
             pending = dict(self.pending)
+            pending_artefacts = dict(self.pending_artefacts)
         models = {}
         for name in sorted(set(self.tracked()) | set(self.state.models)):
             m = self.state.model(name)
             models[name] = {"running": m.running, "previous": m.previous, "pending": pending.get(name),
                             "trial": bool(m.trial), "task": self.tracked().get(name)}
+            arts = {k: {"running": a.running, "previous": a.previous, "pending": pending_artefacts.get((name, k))}
+                    for k in ARTEFACT_KINDS if (a := m.artefacts.get(k, ArtefactState())) and
+                    (a.running or a.previous or (name, k) in pending_artefacts)}
+            if arts:
+                models[name]["artefacts"] = arts
         return {"v": 1, "device_id": device_id, "ts": round(self.clock(), 3), "channel": self.u.channel,
                 "models": models, "last": self.state.last, "last_check": self.last_check}
 
@@ -633,7 +938,8 @@ class Updater:
         return json.dumps(self.report(device_id), separators=(",", ":")).encode()
 
     def stats(self) -> dict:
-        return {"update_checks": self.checks, "update_bytes": self.bytes_fetched}
+        return {"update_checks": self.checks, "update_bytes": self.bytes_fetched,
+                "update_announcements": self.announcements}
 
 
 def _counters(daemon, task: str) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from edged.sources.imu.imucsv import read_imu_csv
 from edged.models import ModelEntry, ModelError
-from edged.centroids import Centroids, SignatureError, classify, load_centroids
+from edged.centroids import UNKNOWN, Centroids, SignatureError, classify, load_centroids
 from edged.records import IMU_CHANNELS, ImuBatch, MotionSignature
 from edged.runtime import Model
 
@@ -424,6 +424,13 @@ class MotionStage:
     @property
     def window_s(self) -> float:
         return self.spec.window_s
+
+    @property
+    def output_labels(self) -> list[str]:
+        """Every label a window may get: the centroids' motions and "unknown", else the model's classes."""
+        if self.centroids is None:
+            return list(self.labels)
+        return list(self.centroids.labels) + [UNKNOWN]
 
     def reset(self) -> None:
         """Forget buffered samples (e.g. after the IMU source restarted)."""
