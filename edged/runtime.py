@@ -163,9 +163,12 @@ class Model:
             buf[...] = data
         self._interp.set_tensor(spec.index, buf)
 
-    def commit_input(self, i: int = 0) -> None:
-        """Hand `input_buffer(i)`, filled in place by the caller, to the interpreter."""
-        self._interp.set_tensor(self.inputs[i].index, self._in_bufs[i])
+    def commit_input(self, i: int = 0, buf: np.ndarray | None = None) -> None:
+        """Hand `input_buffer(i)`, filled in place by the caller, to the interpreter; or `buf`, an
+        array of the input's shape and dtype the caller owns (a second input slot, filled while
+        the interpreter runs on the first). The interpreter copies it: `buf` may be refilled
+        once this returns."""
+        self._interp.set_tensor(self.inputs[i].index, self._in_bufs[i] if buf is None else buf)
 
     def invoke(self) -> None:
         self._interp.invoke()
@@ -192,6 +195,35 @@ class Model:
             if t.name == name:
                 return i
         raise KeyError(f"{self.path.name}: no output tensor named {name!r}")
+
+
+class OutputCopy:
+    """Some of a model's outputs, copied right after an invoke, read like the model's own
+    (`raw_output`, `output`): so they can be decoded while the model already runs on its next
+    input. `output` dequantises exactly as `Model.output` does."""
+
+    def __init__(self, model: Model, indices: tuple[int, ...]) -> None:
+        self.outputs = model.outputs
+        self.indices = tuple(indices)
+        self._raw: dict[int, np.ndarray] = {}
+        self._out = {i: np.zeros(model.outputs[i].shape, np.float32) for i in self.indices}
+
+    def capture(self, model: Model) -> None:
+        """Copy the outputs from `model` (the interpreter's buffers are reused by its next invoke)."""
+        for i in self.indices:
+            self._raw[i] = model.raw_output(i)
+
+    def raw_output(self, i: int) -> np.ndarray:
+        return self._raw[i]
+
+    def output(self, i: int) -> np.ndarray:
+        spec, raw, out = self.outputs[i], self._raw[i], self._out[i]
+        if spec.quantized:
+            np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
+            out *= spec.scale
+        else:
+            out[...] = raw
+        return out
 
 
 EDGETPU_OP = "edgetpu-custom-op"  # the one custom op edgetpu_compiler puts in a compiled model

@@ -379,6 +379,7 @@ class BackendModel:
         self._next_retry: float | None = None
         self.faults = faults
         self.invoking_since: float | None = None  # monotonic start of an invoke on the TPU
+        self._committed: dict[int, np.ndarray | None] = {}  # per input: the caller's buffer last committed
         self.wants_tpu = accelerator != "cpu" and entry.edgetpu_path is not None
         if accelerator != "cpu" and entry.edgetpu_path is None:
             log.info("model has no edgetpu_file in the manifest; it runs on the CPU",
@@ -435,8 +436,9 @@ class BackendModel:
     def set_input(self, i: int, data: np.ndarray) -> None:
         self._active.set_input(i, data)
 
-    def commit_input(self, i: int = 0) -> None:
-        self._active.commit_input(i)
+    def commit_input(self, i: int = 0, buf: np.ndarray | None = None) -> None:
+        self._committed[i] = buf
+        self._active.commit_input(i, buf)
 
     def output(self, i: int) -> np.ndarray:
         return self._active.output(i)
@@ -557,9 +559,11 @@ class BackendModel:
         log.info("Edge TPU is back; model moved to it", extra=fields(model=self.entry.name, backend=tpu.backend))
 
     def _switch(self, old: Model, new: Model) -> None:
-        """Make `new` the active model, carrying over the input already committed to `old`."""
+        """Make `new` the active model, carrying over the input already committed to `old` (from
+        the caller's buffer when it committed one: its own may hold the next input by now)."""
         for i in range(len(new.inputs)):
-            new.set_input(i, old.input_buffer(i))
+            buf = self._committed.get(i)
+            new.set_input(i, old.input_buffer(i) if buf is None else buf)
         self._active = new
 
 

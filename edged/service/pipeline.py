@@ -192,7 +192,7 @@ class Pipeline:
     def backend(self) -> str:
         """Where inference runs: "edgetpu:usb" (or another Edge TPU) when a model is on one, "cpu",
         or "cpu-fallback" while a model that should be on the Edge TPU runs on the CPU."""
-        models = [m for m in (getattr(self.vision, "model", None), getattr(self.motion, "model", None)) if m]
+        models = self.models()
         for m in models:
             if getattr(m, "backend", "cpu").startswith("edgetpu"):
                 return m.backend
@@ -223,7 +223,9 @@ class Pipeline:
             self.imu.close()
 
     def models(self) -> list:
-        return [m for m in (getattr(self.vision, "model", None), getattr(self.motion, "model", None)) if m]
+        """Every model the pipeline runs: each stage's of a vision graph, the motion stage's."""
+        vision = getattr(self.vision, "models", None) or [getattr(self.vision, "model", None)]
+        return [m for m in (*vision, getattr(self.motion, "model", None)) if m]
 
     def hung_tpu(self, timeout_s: float) -> tuple[str, float] | None:
         """(model, seconds) of an Edge TPU inference running longer than `timeout_s`, or None."""
@@ -278,19 +280,13 @@ class Pipeline:
 
             tracker = Tracker(hold_s=v.hold_s, min_hits=v.min_hits, heartbeat_s=v.heartbeat_s)
         skipped_before = c.frames_skipped
-        while not self.stop_event.is_set():
-            frame = self.mailbox.take(0.25)
-            d.watchdog.beat("vision")
-            if frame is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                objects = self.vision.detect(frame.image)
-            except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
-                c.frames_failed += 1
-                d.once("bad-frame", f"frame skipped: {exc}")
-                continue
-            ms = (time.perf_counter() - t0) * 1000.0
+        runner = None
+        if hasattr(self.vision, "units"):  # a graph of stages
+            from edged.stages.vision.overlap import FrameRunner
+
+            runner = FrameRunner(self.vision, overlap=v.overlap)
+
+        def publish(frame: Frame, objects: tuple, ms: float) -> None:
             c.frames += 1
             c.vision_runs += 1
             c.vision_ms_total += ms
@@ -306,6 +302,36 @@ class Pipeline:
                     d.results.put(("events", event))
                 # What is in view, held over missed frames: presence does not flap.
                 d.update_state(labels=sorted(t.label for t in tracker.live()))
+
+        try:
+            while not self.stop_event.is_set():
+                # A frame still finishing (its last invoke overlaps the next frame's first) is
+                # finished at once when no next frame is waiting.
+                frame = self.mailbox.take(0.0 if runner is not None and runner.pending else 0.25)
+                d.watchdog.beat("vision")
+                if frame is None:
+                    if runner is not None and runner.pending:
+                        for done in runner.flush():
+                            publish(*done)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if runner is not None:
+                        done = runner.push(frame.image, frame)
+                    else:
+                        done = [(frame, self.vision.detect(frame.image), None)]
+                except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
+                    c.frames_failed += 1
+                    d.once("bad-frame", f"frame skipped: {exc}")
+                    continue
+                for f, objects, ms in done:
+                    publish(f, objects, (time.perf_counter() - t0) * 1000.0 if ms is None else ms)
+            if runner is not None:
+                for done in runner.flush():
+                    publish(*done)
+        finally:
+            if runner is not None:
+                runner.close()
 
     def _imu_loop(self, d: "Daemon") -> None:
         c = d.counters

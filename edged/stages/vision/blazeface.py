@@ -27,6 +27,7 @@ class BlazeFaceDecoder(Decoder):
                                    lambda t: len(t.shape) == 3 and t.shape[-1] >= 4)
         self._scores = self._output("scores_output", "scores",
                                     lambda t: len(t.shape) == 3 and t.shape[-1] == 1)
+        self.reads = (self._boxes, self._scores)
         a = p.get("anchors")
         if not isinstance(a, dict):
             raise ModelError(f"{where(entry, 'params')}.anchors: missing table of SSD anchor options")

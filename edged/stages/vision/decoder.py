@@ -50,6 +50,9 @@ class Decoder:
         self.labels = label_map(entry)
         self.score_threshold = number(entry, self.params, "params", "score_threshold", 0.5, lo=0.0, hi=1.0)
         self.max_detections = int(number(entry, self.params, "params", "max_detections", 20, lo=1, hi=1000))
+        # The outputs `decode_model` reads (a subclass narrows it): what is copied after each
+        # invoke when decoding overlaps the next one.
+        self.reads: tuple[int, ...] = tuple(range(len(self.outputs)))
 
     def label(self, class_id: int) -> str | None:
         return self.labels.get(int(class_id))

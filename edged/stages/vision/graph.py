@@ -12,15 +12,17 @@ and, for an object found inside a crop, the index of the object it was found in 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from edged.config import STAGE_INPUT_FRAME as FRAME, STAGE_REGIONS as REGIONS
 from edged.config import check_stages as check_graph  # noqa: F401 — the declaration's checks live with the config
 from edged.records import DetectedObject
+from edged.runtime import OutputCopy
 from edged.stages.vision.boxes import iou_py
+from edged.stages.vision.preprocess import Letterbox, check_image
 
 
 @dataclass(frozen=True)
@@ -88,24 +90,115 @@ def merge(found: list[_Found], iou: float = 0.4, contain: float = 0.7) -> list[_
 
 @dataclass
 class StageRun:
-    """A spec with its detector (`detect(image) -> objects`, boxes normalised to that image)."""
+    """A spec with its stage (a VisionStage or PoseStage: `preprocess`, `finish`, `reads`,
+    `model`), and what it cost on the last frame."""
 
     spec: StageSpec
-    detect: Callable[[np.ndarray], Sequence[DetectedObject]]
-    last_ms: float = 0.0
+    stage: object
+    last_ms: float = 0.0     # its preprocessing, invokes and decoding on the last frame
     invokes: int = 0
     mean_ms: float = 0.0     # smoothed over about the last 20 frames
     mean_invokes: float = 0.0
+    slot: int = 0            # the input slot its next unit fills (alternates when overlapping)
+    copies: list = field(default_factory=lambda: [None, None])  # per slot: its OutputCopy
+    share_from: int = -1     # index of an earlier stage with the same input and geometry
+    shared_to: bool = False  # a later stage reads this stage's resampled pixels
+
+
+@dataclass
+class Unit:
+    """One invoke of a frame's work: a stage's model on one region (the frame, a tile or a crop),
+    its input prepared in `slot`. `outputs` is where `finish` reads the result: the model itself,
+    or a copy taken right after the invoke (when the next invoke may already run)."""
+
+    run: StageRun
+    frame: "FrameWork"
+    region: tuple[int, int, int, int]
+    drop_cut: bool
+    parent: int
+    slot: int
+    box: Letterbox
+    outputs: object = None
+    ms: float = 0.0          # preprocessing and decoding, on the vision thread
+    invoke_ms: float = 0.0
+    error: BaseException | None = None
+
+    def invoke(self) -> None:
+        """Commit the prepared input, invoke, and (with a copy to fill) copy the outputs."""
+        st = self.run.stage
+        st.preprocess.commit(self.slot)
+        t0 = time.perf_counter()
+        st.model.invoke()
+        self.invoke_ms = (time.perf_counter() - t0) * 1000.0
+        copy = self.outputs
+        if copy is not st.model:
+            copy.capture(st.model)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Yielded by `VisionGraph.units` when the next stage crops what `stage` found: every unit
+    of that stage must be finished first."""
+
+    stage: str
+
+
+@dataclass
+class FrameWork:
+    """One frame's progress through the graph."""
+
+    image: np.ndarray
+    tag: object = None
+    found: list = field(default_factory=list)
+    by_stage: dict = field(default_factory=dict)   # stage name -> indices into found, once complete
+    mine: dict = field(default_factory=dict)       # stage name -> indices into found so far
+    left: dict = field(default_factory=dict)       # stage name -> units not finished yet
+    ms: dict = field(default_factory=dict)         # stage name -> ms so far
+    shared: dict = field(default_factory=dict)     # (region, geometry) -> resampled pixels
+    started: float = field(default_factory=time.perf_counter)
+    objects: tuple | None = None                   # set when every stage is complete
+    finished: float = 0.0                          # perf_counter() then
+
+    def complete(self, stage: str) -> bool:
+        return stage in self.by_stage
 
 
 class VisionGraph:
-    """Runs stages in order on one frame and merges their objects."""
+    """Runs stages in order on one frame and merges their objects.
 
-    def __init__(self, runs: Sequence[StageRun], *, tile_overlap: float = 0.25) -> None:
+    A frame's work is a sequence of units (one model invoke each, see `units`), prepared in order
+    and finished in order. `detect` runs them one after the other; `edged.stages.vision.overlap`
+    runs the invokes on a thread of their own, preparing the next unit and finishing the last one
+    meanwhile, with the same results.
+    """
+
+    def __init__(self, runs: Sequence[StageRun], *, tile_overlap: float = 0.25, share_input: bool = True) -> None:
         self.runs = list(runs)
-        self.stages: list = []   # the VisionStages behind the runs, when opened by open_graph
         self.tile_overlap = tile_overlap
         self._tiles: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}
+        self._share_bufs: dict[tuple[int, int], np.ndarray] = {}
+        if share_input:
+            self._link_shared()
+
+    @property
+    def stages(self) -> list:
+        return [r.stage for r in self.runs]
+
+    def _link_shared(self) -> None:
+        """Stages whose units get the same pixels (the same input, cropped alike, and the same
+        resampling geometry) resample once: the later ones read the first one's pixels."""
+        def key(r: StageRun) -> tuple:
+            s = r.spec
+            crop = None if s.source is None else (s.input, s.region, s.margin, s.max_crops, s.min_crop_px)
+            return (crop, s.tiles if crop is None else 1, r.stage.preprocess.geometry)
+        first: dict[tuple, int] = {}
+        for i, r in enumerate(self.runs):
+            k = key(r)
+            if k in first:
+                r.share_from = first[k]
+                self.runs[first[k]].shared_to = True
+            else:
+                first[k] = i
 
     def _tile_boxes(self, n: int, h: int, w: int) -> list[tuple[int, int, int, int]]:
         key = (n, h, w)
@@ -120,68 +213,137 @@ class VisionGraph:
             self._tiles[key] = boxes
         return self._tiles[key]
 
-    def _on_region(self, run: StageRun, image: np.ndarray, x0: int, y0: int, x1: int, y1: int,
-                   *, drop_cut: bool) -> list[DetectedObject]:
-        h, w = image.shape[:2]
-        sub = image[y0:y1, x0:x1]
-        sw, sh = x1 - x0, y1 - y0
+    def _regions(self, run: StageRun, fw: FrameWork) -> list[tuple[tuple[int, int, int, int], bool, int]]:
+        """(region, drop_cut, parent) of each unit of `run` on this frame."""
+        s = run.spec
+        h, w = fw.image.shape[:2]
+        if s.source is None:
+            out = [((0, 0, w, h), False, -1)]
+            if s.tiles > 1:
+                out += [(t, True, -1) for t in self._tile_boxes(s.tiles, h, w)]
+            return out
+        label, src = s.source
+        found = fw.found
+        parents = [i for i in fw.by_stage.get(src, ()) if found[i].obj.label == label]
+        parents.sort(key=lambda i: -_area(found[i].obj.box))
         out = []
-        run.invokes += 1
-        e = 0.01
-        for o in run.detect(sub):
-            b = o.box
-            # A box cut by an edge of the region that is not the frame's is a partial view.
-            if drop_cut and ((b[0] < e and x0 > 0) or (b[1] < e and y0 > 0)
-                             or (b[2] > 1 - e and x1 < w) or (b[3] > 1 - e and y1 < h)):
+        for i in parents[: s.max_crops]:
+            bx = found[i].obj.box
+            x0, y0, x1, y1 = bx[0] * w, bx[1] * h, bx[2] * w, bx[3] * h
+            if s.region == "top":
+                y1 = min(y1, y0 + (x1 - x0))
+            if x1 - x0 < s.min_crop_px or y1 - y0 < s.min_crop_px:
                 continue
-            out.append(DetectedObject(o.label, o.score, ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h,
-                                                         (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h),
-                                      signature=o.signature))
+            mx, my = (x1 - x0) * s.margin, (y1 - y0) * s.margin
+            cx0, cy0 = max(0, int(x0 - mx)), max(0, int(y0 - my))
+            cx1, cy1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
+            out.append(((cx0, cy0, cx1, cy1), False, i))
         return out
 
-    def detect(self, image: np.ndarray) -> tuple[DetectedObject, ...]:
-        """Objects of every stage in an RGB uint8 image, merged, best first; each with its stage
-        and, for objects found in a crop, the index of the object cropped (if it was kept)."""
-        h, w = image.shape[:2]
-        found: list[_Found] = []
-        by_stage: dict[str, list[int]] = {}
-        for run in self.runs:
+    def start(self, image: np.ndarray, tag: object = None) -> FrameWork:
+        """A frame's work, for `units`; `image` must have passed preprocess.check_image."""
+        fw = FrameWork(image, tag)
+        for r in self.runs:
+            r.invokes = 0
+        return fw
+
+    def units(self, fw: FrameWork, *, overlap: bool = False) -> Iterator[Unit | Wait]:
+        """The frame's units, each with its input prepared, in order; a `Wait` before a stage that
+        crops an earlier stage's objects while that stage is not complete. With `overlap`, a
+        stage's units alternate between its two input slots and outputs are copied after each
+        invoke (the unit prepared next may be on the same model)."""
+        for idx, run in enumerate(self.runs):
             s = run.spec
+            if s.source is not None:
+                while not fw.complete(s.source[1]):
+                    yield Wait(s.source[1])
             t0 = time.perf_counter()
-            run.invokes = 0
-            mine: list[int] = []
-            if s.source is None:
+            regions = self._regions(run, fw)
+            fw.left[s.name] = len(regions)
+            fw.mine[s.name] = []
+            fw.ms[s.name] = (time.perf_counter() - t0) * 1000.0
+            if not regions:
+                self._complete(run, fw)
+            for n, (region, drop_cut, parent) in enumerate(regions):
+                t0 = time.perf_counter()
+                st = run.stage
+                x0, y0, x1, y1 = region
+                sub = fw.image[y0:y1, x0:x1]
+                geo = st.preprocess.geometry
+                pixels = fw.shared.get((region, geo)) if run.share_from >= 0 else None
+                slot = run.slot
+                if overlap:
+                    run.slot ^= 1
+                box, got = st.preprocess.fill(sub, slot, pixels)
+                if run.shared_to and pixels is None:
+                    fw.shared[(region, geo)] = self._keep(idx, n, got)
+                outputs = st.model
+                if overlap:
+                    outputs = run.copies[slot]
+                    if outputs is None:
+                        outputs = run.copies[slot] = OutputCopy(st.model, tuple(st.reads))
                 run.invokes += 1
-                new = [(o, -1) for o in run.detect(image)]
-                if s.tiles > 1:
-                    for (x0, y0, x1, y1) in self._tile_boxes(s.tiles, h, w):
-                        new += [(o, -1) for o in self._on_region(run, image, x0, y0, x1, y1, drop_cut=True)]
-            else:
-                label, src = s.source
-                parents = [i for i in by_stage.get(src, ()) if found[i].obj.label == label]
-                parents.sort(key=lambda i: -_area(found[i].obj.box))
-                new = []
-                for i in parents[: s.max_crops]:
-                    bx = found[i].obj.box
-                    x0, y0, x1, y1 = bx[0] * w, bx[1] * h, bx[2] * w, bx[3] * h
-                    if s.region == "top":
-                        y1 = min(y1, y0 + (x1 - x0))
-                    if x1 - x0 < s.min_crop_px or y1 - y0 < s.min_crop_px:
-                        continue
-                    mx, my = (x1 - x0) * s.margin, (y1 - y0) * s.margin
-                    cx0, cy0 = max(0, int(x0 - mx)), max(0, int(y0 - my))
-                    cx1, cy1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
-                    new += [(o, i) for o in self._on_region(run, image, cx0, cy0, cx1, cy1, drop_cut=False)]
-            for o, parent in new:
-                mine.append(len(found))
-                found.append(_Found(o, s.name, parent))
-            # Overlaps within one stage (tiles against the frame) are merged before later stages crop.
-            kept = {id(f) for f in merge([found[i] for i in mine])}
-            by_stage[s.name] = [i for i in mine if id(found[i]) in kept]
-            run.last_ms = (time.perf_counter() - t0) * 1000.0
-            a = 0.05 if run.mean_ms else 1.0
-            run.mean_ms += a * (run.last_ms - run.mean_ms)
-            run.mean_invokes += a * (run.invokes - run.mean_invokes)
+                yield Unit(run, fw, region, drop_cut, parent, slot, box, outputs,
+                           ms=(time.perf_counter() - t0) * 1000.0)
+
+    def _keep(self, stage: int, n: int, pixels: np.ndarray) -> np.ndarray:
+        """A copy of a unit's resampled pixels that outlives the stage's next unit, in a buffer
+        reused from frame to frame (grown when a region needs more)."""
+        buf = self._share_bufs.get((stage, n))
+        if buf is None or buf.size < pixels.size:
+            buf = self._share_bufs[(stage, n)] = np.empty(pixels.size, np.uint8)
+        out = buf[: pixels.size].reshape(pixels.shape)
+        np.copyto(out, pixels)
+        return out
+
+    def finish(self, unit: Unit) -> None:
+        """Decode an invoked unit into its frame's objects; completes the stage after its last unit
+        (and the frame after its last stage)."""
+        t0 = time.perf_counter()
+        run, fw = unit.run, unit.frame
+        s = run.spec
+        h, w = fw.image.shape[:2]
+        x0, y0, x1, y1 = unit.region
+        sw, sh = x1 - x0, y1 - y0
+        e = 0.01
+        whole = (sw, sh) == (w, h)
+        for o in run.stage.finish(unit.outputs, unit.box):
+            b = o.box
+            if whole:
+                fw.mine[s.name].append(len(fw.found))
+                fw.found.append(_Found(o, s.name, unit.parent))
+                continue
+            # A box cut by an edge of the region that is not the frame's is a partial view.
+            if unit.drop_cut and ((b[0] < e and x0 > 0) or (b[1] < e and y0 > 0)
+                                  or (b[2] > 1 - e and x1 < w) or (b[3] > 1 - e and y1 < h)):
+                continue
+            fw.mine[s.name].append(len(fw.found))
+            fw.found.append(_Found(DetectedObject(o.label, o.score, ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h,
+                                                                     (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h),
+                                                  signature=o.signature), s.name, unit.parent))
+        fw.ms[s.name] += unit.ms + unit.invoke_ms + (time.perf_counter() - t0) * 1000.0
+        fw.left[s.name] -= 1
+        if fw.left[s.name] == 0:
+            self._complete(run, fw)
+
+    def _complete(self, run: StageRun, fw: FrameWork) -> None:
+        s = run.spec
+        t0 = time.perf_counter()
+        mine = fw.mine[s.name]
+        # Overlaps within one stage (tiles against the frame) are merged before later stages crop.
+        kept = {id(f) for f in merge([fw.found[i] for i in mine])}
+        fw.by_stage[s.name] = [i for i in mine if id(fw.found[i]) in kept]
+        run.last_ms = fw.ms[s.name] + (time.perf_counter() - t0) * 1000.0
+        a = 0.05 if run.mean_ms else 1.0
+        run.mean_ms += a * (run.last_ms - run.mean_ms)
+        run.mean_invokes += a * (run.invokes - run.mean_invokes)
+        if len(fw.by_stage) == len(self.runs):
+            fw.objects = self._result(fw)
+            fw.finished = time.perf_counter()
+
+    @staticmethod
+    def _result(fw: FrameWork) -> tuple[DetectedObject, ...]:
+        found = fw.found
         final = merge(found)
         index = {id(f): n for n, f in enumerate(final)}
         out = []
@@ -193,9 +355,20 @@ class VisionGraph:
             out.append(DetectedObject(o.label, o.score, o.box, f.stage, parent, o.signature))
         return tuple(out)
 
+    def detect(self, image: np.ndarray) -> tuple[DetectedObject, ...]:
+        """Objects of every stage in an RGB uint8 image, merged, best first; each with its stage
+        and, for objects found in a crop, the index of the object cropped (if it was kept)."""
+        check_image(image)
+        fw = self.start(image)
+        for unit in self.units(fw):
+            # One after the other: a stage that crops finds its source complete, never a Wait.
+            unit.invoke()
+            self.finish(unit)
+        return fw.objects
+
     @property
     def stage_ms(self) -> dict[str, float]:
-        """Milliseconds each stage took on the last frame (all its invokes, crops and decoding)."""
+        """Milliseconds each stage took on the last frame (its preprocessing, invokes and decoding)."""
         return {r.spec.name: round(r.last_ms, 2) for r in self.runs}
 
     @property
@@ -217,20 +390,15 @@ class VisionGraph:
     @property
     def model(self):
         """The first stage's model: where the daemon reads the backend and its counters."""
-        return self.stages[0].model if self.stages else None
+        return self.runs[0].stage.model if self.runs else None
 
     @property
     def models(self) -> list:
         return [st.model for st in self.stages]
 
 
-def build_graph(specs: Sequence[StageSpec], open_stage: Callable[[StageSpec], object]) -> VisionGraph:
-    """A graph whose stages come from `open_stage(spec)` (a VisionStage, or anything with detect)."""
-    return VisionGraph([StageRun(s, open_stage(s).detect) for s in specs])
-
-
 def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
-               open_entry: Callable | None = None) -> VisionGraph:
+               open_entry: Callable | None = None, share_input: bool = True) -> VisionGraph:
     """Open each stage's model from the manifest (one interpreter per stage). `specs` may be
     StageSpecs or config tables with the same fields; `open_entry(entry)` opens a model (default:
     on the CPU with `threads`)."""
@@ -250,6 +418,4 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
         if entry.decoder == "pose_landmarks":  # keypoints, not boxes
             from edged.stages.vision.pose import PoseStage as kind
         stages.append(kind(open_entry(entry), entry, score_threshold=s.score_threshold or None))
-    graph = VisionGraph([StageRun(s, st.detect) for s, st in zip(specs, stages)])
-    graph.stages = stages
-    return graph
+    return VisionGraph([StageRun(s, st) for s, st in zip(specs, stages)], share_input=share_input)

@@ -21,7 +21,7 @@ from edged.models import ModelEntry, ModelError
 from edged.records import DetectedObject
 from edged.runtime import Model
 from edged.stages.vision.entry import where
-from edged.stages.vision.preprocess import Preprocessor
+from edged.stages.vision.preprocess import Letterbox, Preprocessor
 
 # MediaPipe's 33 landmarks in the COCO-17 order: nose, eyes, ears, shoulders, elbows, wrists, hips,
 # knees, ankles (left before right).
@@ -53,15 +53,24 @@ class PoseStage:
     def labels(self) -> tuple[str, ...]:
         return ("pose",)
 
+    @property
+    def reads(self) -> tuple[int, ...]:
+        """The outputs `finish` reads."""
+        return (self._lm, self._presence)
+
     def detect(self, image: np.ndarray) -> tuple[DetectedObject, ...]:
         box = self.preprocess(image)
         t0 = time.perf_counter()
         self.model.invoke()
         self.last_inference_ms = (time.perf_counter() - t0) * 1000.0
-        presence = float(np.ravel(self.model.output(self._presence))[0])
+        return self.finish(self.model, box)
+
+    def finish(self, outputs, box: Letterbox) -> tuple[DetectedObject, ...]:
+        """The pose from the outputs of an invoke (the model, or an `OutputCopy` taken from it)."""
+        presence = float(np.ravel(outputs.output(self._presence))[0])
         if presence < self.score_threshold:
             return ()
-        lm = np.asarray(self.model.output(self._lm), np.float32).reshape(-1, 5)[list(self.keypoints)]
+        lm = np.asarray(outputs.output(self._lm), np.float32).reshape(-1, 5)[list(self.keypoints)]
         # Model pixels → crop-normalised, undoing the letterbox.
         x = np.clip((lm[:, 0] - box.left) / box.width, 0.0, 1.0)
         y = np.clip((lm[:, 1] - box.top) / box.height, 0.0, 1.0)

@@ -124,6 +124,15 @@ class _Plan:
         return self.region
 
 
+def check_image(image: np.ndarray) -> None:
+    """Raise ValueError, with one line saying why, for anything but a non-empty RGB uint8 image."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"vision: expected an RGB uint8 image of shape (H, W, 3), "
+                         f"got shape {image.shape} dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"vision: empty image of shape {image.shape}")
+
+
 def resize_frame(image: np.ndarray, height: int, width: int, *, letterbox: bool = False,
                  bilinear: bool = False) -> np.ndarray:
     """One frame resampled exactly as the stage would (without padding), as a new array.
@@ -184,7 +193,13 @@ class Preprocessor:
         self._pad_values = self._lut[self._offsets + int(pad)]
         self._plans: dict[tuple[int, int], _Plan] = {}
         self._scratch: dict[tuple[int, int], dict] = {}  # per region size, shared by plans
-        self._painted: _Plan | None = None
+        # Input slots: 0 is the model's own input buffer; 1, made on first use, is filled while the
+        # interpreter runs on slot 0's input (edged.stages.vision.overlap). Per slot, the plan and
+        # buffer whose padding is painted.
+        self._slot1: np.ndarray | None = None
+        self._painted: list[tuple[_Plan, np.ndarray] | None] = [None, None]
+        self._filled: list[np.ndarray | None] = [None, None]  # per slot: the array the last fill filled
+        self.resamples = 0  # images resampled (fills given another stage's pixels do not count)
 
     def plan(self, frame_h: int, frame_w: int) -> _Plan:
         key = (frame_h, frame_w)
@@ -200,18 +215,38 @@ class Preprocessor:
 
     def __call__(self, image: np.ndarray) -> Letterbox:
         """Fill and commit the model input from `image`; return where the frame landed."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"vision: expected an RGB uint8 image of shape (H, W, 3), "
-                             f"got shape {image.shape} dtype {image.dtype}")
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"vision: empty image of shape {image.shape}")
+        check_image(image)
+        box, _ = self.fill(image)
+        self.commit()
+        return box
+
+    def buffer(self, slot: int = 0) -> np.ndarray:
+        """Input slot `slot`: an array of the input tensor's shape and dtype."""
+        if slot == 0:
+            return self.model.input_buffer(self.index)
+        if self._slot1 is None:
+            self._slot1 = np.zeros_like(self.model.input_buffer(self.index))
+        return self._slot1
+
+    def fill(self, image: np.ndarray, slot: int = 0, pixels: np.ndarray | None = None
+             ) -> tuple[Letterbox, np.ndarray]:
+        """Fill input slot `slot` from a checked `image` (see check_image), without committing it;
+        return where the image landed and its resampled pixels (uint8, the region's size; a
+        buffer reused by the next fill, or `image` itself when no resampling was needed).
+        `pixels`, when given, are those pixels already resampled (by another stage with the same
+        input geometry, see `geometry`): only the normalisation runs."""
         plan = self.plan(image.shape[0], image.shape[1])
-        buf = self.model.input_buffer(self.index)[0]
-        if plan is not self._painted:
+        whole = self.buffer(slot)
+        self._filled[slot] = whole
+        buf = whole[0]
+        painted = self._painted[slot]
+        if painted is None or painted[0] is not plan or painted[1] is not whole:
             if not plan.full:
                 buf[...] = self._pad_values
-            self._painted = plan
-        pixels = plan.resample(image)
+            self._painted[slot] = (plan, whole)
+        if pixels is None:
+            pixels = plan.resample(image)
+            self.resamples += 1
         b = plan.box
         dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
         if self._map.kind == "gather":
@@ -223,8 +258,19 @@ class Preprocessor:
                 dst[...] = plan.values
         else:
             self._map(pixels, dst, plan.mask)
-        self.model.commit_input(self.index)
-        return plan.box
+        return plan.box, pixels
+
+    def commit(self, slot: int = 0) -> None:
+        """Hand input slot `slot` to the interpreter (it copies it: the slot is free again). The
+        array committed is the one `fill` filled: slot 0 is the model's own buffer, and a model
+        that moved from the Edge TPU to the CPU meanwhile has another one."""
+        self.model.commit_input(self.index, self._filled[slot])
+
+    @property
+    def geometry(self) -> tuple:
+        """What the resampled pixels depend on besides the image: two stages with the same
+        geometry resample any image to the same pixels."""
+        return (self.height, self.width, self.letterbox, self.bilinear)
 
     def _region_size(self, frame_h: int, frame_w: int) -> tuple[int, int]:
         if not self.letterbox:

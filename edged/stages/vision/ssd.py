@@ -31,6 +31,7 @@ class SsdDecoder(Decoder):
         p = self.params
         self._boxes = self._output("boxes_output", "box encodings", lambda t: t.shape[-1] == 4)
         self._scores = self._output("scores_output", "class logits", lambda t: t.shape[-1] != 4)
+        self.reads = (self._boxes, self._scores)
         fname = p.get("anchors_file")
         if not isinstance(fname, str):
             raise ModelError(f"{where(entry, 'params')}.anchors_file: missing (a .npy beside the model)")

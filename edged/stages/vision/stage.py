@@ -13,7 +13,7 @@ from edged.runtime import Model
 from edged.stages.vision.blazeface import BlazeFaceDecoder
 from edged.stages.vision.decoder import Decoder
 from edged.stages.vision.postprocess import PostprocessDecoder
-from edged.stages.vision.preprocess import Preprocessor
+from edged.stages.vision.preprocess import Letterbox, Preprocessor
 from edged.stages.vision.ssd import SsdDecoder
 from edged.stages.vision.entry import where
 
@@ -53,13 +53,23 @@ class VisionStage:
     def labels(self) -> tuple[str, ...]:
         return tuple(self.decoder.labels.values())
 
+    @property
+    def reads(self) -> tuple[int, ...]:
+        """The outputs `finish` reads."""
+        return self.decoder.reads
+
     def detect(self, image: np.ndarray) -> tuple[DetectedObject, ...]:
         """Objects in an RGB uint8 (H, W, 3) image, boxes normalised to that image, best first."""
         box = self.preprocess(image)
         t0 = time.perf_counter()
         self.model.invoke()
         self.last_inference_ms = (time.perf_counter() - t0) * 1000.0
-        dec = self.decoder.decode_model(self.model, self.score_threshold)
+        return self.finish(self.model, box)
+
+    def finish(self, outputs, box: Letterbox) -> tuple[DetectedObject, ...]:
+        """Objects from the outputs of an invoke on an input that landed at `box`: `outputs` is the
+        model itself, or an `OutputCopy` taken from it."""
+        dec = self.decoder.decode_model(outputs, self.score_threshold)
         if not dec.scores:
             return ()
         mh, mw = self.preprocess.height, self.preprocess.width

@@ -1,0 +1,163 @@
+"""Frames through a vision graph with the model invokes on a thread of their own, so that the
+vision thread's Python work (preparing the next unit's input, decoding the last one, merging,
+tracking, publishing, the next frame's first input) runs while an interpreter is busy.
+
+TFLite's (and LiteRT's) `invoke()` releases the GIL, so this gains wherever a core is free; on
+one core it costs a thread switch per invoke and nothing else. The work of a frame is the graph's
+sequence of units (one invoke each, `VisionGraph.units`). `FrameRunner` keeps one unit invoking
+while it prepares the next into the stage's other input slot (two preallocated input buffers per
+model, and a copy of the outputs each invoke fills), then finishes the invoked one: results come
+out in order and are exactly those of `VisionGraph.detect`. A stage that crops an earlier stage's
+objects waits for that stage to be finished (its input depends on it). Across frames the same
+holds: the last unit of a frame is finished once the next frame's first unit is invoking, so a
+frame's results come out of the `push` of the next frame, or of `flush` when no frame follows.
+
+At most two units are in flight (one invoking, one queued behind it); the invoke thread exits on
+`close`. An invoke that never returns (an Edge TPU hang) blocks the vision thread as a plain
+invoke would: the daemon's hang check sees it through the model's `invoking_since`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+from edged.stages.vision.graph import FrameWork, Unit, VisionGraph, Wait
+from edged.stages.vision.preprocess import check_image
+
+
+class _Job:
+    __slots__ = ("unit", "done")
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.done = threading.Event()
+
+
+class Invoker:
+    """A thread that runs units' invokes (commit, invoke, copy the outputs) in the order given."""
+
+    def __init__(self, name: str = "vision-invoke") -> None:
+        self._jobs: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, unit: Unit) -> _Job:
+        job = _Job(unit)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("vision: the invoke thread is closed")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            try:
+                job.unit.invoke()
+            except BaseException as exc:  # handed to the vision thread, which raises it
+                job.unit.error = exc
+            job.done.set()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Let the queued invokes finish, then end the thread; False if it is still running after
+        `timeout` (an invoke that does not return)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+class FrameRunner:
+    """Runs frames through a graph, in order; with `overlap`, invokes on an `Invoker` thread.
+
+    `push(image, tag)` returns the frames finished meanwhile as (tag, objects, ms) in the order
+    pushed; `flush()` finishes the rest. `ms` is a frame's time from the start of its push to its
+    last result. Without overlap every frame is finished by its own push.
+    """
+
+    def __init__(self, graph: VisionGraph, *, overlap: bool = True) -> None:
+        self.graph = graph
+        self.overlap = overlap
+        self._invoker = Invoker() if overlap else None
+        self._flight: deque[_Job | Unit] = deque()   # invoked or invoking, not finished
+        self._frames: deque[FrameWork] = deque()     # pushed, not handed out
+
+    @property
+    def pending(self) -> int:
+        """Frames pushed whose results have not been handed out yet."""
+        return len(self._frames)
+
+    def push(self, image: np.ndarray, tag: object = None) -> list[tuple[object, tuple, float]]:
+        check_image(image)  # a bad frame raises here, before any work of it is queued
+        g = self.graph
+        fw = g.start(image, tag)
+        self._frames.append(fw)
+        try:
+            for item in g.units(fw, overlap=self.overlap):
+                if isinstance(item, Wait):
+                    self._finish_one()
+                    continue
+                if self._invoker is None:
+                    item.invoke()
+                    g.finish(item)
+                    continue
+                self._flight.append(self._invoker.submit(item))
+                # Keep one invoking while the next is prepared: finish all but the newest.
+                while len(self._flight) > 1:
+                    self._finish_one()
+        except BaseException:
+            self._drop()
+            raise
+        return self._done()
+
+    def flush(self) -> list[tuple[object, tuple, float]]:
+        try:
+            while self._flight:
+                self._finish_one()
+        except BaseException:
+            self._drop()
+            raise
+        return self._done()
+
+    def close(self, timeout: float | None = 2.0) -> bool:
+        """Stop the invoke thread (after the invokes in flight; their results are dropped)."""
+        self._flight.clear()
+        self._frames.clear()
+        return self._invoker.close(timeout) if self._invoker is not None else True
+
+    def _finish_one(self) -> None:
+        if not self._flight:
+            raise RuntimeError("vision: a stage waits for units that were never queued")
+        job = self._flight.popleft()
+        job.done.wait()
+        unit = job.unit
+        if unit.error is not None:
+            raise unit.error
+        self.graph.finish(unit)
+
+    def _drop(self) -> None:
+        """After an error: wait for what is in flight (its input slots must be free), forget the
+        open frames. The next push starts clean."""
+        for job in self._flight:
+            job.done.wait()
+        self._flight.clear()
+        self._frames.clear()
+
+    def _done(self) -> list[tuple[object, tuple, float]]:
+        out = []
+        while self._frames and self._frames[0].objects is not None:
+            fw = self._frames.popleft()
+            out.append((fw.tag, fw.objects, (fw.finished - fw.started) * 1000.0))
+        return out

@@ -1,0 +1,245 @@
+"""The vision graph with its invokes on a thread of their own (edged.stages.vision.overlap), and
+stages that share an input sharing its preprocessing: real models on real scenes, results checked
+against the plain one-after-the-other run. Behaviour only: the speed-up is measured by `make bench`
+(benchmarks/stages.py), not here."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import wait_until, write_config
+from edged.fakes.tpu import FakeEdgeTpu
+from edged.models import load_manifest
+from edged.stages.vision.graph import DEFAULT_CHAIN, StageSpec, open_graph
+from edged.stages.vision.overlap import FrameRunner
+from edged.tpu import TpuError, open_for_backend
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+SCENES = REPO / "tests" / "data" / "vision" / "scenes"
+# People and faces, several per frame, and a scene with nobody (no crops at all).
+FRAMES = ("group_leuven.jpg", "vtest_0300.jpg", "building.jpg", "basketball1.jpg")
+
+
+def load(name: str) -> np.ndarray:
+    return np.asarray(Image.open(SCENES / name).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return load_manifest(MODELS)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return [load(n) for n in FRAMES]
+
+
+@pytest.fixture(scope="module")
+def chain(manifest):
+    return open_graph(DEFAULT_CHAIN, manifest, threads=1)
+
+
+@pytest.fixture(scope="module")
+def expected(chain, frames):
+    return [chain.detect(f) for f in frames]
+
+
+def invoke_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "vision-invoke"]
+
+
+def run_all(runner: FrameRunner, frames, tags) -> list:
+    out = []
+    for tag, f in zip(tags, frames):
+        out += runner.push(f, tag)
+    return out + runner.flush()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_runner_gives_the_objects_of_a_plain_run_in_order(chain, frames, expected, overlap):
+    assert sum(len(e) for e in expected) >= 10 and () in expected  # people and faces, and a frame with none
+    runner = FrameRunner(chain, overlap=overlap)
+    try:
+        # Twice through: the second pass starts with the stages' input slots where the first left them.
+        tags = list(range(2 * len(frames)))
+        out = run_all(runner, frames * 2, tags)
+        assert [t for t, _, _ in out] == tags
+        assert [objs for _, objs, _ in out] == expected * 2
+        assert all(ms > 0 for _, _, ms in out)
+        assert runner.pending == 0
+    finally:
+        assert runner.close()
+
+
+def test_with_overlap_a_frame_comes_out_of_the_next_push(chain, frames, expected):
+    runner = FrameRunner(chain, overlap=True)
+    try:
+        assert runner.push(frames[0], "a") == []  # its last invoke may still run: handed out later
+        assert runner.pending == 1
+        (tag, objs, _), = runner.push(frames[1], "b")
+        assert (tag, objs) == ("a", expected[0])
+        assert [(t, o) for t, o, _ in runner.flush()] == [("b", expected[1])]
+    finally:
+        runner.close()
+
+
+def test_stop_is_clean_and_leaves_no_thread(chain, frames):
+    before = len(invoke_threads())
+    runner = FrameRunner(chain, overlap=True)
+    assert len(invoke_threads()) == before + 1
+    runner.push(frames[0])
+    runner.push(frames[1])  # one frame still in flight when closing: its results are dropped
+    assert runner.close(timeout=30)
+    assert len(invoke_threads()) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.push(frames[0])
+
+
+def test_a_bad_frame_is_refused_before_any_work_and_the_runner_goes_on(chain, frames, expected):
+    runner = FrameRunner(chain, overlap=True)
+    try:
+        assert runner.push(frames[0], 0) == []
+        with pytest.raises(ValueError, match=r"expected an RGB uint8 image"):
+            runner.push(np.zeros((40, 40), np.uint8), 1)
+        out = runner.push(frames[1], 2) + runner.flush()
+        assert [(t, o) for t, o, _ in out] == [(0, expected[0]), (2, expected[1])]
+    finally:
+        runner.close()
+
+
+def test_stages_with_the_same_input_resample_it_once(manifest, frames):
+    # The same geometry twice on the frame (and its tiles) and twice on the same crops: the second
+    # of each pair reads the first one's pixels. The objects are those of the same graph with every
+    # stage resampling for itself.
+    specs = [StageSpec("people", "person", tiles=2, score_threshold=0.4),
+             StageSpec("people_sure", "person", tiles=2, score_threshold=0.7),
+             StageSpec("faces", "face", input="person@people", region="top"),
+             StageSpec("faces_sure", "face", input="person@people", region="top", score_threshold=0.8),
+             StageSpec("faces_whole", "face", input="person@people")]  # other crops: not shared
+    g = open_graph(specs, manifest, threads=1)
+    apart = open_graph(specs, manifest, threads=1, share_input=False)
+    assert [r.share_from for r in g.runs] == [-1, 0, -1, 2, -1]
+    assert [r.share_from for r in apart.runs] == [-1] * 5
+    frames = frames[:2]
+    runner = FrameRunner(g, overlap=True)
+    try:
+        got = [objs for _, objs, _ in run_all(runner, frames, range(len(frames)))]
+    finally:
+        runner.close()
+    for f, objs in zip(frames, got):
+        assert objs == g.detect(f) == apart.detect(f)
+        for mine, own in zip(g.runs, apart.runs):  # each stage's last input: shared pixels or its own
+            assert np.array_equal(mine.stage.preprocess.buffer(0), own.stage.preprocess.buffer(0)), mine.spec.name
+    pre = {r.spec.name: r.stage.preprocess for r in g.runs}
+    assert pre["people_sure"].resamples == 0 and pre["people"].resamples > 0
+    assert pre["faces_sure"].resamples == 0 and pre["faces"].resamples > 0 and pre["faces_whole"].resamples > 0
+    assert all(r.stage.preprocess.resamples > 0 for r in apart.runs)
+    invokes = {r.spec.name: r.invokes for r in g.runs}
+    assert invokes["faces_sure"] == invokes["faces"] > 0
+
+
+def tpu_face_models(tmp_path: Path, tpu: FakeEdgeTpu) -> Path:
+    """The shipped models dir with a fake-compiled Edge TPU twin of the short-range face model."""
+    d = tmp_path / "models"
+    shutil.copytree(MODELS, d)
+    compiled = tpu.compile(d / "face_detection_short_range.tflite", d / "face_edgetpu.tflite")
+    digest = hashlib.sha256(compiled.read_bytes()).hexdigest()
+    text = (d / "manifest.toml").read_text()
+    head = "[models.face]\n"
+    assert head in text
+    (d / "manifest.toml").write_text(text.replace(head, head + f'edgetpu_file = "{compiled.name}"\n'
+                                                  f'edgetpu_sha256 = "{digest}"\n'
+                                                  f"edgetpu_size = {compiled.stat().st_size}\n", 1))
+    return d
+
+
+CROPS = [StageSpec("people", "person"), StageSpec("faces_in_people", "face", input="person@people", region="top")]
+
+
+def test_a_tpu_lost_while_the_second_input_slot_is_in_use_reruns_that_input_on_the_cpu(tmp_path, manifest):
+    tpu = FakeEdgeTpu("usb")
+    models = load_manifest(tpu_face_models(tmp_path, tpu))
+    frame = load("group_leuven.jpg")
+    want = open_graph(CROPS, manifest, threads=1).detect(frame)
+    g = open_graph(CROPS, models, open_entry=lambda e: open_for_backend(e, "usb", loader=tpu, retry_s=3600,
+                                                                        threads=1))
+    face = g.runs[1]
+    runner = FrameRunner(g, overlap=True)
+    try:
+        assert [o for _, o, _ in runner.push(frame) + runner.flush()] == [want]
+        assert face.stage.model.backend == "edgetpu:usb"
+        crops = face.invokes
+        assert crops % 2 == 1, crops  # so the next frame's first crop goes to input slot 1
+        assert face.slot == 1
+        tpu.fail_next = 1  # that invoke fails on the TPU: the crop must be re-run from slot 1
+        assert [o for _, o, _ in runner.push(frame) + runner.push(frame) + runner.flush()] == [want, want]
+        assert face.stage.model.backend == "cpu" and face.stage.model.fallbacks == 1
+    finally:
+        runner.close()
+
+
+def test_an_invoke_error_reaches_the_vision_thread(tmp_path):
+    tpu = FakeEdgeTpu("usb")
+    models = load_manifest(tpu_face_models(tmp_path, tpu))
+    g = open_graph(CROPS, models, open_entry=lambda e: open_for_backend(e, "usb", False, loader=tpu, threads=1))
+    runner = FrameRunner(g, overlap=True)
+    try:
+        tpu.unplug()
+        with pytest.raises(TpuError, match="the Edge TPU failed mid-run"):
+            runner.push(load("group_leuven.jpg"))
+            runner.flush()
+        assert runner.pending == 0
+    finally:
+        assert runner.close(timeout=30)
+
+
+HANG = """
+models_dir = "{models}"
+[camera]
+path = "{images}"
+fps = 5
+[imu]
+enabled = false
+[accelerator]
+device = "usb"
+fake = "hang"
+fake_fault_after = 4
+retry_s = 3600
+invoke_timeout_s = 2
+[vision]
+threads = 1
+[[vision.stages]]
+name = "people"
+model = "person"
+[[vision.stages]]
+name = "faces_in_people"
+model = "face"
+input = "person@people"
+region = "top"
+"""
+
+
+def test_a_hang_in_a_later_stage_on_the_invoke_thread_is_caught(tmp_path, broker, daemon_factory):
+    # Only the second stage's model is on the (fake) Edge TPU; it hangs on its fifth crop, on the
+    # invoke thread. The daemon must see it there, record it and exit for systemd to restart it.
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SCENES / "group_leuven.jpg", images / "g.jpg")
+    models = tpu_face_models(tmp_path, FakeEdgeTpu("usb"))
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=HANG.format(models=models, images=images))
+    d = daemon_factory(cfg).start()
+    assert wait_until(lambda: d.proc.poll() is not None, 120), d.output()
+    out = d.output()
+    assert d.proc.returncode == 75, out
+    assert re.search(r"Edge TPU inference hung; exiting so the service restarts on the CPU.* model=face", out), out
+    assert "Traceback" not in out
+    assert '"fault": "hang"' in (tmp_path / "state" / "tpu-fault.json").read_text()
