@@ -53,6 +53,16 @@ def expected(chain, frames):
     return [chain.detect(f) for f in frames]
 
 
+@pytest.fixture(scope="module")
+def expected_invokes(chain, frames):
+    """Per frame: each stage's invokes in a plain run."""
+    out = []
+    for f in frames:
+        chain.detect(f)
+        out.append([r.invokes for r in chain.runs])
+    return out
+
+
 def invoke_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "vision-invoke"]
 
@@ -65,7 +75,7 @@ def run_all(runner: FrameRunner, frames, tags) -> list:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_runner_gives_the_objects_of_a_plain_run_in_order(chain, frames, expected, overlap):
+def test_runner_gives_the_objects_of_a_plain_run_in_order(chain, frames, expected, expected_invokes, overlap):
     assert sum(len(e) for e in expected) >= 10 and () in expected  # people and faces, and a frame with none
     runner = FrameRunner(chain, overlap=overlap)
     try:
@@ -76,6 +86,8 @@ def test_runner_gives_the_objects_of_a_plain_run_in_order(chain, frames, expecte
         assert [objs for _, objs, _ in out] == expected * 2
         assert all(ms > 0 for _, _, ms in out)
         assert runner.pending == 0
+        # Per-stage counts are the last frame's, though its stages completed during other pushes.
+        assert [r.invokes for r in chain.runs] == expected_invokes[-1] != expected_invokes[-2]
     finally:
         assert runner.close()
 

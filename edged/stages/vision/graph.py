@@ -96,7 +96,7 @@ class StageRun:
     spec: StageSpec
     stage: object
     last_ms: float = 0.0     # its preprocessing, invokes and decoding on the last frame
-    invokes: int = 0
+    invokes: int = 0         # on the last frame
     mean_ms: float = 0.0     # smoothed over about the last 20 frames
     mean_invokes: float = 0.0
     slot: int = 0            # the input slot its next unit fills (alternates when overlapping)
@@ -154,6 +154,7 @@ class FrameWork:
     mine: dict = field(default_factory=dict)       # stage name -> indices into found so far
     left: dict = field(default_factory=dict)       # stage name -> units not finished yet
     ms: dict = field(default_factory=dict)         # stage name -> ms so far
+    invokes: dict = field(default_factory=dict)    # stage name -> units prepared
     shared: dict = field(default_factory=dict)     # (region, geometry) -> resampled pixels
     started: float = field(default_factory=time.perf_counter)
     objects: tuple | None = None                   # set when every stage is complete
@@ -242,10 +243,7 @@ class VisionGraph:
 
     def start(self, image: np.ndarray, tag: object = None) -> FrameWork:
         """A frame's work, for `units`; `image` must have passed preprocess.check_image."""
-        fw = FrameWork(image, tag)
-        for r in self.runs:
-            r.invokes = 0
-        return fw
+        return FrameWork(image, tag)
 
     def units(self, fw: FrameWork, *, overlap: bool = False) -> Iterator[Unit | Wait]:
         """The frame's units, each with its input prepared, in order; a `Wait` before a stage that
@@ -259,7 +257,7 @@ class VisionGraph:
                     yield Wait(s.source[1])
             t0 = time.perf_counter()
             regions = self._regions(run, fw)
-            fw.left[s.name] = len(regions)
+            fw.left[s.name] = fw.invokes[s.name] = len(regions)
             fw.mine[s.name] = []
             fw.ms[s.name] = (time.perf_counter() - t0) * 1000.0
             if not regions:
@@ -282,7 +280,6 @@ class VisionGraph:
                     outputs = run.copies[slot]
                     if outputs is None:
                         outputs = run.copies[slot] = OutputCopy(st.model, tuple(st.reads))
-                run.invokes += 1
                 yield Unit(run, fw, region, drop_cut, parent, slot, box, outputs,
                            ms=(time.perf_counter() - t0) * 1000.0)
 
@@ -334,6 +331,7 @@ class VisionGraph:
         kept = {id(f) for f in merge([fw.found[i] for i in mine])}
         fw.by_stage[s.name] = [i for i in mine if id(fw.found[i]) in kept]
         run.last_ms = fw.ms[s.name] + (time.perf_counter() - t0) * 1000.0
+        run.invokes = fw.invokes[s.name]
         a = 0.05 if run.mean_ms else 1.0
         run.mean_ms += a * (run.last_ms - run.mean_ms)
         run.mean_invokes += a * (run.invokes - run.mean_invokes)
