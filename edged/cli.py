@@ -340,6 +340,17 @@ def _release_parser(sub) -> None:
     st.add_argument("--port", type=int, default=1883)
     st.add_argument("--prefix", default="edged", help="topic prefix (default: %(default)s)")
     st.add_argument("--seconds", type=float, default=2.0, help="how long to collect reports (default: %(default)s)")
+    rt = rls.add_parser("rotate", help="new keys: a new root version signed by the old and the new root key",
+                        description="Replace the online keys (targets, snapshot, timestamp) and, unless "
+                                    "--keep-root, the root key: root metadata version N+1 names the new keys "
+                                    "and is signed by the current root key and the new one; every role is "
+                                    "re-signed. Devices follow from the root they pinned; REPO/root.json is "
+                                    "the pin for devices provisioned afterwards.")
+    rt.add_argument("repo", metavar="REPO")
+    rt.add_argument("--root-key", metavar="PATH", help="the current root key (default: REPO/offline/root.pem)")
+    rt.add_argument("--new-root-key", metavar="PATH",
+                    help="where to write the new root key (default: root-N.pem beside the current one)")
+    rt.add_argument("--keep-root", action="store_true", help="rotate only the online keys; root keeps its key")
     rf = rls.add_parser("refresh", help="sign a new timestamp (run hourly from cron)",
                         description="Sign a new timestamp (and snapshot when past half its life): devices "
                                     "stop trusting a repository whose timestamp is older than a day.")

@@ -222,6 +222,75 @@ def test_model_failing_its_self_test_refused(tmp_path, repo_dir, server, caplog)
     assert len([r for r in caplog.records if r.getMessage().startswith("update refused")]) == 1
 
 
+# -- key rotation -----------------------------------------------------------------------------------
+
+def test_a_device_pinned_to_the_old_root_follows_a_key_rotation(tmp_path, repo_dir, server):
+    pin = tmp_path / "pinned-root.json"  # what provisioning installed before the rotation
+    pin.write_bytes((repo_dir / "root.json").read_bytes())
+
+    def device(state: str) -> Updater:
+        cfg = device_config(tmp_path / state, server.url, pin)
+        up = Updater(cfg)
+        up.on_start()
+        up.state.model("face").bad.append(2)  # the metadata is in question here, not installing
+        return up
+
+    up = device("seen")
+    up.check()
+    assert up.last_check["outcome"] == "ok"
+    old_keys = {r: json.loads((repo_dir / "keys" / f"{r}.pub.json").read_text())["keyid"]
+                for r in ("targets", "snapshot", "timestamp")}
+    r = edged_cli("release", "rotate", str(repo_dir))
+    assert r.returncode == 0, r.stderr
+    assert "root version 2" in r.stderr and (repo_dir / "offline" / "root-2.pem").is_file()
+    for role, keyid in old_keys.items():
+        assert json.loads((repo_dir / "keys" / f"{role}.pub.json").read_text())["keyid"] != keyid, role
+    root2 = json.loads((repo_dir / "public" / "metadata" / "2.root.json").read_text())
+    assert len(root2["signatures"]) == 2  # the old root key and the new one
+    assert (repo_dir / "root.json").read_bytes() == (repo_dir / "public" / "metadata" / "2.root.json").read_bytes()
+    # A change signed with the new online keys only.
+    repo = Repository(repo_dir)
+    repo.rollout("face", 2, 50.0)
+    repo.publish()
+    for up in (up, device("fresh")):  # one that had checked before, one that never had
+        up.check()
+        assert up.last_check["outcome"] == "ok", up.state.last
+        trusted = json.loads((up.dir / "tuf" / "root.json").read_text())
+        assert trusted["signed"]["version"] == 2
+    # The old root key signs nothing any more.
+    r = edged_cli("release", "rotate", str(repo_dir), "--root-key", str(repo_dir / "offline" / "root.pem"))
+    assert r.returncode == 2 and "not a root key of" in r.stderr and r.stderr.count("\n") == 1
+    r = edged_cli("release", "rotate", str(repo_dir), "--root-key", str(repo_dir / "offline" / "root-2.pem"),
+                  "--keep-root")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((repo_dir / "public" / "metadata" / "3.root.json").read_text())["signatures"]) == 1
+    up.check()
+    assert up.last_check["outcome"] == "ok", up.state.last
+
+
+def test_a_root_signed_only_by_its_new_key_is_refused(tmp_path, repo_dir, server, caplog):
+    # Whoever holds a key the pinned root does not trust writes a root that trusts only that key.
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, Root
+    from tuf.api.serialization.json import JSONSerializer
+
+    repo = Repository(repo_dir)
+    root = Metadata[Root].from_bytes(repo.root.to_bytes()).signed
+    intruder = CryptoSigner.generate_ed25519()
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        root.add_key(intruder.public_key, role)
+    root.version += 1
+    md = Metadata(root)
+    md.sign(intruder)
+    (repo_dir / "public" / "metadata" / "2.root.json").write_bytes(md.to_bytes(JSONSerializer()))
+    repo.signers = {r: intruder for r in repo.signers}
+    repo.publish()
+    last = check_refused(tmp_path, repo_dir, server, caplog)
+    assert "not signed by the keys the pinned root trusts" in last["reason"] and "root" in last["reason"]
+
+
 # -- staged rollout ---------------------------------------------------------------------------------
 
 def test_rollout_cohorts_are_stable_sized_and_monotone():
@@ -352,6 +421,20 @@ def test_daemon_installs_refuses_and_reports(tmp_path, broker, subscriber, daemo
         assert subscriber.wait(lambda: len(refusals()) >= 2, 30), d.output()
         assert d.output().count("update refused") == 1
 
+        # Version 2 revoked for the fleet: the device goes back to the shipped model by itself.
+        assert edged_cli("release", "revoke", str(repo), "--name", "face", "--version", "2").returncode == 0
+        announce(broker)
+
+        def revoked() -> list[dict]:
+            return [m for m in models_reports(subscriber) if (m["last"] or {}).get("outcome") == "rolled back"]
+        assert subscriber.wait(revoked, 60), d.output()
+        back = revoked()[-1]
+        assert back["last"]["version"] == 2 and back["last"]["reason"] == "revoked by the repository"
+        assert back["models"]["face"]["running"] is None
+        n = len(subscriber.json("detections"))
+        assert subscriber.wait(lambda: len(subscriber.json("detections")) > n, 30), "no results after the revocation"
+        assert "running release revoked; back to the shipped model" in d.output()
+
         assert d.stop(timeout=10) == 0
         seqs = [m["seq"] for m in subscriber.json("detections")]
         last = last_seq(tmp_path / "state")
@@ -361,7 +444,7 @@ def test_daemon_installs_refuses_and_reports(tmp_path, broker, subscriber, daemo
 
         late = Subscriber(broker, "edged/test-dev/models")
         assert late.wait(lambda: late.messages, 5)
-        assert json.loads(late.messages[-1][1])["models"]["face"]["running"] == 2
+        assert json.loads(late.messages[-1][1])["last"]["outcome"] == "rolled back"
         late.close()
     finally:
         srv.close()
@@ -447,6 +530,55 @@ def test_release_with_a_stalled_pipeline_is_rolled_back_in_its_health_window(tmp
         assert d.stop(timeout=10) == 0
         state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
         assert 2 in state["models"]["face"]["bad"]
+    finally:
+        srv.close()
+
+
+def test_release_whose_inputs_fail_is_rolled_back_in_its_health_window(tmp_path, broker, subscriber,
+                                                                       daemon_factory):
+    # A motion release built for a faster IMU — the shipped model, its manifest entry saying
+    # input.rate_hz = 12 — reaches a device whose IMU gives 10 Hz. It opens and passes its
+    # self-test (the golden vectors are model inputs and outputs, measured on the shipped
+    # entry), but every window it is given fails (10 Hz is below 0.9 x 12 Hz): more failures
+    # than successes, rolled back well before the stall rule (a quarter of 120 s) would.
+    import re
+
+    shipped = REPO / "models"
+    built = tmp_path / "built"
+    built.mkdir()
+    for name in ("motion.tflite", "motion.labels", "motion.centroids.json"):
+        shutil.copy(shipped / name, built / name)
+    text = (shipped / "manifest.toml").read_text()
+    start = text.index("[models.motion]")
+    end = re.search(r"^\[models\.(?!motion[.\]])", text[start:], re.M)
+    table = text[start:start + end.start()] if end else text[start:]
+    assert "rate_hz = 10.0" in table
+    (built / "manifest.toml").write_text(table.replace("rate_hz = 10.0", "rate_hz = 12.0", 1))
+    repo = tmp_path / "repo"
+    r = Repository.init(repo)
+    r.add(built / "motion.tflite", version=2, golden=measure_release(shipped / "motion.tflite"))
+    r.rollout("motion", 2, 100.0)
+    r.publish()
+    srv = Server(repo / "public")
+    try:
+        cfg = write_config(tmp_path / "edged.toml", broker, extra=(
+            f'[camera]\nenabled = false\n[imu]\npath = "{REPO / "samples" / "imu" / "basicmotions_demo.csv"}"\n'
+            f'speed = 1\nloop = true\n'
+            f'[updates]\nurl = "{srv.url}"\nroot_json = "{repo / "root.json"}"\n'
+            'poll_interval_s = 3600\nhealth_window_s = 120\n'))
+        d = daemon_factory(cfg).start()
+        assert subscriber.wait(lambda: any((m["last"] or {}).get("outcome") == "rolled back"
+                                           for m in models_reports(subscriber)), 60), d.output()
+        back = [m for m in models_reports(subscriber) if (m["last"] or {}).get("outcome") == "rolled back"][-1]
+        assert back["last"]["version"] == 2, back
+        assert re.fullmatch(r"\d+ motion inputs failed against 0 that succeeded", back["last"]["reason"]), back
+        assert back["models"]["motion"]["running"] is None
+        assert "IMU sample rate 10.0 Hz is below the model's 12 Hz" in d.output()
+        n = len(subscriber.json("motion"))
+        assert subscriber.wait(lambda: len(subscriber.json("motion")) > n, 30), "no motion after the rollback"
+        assert d.stop(timeout=10) == 0
+        state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
+        assert 2 in state["models"]["motion"]["bad"]
     finally:
         srv.close()
 

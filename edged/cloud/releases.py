@@ -77,11 +77,15 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 # -- keys ------------------------------------------------------------------------------------------
 
-def _save_key(signer: CryptoSigner, pem: Path, role: str) -> None:
+def _pub_path(pem: Path) -> Path:
+    """The public half beside a private key: keys/targets.pem -> keys/targets.pub.json."""
+    return pem.with_suffix(".pub.json")
+
+
+def _save_key(signer: CryptoSigner, pem: Path) -> None:
     key = signer.public_key
     _write_atomic(pem, signer.private_bytes, 0o600)
-    _write_atomic(pem.with_name(f"{role}.pub.json"),
-                  json.dumps({"keyid": key.keyid, **key.to_dict()}, indent=1).encode())
+    _write_atomic(_pub_path(pem), json.dumps({"keyid": key.keyid, **key.to_dict()}, indent=1).encode())
 
 
 def _load_signer(pem: Path, pub: Path) -> CryptoSigner:
@@ -146,9 +150,9 @@ class Repository:
         if root_pem.resolve().parent == keys.resolve():
             raise ReleaseError(f"{root_pem}: the root key must not sit with the online keys in {keys}")
         signers = {r: CryptoSigner.generate_ed25519() for r in ("root",) + ONLINE_ROLES}
-        _save_key(signers["root"], root_pem, "root")
+        _save_key(signers["root"], root_pem)
         for r in ONLINE_ROLES:
-            _save_key(signers[r], keys / f"{r}.pem", r)
+            _save_key(signers[r], keys / f"{r}.pem")
         root = Root(expires=_now() + EXPIRY["root"], consistent_snapshot=True)
         for role, s in signers.items():
             root.add_key(s.public_key, role)
@@ -169,6 +173,58 @@ class Repository:
         repo.root, repo.targets, repo.snapshot, repo.timestamp = md, targets, snapshot, timestamp
         repo.publish(bump=False)
         return repo
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def rotate(self, root_key: str | Path, new_root_key: str | Path | None = None, *,
+               keep_root: bool = False) -> Path | None:
+        """New keys for the online roles (and, unless `keep_root`, for root): root metadata version
+        N+1 naming them, signed by the current root key and by the new one, then every online
+        role re-signed. Devices walk from the root they pinned to the new one; REPO/root.json is
+        the new pin for devices provisioned from now on. Returns where the new root key went."""
+        root_pem = Path(root_key)
+        old = _load_signer(root_pem, _pub_path(root_pem))
+        current = self.root.signed
+        if old.public_key.keyid not in current.roles["root"].keyids:
+            raise ReleaseError(f"{root_pem}: not a root key of {self.path} (root version {current.version} "
+                               "trusts other keys)")
+        new_pem = None
+        if not keep_root:
+            new_pem = Path(new_root_key) if new_root_key else (
+                root_pem.with_name(f"root-{current.version + 1}.pem"))
+            if new_pem.exists():
+                raise ReleaseError(f"{new_pem}: exists; refusing to overwrite a root key")
+            if new_pem.resolve().parent == (self.path / "keys").resolve():
+                raise ReleaseError(f"{new_pem}: the root key must not sit with the online keys in {self.path / 'keys'}")
+        root = Metadata[Root].from_bytes(self.root.to_bytes()).signed  # a copy to change
+        signers = {r: CryptoSigner.generate_ed25519() for r in ONLINE_ROLES + (() if keep_root else ("root",))}
+        for role, signer in signers.items():
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(signer.public_key, role)
+        root.version += 1
+        root.expires = _now() + EXPIRY["root"]
+        md = Metadata(root)
+        md.sign(old)
+        if not keep_root:
+            md.sign(signers["root"], append=True)  # a new root must satisfy the old keys and its own
+        # Keys first, under new names; then the root that trusts them; then the names swapped.
+        # Interrupted, the repository still has the old root and old keys in force.
+        keys = self.path / "keys"
+        if new_pem is not None:
+            _save_key(signers["root"], new_pem)
+        for r in ONLINE_ROLES:
+            _save_key(signers[r], keys / f"{r}.next.pem")
+        data = md.to_bytes(JSONSerializer(compact=False))
+        _write_atomic(self.metadata_dir / f"{root.version}.root.json", data)
+        _write_atomic(self.path / "root.json", data)
+        for r in ONLINE_ROLES:
+            os.replace(keys / f"{r}.next.pem", keys / f"{r}.pem")
+            os.replace(keys / f"{r}.next.pub.json", keys / f"{r}.pub.json")
+        self.root = md
+        self.signers = {r: signers[r] for r in ONLINE_ROLES}
+        self.publish()
+        return new_pem
 
     # -- targets ---------------------------------------------------------------------------------
 
@@ -489,6 +545,13 @@ def run_cli(args, golden: Golden | None = None) -> int:
         repo.publish()
         what = args.name if args.kind == "model" else f"{args.name} {args.kind}"
         print(f"{what} {args.version}: revoked on {', '.join(channels)}", file=sys.stderr)
+    elif args.action == "rotate":
+        root_key = Path(args.root_key) if args.root_key else repo.path / "offline" / "root.pem"
+        new_pem = repo.rotate(root_key, args.new_root_key, keep_root=args.keep_root)
+        print(f"root version {repo.root.signed.version}: new online keys"
+              + (f" and a new root key in {new_pem} (move it offline; {root_key} no longer signs)" if new_pem else "")
+              + f"; devices follow from the root they pinned; {repo.path / 'root.json'} is the pin for new devices",
+              file=sys.stderr)
     elif args.action == "refresh":
         repo.refresh()
         print(f"timestamp {repo.timestamp.signed.version} signed, expires "

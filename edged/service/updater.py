@@ -528,9 +528,13 @@ class Updater:
             self._stage(client, name, task, want)
         except UpdateRefused as exc:
             self._refused(name, want, str(exc))
+            if running_revoked:  # a withdrawn release must go even when its successor cannot come
+                self._hand_over(Staged(name, 0))
             return
         except tufx.DownloadError as exc:
             self._check_failed("net", f"cannot download {name} {want}: {_reason(exc)}")
+            if running_revoked:
+                self._hand_over(Staged(name, 0))
             return
         finally:
             with self._lock:
