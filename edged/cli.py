@@ -235,6 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
                     help="from 'edged signatures build' (the shipped model's: models/motion.centroids.json)")
 
+    sm = sub.add_parser("samples", help="cloud side: list, label and export the samples devices sent",
+                        description="The samples 'edged ingest' stored (raw IMU windows and frame crops the "
+                                    "devices' models could not place, [sampling] on a device): list them, "
+                                    "give one a label, or export them as files to look at. Labelled IMU "
+                                    "windows train the motion model: scripts/train_motion.py --samples URL.")
+    sms = sm.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sl = sms.add_parser("list", help="one JSON line per sample (without its data)")
+    sl.add_argument("--unlabelled", action="store_true", help="only samples without a label")
+    sl.add_argument("--kind", choices=("imu", "crop"), help="only this kind")
+    sl.add_argument("--limit", type=int, default=1000, help="at most this many, oldest first (default: %(default)s)")
+    sb = sms.add_parser("label", help="give a sample its label (or --clear it)")
+    sb.add_argument("device", metavar="DEVICE_ID")
+    sb.add_argument("id", type=int, metavar="SAMPLE_ID")
+    sb.add_argument("label", nargs="?", metavar="LABEL", help="lowercase, e.g. stairs")
+    sb.add_argument("--clear", action="store_true", help="remove the label instead")
+    se = sms.add_parser("export", help="write each sample as a file: IMU windows as IMU CSV, crops as JPEG")
+    se.add_argument("--out", "-o", required=True, metavar="DIR")
+    se.add_argument("--all", action="store_true", help="labelled ones too (default: only unlabelled)")
+    for action in (sl, sb, se):
+        action.add_argument("--db", required=True, metavar="URL",
+                       help="the database 'edged ingest' fills: postgresql://... or sqlite:///FILE")
+
     _release_parser(sub)
 
     mo = sub.add_parser("models", help="list or verify the shipped models",
@@ -372,6 +394,7 @@ def _main(argv: list[str] | None) -> int:
     from edged.sources.imu.imucsv import ImuCsvError
     from edged.models import ModelError
     from edged.delivery.outbox import OutboxError
+    from edged.delivery.samples import SampleQueueError
     from edged.cloud.signatures import SignatureError
     from edged.runtime import RuntimeUnavailable
 
@@ -384,7 +407,7 @@ def _main(argv: list[str] | None) -> int:
     except (ModelError, ImuCsvError, SignatureError) as exc:  # a file the user gave or installed is wrong
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (RuntimeUnavailable, CameraError, ImuError, OutboxError) as exc:  # may be fine on the next start
+    except (RuntimeUnavailable, CameraError, ImuError, OutboxError, SampleQueueError) as exc:  # may be fine on the next start
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
@@ -648,6 +671,29 @@ def cmd_signatures(args) -> int:
     return 0
 
 
+def cmd_samples(args) -> int:
+    import json
+
+    from edged.cloud import samples
+
+    try:
+        if args.action == "list":
+            for row in samples.listing(args.db, unlabelled=args.unlabelled, kind=args.kind, limit=args.limit):
+                print(json.dumps(row), flush=True)
+        elif args.action == "label":
+            if bool(args.label) == args.clear:
+                print("edged: samples label: give a LABEL or --clear (one of them)", file=sys.stderr)
+                return EXIT_USAGE
+            samples.set_label(args.db, args.device, args.id, None if args.clear else args.label)
+        else:
+            paths = samples.export(args.db, args.out, unlabelled=not args.all)
+            print(f"edged: {len(paths)} samples written to {args.out}", file=sys.stderr)
+    except samples.SamplesError as exc:
+        print(f"edged: samples {args.action}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def cmd_subscribe(args) -> int:
     from edged.cloud.subscriber import run_cli
 
@@ -744,6 +790,7 @@ COMMANDS = {
     "ingest": cmd_ingest,
     "fleet-sim": cmd_fleet_sim,
     "signatures": cmd_signatures,
+    "samples": cmd_samples,
     "run": cmd_run,
     "check-config": cmd_check_config,
     "config": cmd_config,

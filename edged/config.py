@@ -266,6 +266,26 @@ class UpdatesConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Raw data the models could not place, kept for labelling in the cloud (docs/mqtt.md, `sample`).
+    Off by default; the budget (count and bytes per hour and per day) holds across restarts."""
+    enabled: bool = False
+    motion_unknown: bool = True      # trigger: an IMU window labelled "unknown" (needs motion.centroids)
+    vision_min_score: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # trigger: a detection
+    vision_max_score: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # scoring in [min, max)
+    vision_labels: list[str] = field(default_factory=list)  # only these labels (default: any)
+    crop_margin: float = field(default=0.25, metadata=_check(min=0.0, max=2.0))  # per side, of the box
+    full_frame: bool = False         # the whole frame instead of a crop of the box
+    min_interval_s: float = field(default=30.0, metadata=_check(min=0.0, max=86400))  # per trigger
+    per_hour: int = field(default=12, metadata=_check(min=0, max=100000))
+    bytes_per_hour: int = field(default=1 << 20, metadata=_check(min=0, max=1 << 40))
+    per_day: int = field(default=100, metadata=_check(min=0, max=1000000))
+    bytes_per_day: int = field(default=8 << 20, metadata=_check(min=0, max=1 << 40))
+    max_sample_bytes: int = field(default=64 << 10, metadata=_check(min=4096, max=16 << 20))
+    queue_max_bytes: int = field(default=16 << 20, metadata=_check(min=64 << 10, max=1 << 40))
+
+
+@dataclass
 class Config:
     device_id: str = field(default_factory=lambda: _sanitize_id(socket.gethostname()),
                            metadata=_check(pattern=_ID_RE.pattern,
@@ -284,11 +304,16 @@ class Config:
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     source_path: str = field(default="<defaults>", metadata=_check(internal=True))
 
     @property
     def outbox_path(self) -> Path:
         return Path(self.outbox.path) if self.outbox.path else Path(self.state_dir) / "outbox.db"
+
+    @property
+    def samples_path(self) -> Path:
+        return Path(self.state_dir) / "samples.db"
 
     def topic(self, leaf: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device_id}/{leaf}"
@@ -492,6 +517,14 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
     if cfg.imu.enabled and cfg.motion.centroids and _kind(cfg.motion.centroids) != "file":
         problems.append(f"{where('motion.centroids')}: motion.centroids: file not found: "
                         f"{_plain(cfg.motion.centroids)}")
+    sm = cfg.sampling
+    if sm.vision_max_score and sm.vision_min_score >= sm.vision_max_score:
+        problems.append(f"{where('sampling.vision_min_score')}: sampling.vision_min_score: must be below "
+                        f"sampling.vision_max_score (the uncertainty band is [min, max))")
+    for i, label in enumerate(sm.vision_labels):
+        if not re.fullmatch(r"[a-z0-9 _-]{1,64}", label):
+            problems.append(f"{where('sampling.vision_labels')}: sampling.vision_labels[{i}]: expected a "
+                            f"lowercase label, got {_show(label)}")
     for key, value in (("state_dir", cfg.state_dir), ("outbox.path", cfg.outbox.path)):
         if not value:
             continue

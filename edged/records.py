@@ -7,7 +7,7 @@ payloads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -88,3 +88,32 @@ class MotionSignature:
     window_s: float
     inference_ms: float
     signature_v: int = 1  # the model's signature version (manifest params.signature_version)
+    # The raw samples the window was made from, kept only for a window labelled `unknown` while
+    # sampling is on (MotionStage.keep_unknown): what `[sampling]` sends for labelling.
+    window: ImuBatch | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Raw data a model could not place, kept for labelling in the cloud (`[sampling]`).
+
+    kind "imu": `data` is the window's raw samples as the motion stage received them, (n, 7)
+    little-endian float32 rows of (t − t0, ax, ay, az, gx, gy, gz); "crop": a JPEG of the part
+    of the frame in `region` (normalised [x0, y0, x1, y1]), around the detection's `box`.
+    """
+
+    ts: float
+    kind: str        # "imu" | "crop"
+    trigger: str     # "unknown" (motion window) | "uncertain" (detection score in the band)
+    model: str
+    label: str
+    score: float
+    data: bytes
+    t0: float = 0.0                       # imu: time of the first sample (UNIX seconds)
+    n: int = 0                            # imu: samples
+    signature: tuple[int, ...] = ()       # imu: the window's signature, as in its motion result
+    signature_v: int = 0
+    box: tuple[float, ...] = ()           # crop
+    region: tuple[float, ...] = ()        # crop
+    width: int = 0                        # crop: the JPEG's size in pixels
+    height: int = 0

@@ -672,6 +672,31 @@ def update_manifest(path: Path, name: str, block: str) -> None:
 
 # ---------------------------------------------------------------- main
 
+SAMPLES_DATASET = 2  # the contrastive loss's dataset index of devices' labelled samples
+
+
+def sample_recordings(urls: list[str]) -> list[Recording]:
+    """Devices' labelled IMU samples (edged.cloud.samples) as training recordings: one per
+    window, each label a class of its own dataset (so its windows are each other's positives,
+    and never pulled towards a BasicMotions or HAPT class of the same name)."""
+    if not urls:
+        return []
+    from edged.cloud.samples import labelled_windows
+
+    wins = [w for url in urls for w in labelled_windows(url)]
+    if not wins:
+        raise SystemExit(f"train_motion: no labelled IMU samples in {', '.join(urls)} (edged samples label)")
+    labels = sorted({w.label for w in wins})
+    devices = sorted({w.device_id for w in wins})
+    log(f"{len(wins)} labelled samples from {len(devices)} devices: "
+        + ", ".join(f"{lab} {sum(w.label == lab for w in wins)}" for lab in labels))
+    DATASETS.append({"name": "labelled device samples", "package": "edged ingest samples table",
+                     "use": f"training: {len(wins)} windows, motions {', '.join(labels)}",
+                     "license": "the fleet operator's own recordings"})
+    return [Recording(SAMPLES_DATASET, labels.index(w.label), 1000 + devices.index(w.device_id),
+                      w.t - w.t[0], w.data.astype(np.float64), False, 0.5, RATE_HZ) for w in wins]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1],
@@ -697,7 +722,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models-dir", type=Path, default=ROOT / "models",
                     help="where motion.tflite, motion.labels and manifest.toml go (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="TensorFlow CPU threads (default: %(default)s)")
+    ap.add_argument("--samples", metavar="URL", action="append", default=[],
+                    help="also train on the labelled IMU samples devices sent ([sampling]) that `edged ingest` "
+                         "stored in this database (postgresql://... or sqlite:///FILE; label them with "
+                         "`edged samples label`); each label is a motion of its own. May be repeated")
     args = ap.parse_args(argv)
+    extra = sample_recordings(args.samples)
 
     import keras
     import tensorflow as tf
@@ -724,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     hapt_classes = {name: i for i, name in enumerate(HAPT_TRAIN)}
     recs += [Recording(1, hapt_classes[b.label], b.subject, b.t, b.x, False,
                        0.5 if b.label in ("walking", "standing") else 0.2, RATE_HZ) for b in hapt_train]
+    recs += extra
 
     ident = InputSpec(RATE_HZ, args.window, args.hop, CHANNELS, np.zeros(len(CHANNELS), np.float32),
                       np.ones(len(CHANNELS), np.float32))

@@ -106,6 +106,11 @@ def test_bandwidth_is_consistent(results):
     wire = f["MQTT bytes per hour (payload + framing)"].value
     assert raw > wire > sent > 0
     assert f["raw / published payload bytes"].value == pytest.approx(raw / sent, rel=0.02)
+    # Sampling only adds bytes: every trigger sampled costs the most, the default budget less.
+    every = f["with sampling, every trigger: raw / (results + samples)"].value
+    budget = f["with sampling at the default budget, worst case: raw / (results + samples)"].value
+    assert 0 < every < budget <= f["raw / published payload bytes"].value
+    assert f["with sampling, every trigger: sample payloads per hour"].value > 0
 
 
 def test_imu_counts(results):

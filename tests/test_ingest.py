@@ -215,11 +215,11 @@ def test_migrate_is_idempotent_and_an_unmigrated_database_is_refused(postgres, t
     refused = run("--port", "1")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        "edged: the database schema is at version 0, this edged needs 2: run `edged ingest --migrate` first"]
+        "edged: the database schema is at version 0, this edged needs 3: run `edged ingest --migrate` first"]
     first, again = run("--migrate"), run("--migrate")
     assert first.returncode == again.returncode == 0, first.stderr
-    assert "applied 0001_schema, 0002_events" in first.stdout and "applied" not in again.stdout
-    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,)]
+    assert "applied 0001_schema, 0002_events, 0003_samples" in first.stdout and "applied" not in again.stdout
+    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,)]
     # Today's partition (and its neighbours) exist before any result arrives.
     assert len(q(url, "SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass")) == 3
 
@@ -436,7 +436,7 @@ def test_one_machine_on_sqlite_same_worker_same_guarantees(ingest_broker, worker
     path = tmp_path / "results.db"
     url = f"sqlite:///{path}"
     mig = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert mig.returncode == 0 and "applied 0001_schema, 0002_events" in mig.stdout, mig.stderr
+    assert mig.returncode == 0 and "applied 0001_schema, 0002_events, 0003_samples" in mig.stdout, mig.stderr
     again = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert again.returncode == 0 and "applied" not in again.stdout
     w = workers(ingest_broker, url, "solo").start()
@@ -589,3 +589,127 @@ def test_enroll_a_motion_from_a_devices_stored_windows(db, tmp_path):
 def edged_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edged", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
+
+
+# -- samples ([sampling] on a device) -------------------------------------------------------------
+
+def test_a_devices_samples_are_stored_labelled_and_decode_to_its_window(ingest_broker, db, workers,
+                                                                        daemon_factory, tmp_path):
+    """A real daemon samples the windows it calls `unknown` (stair climbing, which the shipped
+    centroids do not know); the worker stores them; one is labelled; what training reads back is
+    exactly the recording's samples. Malformed and forged samples are rejected, a redelivery is
+    not stored twice."""
+    import dataclasses
+
+    import numpy as np
+    from test_sampling import sampling_config, stairs_csv
+
+    from edged.cloud import samples as cloud_samples
+    from edged.delivery import codec
+    from edged.records import Sample
+    from edged.sources.imu.imucsv import read_imu_csv
+
+    w = workers(ingest_broker, db, "solo").start()
+    csv = stairs_csv(tmp_path / "stairs.csv")
+    rec = read_imu_csv(csv)
+    cfg = sampling_config(tmp_path, ingest_broker, csv, "min_interval_s = 0\nper_hour = 2\n")
+    d = daemon_factory(cfg).start()
+    stored = lambda: q(db, "SELECT count(*) FROM samples")[0][0]  # noqa: E731
+    assert wait_until(lambda: stored() >= 2, 60), d.output() + w.output()
+    assert d.stop() == 0
+    rows = q(db, "SELECT device_id, sample_id, kind, trigger, model, device_label, bytes, label, "
+                 "meta ->> 'n' FROM samples ORDER BY sample_id")
+    assert [r[:6] for r in rows] == [("test-dev", r[1], "imu", "unknown", "motion", "unknown") for r in rows]
+    assert all(r[6] == int(r[8]) * 28 and r[7] is None for r in rows)
+
+    # Untrusted: each of these is rejected with its reason; the worker carries on.
+    t = np.arange(100) / 50.0
+    x = np.zeros((100, 6), np.float32)
+    win = np.column_stack([t, x]).astype("<f4")
+    good = Sample(ts=time.time(), kind="imu", trigger="unknown", model="motion", label="unknown", score=0.0,
+                  data=win.tobytes(), t0=time.time() - 2, n=100, signature=(1, 2, 3), signature_v=2)
+    body = json.loads(codec.JSON.sample(good, "pi-s", 5))
+    nan = win.copy()
+    nan[3, 2] = np.nan
+    crop = Sample(ts=time.time(), kind="crop", trigger="uncertain", model="face", label="face", score=0.5,
+                  data=b"not a jpeg", box=(0.1, 0.1, 0.2, 0.2), region=(0, 0, 0.3, 0.3), width=10, height=10)
+    bad = [
+        (json.dumps({**body, "data": "**not base64**"}).encode(), "invalid"),
+        (json.dumps({**body, "n": 99}).encode(), "invalid"),
+        (json.dumps({**body, "trigger": "uncertain"}).encode(), "invalid"),
+        (codec.JSON.sample(dataclasses.replace(good, data=nan.tobytes()), "pi-s", 5), "invalid"),
+        (codec.get("cbor").sample(crop, "pi-s", 6), "invalid"),
+        (json.dumps({**body, "device_id": "pi-other"}).encode(), "wrong_device"),
+        (json.dumps({**body, "box": [0, 0, 1, 1]}).encode(), "invalid"),
+        (b"\xa1" * 10, "undecodable"),
+    ]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(ingest_broker.host, ingest_broker.port)
+    c.loop_start()
+    for payload, _ in bad:
+        c.publish("edged/pi-s/sample", payload, qos=1).wait_for_publish(10)
+    for _ in range(2):  # a redelivery: stored once
+        c.publish("edged/pi-s/sample", codec.get("cbor").sample(good, "pi-s", 5), qos=1).wait_for_publish(10)
+    assert wait_until(lambda: q(db, "SELECT count(*) FROM rejected")[0][0] == len(bad) and stored() == 3, 30), \
+        w.output()
+    assert [k for (k,) in q(db, "SELECT kind FROM rejected ORDER BY id")] == [k for _, k in bad]
+    reasons = [r for (r,) in q(db, "SELECT reason FROM rejected ORDER BY id")]
+    assert "sample: data: not base64" in reasons[0] and "expected 99 rows" in reasons[1]
+    assert "not a finite number" in reasons[3] and "not a JPEG" in reasons[4]
+    c.loop_stop()
+    c.disconnect()
+    assert w.proc.poll() is None
+
+    # Labelling (the command line), then what training reads: the recording's own samples.
+    device, sid = rows[0][:2]
+    listed = edged_cli("samples", "list", "--db", db, "--unlabelled")
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 3, listed.stderr
+    assert edged_cli("samples", "label", "--db", db, device, str(sid), "stairs").returncode == 0
+    refused = edged_cli("samples", "label", "--db", db, device, "12345", "stairs")
+    assert refused.returncode == 2 and "no sample 12345 of device 'test-dev'" in refused.stderr
+    assert "label: expected" in edged_cli("samples", "label", "--db", db, device, str(sid), "Stairs!").stderr
+    got = cloud_samples.labelled_windows(db)
+    assert [(g.device_id, g.sample_id, g.label, g.sig_v) for g in got] == [(device, sid, "stairs", 2)]
+    k = int(np.flatnonzero((rec.data == got[0].data[0]).all(axis=1))[0])
+    assert np.array_equal(got[0].data, rec.data[k:k + len(got[0].data)])
+    assert np.allclose(np.diff(got[0].t), np.diff(rec.t[k:k + len(got[0].t)]), atol=2e-6)
+    out = tmp_path / "export"
+    assert edged_cli("samples", "export", "--db", db, "-o", str(out), "--all").returncode == 0
+    exported = read_imu_csv(out / f"{device}-{sid}.csv")
+    assert np.allclose(exported.data, got[0].data, atol=1e-6)
+    # The motion trainer reads the same (without TensorFlow: only its sample loader).
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_motion
+    except ImportError as exc:  # its dataset modules need the training extra
+        pytest.fail(f"scripts/train_motion.py cannot be imported: {exc}")
+    recs = train_motion.sample_recordings([db])
+    assert len(recs) == 1 and recs[0].dataset == train_motion.SAMPLES_DATASET
+    assert np.array_equal(recs[0].x, got[0].data.astype(np.float64))
+
+
+def test_samples_on_the_sqlite_store(tmp_path):
+    """The one-machine store keeps samples the same way (real SQLite; no broker needed)."""
+    import numpy as np
+
+    from edged.cloud import samples as cloud_samples
+    from edged.cloud.sqlite_store import SqliteStore
+    from edged.delivery import codec
+    from edged.records import Sample
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    st = SqliteStore(url)
+    st.open()
+    t0 = time.time() - 3
+    rows = np.column_stack([np.arange(60) / 20.0, np.random.default_rng(1).normal(size=(60, 6))]).astype("<f4")
+    s = Sample(ts=t0 + 3, kind="imu", trigger="unknown", model="motion", label="unknown", score=0.0,
+               data=rows.tobytes(), t0=t0, n=60, signature=(5, -5), signature_v=2)
+    recs = [payloads.parse_sample("pi-q", c.sample(s, "pi-q", 9), c.content_type, now=time.time(), max_bytes=1 << 20)
+            for c in (codec.JSON, codec.get("cbor"))]
+    assert all(isinstance(r, payloads.SampleRecord) for r in recs), recs
+    assert recs[0] == recs[1]  # both codecs, one record
+    assert st.write_samples(recs) == 1 and st.write_samples(recs[:1]) == 0
+    st.close()
+    cloud_samples.set_label(url, "pi-q", 9, "shaking")
+    (got,) = cloud_samples.labelled_windows(url)
+    assert np.array_equal(got.data, rows[:, 1:]) and np.allclose(got.t, t0 + rows[:, 0].astype(np.float64))

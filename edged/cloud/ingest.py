@@ -44,6 +44,7 @@ log = logging.getLogger("edged.ingest")
 
 DEFAULT_PATH = Path("/etc/edged/ingest.toml")
 RESULT_LEAVES = payloads.RESULT_KINDS
+SAMPLE_LEAF = "sample"
 _check = _config._check  # the daemon's config machinery: same validation, same messages
 
 
@@ -57,6 +58,8 @@ class IngestSection:
     batch_delay_s: float = field(default=0.1, metadata=_check(min=0.0, max=60))
     max_inflight: int = field(default=2000, metadata=_check(min=1, max=65535))
     max_payload_bytes: int = field(default=65536, metadata=_check(min=256, max=16 << 20))
+    # Samples (raw IMU windows, frame crops; docs/mqtt.md) are bigger than results.
+    max_sample_bytes: int = field(default=1 << 20, metadata=_check(min=1024, max=64 << 20))
     log_level: str = field(default="info", metadata=_check(choices=("debug", "info", "warning", "error")))
     stats_interval_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
 
@@ -177,9 +180,11 @@ class Counters:
     commit_s: float = 0.0
     db_failures: int = 0
     stats_dropped: int = 0
+    samples: int = 0
 
     def line(self) -> dict:
-        return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
+        return {"received": self.received, "stored": self.stored, "samples": self.samples,
+                "duplicates": self.duplicates,
                 "rejected": self.rejected, "batches": self.batches, "db_failures": self.db_failures,
                 "commit_ms_mean": round(1000 * self.commit_s / self.batches, 2) if self.batches else 0}
 
@@ -219,7 +224,7 @@ class Worker:
         prefix = m.topic_prefix
         self._prefix = prefix + "/"
         group = cfg.ingest.group
-        self.topics = [(f"$share/{group}/{prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "stats")]
+        self.topics = [(f"$share/{group}/{prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "stats", SAMPLE_LEAF)]
         self.topics.append((f"{prefix}/+/status", 1))
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=mqtt.MQTTv5, manual_ack=True)
@@ -319,6 +324,10 @@ class Worker:
                 return None
             try:
                 t0 = time.perf_counter()
+                # Samples first, in their own transaction: written again on a retry they are
+                # skipped as already stored, whereas results written twice would count duplicates.
+                self.counters.samples += self._write_samples(rejected)
+                self._samples = []
                 try:
                     out = self.store.write(results, rejected, news, dups)
                 except store.StoreRefused:
@@ -333,6 +342,22 @@ class Worker:
                 if self.stopping.wait(delay * (0.5 + random.random() / 2)):
                     return None
                 delay = min(delay * 2, self.cfg.database.reconnect_max_s)
+
+    def _write_samples(self, rejected: list) -> int:
+        """The batch's samples; one the database refuses becomes a rejected row (in `rejected`)."""
+        samples = getattr(self, "_samples", [])
+        try:
+            return self.store.write_samples(samples)
+        except store.StoreRefused:
+            pass
+        new = 0
+        for s in samples:
+            try:
+                new += self.store.write_samples([s])
+            except store.StoreRefused as exc:
+                m = self._sample_origin[(s.device_id, s.sample_id)]
+                rejected.append(self._reject(m, s.device_id, Reject("refused", f"the database refused it: {exc}")))
+        return new
 
     def _write_apart(self, results, rejected, news, dups) -> store.Outcome:
         """The database refused something in the batch: write its results one at a time, turn
@@ -393,13 +418,15 @@ class Worker:
         rejected: list[store.Rejected] = []
         news: dict[str, store.DeviceNews] = {}
         seen: set[tuple[str, int]] = set()
+        self._samples: list[payloads.SampleRecord] = []
+        self._sample_origin: dict[tuple[str, int], _Msg] = {}
         dup_in_batch: dict[str, int] = {}
         now = time.time()
         limit = self.cfg.ingest.max_payload_bytes
         for m in batch:
             rest = m.topic[len(self._prefix):] if m.topic.startswith(self._prefix) else ""
             device, _, leaf = rest.partition("/")
-            if not payloads._ID_RE.match(device) or leaf not in (*RESULT_LEAVES, "stats", "status"):
+            if not payloads._ID_RE.match(device) or leaf not in (*RESULT_LEAVES, "stats", "status", SAMPLE_LEAF):
                 rejected.append(self._reject(m, None, Reject("bad_topic", f"not a result topic: {m.topic[:200]}")))
                 continue
             if leaf == "status":
@@ -408,6 +435,15 @@ class Worker:
                     news.setdefault(device, store.DeviceNews()).status = text
                 else:
                     rejected.append(self._reject(m, device, Reject("invalid", f"status: expected online or offline, got {text[:40]!r}")))
+                continue
+            if leaf == SAMPLE_LEAF:
+                got = payloads.parse_sample(device, m.payload, m.content_type, now=now,
+                                            max_bytes=self.cfg.ingest.max_sample_bytes)
+                if isinstance(got, Reject):
+                    rejected.append(self._reject(m, device, got))
+                elif (got.device_id, got.sample_id) not in self._sample_origin:
+                    self._samples.append(got)
+                    self._sample_origin[(got.device_id, got.sample_id)] = m
                 continue
             if leaf == "stats":
                 got = _stats(m.payload, limit)

@@ -194,3 +194,112 @@ def parse(device_id: str, kind: str, payload: bytes, content_type: str | None, *
     if body["device_id"] != device_id:
         return Reject("wrong_device", f"device_id {body['device_id']!r} does not match the topic's {device_id!r}")
     return Result(device_id, body["seq"], kind, float(body["ts"]), body)
+
+
+# -- samples (`<prefix>/<device_id>/sample`, docs/schemas/sample.schema.json) -------------------------
+
+SAMPLE_KINDS = {"imu": "unknown", "crop": "uncertain"}  # kind -> the trigger it comes from
+_SAMPLE_FIELDS = {"v", "device_id", "id", "ts", "kind", "trigger", "model", "label", "score", "data"}
+_SAMPLE_KIND_FIELDS = {"imu": {"t0", "n", "signature", "sig_v"}, "crop": {"box", "region", "width", "height"}}
+_MODEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_IMU_SAMPLES = 1 << 16    # rows in one window: 65 s at 1 kHz, far beyond any model's window
+MAX_CROP_PIXELS = 1 << 26    # a crop's stated width × height
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRecord:
+    """A checked sample, ready to store: `data` is the raw window bytes or the JPEG, `meta`
+    the payload's other kind-specific fields."""
+
+    device_id: str
+    sample_id: int
+    kind: str
+    ts: float
+    trigger: str
+    model: str
+    label: str
+    score: float
+    data: bytes
+    meta: dict
+
+    def meta_json(self) -> str:
+        return json.dumps(self.meta, separators=(",", ":"))
+
+
+def _sample(body: dict, now: float) -> SampleRecord:
+    kind = body.get("kind")
+    if kind not in SAMPLE_KINDS:
+        raise _Bad(f"kind: expected one of {', '.join(SAMPLE_KINDS)}, got {_show(kind)}")
+    allowed = _SAMPLE_FIELDS | _SAMPLE_KIND_FIELDS[kind]
+    extra = set(body) - allowed
+    if extra:
+        raise _Bad(f"unknown field {sorted(extra)[0]!r} (for kind {kind!r})")
+    missing = allowed - set(body)
+    if missing:
+        raise _Bad(f"missing field {sorted(missing)[0]!r}")
+    if body["v"] != SCHEMA_VERSION or isinstance(body["v"], bool):
+        raise _Bad(f"v: expected {SCHEMA_VERSION}, got {_show(body['v'])}")
+    if not isinstance(body["device_id"], str) or not _ID_RE.match(body["device_id"]):
+        raise _Bad(f"device_id: expected 1 to 64 letters, digits, '-' or '_', got {_show(body['device_id'])}")
+    sid = body["id"]
+    if type(sid) is not int or not 1 <= sid < 1 << 63:
+        raise _Bad(f"id: expected a positive integer, got {_show(sid)}")
+    ts = _num(body["ts"], "ts", TS_MIN, now + TS_FUTURE_S)
+    if body["trigger"] != SAMPLE_KINDS[kind]:
+        raise _Bad(f"trigger: a {kind} sample comes from {SAMPLE_KINDS[kind]!r}, got {_show(body['trigger'])}")
+    if not isinstance(body["model"], str) or not _MODEL_RE.match(body["model"]):
+        raise _Bad(f"model: expected a model or stage name, got {_show(body['model'])}")
+    _label(body["label"], "label")
+    score = _num(body["score"], "score", 0.0, 1.0)
+    try:
+        data = codec.sample_data(body)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    if kind == "imu":
+        n = body["n"]
+        if type(n) is not int or not 2 <= n <= MAX_IMU_SAMPLES:
+            raise _Bad(f"n: expected 2 to {MAX_IMU_SAMPLES} samples, got {_show(n)}")
+        if len(data) != n * 28:
+            raise _Bad(f"data: expected {n} rows of 7 float32 ({n * 28} bytes), got {len(data)} bytes")
+        t0 = _num(body["t0"], "t0", TS_MIN, now + TS_FUTURE_S)
+        sig = body["signature"]
+        if (not isinstance(sig, list) or not 1 <= len(sig) <= 16
+                or not all(type(x) is int and -128 <= x <= 127 for x in sig)):
+            raise _Bad(f"signature: expected 1 to 16 int8 values, got {_show(sig)}")
+        if type(body["sig_v"]) is not int or body["sig_v"] < 1:
+            raise _Bad(f"sig_v: expected a signature version (an integer >= 1), got {_show(body['sig_v'])}")
+        import numpy as np
+
+        if not np.isfinite(np.frombuffer(data, "<f4")).all():
+            raise _Bad("data: holds a value that is not a finite number")
+        meta = {"t0": t0, "n": n, "signature": sig, "sig_v": body["sig_v"]}
+    else:
+        _box(body["box"], "box")
+        _box(body["region"], "region")
+        w, h = body["width"], body["height"]
+        if type(w) is not int or type(h) is not int or not (1 <= w and 1 <= h and w * h <= MAX_CROP_PIXELS):
+            raise _Bad(f"width, height: expected a size of at most {MAX_CROP_PIXELS} pixels, got {_show(w)} × {_show(h)}")
+        if data[:3] != b"\xff\xd8\xff":
+            raise _Bad("data: not a JPEG")
+        meta = {"box": body["box"], "region": body["region"], "width": w, "height": h}
+    return SampleRecord(body["device_id"], sid, kind, ts, body["trigger"], body["model"], body["label"],
+                        score, data, meta)
+
+
+def parse_sample(device_id: str, payload: bytes, content_type: str | None, *, now: float,
+                 max_bytes: int) -> SampleRecord | Reject:
+    """A sample received on `<prefix>/<device_id>/sample`, or why it cannot be stored."""
+    if len(payload) > max_bytes:
+        return Reject("too_large", f"sample payload of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        body = codec.decode(payload, content_type)
+    except ValueError as exc:
+        what = "JSON" if payload[:1] == b"{" or content_type == "application/json" else "CBOR"
+        return Reject("undecodable", f"not valid {what}: {str(exc)[:120]}")
+    try:
+        rec = _sample(body, now)
+    except _Bad as exc:
+        return Reject("invalid", f"sample: {exc}")
+    if rec.device_id != device_id:
+        return Reject("wrong_device", f"device_id {rec.device_id!r} does not match the topic's {device_id!r}")
+    return rec

@@ -167,6 +167,35 @@ class SqliteStore:
         out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
         return out
 
+    def write_samples(self, samples) -> int:
+        """Store checked samples (payloads.SampleRecord) in one transaction; returns the new ones."""
+        if not samples:
+            return 0
+        c = self.conn
+        now = time.time()
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                new = 0
+                for s in samples:
+                    cur = c.execute("INSERT INTO samples (device_id, sample_id, kind, ts, received_at, trigger, model, "
+                                    "device_label, score, bytes, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                                    "ON CONFLICT DO NOTHING",
+                                    (s.device_id, s.sample_id, s.kind, s.ts, now, s.trigger, s.model, s.label, s.score,
+                                     len(s.data), s.meta_json(), s.data))
+                    new += cur.rowcount
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreDown(str(exc)) from None
+        except sqlite3.IntegrityError as exc:
+            raise StoreRefused(str(exc)) from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        return new
+
     def maintain(self, retention_days: int, now: float) -> list[str]:
         if not retention_days:
             return []

@@ -247,6 +247,28 @@ def write(conn, results: list[Result], rejected: list[Rejected], news: dict[str,
     return out
 
 
+_SAMPLES = """
+INSERT INTO samples (device_id, sample_id, kind, ts, trigger, model, device_label, score, bytes, meta, data)
+VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s::jsonb, %s)
+ON CONFLICT DO NOTHING
+"""
+
+
+def write_samples(conn, samples) -> int:
+    """Store checked samples (payloads.SampleRecord) in one transaction; a redelivered one is
+    skipped. Returns how many were new."""
+    if not samples:
+        return 0
+    new = 0
+    with conn.transaction():
+        with conn.cursor() as cur:
+            for s in samples:
+                cur.execute(_SAMPLES, (s.device_id, s.sample_id, s.kind, s.ts, s.trigger, s.model, s.label,
+                                       s.score, len(s.data), s.meta_json(), s.data))
+                new += cur.rowcount
+    return new
+
+
 class StoreDown(Exception):
     """The database cannot be reached or lost the connection: try again later."""
 
@@ -298,6 +320,19 @@ class PostgresStore:
                 raise StoreRefused(_first_line(exc)) from None
             except psycopg.Error as exc:  # e.g. an undefined table: the schema was changed under us
                 raise StoreError(f"database error: {_first_line(exc)}") from None
+
+    def write_samples(self, samples) -> int:
+        import psycopg
+
+        try:
+            return write_samples(self.conn, samples)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise StoreDown(_first_line(exc)) from None
+        except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+            raise StoreRefused(_first_line(exc)) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"database error: {_first_line(exc)}") from None
 
     def maintain(self, retention_days: int, now: float) -> list[str]:
         import psycopg

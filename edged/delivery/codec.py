@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from edged.records import SCHEMA_VERSION, Detections, MotionSignature, TrackEvent
+from edged.records import SCHEMA_VERSION, Detections, MotionSignature, Sample, TrackEvent
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -94,6 +94,32 @@ def event_fields(e: TrackEvent, device_id: str, seq: int, *, packed: bool = Fals
     return out
 
 
+def sample_fields(s: Sample, device_id: str, sample_id: int, *, packed: bool = False) -> dict:
+    """A sample payload (`<prefix>/<device_id>/sample`). `data` is a byte string in CBOR and
+    base64 in JSON; times stay full doubles (t0 must place every sample exactly)."""
+    import base64
+
+    out = {
+        "v": SCHEMA_VERSION,
+        "device_id": device_id,
+        "id": sample_id,
+        "ts": round(s.ts, 3),
+        "kind": s.kind,
+        "trigger": s.trigger,
+        "model": s.model,
+        "label": s.label,
+        "score": round(s.score, 3),
+    }
+    if s.kind == "imu":
+        out.update(t0=s.t0, n=s.n, signature=bytes(v & 0xFF for v in s.signature) if packed else list(s.signature),
+                   sig_v=s.signature_v)
+    else:
+        out.update(box=[round(x, 4) for x in s.box], region=[round(x, 4) for x in s.region],
+                   width=s.width, height=s.height)
+    out["data"] = s.data if packed else base64.b64encode(s.data).decode("ascii")
+    return out
+
+
 @dataclass(frozen=True)
 class Codec:
     name: str
@@ -109,6 +135,9 @@ class Codec:
 
     def events(self, e: TrackEvent, device_id: str, seq: int) -> bytes:
         return self.dumps(event_fields(e, device_id, seq, packed=self.packed))
+
+    def sample(self, s: Sample, device_id: str, sample_id: int) -> bytes:
+        return self.dumps(sample_fields(s, device_id, sample_id, packed=self.packed))
 
 
 def _cbor_dumps(obj: dict) -> bytes:
@@ -161,6 +190,37 @@ def _decode(payload: bytes, content_type: str | None) -> object:
             if isinstance(sig, (bytes, bytearray)):
                 o["signature"] = [b - 256 if b > 127 else b for b in sig]
     return obj
+
+
+def sample_data(body: dict) -> bytes:
+    """The raw bytes of a decoded sample payload's `data` (a CBOR byte string, or base64 in
+    JSON); ValueError if it is neither."""
+    import base64
+    import binascii
+
+    data = body.get("data")
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    if isinstance(data, str):
+        try:
+            return base64.b64decode(data.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise ValueError("data: not base64") from None
+    raise ValueError("data: expected a byte string or base64 text")
+
+
+def imu_window(body: dict):
+    """A decoded `imu` sample's window as (t float64 (n,), data float32 (n, 6)), exactly the
+    samples the device's motion stage received. ValueError if `data` does not hold n rows."""
+    import numpy as np
+
+    raw = sample_data(body)
+    n, t0 = body.get("n"), body.get("t0")
+    if type(n) is not int or n < 2 or len(raw) != n * 7 * 4 or isinstance(t0, bool) \
+            or not isinstance(t0, (int, float)):
+        raise ValueError(f"data: expected n × 7 float32 values, got {len(raw)} bytes for n = {n!r}")
+    rows = np.frombuffer(raw, "<f4").reshape(n, 7)
+    return float(t0) + rows[:, 0].astype(np.float64), np.ascontiguousarray(rows[:, 1:], dtype=np.float32)
 
 
 def stats(values: dict, device_id: str) -> bytes:

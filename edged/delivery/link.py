@@ -43,6 +43,9 @@ OFFLINE = b"offline"
 # Publishes that are not outbox rows (status, stats, discovery, replies) get this much room in
 # paho's own in-flight window on top of the drain window, so they never queue behind it.
 _SIDE_WINDOW = 16
+# Samples (edged.delivery.samples) unacknowledged at once: one, so that a result written while a
+# sample is on its way goes out behind at most that one sample.
+SAMPLE_WINDOW = 1
 # A TCP connection without a CONNACK this long: something that is not an MQTT broker holds the port.
 CONNACK_WAIT_S = 10.0
 
@@ -52,9 +55,11 @@ class Link:
                  on_turn: Callable[[], None] | None = None,
                  on_connected: Callable[["Link"], None] | None = None,
                  on_command: Callable[[str, bytes, object], None] | None = None,
-                 on_announce: Callable[[], None] | None = None) -> None:
+                 on_announce: Callable[[], None] | None = None,
+                 samples=None) -> None:
         self.cfg = cfg
         self.outbox = outbox
+        self.samples = samples                         # edged.delivery.samples.SampleQueue, or None
         self._on_turn = on_turn or (lambda: None)      # every drain-loop turn (watchdog)
         self._on_connected = on_connected              # after each connect (discovery, …)
         self._on_command = on_command                  # messages under <prefix>/<device>/cmd/
@@ -72,12 +77,17 @@ class Link:
         self.bytes_sent = 0         # payload bytes acknowledged by the broker (this run)
         self.rejected = 0           # rows the broker refused in its PUBACK (MQTT 5 reason ≥ 0x80)
         self.bad_messages = 0       # messages from the broker that could not even be queued
+        self.samples_sent = 0       # samples acknowledged by the broker (this run)
+        self.sample_bytes_sent = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._acked: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, accepted)
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, payload bytes)
         self._last_sent = 0
         self._to_delete: list[int] = []      # acknowledged seqs the outbox has yet to forget
+        self._sample_inflight: dict[int, tuple[int, int]] = {}  # mid -> (sample id, payload bytes)
+        self._last_sample = 0
+        self._samples_to_delete: list[int] = []
         self._barrier: set[int] = set()      # mids in flight at a reconnect, not yet re-acked
         self._barrier_until = 0.0
         self._connects = 0                   # incremented by each connect (paho's thread)
@@ -107,7 +117,7 @@ class Link:
             c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None,
                       keyfile=m.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
         c.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
-        c.max_inflight_messages_set(self.window + _SIDE_WINDOW)
+        c.max_inflight_messages_set(self.window + _SIDE_WINDOW + SAMPLE_WINDOW)
         self.client = c
         self._next_delay()  # sets paho's first reconnect delay
         c.on_connect = self._on_connect
@@ -270,6 +280,15 @@ class Link:
             hit = self._inflight.pop(mid, None)
             self._barrier.discard(mid)
             if hit is None:
+                sample = self._sample_inflight.pop(mid, None)
+                if sample is not None:
+                    self._samples_to_delete.append(sample[0])
+                    if accepted:
+                        self.samples_sent += 1
+                        self.sample_bytes_sent += sample[1]
+                    else:
+                        self._once("sample-rejected", "broker rejected a sample (check its ACL for "
+                                   "<prefix>/<device_id>/sample)", id=sample[0])
                 continue
             done.append(hit[0])
             if accepted:
@@ -287,6 +306,9 @@ class Link:
             # the next turn instead of being forgotten.
             self.outbox.delete(self._to_delete)
             self._to_delete = []
+        if self._samples_to_delete:
+            self.samples.delete(self._samples_to_delete)
+            self._samples_to_delete = []
 
     def _drain_loop(self) -> None:
         """The drain thread: never ends before stop(). A turn that fails (the outbox cannot be
@@ -339,6 +361,21 @@ class Link:
                 break
             self._inflight[info.mid] = (row.seq, len(row.payload))
             self._last_sent = row.seq
+        self._drain_samples()
+
+    def _drain_samples(self) -> None:
+        """A sample goes out only when no result is waiting or in flight: the outbox is empty,
+        nothing of it is unacknowledged, no re-send barrier holds. Then one at a time."""
+        if (self.samples is None or self._sample_inflight or self._inflight or self._barrier
+                or self.outbox.depth or not self.samples.depth):
+            return
+        for row in self.samples.pending(self._last_sample, SAMPLE_WINDOW):
+            info = self.client.publish(row.topic, row.payload, qos=1, properties=self._result_props)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self._once("publish-error", "publish failed; will retry", rc=mqtt.error_string(info.rc))
+                return
+            self._sample_inflight[info.mid] = (row.id, len(row.payload))
+            self._last_sample = row.id
 
 
     def _check_connack(self) -> None:

@@ -51,6 +51,8 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.outbox: Outbox | None = None
         self.link = None
+        self.samples = None   # the sample queue, with [sampling] enabled (edged.delivery.samples)
+        self.sampler = None   # and what fills it (edged.service.sampler)
         self._writer: threading.Thread | None = None
         self.notifier = Notifier.from_env()
         self.watchdog = ProgressWatchdog(self.notifier)
@@ -83,6 +85,7 @@ class Daemon:
         for a bad config or model file, 69 for a device or runtime that is not there)."""
         # The outbox first: an unwritable state_dir is found before seconds of model loading.
         self.outbox = self._open_outbox(self.cfg)
+        self.samples = self._open_samples(self.cfg)
         self.pipeline = self._open_first_pipeline()
         logsetup.set_static(backend=self.pipeline.backend)
 
@@ -112,6 +115,34 @@ class Daemon:
         log.info("outbox ready", extra=fields(path=str(ob.path), spooled=ob.depth, last_seq=ob.last_seq))
         return ob
 
+    @staticmethod
+    def _open_samples(cfg: Config):
+        if not cfg.sampling.enabled:
+            return None
+        from edged.delivery.samples import Caps, SampleQueue
+
+        q = SampleQueue(cfg.samples_path, Caps.from_config(cfg.sampling), max_bytes=cfg.sampling.queue_max_bytes)
+        spent = q.spent()
+        log.info("sample queue ready", extra=fields(path=str(q.path), queued=q.depth, last_hour=spent["hour"],
+                                                    last_day=spent["day"]))
+        return q
+
+    def _start_sampler(self) -> None:
+        self.sampler = None
+        if self.samples is None:
+            return
+        from edged.service.sampler import Sampler
+
+        self.sampler = Sampler(self.cfg, self.samples, codec.get(self.cfg.mqtt.codec),
+                               on_stored=lambda: self.link.wake() if self.link else None)
+        self.sampler.start(self.spawn)
+
+    def _stop_sampler(self) -> None:
+        if self.sampler is not None:
+            self.counters.samples_busy_before += self.sampler.busy
+            self.sampler.stop()
+            self.sampler = None
+
     # -- running ------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -122,6 +153,7 @@ class Daemon:
         wd.register("writer")
         self._start_link()
         self._writer = self.spawn("writer", self._writer_loop)
+        self._start_sampler()
         self.pipeline.start(self)
         if self.updater:
             self.updater.on_start_trials(self)
@@ -198,7 +230,8 @@ class Daemon:
                          on_turn=lambda: self.watchdog.beat("mqtt"),
                          on_connected=self._on_link_connected,
                          on_command=self._enqueue_command if self.cfg.commands.enabled else None,
-                         on_announce=self.updater.announced if self.updater and self.cfg.updates.announce else None)
+                         on_announce=self.updater.announced if self.updater and self.cfg.updates.announce else None,
+                         samples=self.samples)
         self.link.start()
 
     # -- things published outside the outbox: Home Assistant, command replies ---------------------
@@ -404,7 +437,9 @@ class Daemon:
         self.pipeline.keep_imu_open = new.imu_handed_over_from is self.pipeline
         self.pipeline.stop(self)
         relink = (new_cfg.mqtt != old_cfg.mqtt or new_cfg.device_id != old_cfg.device_id
-                  or new_cfg.outbox != old_cfg.outbox or new_cfg.state_dir != old_cfg.state_dir)
+                  or new_cfg.outbox != old_cfg.outbox or new_cfg.state_dir != old_cfg.state_dir
+                  or new_cfg.sampling != old_cfg.sampling)
+        self._stop_sampler()
         if relink:
             # Flush what the old pipeline queued under the old settings, then reconnect.
             self._stop_writer()
@@ -412,13 +447,19 @@ class Daemon:
             self.counters.published_before += self.link.published
             self.counters.bytes_sent_before += self.link.bytes_sent
             self.counters.rejected_before += self.link.rejected
+            self.counters.samples_sent_before += self.link.samples_sent
+            self.counters.sample_bytes_sent_before += self.link.sample_bytes_sent
             if new_cfg.outbox_path != old_cfg.outbox_path or new_cfg.outbox != old_cfg.outbox:
                 self.outbox.close()
                 self.outbox = self._open_outbox(new_cfg)
+            if self.samples is not None:
+                self.samples.close()
+            self.samples = self._reopen_samples(new_cfg)
         self.cfg = new_cfg
         if relink:
             self._start_link()
             self._writer = self.spawn("writer", self._writer_loop)
+        self._start_sampler()
         self.pipeline = new
         if self.updater:
             self.updater.reconfigure(new_cfg)
@@ -430,6 +471,17 @@ class Daemon:
         log.info("reloaded", extra=fields(relinked=relink))
         self.reloads.finish(True)
         return True
+
+    def _reopen_samples(self, cfg: Config):
+        """The sample queue for a reloaded config; one that cannot be opened turns sampling off
+        (logged) rather than refusing a reload whose pipeline is already built."""
+        from edged.delivery.samples import SampleQueueError
+
+        try:
+            return self._open_samples(cfg)
+        except SampleQueueError as exc:
+            log.error("sampling off: the sample queue cannot be opened", extra=fields(error=str(exc)))
+            return None
 
     def spawn(self, name: str, target) -> threading.Thread:
         def guarded() -> None:
@@ -466,6 +518,7 @@ class Daemon:
             self.updater.stop(clean=self.exit_code == 0)
         if self.pipeline:
             self.pipeline.stop(self, clean=not self._tpu_hang)
+        self._stop_sampler()
         self._stop_writer()
         if self.link:
             if self.cfg.homeassistant.enabled:
@@ -478,6 +531,8 @@ class Daemon:
             self.link.stop(timeout=0.5)
         if self.outbox:
             self.outbox.close()
+        if self.samples is not None:
+            self.samples.close()
         log.info("stopped", extra=fields(exit_code=self.exit_code))
 
     def _writer_loop(self) -> None:
@@ -557,6 +612,12 @@ class Daemon:
         }
         if self.updater:
             values.update(self.updater.stats())
+        if self.samples is not None:
+            link = self.link
+            values.update(self.samples.stats())
+            values["samples_busy"] = c.samples_busy_before + (self.sampler.busy if self.sampler else 0)
+            values["samples_sent"] = c.samples_sent_before + (link.samples_sent if link else 0)
+            values["samples_bytes_sent"] = c.sample_bytes_sent_before + (link.sample_bytes_sent if link else 0)
         for k, v in self._source_stats().items():
             values.setdefault(k, v)  # the daemon's own counters win over a source's same-named one
         return values

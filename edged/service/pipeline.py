@@ -44,6 +44,9 @@ class Counters:
     published_before: int = 0   # acknowledged by links replaced on reload
     bytes_sent_before: int = 0
     rejected_before: int = 0
+    samples_sent_before: int = 0
+    sample_bytes_sent_before: int = 0
+    samples_busy_before: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -213,6 +216,8 @@ class Pipeline:
             self.threads.append(d.spawn("camera", lambda: self._camera_loop(d)))
             self.threads.append(d.spawn("vision", lambda: self._vision_loop(d)))
         if self.imu:
+            # Sampling: the stage copies a window's raw samples only when the sampler wants them.
+            self.motion.keep_window = lambda label, ts: d.sampler is not None and d.sampler.wants_window(label, ts)
             wd.register("imu")
             self.threads.append(d.spawn("imu", lambda: self._imu_loop(d)))
 
@@ -292,6 +297,12 @@ class Pipeline:
             c.vision_ms_total += ms
             c.frames_skipped = skipped_before + self.mailbox.replaced
             self.last_frame = frame
+            sampler = d.sampler
+            if sampler is not None:
+                # At most one crop a frame: the first detection whose score is in the band.
+                o = next((o for o in objects if sampler.wants_crop(o, frame.ts)), None)
+                if o is not None:
+                    sampler.take_crop(frame.image, o, frame.ts, o.stage or v.model)
             det = Detections(frame.ts, objects, ms)
             if policy is not None and policy.should_publish(det):
                 d.results.put(("detections", det))
@@ -353,8 +364,11 @@ class Pipeline:
                 c.imu_failed_batches += 1
                 d.once("bad-imu", f"IMU samples skipped: {exc}")
                 continue
+            sampler = d.sampler
             for sig in sigs:
                 c.motion_windows += 1
                 c.motion_ms_total += sig.inference_ms
                 d.results.put(("motion", sig))
+                if sig.window is not None and sampler is not None:
+                    sampler.take_motion(sig, sig.window, self.cfg.motion.model)
                 d.update_state(motion=(sig.label, sig.score))

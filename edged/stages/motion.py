@@ -420,6 +420,9 @@ class MotionStage:
             check_centroids(centroids, entry, model.outputs[self._sig_i].shape[-1])
         self.windows = 0
         self.gaps = 0
+        # Sampling ([sampling]): `keep_window(label, ts)` says whether a window's raw samples are
+        # wanted; those windows carry a copy of them in `MotionSignature.window`.
+        self.keep_window = None
 
     @property
     def window_s(self) -> float:
@@ -516,6 +519,8 @@ class MotionStage:
         else:
             match = classify(self.centroids, (sig,))[0]
             label, score = match.label, match.score
+        keep = self.keep_window
+        window = ImuBatch(t.copy(), x.copy()) if keep is not None and keep(label, float(end)) else None
         return MotionSignature(
             ts=float(end),
             label=label,
@@ -524,6 +529,7 @@ class MotionStage:
             window_s=self.spec.window_s,
             inference_ms=ms,
             signature_v=self.signature_version,
+            window=window,
         )
 
 

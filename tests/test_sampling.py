@@ -1,0 +1,309 @@
+"""Sampling (`[sampling]`, docs/mqtt.md `sample`): what the models could not place leaves the
+device within a budget, in its own queue, never ahead of a result.
+
+The IMU recording is HAPT stair climbing (tests/data/hapt_heldout.npz, a person the shipped model
+never trained on), which the shipped BasicMotions centroids call `unknown`: a motion nobody
+enrolled. Real daemon, real mosquitto, real SQLite; the budget's clock is the only thing a
+unit test here sets by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+
+import jsonschema
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from conftest import REPO, last_seq, wait_until, write_config
+from edged import config
+from edged.delivery import codec
+from edged.delivery.samples import DAY, HOUR, Caps, SampleQueue
+from edged.records import Sample
+from edged.sources.imu.imucsv import read_imu_csv, write_imu_csv
+from harness import TcpProxy
+
+DATA = REPO / "tests" / "data"
+CENTROIDS = REPO / "models" / "motion.centroids.json"
+SCHEMA = json.loads((REPO / "docs" / "schemas" / "sample.schema.json").read_text())
+
+
+def stairs_csv(path, subject=22):
+    d = np.load(DATA / "hapt_heldout.npz")
+    ends = np.append(d["start"][1:], len(d["x"]))
+    i = next(k for k in range(len(d["start"])) if d["label"][k] == "walking_upstairs" and d["subject"][k] == subject)
+    a, b = d["start"][i], ends[i]
+    write_imu_csv(path, np.arange(b - a) / float(d["rate_hz"]), d["x"][a:b].astype(np.float32))
+    return path
+
+
+def sampling_config(tmp_path, broker, csv, sampling: str, mqtt: str = ""):
+    return write_config(tmp_path / "edged.toml", broker, mqtt=mqtt,
+                        extra=f'[camera]\nenabled = false\n[imu]\npath = "{csv}"\nspeed = 1\n'
+                              f'[motion]\ncentroids = "{CENTROIDS}"\n[stats]\ninterval_s = 1\n'
+                              f'[sampling]\nenabled = true\n{sampling}')
+
+
+class Arrivals:
+    """Every message on results and samples, in the order the broker delivers them."""
+
+    def __init__(self, broker) -> None:
+        self.items: list[tuple[str, dict, bytes]] = []
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.on_subscribe = lambda *a: ready.set()
+        c.on_message = self._on_message
+        c.connect(broker.host, broker.port)
+        c.subscribe([("edged/test-dev/motion", 1), ("edged/test-dev/sample", 1), ("edged/test-dev/stats", 0)])
+        c.loop_start()
+        assert ready.wait(10)
+        self.c = c
+
+    def _on_message(self, client, userdata, m) -> None:
+        leaf = m.topic.rsplit("/", 1)[-1]
+        body = json.loads(m.payload) if leaf == "stats" else codec.decode(m.payload)
+        with self._lock:
+            self.items.append((leaf, body, m.payload))
+
+    def of(self, leaf: str) -> list[dict]:
+        with self._lock:
+            return [b for lf, b, _ in self.items if lf == leaf]
+
+    def order(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            return [(lf, b) for lf, b, _ in self.items if lf != "stats"]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+def test_sampling_is_off_by_default_and_checked_strictly():
+    assert config.Config().sampling.enabled is False
+    with pytest.raises(config.ConfigError) as err:
+        config.parse('[sampling]\nenabled = true\nvision_min_score = 0.7\nvision_max_score = 0.5\n'
+                     'vision_labels = ["Face!"]\nper_hour = -1\nbogus = 1\n', "edged.toml")
+    problems = err.value.problems
+    assert "edged.toml:6: sampling.per_hour: expected 0 to 100000, got -1" in problems
+    assert any(p.startswith("edged.toml:7: sampling.bogus: unknown key") for p in problems)
+    assert "edged.toml:3: sampling.vision_min_score: must be below sampling.vision_max_score " \
+           "(the uncertainty band is [min, max))" in problems
+    assert "edged.toml:5: sampling.vision_labels[0]: expected a lowercase label, got 'Face!'" in problems
+    assert len(problems) == 4
+
+
+# -- the queue and its budget (real SQLite, a clock set by hand) --------------------------------------
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _payload(size: int):
+    return lambda sid: json.dumps({"id": sid, "pad": "x" * size}).encode()
+
+
+def test_the_budget_holds_across_reopening_and_slides(tmp_path):
+    clock = Clock(1_800_000_000.0)
+    caps = Caps(per_hour=3, bytes_per_hour=10_000, per_day=5, bytes_per_day=1 << 20, max_sample_bytes=5000)
+    path = tmp_path / "samples.db"
+    q = SampleQueue(path, caps, clock=clock)
+    ids = [q.offer("t", _payload(100)) for _ in range(3)]
+    assert None not in ids and ids == sorted(ids)
+    assert q.offer("t", _payload(100)) is None and q.skipped == 1  # 3 per hour
+    q.close()
+    # A restart (or a crash: every offer is its own committed transaction) does not reset it.
+    q = SampleQueue(path, caps, clock=clock)
+    assert q.depth == 3 and q.spent()["hour"] == 3
+    assert not q.room() and q.offer("t", _payload(100)) is None
+    assert q.offer("t", _payload(6000)) is None  # larger than max_sample_bytes, whatever the budget
+    clock.t += HOUR + 1                     # the hour slides on; the day still holds the three
+    assert [q.offer("t", _payload(100)) is not None for _ in range(3)] == [True, True, False]  # 5 per day
+    assert q.spent()["day"] == 5
+    # Sent and deleted samples stay spent.
+    q.delete([r.id for r in q.pending(0, 10)])
+    assert q.depth == 0 and q.spent()["day"] == 5 and q.offer("t", _payload(100)) is None
+    # A clock set back an hour still counts what was taken "later".
+    clock.t -= 2 * HOUR
+    assert q.spent()["day"] == 5 and q.offer("t", _payload(100)) is None
+    clock.t += 2 * HOUR + DAY + 1           # a day after the last one: all free again
+    assert q.offer("t", _payload(100)) is not None
+    q.close()
+    q = SampleQueue(path, caps, clock=clock)
+    assert q.spent() == {"hour": 1, "hour_bytes": q.spent()["hour_bytes"], "day": 1, "day_bytes": q.spent()["day_bytes"]}
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM taken").fetchone()[0] == 1  # older entries pruned
+    db.close()
+    q.close()
+
+
+def test_bytes_caps_and_the_queue_bound_drop_the_oldest(tmp_path):
+    clock = Clock(1_800_000_000.0)
+    caps = Caps(per_hour=100, bytes_per_hour=2500, per_day=100, bytes_per_day=1 << 20, max_sample_bytes=2000)
+    q = SampleQueue(tmp_path / "samples.db", caps, clock=clock, max_bytes=2500)
+    sizes = []
+    while (sid := q.offer("t", _payload(1000))) is not None:
+        sizes.append(sid)
+    assert len(sizes) == 2 and q.spent()["hour_bytes"] <= 2500  # a third would pass 2500 bytes
+    clock.t += HOUR + 1
+    assert q.offer("t", _payload(1000)) is not None
+    assert q.depth == 2 and q.dropped == 1  # the queue's own bound: the oldest went
+    assert [r.id for r in q.pending(0, 10)] == sizes[1:] + [sizes[-1] + 1]
+    q.close()
+
+
+# -- the real daemon ---------------------------------------------------------------------------------
+
+def test_unknown_windows_arrive_as_samples_that_decode_to_the_recording(tmp_path, broker, daemon_factory):
+    codec_name = "json"  # CBOR: the fault test below
+    csv = stairs_csv(tmp_path / "stairs.csv")
+    rec = read_imu_csv(csv)
+    got = Arrivals(broker)
+    cfg = sampling_config(tmp_path, broker, csv, "min_interval_s = 0\nper_hour = 3\n",
+                          mqtt=f'codec = "{codec_name}"\n')
+    d = daemon_factory(cfg).start()
+    try:
+        # A reload in between (the sampler is restarted with the pipeline) changes nothing.
+        assert wait_until(lambda: got.of("sample"), 60), d.output()
+        d.signal(signal.SIGHUP)
+        assert wait_until(lambda: "msg=reloaded" in d.output(), 30), d.output()
+        assert wait_until(lambda: len(got.of("sample")) >= 3 and any(
+            s.get("samples_skipped") for s in got.of("stats")), 60), d.output()
+        assert d.stop() == 0
+    finally:
+        got.close()
+    samples = got.of("sample")
+    assert len(samples) == 3  # the hourly cap, though more windows were unknown
+    motion = {round(m["ts"], 3): m for m in got.of("motion")}
+    from edged.models import load_manifest, open_model
+    from edged.stages.motion import InputSpec, Preprocessor
+
+    entry = load_manifest()["motion"]
+    model = open_model(entry, threads=1)
+    spec = InputSpec.from_entry(entry)
+    for s in samples:
+        raw = next(p for lf, b, p in got.items if lf == "sample" and b["id"] == s["id"])
+        jsonschema.validate(json.loads(raw), SCHEMA)
+        assert s["kind"] == "imu" and s["trigger"] == "unknown" and s["label"] == "unknown"
+        m = motion[s["ts"]]  # the result it belongs to: same window end, same signature
+        assert m["label"] == "unknown" and m["signature"] == s["signature"] and m["sig_v"] == s["sig_v"]
+        t, x = codec.imu_window(s)
+        assert len(t) == s["n"] > spec.window
+        # Exactly the recording's samples (the replay stamps them with wall-clock time).
+        k = int(np.flatnonzero((rec.data == x[0]).all(axis=1))[0])
+        assert np.array_equal(x, rec.data[k:k + len(x)])
+        steps = np.diff(t)
+        assert np.allclose(steps, np.diff(rec.t[k:k + len(x)]), atol=2e-6)
+        # And they make the window the model saw: its signature again.
+        win = Preprocessor(spec, len(t))(t, x, end=s["ts"])
+        model.set_input(0, win[None])
+        model.invoke()
+        sig_i = model.output_by_name(entry.params["signature_output"])
+        again = model.raw_output(sig_i).reshape(-1).astype(int)
+        assert np.abs(again - np.array(s["signature"])).max() <= 1  # ts is rounded to 1 ms in the payload
+    last = got.of("stats")[-1]
+    assert last["samples_taken"] == 3 and last["samples_sent"] == 3 and last["samples_skipped"] >= 1
+    assert last["samples_bytes_sent"] == sum(len(p) for lf, _, p in got.items if lf == "sample")
+
+
+def test_budget_holds_across_outages_and_restarts_and_results_go_first(tmp_path, broker, daemon_factory):
+    """Broker unreachable, the daemon stopped, killed and restarted meanwhile: the hourly cap
+    holds over all of it, and after the outage every spooled result arrives before any sample."""
+    csv = stairs_csv(tmp_path / "stairs.csv", subject=16)
+    proxy = TcpProxy(broker.host, broker.port)
+    got = Arrivals(broker)
+    state = tmp_path / "state"
+    cfg = sampling_config(tmp_path, proxy, csv, "min_interval_s = 0\nper_hour = 3\n",
+                          mqtt='reconnect_min_s = 0.2\ncodec = "cbor"\n')
+    proxy.refuse(True)
+
+    def taken() -> int:
+        try:
+            db = sqlite3.connect(f"file:{state / 'samples.db'}?mode=ro", uri=True)
+        except sqlite3.OperationalError:
+            return 0
+        try:
+            return db.execute("SELECT count(*) FROM taken").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            db.close()
+
+    try:
+        # Run 1, broker down: one sample taken, then a clean stop.
+        d = daemon_factory(cfg).start()
+        assert wait_until(lambda: taken() >= 1, 60), d.output()
+        assert d.stop() == 0
+        # Run 2: killed once the budget is spent and two more unknown windows were turned away.
+        mark = last_seq(state)
+        d = daemon_factory(cfg).start()
+        assert wait_until(lambda: taken() >= 3, 60), d.output()
+        spent = last_seq(state)
+        assert wait_until(lambda: last_seq(state) >= spent + 2, 60), d.output()
+        d.signal(signal.SIGKILL)
+        d.wait(10)
+        assert last_seq(state) - mark > 3  # more unknown windows than the budget took
+        # Run 3: nothing more may be taken within the hour.
+        mark = last_seq(state)
+        d = daemon_factory(cfg).start()
+        assert wait_until(lambda: last_seq(state) >= mark + 2, 60), d.output()
+        assert taken() == 3
+        spooled = last_seq(state)
+        proxy.refuse(False)  # the broker is back
+        assert wait_until(lambda: len(got.of("sample")) >= 3 and {m["seq"] for m in got.of("motion")}
+                          >= set(range(1, spooled + 1)), 60), d.output()[-3000:]
+        assert wait_until(lambda: any(s.get("samples_sent") for s in got.of("stats")), 30)
+        assert d.stop() == 0
+    finally:
+        got.close()
+        proxy.close()
+    assert taken() == 3 and len({s["id"] for s in got.of("sample")}) == 3
+    for (leaf, body, raw) in got.items:
+        if leaf == "sample":  # CBOR on the wire; decoded, what the schema describes
+            assert raw[:1] != b"{"
+            jsonschema.validate({**body, "data": "x"}, SCHEMA)
+            assert len(codec.sample_data(body)) == body["n"] * 28
+    # Every result spooled during the outage arrived before the first sample.
+    order = got.order()
+    first_sample = next(i for i, (lf, _) in enumerate(order) if lf == "sample")
+    before = {b["seq"] for lf, b in order[:first_sample] if lf == "motion"}
+    assert set(range(1, spooled + 1)) <= before
+    stats = got.of("stats")[-1]
+    assert stats["samples_last_hour"] == 3 and stats["samples_skipped"] >= 1
+
+
+def test_uncertain_detections_are_sent_as_crops(tmp_path, broker, daemon_factory):
+    got = Arrivals(broker)
+    cfg = write_config(tmp_path / "edged.toml", broker,
+                       extra='[camera]\nfps = 4\n[imu]\nenabled = false\n[vision]\nheartbeat_s = 1\n'
+                             '[sampling]\nenabled = true\nvision_min_score = 0.3\nvision_max_score = 0.999\n'
+                             'min_interval_s = 0\nper_hour = 2\ncrop_margin = 0.5\n')
+    d = daemon_factory(cfg).start()
+    try:
+        assert wait_until(lambda: len(got.of("sample")) >= 2, 60), d.output()
+        assert d.stop() == 0
+    finally:
+        got.close()
+    from PIL import Image
+    import io
+
+    for s in got.of("sample"):
+        jsonschema.validate({**s, "data": "x"}, SCHEMA)
+        assert s["kind"] == "crop" and s["trigger"] == "uncertain" and 0.3 <= s["score"] < 0.999
+        x0, y0, x1, y1 = s["box"]
+        r0, r1, r2, r3 = s["region"]
+        assert r0 <= x0 + 1e-3 and r1 <= y0 + 1e-3 and r2 >= x1 - 1e-3 and r3 >= y1 - 1e-3
+        assert (r2 - r0) < 1.0 or (r3 - r1) < 1.0  # a crop, not the frame
+        im = Image.open(io.BytesIO(codec.sample_data(s)))
+        assert im.format == "JPEG" and im.size == (s["width"], s["height"])
+        assert s["label"] == "face" and s["model"] == "face"
