@@ -307,3 +307,43 @@ def test_uncertain_detections_are_sent_as_crops(tmp_path, broker, daemon_factory
         im = Image.open(io.BytesIO(codec.sample_data(s)))
         assert im.format == "JPEG" and im.size == (s["width"], s["height"])
         assert s["label"] == "face" and s["model"] == "face"
+
+
+def test_the_ingest_checks_and_the_schema_agree_on_samples():
+    """What edged ingest stores is what docs/schemas/sample.schema.json describes (both ways)."""
+    import base64
+    import time
+
+    from edged.cloud import payloads
+
+    now = time.time()
+    rows = np.zeros((4, 7), "<f4").tobytes()
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 20
+    good = {
+        "imu": {"v": 1, "device_id": "pi-a", "id": 7, "ts": now, "kind": "imu", "trigger": "unknown",
+                "model": "motion", "label": "unknown", "score": 0.0, "t0": now - 3, "n": 4,
+                "signature": [1, -2], "sig_v": 2, "data": base64.b64encode(rows).decode()},
+        "crop": {"v": 1, "device_id": "pi-a", "id": 8, "ts": now, "kind": "crop", "trigger": "uncertain",
+                 "model": "face", "label": "face", "score": 0.6, "box": [0.1, 0.1, 0.2, 0.2],
+                 "region": [0.0, 0.0, 0.3, 0.3], "width": 20, "height": 20, "data": base64.b64encode(jpeg).decode()},
+    }
+    mutations = [("id", 0), ("id", "7"), ("v", 2), ("kind", "audio"), ("score", 2.0), ("label", "Face"),
+                 ("extra", 1), ("model", "a b"), ("device_id", "a/b"), ("n", 1), ("signature", [200]),
+                 ("sig_v", 0), ("box", [0, 0, 2, 1]), ("width", 0), ("region", [0, 0, 1])]
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    for kind, body in good.items():
+        assert validator.is_valid(body), list(validator.iter_errors(body))
+        assert payloads.parse_sample("pi-a", json.dumps(body).encode(), None, now=now, max_bytes=1 << 20).kind == kind
+        other = "crop" if kind == "imu" else "imu"
+        for key, value in mutations + [("trigger", good[other]["trigger"]), ("t0" if kind == "crop" else "box", 1)]:
+            if key not in body and key not in ("extra", "t0", "box"):
+                continue
+            bad = dict(body, **{key: value})
+            assert not validator.is_valid(bad), (kind, key, value)
+            got = payloads.parse_sample("pi-a", json.dumps(bad).encode(), None, now=now, max_bytes=1 << 20)
+            assert isinstance(got, payloads.Reject), (kind, key, value)
+        for key in body:
+            short = {k: v for k, v in body.items() if k != key}
+            assert not validator.is_valid(short), (kind, key)
+            assert isinstance(payloads.parse_sample("pi-a", json.dumps(short).encode(), None, now=now,
+                                                    max_bytes=1 << 20), payloads.Reject), (kind, key)

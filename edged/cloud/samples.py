@@ -159,7 +159,8 @@ def export(url: str, out_dir, *, unlabelled: bool = True) -> list:
         db.close()
     paths = []
     for device, sid, kind, meta, data in rows:
-        base = out_dir / f"{device}-{sid}"
+        # The ingest checked the device id; a file name is made safe anyway (rows may come from elsewhere).
+        base = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]', '_', str(device))[:64]}-{int(sid)}"
         if kind == "imu":
             try:
                 t, x = decode_window(json.loads(meta) if isinstance(meta, str) else meta, data)

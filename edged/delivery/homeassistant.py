@@ -64,7 +64,9 @@ DIAGNOSTICS = (
     ("outbox_depth", "Outbox depth", "{{ value_json.outbox_depth }}", {"state_class": "measurement"}),
     ("dropped", "Dropped results", "{{ value_json.dropped }}", {"state_class": "total_increasing"}),
     ("bandwidth_saved", "Bandwidth saved",
-     "{{ ((1 - value_json.bytes_sent / value_json.raw_bytes) * 100) | round(2) if value_json.raw_bytes else 'None' }}",
+     # Samples ([sampling]) are bytes sent too.
+     "{{ ((1 - (value_json.bytes_sent + (value_json.samples_bytes_sent | default(0))) / value_json.raw_bytes) * 100)"
+     " | round(2) if value_json.raw_bytes else 'None' }}",
      {"unit_of_measurement": "%", "state_class": "measurement", "suggested_display_precision": 2}),
 )
 
