@@ -359,6 +359,8 @@ def _release_parser(sub) -> None:
     st.add_argument("repo", metavar="REPO")
     st.add_argument("--json", action="store_true")
     st.add_argument("--broker", metavar="HOST", help="MQTT broker to read the devices' models reports from")
+    st.add_argument("--db", metavar="URL", help="the PostgreSQL database edged ingest fills: what each device "
+                                                "last reported running in its stats")
     st.add_argument("--port", type=int, default=1883)
     st.add_argument("--prefix", default="edged", help="topic prefix (default: %(default)s)")
     st.add_argument("--seconds", type=float, default=2.0, help="how long to collect reports (default: %(default)s)")

@@ -713,3 +713,47 @@ def test_samples_on_the_sqlite_store(tmp_path):
     cloud_samples.set_label(url, "pi-q", 9, "shaking")
     (got,) = cloud_samples.labelled_windows(url)
     assert np.array_equal(got.data, rows[:, 1:]) and np.allclose(got.t, t0 + rows[:, 0].astype(np.float64))
+
+
+# -- what devices run (edged release status --db) --------------------------------------------------
+
+def test_release_status_reads_what_devices_run_from_the_database(ingest_broker, db, workers, daemon_factory,
+                                                                  tmp_path):
+    """A real daemon installs centroids released alone from a real HTTP server, says so in its
+    stats, a real worker stores them as devices.models, and `edged release status --db` prints it."""
+    from test_updates import Server
+
+    repo = tmp_path / "repo"
+    for args in (("init", str(repo)),
+                 ("artefact", str(repo), str(REPO / "models" / "motion.centroids.json"), "--kind", "centroids",
+                  "--version", "1"),
+                 ("rollout", str(repo), "--name", "motion", "--kind", "centroids", "--version", "1",
+                  "--percent", "100")):
+        r = edged_cli("release", *args)
+        assert r.returncode == 0, r.stderr
+    srv = Server(repo / "public")
+    try:
+        workers(ingest_broker, db, "w1").start()
+        cfg = write_config(tmp_path / "edged.toml", ingest_broker, device_id="pi-9", extra=(
+            "[camera]\nenabled = false\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
+            f'[updates]\nurl = "{srv.url}"\nroot_json = "{repo / "root.json"}"\npoll_interval_s = 3600\n'))
+        d = daemon_factory(cfg).start()
+
+        def models():
+            rows = q(db, "SELECT models FROM devices WHERE device_id = 'pi-9'")
+            return rows[0][0] if rows else None
+        assert wait_until(lambda: (models() or {}).get("motion", {}).get("artefacts") == {"centroids": 1}, 60), \
+            (models(), d.output()[-2000:])
+        assert models()["motion"]["running"] is None
+        r = edged_cli("release", "status", str(repo), "--db", db)
+        assert r.returncode == 0, r.stderr
+        assert "device pi-9: motion running shipped; centroids 1 (online)" in r.stdout, r.stdout
+        status = json.loads(edged_cli("release", "status", str(repo), "--db", db, "--json").stdout)
+        assert status["devices"]["pi-9"]["models"]["motion"] == {"running": None, "trial": False,
+                                                                  "artefacts": {"centroids": 1}}
+        assert d.stop() == 0
+    finally:
+        srv.close()
+    r = edged_cli("release", "status", str(repo), "--db", "postgresql://127.0.0.1:1/none")
+    assert r.returncode == 2 and r.stderr.startswith("edged: postgresql://127.0.0.1:1/none: ")
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -509,6 +509,28 @@ def fleet_reports(host: str, port: int, prefix: str, seconds: float) -> dict[str
     return dict(sorted(reports.items()))
 
 
+def fleet_from_db(url: str) -> dict[str, dict]:
+    """What every device last reported running (its stats' `models`), from the PostgreSQL
+    database `edged ingest` fills."""
+    from edged.cloud.signatures import _safe_url
+
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ReleaseError(f"--db: expected a PostgreSQL URL (postgresql://…), got {_safe_url(url)!r}")
+    try:
+        import psycopg
+
+        from edged.cloud import store
+    except ImportError:
+        raise ReleaseError("reading the ingest database needs psycopg: pip install 'edged[cloud]'") from None
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            rows = store.device_models(conn)
+    except psycopg.Error as exc:
+        raise ReleaseError(f"{_safe_url(url)}: {str(exc).strip().splitlines()[0]}") from None
+    return {device: {"models": models if isinstance(models, dict) else {}, "stats_at": stats_at, "status": status}
+            for device, models, stats_at, status in rows}
+
+
 # -- the command line (edged release …) --------------------------------------------------------------
 
 def run_cli(args, golden: Golden | None = None) -> int:
@@ -558,8 +580,10 @@ def run_cli(args, golden: Golden | None = None) -> int:
               f"{repo.timestamp.signed.expires.isoformat()}", file=sys.stderr)
     elif args.action == "status":
         status = repo.status()
-        if args.broker:
-            status["devices"] = fleet_reports(args.broker, args.port, args.prefix, args.seconds)
+        if args.db:
+            status["devices"] = fleet_from_db(args.db)
+        if args.broker:  # the retained reports are newer than the last stats the database holds
+            status.setdefault("devices", {}).update(fleet_reports(args.broker, args.port, args.prefix, args.seconds))
         if args.json:
             print(json.dumps(status, indent=1))
         else:
@@ -588,11 +612,19 @@ def _print_status(status: dict) -> None:
             for kind, m in kinds.items():
                 print(f"channel {channel}: {name} {kind}: {offers(m)}")
     for device, rep in (status.get("devices") or {}).items():
+        if not rep.get("models"):
+            print(f"device {device}: no models reported ({rep.get('status') or 'status unknown'})")
         for name, m in (rep.get("models") or {}).items():
+            if not isinstance(m, dict):
+                continue
             last = rep.get("last") or {}
             outcome = f"; last: {last.get('outcome')} v{last.get('version')}" if last.get("model") == name else ""
+            # The models topic says {"centroids": {"running": 1, …}}, stats {"centroids": 1}.
+            running = {k: v.get("running") if isinstance(v, dict) else v for k, v in (m.get("artefacts") or {}).items()}
+            arts = "".join(f"; {k} {v}" for k, v in sorted(running.items()) if v)
             print(f"device {device}: {name} running {m.get('running') or 'shipped'}"
-                  f"{' (on trial)' if m.get('trial') else ''}{outcome}")
+                  f"{' (on trial)' if m.get('trial') else ''}{arts}{outcome}"
+                  + (f" ({rep['status']})" if rep.get("status") else ""))
 
 
 __all__ = ["Repository", "ReleaseError", "Release", "ChannelError", "fleet_reports", "run_cli"]

@@ -194,6 +194,13 @@ WHERE d.stats_at IS NULL OR d.stats_at <= excluded.stats_at
 """
 
 
+def device_models(conn) -> list[tuple[str, object, float | None, str | None]]:
+    """(device_id, models, stats_at as UNIX seconds, status) of every device, by id: what each
+    one last said it runs (`stats.models`), for `edged release status --db`."""
+    return conn.execute("SELECT device_id, models, extract(epoch FROM stats_at)::float8, status "
+                        "FROM devices ORDER BY device_id").fetchall()
+
+
 def write(conn, results: list[Result], rejected: list[Rejected], news: dict[str, DeviceNews],
           known_days: set[dt.date], duplicates: dict[str, int] | None = None) -> Outcome:
     """Commit one batch; raises psycopg errors as they come (nothing is then committed).

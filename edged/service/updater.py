@@ -943,7 +943,22 @@ class Updater:
 
     def stats(self) -> dict:
         return {"update_checks": self.checks, "update_bytes": self.bytes_fetched,
-                "update_announcements": self.announcements}
+                "update_announcements": self.announcements, "update_channel": self.u.channel,
+                "models": self.running_summary()}
+
+    def running_summary(self) -> dict:
+        """What runs, in a few bytes for every stats message (`edged ingest` stores it as
+        devices.models; `edged release status --db` reads it): per model the release in service
+        (None: the shipped one), whether it is on trial, and the artefacts in service."""
+        out = {}
+        for name in sorted(self.tracked()):
+            m = self.state.model(name)
+            d = {"running": m.running, "trial": bool(m.trial)}
+            arts = {k: a.running for k, a in sorted(m.artefacts.items()) if a.running is not None}
+            if arts:
+                d["artefacts"] = arts
+            out[name] = d
+        return out
 
 
 def _counters(daemon, task: str) -> tuple[int, int]:
