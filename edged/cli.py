@@ -114,21 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "without one, the model's own classes)")
     _config_arg(m)
 
-    s = sub.add_parser("subscribe", help="receive results from devices (the reference cloud subscriber)",
-                       description="Subscribe to every device's results under a prefix, decode JSON or "
-                                   "CBOR, store them in SQLite, print one JSON line per result, and on "
-                                   "exit report per device how many arrived, duplicates and missing seqs.")
+    s = sub.add_parser("subscribe", help="receive results from devices on one machine (edged ingest on a SQLite file)",
+                       description="Run the ingest worker (the same checks, exactly-once key and "
+                                   "acknowledgement after commit as 'edged ingest') on a SQLite file, with no "
+                                   "database server: print one JSON line per result once it is stored, and on "
+                                   "exit report per device what this run stored, its duplicates and the seqs "
+                                   "the database does not hold. The file has the tables and views of "
+                                   "'edged ingest --db sqlite:///FILE' (docs/cloud.md).")
     s.add_argument("--host", default="127.0.0.1", help="broker host name or address (default: %(default)s)")
     s.add_argument("--port", type=_port, default=1883, help="broker port, 1-65535 (default: %(default)s)")
     s.add_argument("--prefix", default="edged", help="topic prefix (default: edged)")
-    s.add_argument("--db", default="edged-results.db", help="SQLite file to store results in (default: %(default)s)")
-    s.add_argument("--client-id", help="a fixed client id: the broker keeps the session and queues results while away")
+    s.add_argument("--db", default="edged-results.db", metavar="FILE",
+                   help="SQLite file to store results in, made on first use (default: %(default)s)")
+    s.add_argument("--client-id", help="a fixed client id: the broker keeps the session and queues results while "
+                                       "away (default: a clean session under a new id each run)")
     s.add_argument("--username", help="broker user name")
     s.add_argument("--password", help="broker password")
     s.add_argument("--ca-file", metavar="PATH", help="CA certificate to verify the broker with (turns TLS on)")
     s.add_argument("--cert-file", metavar="PATH", help="client certificate for TLS (turns TLS on)")
     s.add_argument("--key-file", metavar="PATH", help="the client certificate's private key")
-    s.add_argument("--count", type=int, default=0, help="stop after N results (default: run until Ctrl-C)")
+    s.add_argument("--count", type=int, default=0, metavar="N",
+                   help="stop once N results are stored, exactly N (what arrived beyond them is not "
+                        "acknowledged; with --client-id the broker delivers it next time); default: run until Ctrl-C")
     s.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
     s.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
 
@@ -198,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and enroll a 'label', and optionally 'sig_v' (the signature version): "
                                     "motion payloads as they arrive over MQTT, or 'edged motion' output.")
     sgs = sg.add_subparsers(dest="action", metavar="ACTION", required=True)
-    b = sgs.add_parser("build", help="centroids (and 'unknown' thresholds) from labelled signatures")
-    b.add_argument("signatures", metavar="SIGNATURES_JSONL")
+    b = sgs.add_parser("build", help="centroids (and 'unknown' thresholds) from labelled signatures",
+                       description="Make a centroid file from labelled signatures: a JSON-lines file, or "
+                                   "with --db the motion windows a database of 'edged ingest' or 'edged "
+                                   "subscribe' holds, each labelled as its device labelled it (windows "
+                                   "labelled 'unknown' are left out).")
+    b.add_argument("signatures", metavar="SIGNATURES_JSONL", nargs="?", help="the labelled signatures (or use --db)")
     b.add_argument("--out", "-o", required=True, metavar="CENTROIDS_JSON")
     b.add_argument("--label-key", default="label", help="field holding the true label (default: label)")
     b.add_argument("--quantile", type=_score, default=0.99, metavar="Q",
@@ -207,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "to its centroid ... (default: %(default)s)")
     b.add_argument("--margin", type=float, default=1.25, metavar="M",
                    help="... times this margin; raise it to flag fewer signatures 'unknown' (default: %(default)s)")
+    _db_args(b, "build from", required_device=False, limit=100000)
     en = sgs.add_parser("enroll", help="add a motion to a centroid file from a handful of its signatures",
                         description="Add one motion to a centroid file from a few labelled signatures (five "
                                     "windows are enough): its centroid is their mean, its 'unknown' threshold "
@@ -214,26 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
                                     "given the result as motion.centroids labels the new motion itself.")
     en.add_argument("signatures", metavar="SIGNATURES_JSONL", nargs="?",
                     help="the labelled signatures (or use --db)")
-    en.add_argument("--db", metavar="URL",
-                    help="take the signatures from the PostgreSQL database 'edged ingest' fills instead: "
-                         "the motion windows of --device between --since and --until (needs --label)")
-    en.add_argument("--device", help="with --db: the device whose windows to enroll")
-    en.add_argument("--since", type=_when, default=0.0, metavar="TIME",
-                    help="with --db: first window end, UNIX seconds or ISO 8601 (default: any)")
-    en.add_argument("--until", type=_when, default=1e12, metavar="TIME",
-                    help="with --db: last window end, UNIX seconds or ISO 8601 (default: any)")
-    en.add_argument("--limit", type=int, default=1000, help="with --db: at most this many windows, oldest "
-                                                          "first (default: %(default)s)")
+    _db_args(en, "enroll", required_device=True, limit=1000)
     en.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
                     help="the file to add to (the shipped model's: models/motion.centroids.json)")
     en.add_argument("--out", "-o", metavar="CENTROIDS_JSON", help="where to write the result (default: --centroids)")
     en.add_argument("--label", help="the new motion's name (default: the one label every line carries)")
     en.add_argument("--label-key", default="label", help="field holding the label (default: label)")
     en.add_argument("--replace", action="store_true", help="rebuild a motion the file already has")
-    cl = sgs.add_parser("classify", help="nearest centroid per signature, or 'unknown'")
-    cl.add_argument("signatures", metavar="SIGNATURES_JSONL")
+    cl = sgs.add_parser("classify", help="nearest centroid per signature, or 'unknown'",
+                        description="Match signatures against a centroid file, one JSON line each: "
+                                    "{label, nearest, distance}; with --db, each stored motion window, "
+                                    "with its device_id, seq, ts and the label its device gave it "
+                                    "(device_label).")
+    cl.add_argument("signatures", metavar="SIGNATURES_JSONL", nargs="?", help="the signatures (or use --db)")
     cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
                     help="from 'edged signatures build' (the shipped model's: models/motion.centroids.json)")
+    _db_args(cl, "classify", required_device=False, limit=100000)
 
     sm = sub.add_parser("samples", help="cloud side: list, label and export the samples devices sent",
                         description="The samples 'edged ingest' stored (raw IMU windows and frame crops the "
@@ -623,6 +631,21 @@ def cmd_models(args) -> int:
     return 1 if bad else 0
 
 
+def _db_args(p, what: str, *, required_device: bool, limit: int) -> None:
+    """--db and the flags that choose which stored motion windows a signatures command reads."""
+    p.add_argument("--db", metavar="URL",
+                   help=f"{what} the motion windows stored by 'edged ingest' or 'edged subscribe' instead: a "
+                        "PostgreSQL URL or sqlite:///FILE" + (" (needs --device and --label)" if required_device else ""))
+    p.add_argument("--device", help="with --db: the device whose windows to read"
+                   + ("" if required_device else " (default: every device)"))
+    p.add_argument("--since", type=_when, default=0.0, metavar="TIME",
+                   help="with --db: first window end, UNIX seconds or ISO 8601 (default: any)")
+    p.add_argument("--until", type=_when, default=1e12, metavar="TIME",
+                   help="with --db: last window end, UNIX seconds or ISO 8601 (default: any)")
+    p.add_argument("--limit", type=int, default=limit,
+                   help="with --db: at most this many windows, oldest first (default: %(default)s)")
+
+
 def _when(text: str) -> float:
     """A time on the command line: UNIX seconds, or ISO 8601 (UTC unless it says otherwise)."""
     import argparse
@@ -642,31 +665,41 @@ def _when(text: str) -> float:
 def cmd_signatures(args) -> int:
     from edged.cloud import signatures
 
+    if (args.db is None) == (args.signatures is None):
+        print(f"edged: signatures {args.action}: give a SIGNATURES_JSONL file or --db (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    db = {"since": args.since, "until": args.until, "limit": args.limit} if args.db else {}
     if args.action == "build":
         if args.margin <= 0:
             print(f"edged: --margin: expected a number above 0, got {args.margin:g}", file=sys.stderr)
             return EXIT_USAGE
-        cents = signatures.build(args.signatures, args.out, label_key=args.label_key,
-                                 quantile=args.quantile, margin=args.margin)
+        if args.db:
+            cents = signatures.build_from_db(args.db, args.out, device_id=args.device, quantile=args.quantile,
+                                             margin=args.margin, **db)
+        else:
+            cents = signatures.build(args.signatures, args.out, label_key=args.label_key,
+                                     quantile=args.quantile, margin=args.margin)
         print(f"{args.out}: {len(cents.labels)} centroids ({', '.join(cents.labels)})", file=sys.stderr)
         return 0
     if args.action == "enroll":
         out = args.out or args.centroids
-        if (args.db is None) == (args.signatures is None):
-            print("edged: signatures enroll: give a SIGNATURES_JSONL file or --db (one of them)", file=sys.stderr)
-            return EXIT_USAGE
         if args.db is not None:
             if not args.device or not args.label:
                 print("edged: signatures enroll --db: --device and --label are needed", file=sys.stderr)
                 return EXIT_USAGE
             cents = signatures.enroll_from_db(args.centroids, args.db, args.device, out, label=args.label,
-                                              since=args.since, until=args.until, limit=args.limit,
-                                              replace=args.replace)
+                                              replace=args.replace, **db)
         else:
             cents = signatures.enroll(args.centroids, args.signatures, out, label=args.label,
                                       label_key=args.label_key, replace=args.replace)
         print(f"{out}: {cents.labels[-1]} enrolled from {cents.counts[-1]} signatures "
               f"(threshold {cents.thresholds[-1]:.1f}); {len(cents.labels)} motions", file=sys.stderr)
+        return 0
+    if args.db:
+        w, matches = signatures.classify_from_db(args.centroids, args.db, device_id=args.device, **db)
+        for i, m in enumerate(matches):
+            print(json.dumps({"device_id": w.devices[i], "seq": w.seqs[i], "ts": w.ts[i], "device_label": w.labels[i],
+                              "label": m.label, "nearest": m.nearest, "distance": round(m.distance, 2)}), flush=True)
         return 0
     for m in signatures.classify_path(args.centroids, args.signatures):
         print(json.dumps({"label": m.label, "nearest": m.nearest, "distance": round(m.distance, 2)}), flush=True)

@@ -63,7 +63,9 @@ def _check(**meta: Any) -> Any:
 
 
 @dataclass
-class MqttConfig:
+class BrokerConnection:
+    """Which broker and how to log in to it: the [mqtt] keys a device and `edged ingest` share."""
+
     host: str = field(default="127.0.0.1", metadata=_check(
         pattern=r"^[^\s/]+$", expect="a host name or IP address (no mqtt://, no path)"))
     port: int = field(default=1883, metadata=_check(min=1, max=65535))
@@ -73,6 +75,23 @@ class MqttConfig:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+
+
+def check_broker(m, where, problems: list[str]) -> None:
+    """The checks across keys of an [mqtt] section (a BrokerConnection with reconnect_min_s and
+    reconnect_max_s); `where(key)` says where a key was set, for the line."""
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(m, key)
+        if value and _kind(value) != "file":
+            problems.append(f"{where('mqtt.' + key)}: mqtt.{key}: file not found: {_plain(value)}")
+    if bool(m.cert_file) != bool(m.key_file):
+        problems.append(f"{where('mqtt.cert_file')}: mqtt.cert_file/key_file: give both or neither")
+    if m.reconnect_min_s > m.reconnect_max_s:
+        problems.append(f"{where('mqtt.reconnect_min_s')}: mqtt.reconnect_min_s: must not exceed reconnect_max_s")
+
+
+@dataclass
+class MqttConfig(BrokerConnection):
     client_id: str = ""
     topic_prefix: str = field(default="edged", metadata=_check(pattern=_PREFIX_PATTERN, expect=_PREFIX_EXPECT,
                                                                max_bytes=TOPIC_PREFIX_MAX_BYTES))
@@ -482,15 +501,7 @@ def _cross_checks(cfg: Config, name: str, lines: dict[str, int], problems: list[
     def where(key: str) -> str:
         return f"{name}:{lines[key]}" if key in lines else name
 
-    m = cfg.mqtt
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(m, key)
-        if value and _kind(value) != "file":
-            problems.append(f"{where('mqtt.' + key)}: mqtt.{key}: file not found: {_plain(value)}")
-    if bool(m.cert_file) != bool(m.key_file):
-        problems.append(f"{where('mqtt.cert_file')}: mqtt.cert_file/key_file: give both or neither")
-    if m.reconnect_min_s > m.reconnect_max_s:
-        problems.append(f"{where('mqtt.reconnect_min_s')}: mqtt.reconnect_min_s: must not exceed reconnect_max_s")
+    check_broker(cfg.mqtt, where, problems)
     if cfg.vision.stages:
         for problem in check_stages(cfg.vision.stages):
             key = problem.split(":", 1)[0]

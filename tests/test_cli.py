@@ -58,24 +58,67 @@ def test_signatures_build_and_classify_round_trip(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def _subscribe(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edged", "subscribe", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
 def test_subscribe_reports_results_and_gaps(tmp_path, broker, daemon_factory):
-    cfg = write_config(tmp_path / "edged.toml", broker, extra="[camera]\nfps = 5\n[imu]\nspeed = 10\n",
-                       mqtt='codec = "cbor"\n')
-    sub = subprocess.Popen([sys.executable, "-m", "edged", "subscribe", "--port", str(broker.port),
-                            "--db", str(tmp_path / "r.db"), "--count", "20"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    time.sleep(1.0)
-    d = daemon_factory(cfg).start()
-    out, err = sub.communicate(timeout=60)
-    d.stop()
-    lines = [json.loads(x) for x in out.splitlines()]
-    assert len(lines) == 20 and all(x["device"] == "test-dev" for x in lines)
-    assert any(x["topic"] == "motion" and len(x["signature"]) == 16 for x in lines)
-    assert "test-dev: 20 results" in err and "0 missing" in err
     import sqlite3
 
-    db = sqlite3.connect(tmp_path / "r.db")
-    assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 20
+    cfg = write_config(tmp_path / "edged.toml", broker, extra="[camera]\nfps = 5\n[imu]\nspeed = 10\n",
+                       mqtt='codec = "cbor"\n')
+    db = tmp_path / "r.db"
+    sub = _subscribe("--port", str(broker.port), "--db", str(db), "--count", "20")
+    time.sleep(1.0)
+    d = daemon_factory(cfg).start()
+    try:
+        out, err = sub.communicate(timeout=60)
+        lines = [json.loads(x) for x in out.splitlines()]
+        assert len(lines) == 20 and all(x["device"] == "test-dev" for x in lines)
+        assert any(x["topic"] == "motion" and len(x["signature"]) == 16 for x in lines)
+        assert "test-dev: 20 results" in err and "0 missing" in err
+        conn = sqlite3.connect(db)
+        assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 20
+        # --count N stores exactly N; a second run on the same file prints and counts only its own.
+        out, err = _subscribe("--port", str(broker.port), "--db", str(db), "--count", "5").communicate(timeout=60)
+    finally:
+        d.stop()
+    second = sorted(json.loads(x)["seq"] for x in out.splitlines())
+    assert len(second) == 5 and not set(second) & {x["seq"] for x in lines}
+    assert f"test-dev: 5 results (seq {second[0]}–{second[-1]})" in err, err
+    missing = second[-1] - second[0] + 1 - 5
+    assert f"{missing} missing" in err, err
+    assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 25
+    breaks = sum(b > a + 1 for a, b in zip(second, second[1:]))
+    assert conn.execute("SELECT count(*) FROM gaps WHERE first_missing > ? AND last_missing < ?",
+                        (second[0], second[-1])).fetchone()[0] == breaks
+
+
+def test_subscribe_refuses_what_it_cannot_use_in_one_line(tmp_path, broker):
+    import sqlite3
+
+    from harness import free_port
+
+    # Nothing listening: exit 69, and no database file made.
+    r = _subscribe("--port", str(free_port()), "--db", str(tmp_path / "never.db"))
+    out, err = r.communicate(timeout=60)
+    assert r.returncode == 69 and "cannot subscribe at 127.0.0.1:" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never.db").exists()
+    # A port out of range, a prefix no topic can have: usage errors, exit 2.
+    for bad in (["--port", "99999"], ["--prefix", "a/#"], ["--count", "-1"]):
+        r = _subscribe("--db", str(tmp_path / "never.db"), *bad)
+        r.communicate(timeout=60)
+        assert r.returncode == 2, bad
+    # A file from the subscriber before it ran the ingest worker: named, exit 2, left as it is.
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE results (device_id TEXT, seq INTEGER, leaf TEXT, ts REAL, received REAL, body TEXT)")
+    conn.commit()
+    conn.close()
+    r = _subscribe("--port", str(broker.port), "--db", str(old))
+    out, err = r.communicate(timeout=60)
+    assert r.returncode == 2 and "older `edged subscribe`" in err and "Traceback" not in err, err
 
 
 def test_detect_uses_the_configs_model_unless_told(tmp_path):

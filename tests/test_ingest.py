@@ -583,7 +583,10 @@ def test_enroll_a_motion_from_a_devices_stored_windows(db, tmp_path):
     assert r.returncode == 2 and "--device and --label are needed" in r.stderr
     r = edged_cli("signatures", "enroll", "--db", f"sqlite:///{tmp_path}/r.db", "--device", "gym-1",
                   "--label", "stairs", "-c", shipped)
-    assert r.returncode == 2 and "expected a PostgreSQL URL" in r.stderr and f"sqlite:///{tmp_path}" in r.stderr
+    assert r.returncode == 2 and "no such file" in r.stderr and f"sqlite:///{tmp_path}" in r.stderr
+    r = edged_cli("signatures", "enroll", "--db", "mysql://u:secret@h/x", "--device", "gym-1",
+                  "--label", "stairs", "-c", shipped)
+    assert r.returncode == 2 and "expected a PostgreSQL URL" in r.stderr and "secret" not in r.stderr
 
 
 def edged_cli(*args: str) -> subprocess.CompletedProcess:
@@ -757,3 +760,78 @@ def test_release_status_reads_what_devices_run_from_the_database(ingest_broker, 
     r = edged_cli("release", "status", str(repo), "--db", "postgresql://127.0.0.1:1/none")
     assert r.returncode == 2 and r.stderr.startswith("edged: postgresql://127.0.0.1:1/none: ")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# -- building and classifying centroids from what the devices sent ---------------------------------
+
+def test_signatures_build_and_classify_read_stored_windows_from_postgres_and_sqlite(db, tmp_path):
+    """`edged signatures build/classify --db` read the motion windows a database holds, with the
+    label each device gave them, in PostgreSQL and in SQLite alike, and agree with the same
+    windows read from a JSON-lines file."""
+    import numpy as np
+
+    from conftest import SAMPLES
+    from edged.centroids import load_centroids
+    from edged.cloud.sqlite_store import SqliteStore
+
+    r = edged_cli("motion", str(SAMPLES / "imu" / "basicmotions_demo.csv"))
+    assert r.returncode == 0, r.stderr
+    windows = [json.loads(x) for x in r.stdout.splitlines()]
+    for w in windows[::10]:
+        w["label"] = "unknown"  # as a device with centroids labels what is far from all of them
+    t0 = float(int(time.time()) - 3600)
+    results = []
+    for device, offset in (("gym-1", 0.0), ("gym-2", 600.0)):
+        for seq, w in enumerate(windows, start=1):
+            body = {"v": 1, "device_id": device, "seq": seq, "ts": t0 + offset + w["t"], "label": w["label"],
+                    "score": w["score"], "signature": w["signature"], "window_s": 2.56, "inference_ms": 1.0,
+                    "sig_v": w["sig_v"]}
+            got = payloads.parse(device, "motion", json.dumps(body).encode(), "application/json",
+                                 now=time.time(), max_bytes=65536)
+            assert isinstance(got, payloads.Result), got
+            results.append(got)
+    with psycopg.connect(db, autocommit=True) as conn:
+        store.write(conn, results, [], {}, set())
+    lite = f"sqlite:///{tmp_path}/results.db"
+    s = SqliteStore(lite)
+    s.open()
+    s.write(results, [], {}, {})
+    s.close()
+
+    # The file an operator would have exported: gym-1's windows its device labelled.
+    jsonl = tmp_path / "gym-1.jsonl"
+    jsonl.write_text("".join(json.dumps(w) + "\n" for w in windows if w["label"] != "unknown"))
+    assert edged_cli("signatures", "build", str(jsonl), "-o", str(tmp_path / "file.json")).returncode == 0
+    want = load_centroids(tmp_path / "file.json")
+    for name, url in (("pg", db), ("sqlite", lite)):
+        out = tmp_path / f"{name}.json"
+        b = edged_cli("signatures", "build", "--db", url, "--device", "gym-1", "-o", str(out))
+        assert b.returncode == 0, b.stderr
+        got = load_centroids(out)
+        assert got.labels == want.labels and got.signature_version == want.signature_version == windows[0]["sig_v"]
+        np.testing.assert_allclose(got.centroids, want.centroids)
+        np.testing.assert_allclose(got.thresholds, want.thresholds)
+        # Every device: twice the windows; then a time range that holds only gym-2's.
+        both = edged_cli("signatures", "build", "--db", url, "-o", str(tmp_path / f"{name}-all.json"))
+        assert both.returncode == 0, both.stderr
+        assert list(load_centroids(tmp_path / f"{name}-all.json").counts) == [2 * n for n in want.counts]
+
+        c = edged_cli("signatures", "classify", "--db", url, "-c", str(out), "--since", str(t0 + 600))
+        assert c.returncode == 0, c.stderr
+        rows = [json.loads(x) for x in c.stdout.splitlines()]
+        assert [x["device_id"] for x in rows] == ["gym-2"] * len(windows)
+        assert [x["seq"] for x in rows] == list(range(1, len(windows) + 1))
+        assert [x["device_label"] for x in rows] == [w["label"] for w in windows]
+        (tmp_path / "all.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
+        f = edged_cli("signatures", "classify", "-c", str(out), str(tmp_path / "all.jsonl"))
+        assert [(x["label"], x["nearest"], x["distance"]) for x in rows] == \
+            [(y["label"], y["nearest"], y["distance"]) for y in map(json.loads, f.stdout.splitlines())]
+
+    # What cannot be read is one line and exit 2; a missing SQLite file is not created.
+    for args, words in ((["--db", f"sqlite:///{tmp_path}/none.db"], "no such file"),
+                        (["--db", "mysql://x/y"], "expected a PostgreSQL URL"),
+                        (["--db", db, "--device", "gym-9"], "no labelled motion windows"),
+                        (["--db", db, str(jsonl)], "one of them")):
+        r = edged_cli("signatures", "build", *args, "-o", str(tmp_path / "x.json"))
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "none.db").exists()

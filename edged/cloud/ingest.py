@@ -74,16 +74,7 @@ class DatabaseSection:
 
 
 @dataclass
-class BrokerSection:
-    host: str = field(default="127.0.0.1", metadata=_check(
-        pattern=r"^[^\s/]+$", expect="a host name or IP address (no mqtt://, no path)"))
-    port: int = field(default=1883, metadata=_check(min=1, max=65535))
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
+class BrokerSection(_config.BrokerConnection):
     topic_prefix: str = field(default="edged", metadata=_check(  # as the devices' mqtt.topic_prefix
         pattern=_config._PREFIX_PATTERN, expect=_config._PREFIX_EXPECT, max_bytes=_config.TOPIC_PREFIX_MAX_BYTES))
     keepalive_s: int = field(default=30, metadata=_check(min=5, max=3600))
@@ -149,17 +140,15 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> In
         for dotted in overrides:
             section, key = dotted.split(".")
             setattr(getattr(cfg, section), key, getattr(getattr(flags, section), key))
-    m = cfg.mqtt
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(m, key)
-        if value and not Path(value).is_file():
-            problems.append(f"{name}: mqtt.{key}: file not found: {value}")
-    if bool(m.cert_file) != bool(m.key_file):
-        problems.append(f"{name}: mqtt.cert_file/key_file: give both or neither")
-    for sec in (m, cfg.database):
-        if sec.reconnect_min_s > sec.reconnect_max_s:
-            where = "mqtt" if sec is m else "database"
-            problems.append(f"{name}: {where}.reconnect_min_s: must not exceed {where}.reconnect_max_s")
+    def where(key: str) -> str:
+        if key in (overrides or {}):
+            return "command line"
+        return f"{name}:{lines[key]}" if key in lines else name
+
+    _config.check_broker(cfg.mqtt, where, problems)
+    if cfg.database.reconnect_min_s > cfg.database.reconnect_max_s:
+        problems.append(f"{where('database.reconnect_min_s')}: database.reconnect_min_s: "
+                        "must not exceed reconnect_max_s")
     if problems:
         raise _config.ConfigError(problems)
     return cfg
@@ -201,9 +190,16 @@ class _Msg:
 
 
 class Worker:
-    """One ingest worker: an MQTT connection feeding a writer that commits batches."""
+    """One ingest worker: an MQTT connection feeding a writer that commits batches.
 
-    def __init__(self, cfg: IngestConfig) -> None:
+    `shared=False` subscribes without a shared-subscription group and `persistent=False` starts
+    a clean session the broker forgets at disconnect: what `edged subscribe`, the single-machine
+    front end of this worker, does unless it is given a client id. `on_commit(stored, rejected,
+    outcome)` is called after each batch committed, with the results it stored (in the order
+    they arrived, duplicates left out) and the rejected payloads."""
+
+    def __init__(self, cfg: IngestConfig, *, shared: bool = True, persistent: bool = True,
+                 on_commit=None) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -216,6 +212,11 @@ class Worker:
         self._epoch_lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        self._answered = threading.Event()  # subscribed, or refused (refusal says why)
+        self.refusal: str | None = None
+        self.on_commit = on_commit
+        self.persistent = persistent
+        self._origin: dict[tuple[str, int], _Msg] = {}
         self._once: set[str] = set()
         self.store = open_store(cfg.database.url, cfg.client_id)
         self._next_retention = 0.0
@@ -223,13 +224,14 @@ class Worker:
         m = cfg.mqtt
         prefix = m.topic_prefix
         self._prefix = prefix + "/"
-        group = cfg.ingest.group
-        self.topics = [(f"$share/{group}/{prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "stats", SAMPLE_LEAF)]
+        share = f"$share/{cfg.ingest.group}/" if shared else ""
+        self.topics = [(f"{share}{prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "stats", SAMPLE_LEAF)]
         self.topics.append((f"{prefix}/+/status", 1))
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=mqtt.MQTTv5, manual_ack=True)
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = m.session_expiry_s
+        if persistent:
+            props.SessionExpiryInterval = m.session_expiry_s
         props.ReceiveMaximum = cfg.ingest.max_inflight
         self._connect_props = props
         if m.username:
@@ -249,6 +251,8 @@ class Worker:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._log_once("mqtt_refused", "the broker refused the connection", reason=str(reason_code))
+            self.refusal = f"the broker refused the connection: {reason_code}"
+            self._answered.set()
             return
         with self._epoch_lock:
             self._epoch += 1
@@ -265,9 +269,12 @@ class Worker:
         if bad:
             self._log_once("subscribe", "the broker refused a subscription (does it support MQTT 5 "
                            "shared subscriptions, and does the ACL allow them?)", reasons=",".join(bad))
+            self.refusal = f"the broker refused a subscription: {', '.join(bad)}"
+            self._answered.set()
             return
         log.info("subscribed", extra=_fields(topics=",".join(t for t, _ in self.topics)))  # once per connection
         self._subscribed.set()
+        self._answered.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._epoch_lock:
@@ -372,6 +379,7 @@ class Worker:
                 rejected.append(self._reject(m, r.device_id, Reject("refused", f"the database refused it: {exc}")))
                 continue
             out.stored += one.stored
+            out.keys |= one.keys
             for d, n in one.duplicates.items():
                 out.duplicates[d] = out.duplicates.get(d, 0) + n
         try:
@@ -397,14 +405,15 @@ class Worker:
 
     # -- the writer loop (main thread) -------------------------------------------------------------
 
-    def _batch(self) -> list[_Msg]:
+    def _batch(self, limit: int | None = None) -> list[_Msg]:
         try:
             first = self._q.get(timeout=0.5)
         except queue.Empty:
             return []
         batch = [first]
         deadline = time.monotonic() + self.cfg.ingest.batch_delay_s
-        while len(batch) < self.cfg.ingest.batch_size:
+        most = self.cfg.ingest.batch_size if limit is None else min(limit, self.cfg.ingest.batch_size)
+        while len(batch) < most:
             left = deadline - time.monotonic()
             try:
                 batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
@@ -414,7 +423,7 @@ class Worker:
 
     def _split(self, batch: list[_Msg]):
         results: list[Result] = []
-        self._origin: dict[tuple[str, int], _Msg] = {}
+        self._origin = {}
         rejected: list[store.Rejected] = []
         news: dict[str, store.DeviceNews] = {}
         seen: set[tuple[str, int]] = set()
@@ -482,13 +491,17 @@ class Worker:
                 if m.qos and m.epoch == self._epoch:
                     self.client.ack(m.mid, m.qos)
 
-    def step(self) -> None:
-        batch = self._batch()
+    def step(self, limit: int | None = None) -> None:
+        """Take one batch (at most `limit` messages, so at most that many results stored),
+        commit it, acknowledge it."""
+        batch = self._batch(limit)
         if batch:
             results, rejected, news, dup_in_batch = self._split(batch)
             out = self._commit(results, rejected, news, dup_in_batch)
             if out is None:
                 return  # stopping with the batch uncommitted: the broker still has it
+            if self.on_commit is not None:
+                self.on_commit([r for r in results if (r.device_id, r.seq) in out.keys], rejected, out)
             self._ack(batch)
             c = self.counters
             c.received += len(batch)
@@ -506,13 +519,35 @@ class Worker:
             return
         self._maintain()
         m = self.cfg.mqtt
-        self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
+        self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=not self.persistent,
                                   properties=self._connect_props)
         self.client.loop_start()
         log.info("ingest worker started", extra=_fields(
             client_id=self.cfg.client_id, group=self.cfg.ingest.group,
             database=_db_target(self.cfg.database.url), batch_size=self.cfg.ingest.batch_size,
             batch_delay_s=self.cfg.ingest.batch_delay_s, max_inflight=self.cfg.ingest.max_inflight))
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe now, before the store is opened (so nothing is made when the
+        broker cannot be reached), or raise ConnectionError saying why not. `step()` opens the
+        store with the first batch; the broker's messages wait in the worker until then."""
+        m = self.cfg.mqtt
+        try:
+            self.client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=not self.persistent,
+                                properties=self._connect_props)
+        except OSError as exc:  # refused, unreachable, a TLS failure
+            raise ConnectionError(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) from None
+        self.client.loop_start()
+        if not self._answered.wait(timeout) or not self._subscribed.is_set():
+            self.client.loop_stop()
+            self.client.disconnect()
+            raise ConnectionError(self.refusal or f"no answer to CONNECT/SUBSCRIBE within {timeout:g} s "
+                                                  "(is it an MQTT broker?)")
+
+    def alive(self) -> bool:
+        """Whether paho's network thread is running (after start() or connect())."""
+        thread = getattr(self.client, "_thread", None)
+        return thread is not None and thread.is_alive()
 
     def run(self) -> None:
         self.start()

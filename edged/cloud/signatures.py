@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -107,60 +107,124 @@ def enroll(centroids_path: str | Path, signatures_path: str | Path, out_path: st
     """
     cents = load_centroids(centroids_path)
     sig, labels, version = read_signature_file(signatures_path, label_key=None if label else label_key)
-    _check_version(cents, version, signatures_path, centroids_path)
     if label is None:
         names = sorted(set(labels))
         if len(names) != 1:
             raise SignatureError(f"{signatures_path}: {label_key}: one motion per enrollment, found {names} "
                                  "(or name it with --label)")
         label = names[0]
-    if sig.shape[1] != cents.dim:
-        raise SignatureError(f"{signatures_path}: signatures have {sig.shape[1]} values, "
-                             f"{centroids_path} has {cents.dim}")
-    new = enroll_centroid(cents, sig, label, replace=replace)
-    save_centroids(new, out_path)
-    return new
+    return _enroll_into(cents, sig, version, label, signatures_path, centroids_path, out_path, replace)
 
 
-# Motion windows a device sent, as `edged ingest` stores them (docs/cloud.md): the signature, its
-# version (absent before version 2: 1), oldest first.
-_DB_WINDOWS = """
-SELECT ARRAY(SELECT jsonb_array_elements_text(payload -> 'signature')::smallint),
+# Motion windows as `edged ingest` (or `edged subscribe`) stores them (docs/cloud.md): device,
+# seq, time, the device's label, the signature and its version (absent before version 2: 1),
+# oldest first. One query per store; the device is optional (None: every device).
+_PG_WINDOWS = """
+SELECT device_id, seq, extract(epoch FROM ts)::float8, payload ->> 'label',
+       ARRAY(SELECT jsonb_array_elements_text(payload -> 'signature')::smallint),
        coalesce((payload ->> 'sig_v')::int, 1)
 FROM results
-WHERE kind = 'motion' AND device_id = %s AND ts >= to_timestamp(%s) AND ts <= to_timestamp(%s)
-ORDER BY ts, seq
-LIMIT %s
+WHERE kind = 'motion' AND (%(device)s::text IS NULL OR device_id = %(device)s)
+  AND ts >= to_timestamp(%(since)s) AND ts <= to_timestamp(%(until)s)
+ORDER BY ts, device_id, seq
+LIMIT %(limit)s
 """
+
+_SQLITE_WINDOWS = """
+SELECT device_id, seq, ts, json_extract(payload, '$.label'), json_extract(payload, '$.signature'),
+       coalesce(json_extract(payload, '$.sig_v'), 1)
+FROM results
+WHERE kind = 'motion' AND (:device IS NULL OR device_id = :device) AND ts >= :since AND ts <= :until
+ORDER BY ts, device_id, seq
+LIMIT :limit
+"""
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Stored motion windows: their signatures (one version, one length) and where each came from."""
+
+    signatures: np.ndarray
+    version: int
+    devices: list[str]
+    seqs: list[int]
+    ts: list[float]
+    labels: list[str]  # the device's label for each window
+
+
+def windows_from_db(url: str, device_id: str | None = None, *, since: float = 0.0, until: float = 1e12,
+                    limit: int = 1000, labelled: bool = False) -> Windows:
+    """The motion windows `edged ingest` stored (PostgreSQL URL or sqlite:///FILE) of one device
+    or of all, between two times, oldest first. `labelled`: only those the device gave a motion's
+    label (not 'unknown'), for building centroids."""
+    params = {"device": device_id, "since": since, "until": until, "limit": limit}
+    if url.startswith("sqlite:///"):
+        rows = _sqlite_rows(url, params)
+    elif url.startswith(("postgresql://", "postgres://")):
+        rows = _pg_rows(url, params)
+    else:
+        raise SignatureError(f"--db: expected a PostgreSQL URL (postgresql://…) or sqlite:///FILE, "
+                             f"got {_safe_url(url)!r}")
+    where = f"{_safe_url(url)}: " + (f"device {device_id!r}" if device_id else "all devices")
+    if labelled:
+        rows = [r for r in rows if isinstance(r[3], str) and r[3] and r[3] != UNKNOWN]
+    if not rows:
+        raise SignatureError(f"{where}: no {'labelled ' if labelled else ''}motion windows "
+                             f"between {since:.3f} and {until:.3f}")
+    versions = sorted({r[5] for r in rows})
+    if len(versions) > 1:
+        raise SignatureError(f"{where}: signature versions {versions} in that time range; "
+                             "narrow it to one model's windows")
+    if len({len(r[4]) for r in rows}) != 1:
+        raise SignatureError(f"{where}: signatures of different lengths in that time range")
+    return Windows(np.array([r[4] for r in rows], dtype=np.float64), versions[0], [r[0] for r in rows],
+                   [r[1] for r in rows], [float(r[2]) for r in rows], [r[3] for r in rows])
+
+
+def _pg_rows(url: str, params: dict) -> list[tuple]:
+    try:
+        import psycopg
+    except ImportError:
+        raise SignatureError("reading signatures from PostgreSQL needs psycopg: pip install 'edged[cloud]'") from None
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            return conn.execute(_PG_WINDOWS, params).fetchall()
+    except psycopg.Error as exc:
+        raise SignatureError(f"{_safe_url(url)}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _sqlite_rows(url: str, params: dict) -> list[tuple]:
+    import sqlite3
+
+    from edged.cloud.sqlite_store import path_of
+
+    path = path_of(url)
+    if not path.is_file():  # sqlite3 would make an empty one
+        raise SignatureError(f"{url}: no such file")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(_SQLITE_WINDOWS, params).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise SignatureError(f"{url}: {exc}") from None
+    out = []
+    for device, seq, ts, label, sig, version in rows:
+        try:
+            sig = json.loads(sig)
+        except (TypeError, ValueError):
+            raise SignatureError(f"{url}: device {device!r} seq {seq}: the stored signature is not JSON") from None
+        out.append((device, seq, ts, label, sig, version))
+    return out
 
 
 def signatures_from_db(url: str, device_id: str, *, since: float = 0.0, until: float = 1e12,
                        limit: int = 1000) -> tuple[np.ndarray, int]:
-    """The signatures (and their one version) of a device's motion windows between two times,
-    from the PostgreSQL database `edged ingest` fills: "what pi-gym-3 did from 10:00:05 to
-    10:00:20", the handful of windows an operator enrolls as a new motion."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise SignatureError(f"--db: expected a PostgreSQL URL (postgresql://…), got {_safe_url(url)!r}")
-    try:
-        import psycopg
-    except ImportError:
-        raise SignatureError("reading signatures from a database needs psycopg: "
-                             "pip install 'edged[cloud]'") from None
-    try:
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            rows = conn.execute(_DB_WINDOWS, (device_id, since, until, limit)).fetchall()
-    except psycopg.Error as exc:
-        raise SignatureError(f"{_safe_url(url)}: {str(exc).strip().splitlines()[0]}") from None
-    where = f"{_safe_url(url)}: device {device_id!r}"
-    if not rows:
-        raise SignatureError(f"{where}: no motion windows between {since:.3f} and {until:.3f}")
-    versions = sorted({v for _, v in rows})
-    if len(versions) > 1:
-        raise SignatureError(f"{where}: signature versions {versions} in that time range; "
-                             "narrow it to one model's windows")
-    if len({len(sig) for sig, _ in rows}) != 1:
-        raise SignatureError(f"{where}: signatures of different lengths in that time range")
-    return np.array([sig for sig, _ in rows], dtype=np.float64), versions[0]
+    """The signatures (and their one version) of a device's motion windows between two times:
+    "what pi-gym-3 did from 10:00:05 to 10:00:20", the handful an operator enrolls as a new motion."""
+    w = windows_from_db(url, device_id, since=since, until=until, limit=limit)
+    return w.signatures, w.version
 
 
 def _safe_url(url: str) -> str:
@@ -175,19 +239,48 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _enroll_into(cents: Centroids, sig: np.ndarray, version: int, label: str, source, centroids_path,
+                 out_path, replace: bool) -> Centroids:
+    _check_version(cents, version, source, centroids_path)
+    if sig.shape[1] != cents.dim:
+        raise SignatureError(f"{source}: signatures have {sig.shape[1]} values, {centroids_path} has {cents.dim}")
+    new = enroll_centroid(cents, sig, label, replace=replace)
+    save_centroids(new, out_path)
+    return new
+
+
 def enroll_from_db(centroids_path: str | Path, url: str, device_id: str, out_path: str | Path, *,
                    label: str, since: float = 0.0, until: float = 1e12, limit: int = 1000,
                    replace: bool = False) -> Centroids:
     """`edged signatures enroll --db`: add a motion from a device's stored windows."""
     cents = load_centroids(centroids_path)
     sig, version = signatures_from_db(url, device_id, since=since, until=until, limit=limit)
-    _check_version(cents, version, f"device {device_id!r}", centroids_path)
-    if sig.shape[1] != cents.dim:
-        raise SignatureError(f"device {device_id!r}: signatures have {sig.shape[1]} values, "
+    return _enroll_into(cents, sig, version, label, f"device {device_id!r}", centroids_path, out_path, replace)
+
+
+def build_from_db(url: str, out_path: str | Path, *, device_id: str | None = None, since: float = 0.0,
+                  until: float = 1e12, limit: int = 100000, quantile: float = DEFAULT_QUANTILE,
+                  margin: float = DEFAULT_MARGIN) -> Centroids:
+    """`edged signatures build --db`: centroids from stored motion windows and the labels their
+    devices gave them ('unknown' ones left out)."""
+    w = windows_from_db(url, device_id, since=since, until=until, limit=limit, labelled=True)
+    cents = replace(build_centroids(w.signatures, w.labels, quantile=quantile, margin=margin),
+                    signature_version=w.version)
+    save_centroids(cents, out_path)
+    return cents
+
+
+def classify_from_db(centroids_path: str | Path, url: str, *, device_id: str | None = None, since: float = 0.0,
+                     until: float = 1e12, limit: int = 100000) -> tuple[Windows, list[Match]]:
+    """`edged signatures classify --db`: each stored motion window against a centroid file."""
+    cents = load_centroids(centroids_path)
+    w = windows_from_db(url, device_id, since=since, until=until, limit=limit)
+    source = f"{_safe_url(url)}: " + (f"device {device_id!r}" if device_id else "all devices")
+    _check_version(cents, w.version, source, centroids_path)
+    if w.signatures.shape[1] != cents.dim:
+        raise SignatureError(f"{source}: signatures have {w.signatures.shape[1]} values, "
                              f"{centroids_path} has {cents.dim}")
-    new = enroll_centroid(cents, sig, label, replace=replace)
-    save_centroids(new, out_path)
-    return new
+    return w, classify(cents, w.signatures)
 
 
 def accuracy(matches: Iterable[Match], truth: Iterable[str]) -> float:

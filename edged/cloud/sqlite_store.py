@@ -15,7 +15,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edged.cloud.store import DeviceNews, Outcome, Rejected, StoreDown, StoreError, StoreRefused
+from edged.cloud.store import DeviceNews, Outcome, Rejected, StoreDown, StoreError, StoreRefused, device_rows
 from edged.cloud.payloads import Result
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -73,7 +73,8 @@ class SqliteStore:
         if not self.path.parent.is_dir():
             raise StoreError(f"database.url: directory not found: {self.path.parent}")
         try:
-            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10)
+            # One thread at a time uses it (the writer), not always the one that opened it.
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.applied = self._migrate()
@@ -83,6 +84,9 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:  # not a database, corrupt: it will not pass
             self.close()
             raise StoreError(f"{self.path}: {exc}") from None
+        except StoreError:
+            self.close()
+            raise
 
     @property
     def is_open(self) -> bool:
@@ -90,6 +94,13 @@ class SqliteStore:
 
     def _migrate(self) -> list[str]:
         have = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if not have:
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(results)")}
+            if columns:  # a results table the migrations did not make
+                older = "body" in columns and "payload" not in columns
+                raise StoreError(f"{self.path}: " + ("made by an older `edged subscribe`, whose tables differ"
+                                                     if older else "holds a results table edged did not make")
+                                 + ": move it aside or name another file")
         applied = []
         for version, name, sql in migrations():
             if version <= have:
@@ -126,18 +137,8 @@ class SqliteStore:
                                     (r.device_id, r.seq, r.kind, r.ts, now, r.json()))
                     if cur.rowcount == 1:
                         stored.add((r.device_id, r.seq))
-                out.stored = len(stored)
-                per: dict[str, list] = {}
-                for r in results:
-                    p = per.setdefault(r.device_id, [r.ts, r.ts, r.seq, 0, 0])
-                    p[0], p[1], p[2] = min(p[0], r.ts), max(p[1], r.ts), max(p[2], r.seq)
-                    if (r.device_id, r.seq) not in stored:
-                        p[3] += 1
-                for device, n in (duplicates or {}).items():
-                    per.setdefault(device, [None, None, None, 0, 0])[3] += n
-                for rj in rejected:
-                    if rj.device_id:
-                        per.setdefault(rj.device_id, [None, None, None, 0, 0])[4] += 1
+                out.stored, out.keys = len(stored), stored
+                per = device_rows(results, stored, rejected, duplicates)
                 c.executemany("INSERT INTO rejected (received_at, topic, device_id, kind, reason, size, payload) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
                               [(now, rj.topic, rj.device_id, rj.kind, rj.reason, rj.size, rj.payload)

@@ -152,6 +152,26 @@ class Outcome:
     stored: int = 0
     duplicates: dict[str, int] = field(default_factory=dict)  # device -> count
     rejected: int = 0
+    keys: set[tuple[str, int]] = field(default_factory=set)  # (device_id, seq) of the rows stored
+
+
+def device_rows(results: list[Result], stored: set[tuple[str, int]], rejected: list[Rejected],
+                duplicates: dict[str, int] | None) -> dict[str, list]:
+    """What a batch adds to each device's row, {device: [first ts, last ts, newest seq,
+    duplicates, rejected]}: a result not in `stored` was already there (a duplicate), as are the
+    copies the caller dropped from the batch (`duplicates`, per device). Both stores write these."""
+    per: dict[str, list] = {}
+    for r in results:
+        p = per.setdefault(r.device_id, [r.ts, r.ts, r.seq, 0, 0])
+        p[0], p[1], p[2] = min(p[0], r.ts), max(p[1], r.ts), max(p[2], r.seq)
+        if (r.device_id, r.seq) not in stored:
+            p[3] += 1
+    for device, n in (duplicates or {}).items():
+        per.setdefault(device, [None, None, None, 0, 0])[3] += n
+    for rj in rejected:
+        if rj.device_id:
+            per.setdefault(rj.device_id, [None, None, None, 0, 0])[4] += 1
+    return per
 
 
 _INSERT = """
@@ -214,18 +234,8 @@ def write(conn, results: list[Result], rejected: list[Rejected], news: dict[str,
                                          [r.kind for r in results], [r.ts for r in results],
                                          [r.json() for r in results]))
             stored = {(d, s) for d, s in cur.fetchall()}
-        out.stored = len(stored)
-        per: dict[str, list] = {}
-        for r in results:
-            p = per.setdefault(r.device_id, [r.ts, r.ts, r.seq, 0, 0])
-            p[0], p[1], p[2] = min(p[0], r.ts), max(p[1], r.ts), max(p[2], r.seq)
-            if (r.device_id, r.seq) not in stored:
-                p[3] += 1
-        for device, n in (duplicates or {}).items():
-            per.setdefault(device, [None, None, None, 0, 0])[3] += n
-        for rj in rejected:
-            if rj.device_id:
-                per.setdefault(rj.device_id, [None, None, None, 0, 0])[4] += 1
+        out.stored, out.keys = len(stored), stored
+        per = device_rows(results, stored, rejected, duplicates)
         if rejected:
             with conn.cursor() as cur:
                 cur.executemany("INSERT INTO rejected (topic, device_id, kind, reason, size, payload) "

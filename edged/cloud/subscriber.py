@@ -1,287 +1,259 @@
-"""The reference subscriber: what a cloud service runs to receive edged results.
+"""`edged subscribe`: the ingest worker on one machine, printing what it stores.
 
-It subscribes to every device's results under a prefix, decodes either codec (JSON or CBOR),
-stores each result once in SQLite (keyed by device and seq, so redeliveries are counted, not
-stored twice), records device status, and tells which seqs never arrived. `edged subscribe` is
-its command line; the end-to-end tests use it to check delivery.
+This is not a receiver of its own: it runs `edged.cloud.ingest.Worker` on a SQLite file (the
+schema `edged ingest --db sqlite:///FILE` uses), with the same checks, the same exactly-once
+key (device_id, seq) and the same acknowledgement after commit. What it adds for a person at a
+desk: a plain (unshared) subscription, a clean session unless given a client id, one JSON line
+per result *after* it is committed, and on exit a summary per device of what this run stored,
+with the seqs the database does not hold (its `gaps` view). `Collector` is the same thing as an
+object, which the end-to-end tests use as their receiving end.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
-import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
-from edged.delivery import codec
-
-RESULT_LEAVES = ("detections", "motion", "events")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    device_id TEXT    NOT NULL,
-    seq       INTEGER NOT NULL,
-    leaf      TEXT    NOT NULL,
-    ts        REAL,
-    received  REAL    NOT NULL,
-    body      TEXT    NOT NULL,     -- the decoded payload, as JSON
-    PRIMARY KEY (device_id, seq)
-);
-CREATE TABLE IF NOT EXISTS status (
-    device_id TEXT PRIMARY KEY,
-    status    TEXT NOT NULL,
-    changed   REAL NOT NULL
-);
-"""
-
-
-# A seq is a positive integer that fits SQLite's INTEGER; anything else is forged or broken.
-MAX_SEQ = (1 << 63) - 1
+from edged.cloud import store
+from edged.cloud.ingest import IngestConfig, Worker
+from edged.cloud.payloads import Result
 
 
 @dataclass
-class DeviceTally:
-    received: int = 0
+class RunTally:
+    """What one run stored and refused for one device (from the commits' outcomes)."""
+
+    stored: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
     duplicates: int = 0
-    undecodable: int = 0
-    rejected: int = 0            # decodable, but with an impossible seq or field (forged?)
-    seqs: set[int] = field(default_factory=set)
-
-    def gaps(self) -> list[tuple[int, int]]:
-        """Runs of seqs between the lowest and highest seen that never arrived, as
-        (first, last) ranges: the work is in the seqs received, not the span they cover."""
-        out = []
-        prev = None
-        for s in sorted(self.seqs):
-            if prev is not None and s > prev + 1:
-                out.append((prev + 1, s - 1))
-            prev = s
-        return out
-
-    def missing(self) -> int:
-        return sum(b - a + 1 for a, b in self.gaps())
-
-
-def result_seq(body: object) -> int | None:
-    """The seq of a decoded result, or None when the result cannot be genuine: not an object,
-    a seq that is not an integer in 1…2⁶³−1, a ts that is not a finite number."""
-    import math
-
-    if not isinstance(body, dict):
-        return None
-    seq = body.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
-        return None
-    ts = body.get("ts")
-    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts)):
-        return None
-    return seq
+    rejected: dict[str, int] = field(default_factory=dict)  # kind -> count
 
 
 class Collector:
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, db_path: str | Path = ":memory:", *,
+    """An ingest worker on a SQLite file, run on a thread of its own.
+
+    `db_path` None: a temporary file, removed by `stop()`. `count`: stop taking messages once
+    that many results are stored (exactly that many: a batch never holds more messages than are
+    still wanted). `on_stored(result)` is called for each stored result, after its commit."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, db_path: str | Path | None = None, *,
                  prefix: str = "edged", client_id: str | None = None, persistent: bool = False,
                  username: str = "", password: str = "", ca_file: str = "", cert_file: str = "",
-                 key_file: str = "", on_result=None) -> None:
-        self.prefix = prefix
-        self.tally: dict[str, DeviceTally] = {}
-        self.statuses: dict[str, list[str]] = {}
-        self.on_result = on_result
-        self.paused = False  # set (e.g. from on_result) to ignore everything that arrives after
-        self.errors = 0             # messages whose handling failed (the network thread goes on)
-        self.failure: str | None = None   # the first such failure, in words
+                 key_file: str = "", count: int = 0, on_stored=None, cfg: IngestConfig | None = None) -> None:
+        self._tmp = None
+        if db_path is None:
+            self._tmp = tempfile.mkdtemp(prefix="edged-subscriber-")
+            db_path = Path(self._tmp) / "results.db"
+        self.db_path = Path(db_path)
+        if cfg is None:
+            cfg = IngestConfig()
+            m = cfg.mqtt
+            m.host, m.port, m.topic_prefix = host, port, prefix
+            m.username, m.password = username, password
+            m.ca_file, m.cert_file, m.key_file = ca_file, cert_file, key_file
+            m.reconnect_min_s, m.reconnect_max_s = 0.1, 1.0
+            cfg.ingest.client_id = client_id or ""
+            cfg.ingest.batch_delay_s = 0.05
+            cfg.database.retention_days = 0
+        cfg.database.url = f"sqlite:///{self.db_path}"
+        if not cfg.ingest.client_id:  # a clean session: a name of its own each run
+            cfg.ingest.client_id = f"edged-subscriber-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        self.cfg = cfg
+        self.count = count
+        self.on_stored = on_stored
+        self.tally: dict[str, RunTally] = {}
+        self.stored = 0
+        self.failure: str | None = None      # why the writer thread ended early, in words
+        self.failure_is_store = False         # ... because of the database file (not transient)
+        self.done = threading.Event()         # the writer thread has ended (count reached, stopped, failed)
         self._lock = threading.Lock()
-        self.db_path = str(db_path)
-        self._db: sqlite3.Connection | None = None  # opened once the broker has accepted us
-        self._subscribed = threading.Event()
-        self._refused: str | None = None
-        # persistent: the broker keeps our session and queues QoS 1 results while we are away.
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                        client_id=client_id or f"edged-subscriber-{time.monotonic_ns()}",
-                        protocol=mqtt.MQTTv5)
-        self._connect_kw = {"clean_start": not persistent}
-        if persistent:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 86400
-            self._connect_kw["properties"] = props
-        if username:
-            c.username_pw_set(username, password or None)
-        if ca_file or cert_file:
-            c.tls_set(ca_certs=ca_file or None, certfile=cert_file or None, keyfile=key_file or None,
-                      cert_reqs=ssl.CERT_REQUIRED)
-        c.on_connect = self._on_connect
-        c.on_subscribe = lambda *a: self._subscribed.set()
-        c.on_message = self._on_message
-        c.reconnect_delay_set(0.1, 1)
-        self.client = c
-        self.host, self.port = host, port
+        self._reader: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self.worker = Worker(cfg, shared=False, persistent=persistent or bool(client_id),
+                             on_commit=self._committed)
 
     def start(self, timeout: float = 10.0) -> "Collector":
-        """Connect and subscribe; the database is created only once the broker has accepted us
-        (a refused or unreachable broker leaves no empty file behind)."""
-        self.client.connect(self.host, self.port, **self._connect_kw)
-        self.client.loop_start()
-        if not self._subscribed.wait(timeout) or self._refused:
-            self.client.loop_stop()
-            self.client.disconnect()
-            why = self._refused or f"no answer to CONNECT/SUBSCRIBE within {timeout:g} s (is it an MQTT broker?)"
-            raise ConnectionError(why)
+        """Connect and subscribe (ConnectionError saying why not); only then open (or create)
+        the database, so a broker that cannot be reached leaves no file behind (StoreError: the
+        file cannot be used)."""
+        if not self.db_path.parent.is_dir():
+            raise store.StoreError(f"{self.db_path}: directory not found: {self.db_path.parent}")
+        self.worker.connect(timeout)
+        if not self.worker._open_store():
+            raise ConnectionError("stopped before the database was open")
+        self._thread = threading.Thread(target=self._run, name="edged-subscriber", daemon=True)
+        self._thread.start()
         return self
 
+    def _run(self) -> None:
+        try:
+            while not self.worker.stopping.is_set():
+                left = self.count - self.stored if self.count else None
+                if left is not None and left <= 0:
+                    break
+                self.worker.step(left)
+        except store.StoreError as exc:
+            self.failure, self.failure_is_store = str(exc), True
+        except Exception as exc:  # noqa: BLE001 — said by the caller, not a traceback on a thread
+            self.failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done.set()
+
+    def _committed(self, results: list[Result], rejected: list[store.Rejected], out: store.Outcome) -> None:
+        with self._lock:
+            for r in results:
+                t = self.tally.setdefault(r.device_id, RunTally())
+                t.stored += 1
+                t.first_seq = r.seq if t.first_seq is None else min(t.first_seq, r.seq)
+                t.last_seq = r.seq if t.last_seq is None else max(t.last_seq, r.seq)
+            for device, n in out.duplicates.items():
+                self.tally.setdefault(device, RunTally()).duplicates += n
+            for rj in rejected:
+                if rj.device_id:
+                    kinds = self.tally.setdefault(rj.device_id, RunTally()).rejected
+                    kinds[rj.kind] = kinds.get(rj.kind, 0) + 1
+            self.stored += len(results)
+        if self.on_stored is not None:
+            for r in results:
+                self.on_stored(r)
+
+    def alive(self) -> bool:
+        """Whether both the network thread and the writer are running."""
+        return self.worker.alive() and self._thread is not None and self._thread.is_alive()
+
     def stop_receiving(self) -> None:
-        """Stop the network thread: after this returns nothing more arrives or is counted."""
-        self.client.loop_stop()
-        self.client.disconnect()
+        """Let the batch being written commit, then disconnect: nothing more is stored after
+        this returns. Messages taken in but not committed are not acknowledged (with a
+        persistent session the broker delivers them next time)."""
+        self.worker.stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.worker.client.disconnect()
+        except Exception:  # noqa: BLE001 — not connected
+            pass
+        self.worker.client.loop_stop()
 
     def stop(self) -> None:
         self.stop_receiving()
+        self.worker.store.close()
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self._refused = f"the broker refused the connection: {reason_code}"
-            self._subscribed.set()
-            client.disconnect()
-            return
-        self.open_store()
-        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "status")])
+    # -- what the database holds (read on a connection of its own) ---------------------------------
 
-    def open_store(self) -> None:
-        """Open the SQLite store (done on the first successful connect)."""
+    def _query(self, sql: str, *params) -> list[tuple]:
         with self._lock:
-            if self._db is None:
-                self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(_SCHEMA)
-
-    def _on_message(self, client, userdata, msg) -> None:
-        # On paho's network thread: an exception would end it, and every later result with it.
-        try:
-            self._take(msg)
-        except Exception as exc:
-            self.errors += 1
-            if self.failure is None:
-                self.failure = f"{type(exc).__name__}: {exc}"
-
-    def _take(self, msg) -> None:
-        if self.paused:
-            return
-        parts = msg.topic.split("/")
-        if len(parts) < 3:
-            return
-        device, leaf = parts[-2], parts[-1]
-        now = time.time()
-        if leaf == "status":
-            with self._lock:
-                self.statuses.setdefault(device, []).append(msg.payload.decode(errors="replace"))
-                self._db.execute("INSERT OR REPLACE INTO status VALUES (?, ?, ?)",
-                                 (device, msg.payload.decode(errors="replace"), now))
-            return
-        content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
-        with self._lock:
-            t = self.tally.setdefault(device, DeviceTally())
-            try:
-                body = codec.decode(msg.payload, content_type)
-            except Exception:
-                t.undecodable += 1
-                return
-            seq = result_seq(body)
-            if seq is None:
-                t.rejected += 1
-                return
-            try:
-                text = json.dumps(body, allow_nan=False)
-            except (TypeError, ValueError, RecursionError):
-                t.rejected += 1
-                return
-            t.received += 1
-            if seq in t.seqs:
-                t.duplicates += 1
-                return
-            t.seqs.add(seq)
-            self._db.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                             (device, seq, leaf, body.get("ts"), now, text))
-        if self.on_result:
-            self.on_result(device, leaf, body)
-
-    def alive(self) -> bool:
-        """Whether paho's network thread is still running (after start())."""
-        thread = getattr(self.client, "_thread", None)
-        return thread is not None and thread.is_alive()
-
-    # -- queries ---------------------------------------------------------------------------------
+            if self._reader is None:
+                self._reader = sqlite3.connect(str(self.db_path), check_same_thread=False)
+            return self._reader.execute(sql, params).fetchall()
 
     def seqs(self, device: str) -> set[int]:
-        with self._lock:
-            return set(self.tally.get(device, DeviceTally()).seqs)
+        return {s for (s,) in self._query("SELECT seq FROM results WHERE device_id = ?", device)}
 
-    def results(self, device: str, leaf: str | None = None) -> list[dict]:
-        with self._lock:
-            q = "SELECT body FROM results WHERE device_id = ?" + (" AND leaf = ?" if leaf else "") + " ORDER BY received"
-            rows = self._db.execute(q, (device, leaf) if leaf else (device,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+    def results(self, device: str, kind: str | None = None) -> list[dict]:
+        """A device's stored payloads (of one kind), in the order they were stored."""
+        rows = self._query("SELECT payload FROM results WHERE device_id = ?" + (" AND kind = ?" if kind else "")
+                           + " ORDER BY received_at, seq", *((device, kind) if kind else (device,)))
+        return [json.loads(p) for (p,) in rows]
+
+    def gaps(self, device: str, first: int, last: int) -> list[tuple[int, int]]:
+        """Runs of seqs between `first` and `last` (both stored) the database does not hold."""
+        return [(a, b) for a, b in self._query(
+            "SELECT first_missing, last_missing FROM gaps WHERE device_id = ? AND first_missing > ? "
+            "AND last_missing < ? ORDER BY first_missing", device, first, last)]
 
     def summary(self) -> dict:
+        """Per device, what this run stored (`unique`, its seq range), counted as duplicates or
+        rejected, and the seqs in that range the database lacks (`gaps`, `missing`)."""
         with self._lock:
-            return {d: {"received": t.received, "unique": len(t.seqs), "duplicates": t.duplicates,
-                        "undecodable": t.undecodable, "rejected": t.rejected,
-                        "missing": t.missing(), "first_seq": min(t.seqs) if t.seqs else None,
-                        "last_seq": max(t.seqs) if t.seqs else None, "gaps": t.gaps()}
-                    for d, t in self.tally.items()}
+            tally = {d: (t.stored, t.first_seq, t.last_seq, t.duplicates, dict(t.rejected))
+                     for d, t in self.tally.items()}
+        out = {}
+        for d, (stored, first, last, dups, rejected) in tally.items():
+            gaps = self.gaps(d, first, last) if stored else []
+            out[d] = {"unique": stored, "received": stored + dups, "duplicates": dups,
+                      "undecodable": rejected.get("undecodable", 0),
+                      "rejected": sum(n for k, n in rejected.items() if k != "undecodable"),
+                      "first_seq": first, "last_seq": last, "gaps": gaps,
+                      "missing": sum(b - a + 1 for a, b in gaps)}
+        return out
 
 
 def run_cli(args) -> int:
-    """`edged subscribe`: print each result as a JSON line; a delivery summary at the end."""
+    """`edged subscribe`: print each stored result as a JSON line; a summary per device at the end."""
     import sys
 
-    stop = threading.Event()
-    count = [0]
+    from edged import config as _config
+    from edged.cloud import ingest
+    from edged.service import log as edlog
 
-    def show(device: str, leaf: str, body: dict) -> None:
+    flags = {"host": "mqtt.host", "port": "mqtt.port", "prefix": "mqtt.topic_prefix",
+             "username": "mqtt.username", "password": "mqtt.password", "ca_file": "mqtt.ca_file",
+             "cert_file": "mqtt.cert_file", "key_file": "mqtt.key_file", "client_id": "ingest.client_id"}
+    overrides = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
+    if args.count < 0:
+        print(f"edged: --count: expected 0 (no limit) or more, got {args.count}", file=sys.stderr)
+        return 2
+    try:
+        cfg = ingest.load(None, overrides)
+    except _config.ConfigError as exc:
+        for line in exc.problems:
+            print(f"edged: {line}", file=sys.stderr)
+        return 2
+    cfg.ingest.batch_delay_s = 0.05
+    cfg.database.retention_days = 0  # a desk receiver keeps everything
+    cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s = 0.1, 2.0
+    # stdout carries the results: the worker's warnings (lost the broker, rejected payloads)
+    # go to stderr in the daemon's format.
+    edlog.setup("warning", stream=sys.stderr)
+
+    def show(r: Result) -> None:
         if not args.quiet:
-            print(json.dumps({"device": device, "topic": leaf, **body}), flush=True)
-        count[0] += 1
-        if args.count and count[0] >= args.count:
-            col.paused = True  # paho delivers in one thread: nothing after the Nth is taken in
-            stop.set()
+            print(json.dumps({"device": r.device_id, "topic": r.kind, **r.body}), flush=True)
 
-    col = Collector(args.host, args.port, args.db, prefix=args.prefix, username=args.username or "",
-                    password=args.password or "", ca_file=args.ca_file or "", cert_file=args.cert_file or "",
-                    key_file=args.key_file or "", client_id=args.client_id,
-                    persistent=bool(args.client_id), on_result=show)
+    col = Collector(db_path=args.db, cfg=cfg, count=args.count, on_stored=show,
+                    persistent=bool(args.client_id))
     try:
         col.start()
     except (OSError, ConnectionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"edged: cannot subscribe at {args.host}:{args.port}: {reason}", file=sys.stderr)
+        print(f"edged: cannot subscribe at {cfg.mqtt.host}:{cfg.mqtt.port}: {reason}", file=sys.stderr)
         return 69
+    except store.StoreError as exc:
+        col.stop()
+        print(f"edged: {exc}", file=sys.stderr)
+        return 2
     end = time.monotonic() + args.seconds if args.seconds else None
     status = 0
     try:
-        while not stop.wait(0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))):
+        while not col.done.wait(0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))):
             if end is not None and time.monotonic() >= end:
                 break
-            if not col.alive():
-                print(f"edged: the MQTT network thread stopped ({col.failure or 'no reason given'}); "
-                      "results after this point were not received", file=sys.stderr)
+            if not col.worker.alive():
+                print("edged: the MQTT network thread stopped; results after this point were not received",
+                      file=sys.stderr)
                 status = 1
                 break
     except KeyboardInterrupt:
         pass
-    # Stop receiving before counting, so the summary covers exactly what was printed and stored.
-    col.paused = True
+    # Stop storing before counting, so the summary covers exactly what was printed and stored.
     col.stop_receiving()
+    if col.failure:
+        print(f"edged: {col.failure}", file=sys.stderr)
+        status = 2 if col.failure_is_store else 1
     summary = col.summary()
     col.stop()
     for device, s in sorted(summary.items()):
@@ -289,10 +261,7 @@ def run_cli(args) -> int:
         shown = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in gaps[:10]) + ("…" if len(gaps) > 10 else "")
         extra = f", {s['rejected']} rejected" if s["rejected"] else ""
         extra += f", {s['undecodable']} undecodable" if s["undecodable"] else ""
-        print(f"edged: {device}: {s['unique']} results (seq {s['first_seq']}–{s['last_seq']}), "
-              f"{s['duplicates']} duplicates, {s['missing']} missing{': ' + shown if gaps else ''}{extra}",
-              file=sys.stderr)
-    if col.errors and not status:
-        print(f"edged: {col.errors} messages could not be handled (first: {col.failure})", file=sys.stderr)
-        status = 1
+        span = f" (seq {s['first_seq']}–{s['last_seq']})" if s["unique"] else ""
+        print(f"edged: {device}: {s['unique']} results{span}, {s['duplicates']} duplicates, "
+              f"{s['missing']} missing{': ' + shown if gaps else ''}{extra}", file=sys.stderr)
     return status

@@ -121,16 +121,18 @@ def stdout_is_journal() -> bool:
 _static: dict[str, str] = {}
 
 
-def setup(level: str = "info", *, device_id: str | None = None) -> None:
+def setup(level: str = "info", *, device_id: str | None = None, stream=None) -> None:
+    """Log lines to the journal when stdout is connected to it, else logfmt on stdout (or on
+    `stream`, for a command whose stdout carries its output)."""
     root = logging.getLogger("edged")
     for h in list(root.handlers):
         root.removeHandler(h)
     if device_id:
         _static["DEVICE"] = device_id
-    if stdout_is_journal():
+    if stream is None and stdout_is_journal():
         handler: logging.Handler = JournalHandler(_static, os.environ.get("EDGED_JOURNAL_SOCKET", JOURNAL_SOCKET))
     else:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(stream or sys.stdout)
         handler.setFormatter(LogfmtFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
