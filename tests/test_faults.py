@@ -1,7 +1,8 @@
 """Fault tests: the real daemon process and a real mosquitto on loopback, each bounded in time.
 
 For each fault: results produced (the outbox's seq counter) against results received by the
-reference subscriber, duplicates, gaps, and the drop counter — all asserted.
+receiving end (`Collector`: the ingest worker on SQLite), duplicates, gaps, and the drop
+counter — all asserted.
 """
 
 from __future__ import annotations

@@ -181,8 +181,13 @@ def worker():
     if _worker is None:
         from edged.cloud.ingest import IngestConfig, Worker
 
+        import atexit
+        import shutil
+
+        where = tempfile.mkdtemp(prefix="edged-fuzz-")
+        atexit.register(shutil.rmtree, where, True)
         cfg = IngestConfig()
-        cfg.database.url = f"sqlite:///{tempfile.mkdtemp(prefix='edged-fuzz-')}/results.db"
+        cfg.database.url = f"sqlite:///{where}/results.db"
         cfg.ingest.batch_delay_s = 0.0
         _worker = Worker(cfg, shared=False, persistent=False)
     return _worker

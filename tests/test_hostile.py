@@ -342,7 +342,7 @@ def test_tls_to_a_plain_port_says_so(tmp_path, broker, daemon_factory):
         d.kill()
 
 
-# -- the reference subscriber ----------------------------------------------------------------------
+# -- edged subscribe (the ingest worker on SQLite) -------------------------------------------------
 
 def test_subscriber_survives_forged_results_and_reports_gaps_as_ranges(tmp_path, broker):
     sub = subprocess.Popen([sys.executable, "-m", "edged", "subscribe", "--port", str(broker.port),
@@ -352,9 +352,14 @@ def test_subscriber_survives_forged_results_and_reports_gaps_as_ranges(tmp_path,
     try:
         topic = "edged/dev1/motion"
 
+        def motion(seq, **change) -> bytes:
+            return json.dumps({"v": 1, "device_id": "dev1", "seq": seq, "ts": time.time(), "label": "idle",
+                               "score": 0.5, "signature": [1, 2, 3], "window_s": 2.0, "inference_ms": 1.0,
+                               **change}).encode()
+
         def first_stored() -> bool:
             # Sent until the subscriber has stored it: then it is surely subscribed.
-            pub.send(topic, json.dumps({"v": 1, "device_id": "dev1", "seq": 1, "ts": 1.0}).encode())
+            pub.send(topic, motion(1))
             try:
                 db = sqlite3.connect(f"file:{tmp_path / 'r.db'}?mode=ro", uri=True)
                 try:
@@ -365,12 +370,16 @@ def test_subscriber_survives_forged_results_and_reports_gaps_as_ranges(tmp_path,
                 return False
 
         assert wait_until(first_stored, 30, interval=0.2)
-        for forged in (b'{"seq": 1e20}', b'{"seq": "12"}', b'{"seq": -5}', b'{"seq": true}', b'[1, 2]',
-                       b'{"seq": 7, "ts": "now"}', b'{"seq": 18446744073709551616}', b'\xa1cseq\xfb\x7f\xf0\x00\x00\x00\x00\x00\x00'):
-            pub.send(topic, forged)
+        # Forged seqs and fields in otherwise complete results (rejected), and what is not a
+        # result at all (undecodable): none of it stored, all of it counted.
+        forged = [motion(s) for s in (1e20, "12", -5, True, 18446744073709551616)]
+        forged += [motion(7, ts="now"), motion(7, v=2), b'\xa1cseq\xfb\x7f\xf0\x00\x00\x00\x00\x00\x00',
+                   b"[1, 2]", b"\xff\x00 not a payload"]
+        for payload in forged:
+            pub.send(topic, payload)
         epoch_ms = int(time.time() * 1000)
         for seq in (2, 5, epoch_ms):  # a jump to epoch milliseconds, as a reset outbox made
-            pub.send(topic, json.dumps({"v": 1, "device_id": "dev1", "seq": seq, "ts": 1.0}).encode())
+            pub.send(topic, motion(seq))
         out, err = sub.communicate(timeout=60)
     finally:
         pub.close()
@@ -379,4 +388,4 @@ def test_subscriber_survives_forged_results_and_reports_gaps_as_ranges(tmp_path,
     assert sub.returncode == 0, err
     line = next(ln for ln in err.splitlines() if "dev1:" in ln)
     assert f"4 results (seq 1–{epoch_ms})" in line, line
-    assert f"{epoch_ms - 4} missing: 3–4, 6–{epoch_ms - 1}" in line and "7 rejected, 1 undecodable" in line, line
+    assert f"{epoch_ms - 4} missing: 3–4, 6–{epoch_ms - 1}" in line and "8 rejected, 2 undecodable" in line, line
