@@ -440,7 +440,16 @@ def _load_config(args) -> Config:
     return config.load(_config_path(args))
 
 
+def _stopped_while_starting(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def cmd_run(args) -> int:
+    import signal
+
+    # A stop (SIGTERM) before the daemon has installed its own handlers (it does as soon as the
+    # config is read) ends the start-up with status 0, as a stop at any later point does.
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
     from edged import config
     from edged.service import log
     from edged.service.daemon import Daemon

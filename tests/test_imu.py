@@ -469,7 +469,8 @@ def test_motion_in_equals_motion_out_with_timestamps_at_the_chip_rate(chip):
     np.testing.assert_allclose(np.diff(t), 1 / rate, rtol=0, atol=1e-6)
     assert np.all(t - true_t >= -1e-6) and np.all(t - true_t <= 1 / rate + 1e-6)
     assert src.stats == {"samples": len(t), "overflows": 0, "lost_samples": 0, "read_errors": 0,
-                         "chip_resets": 0, "invalid_samples": 0, "config_readback_mismatches": 0}
+                         "chip_resets": 0, "invalid_samples": 0, "config_readback_mismatches": 0,
+                         "lost_across_restart": 0}
 
 
 def test_reads_come_in_bursts_not_sample_by_sample():
@@ -696,3 +697,84 @@ def test_missing_smbus2_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "smbus2", None)
     with pytest.raises(ImuError, match=r"pip install smbus2 \(or apt install python3-smbus2\)"):
         ImuSource(bus=1)
+
+
+# --- samples lost while the daemon was down ---------------------------------------------------
+
+@pytest.mark.parametrize("chip", ["mpu6050", "lsm6ds3", "lsm6dsox", "bmi160"])
+def test_samples_lost_while_the_process_was_down_are_counted_once(tmp_path, chip, caplog):
+    from edged.sources.imu.position import ImuPosition
+
+    # The fake chip outlives the first source, as a real one outlives a process that died: the
+    # second source, on the same bus, is the restarted daemon. every_s=0: saved at every burst.
+    path = tmp_path / "imu-position.json"
+    src, f, clock = open_source(chip, position=ImuPosition(path, every_s=0))
+    nominal = 1 / CHIPS[chip][2]
+    t1, _ = collect(src, clock, 2.0)          # ... and the process dies (no close)
+    clock.advance(4.0)
+    with caplog.at_level(logging.WARNING, "edged.imu"):
+        src2 = ImuSource(chip="auto", smbus_factory=f, position=ImuPosition(path, every_s=0))
+        t2, _ = collect(src2, clock, 1.0)
+    between = (t2[0] - t1[-1]) / nominal - 1       # grid slots between the two streams' samples
+    lost = src2.stats["lost_across_restart"]
+    assert between > 4.0 / nominal and abs(lost - between) <= 1.5, (lost, between)
+    assert src2.stats["lost_samples"] == 0 and src2.stats["samples"] == len(t2)
+    lines = [r for r in caplog.records if r.getMessage() == "IMU samples lost while the daemon was down"]
+    assert len(lines) == 1 and lines[0].fields["lost"] == lost and lines[0].fields["recovered"] == 0
+    # counted once: a third process after a clean stop of the second counts nothing
+    src2.close()
+    src3 = ImuSource(chip="auto", smbus_factory=f, position=ImuPosition(path))
+    collect(src3, clock, 0.5)
+    assert src3.stats["lost_across_restart"] == 0
+
+
+def test_a_stop_for_a_restart_counts_the_gap_from_the_last_sample_delivered(tmp_path):
+    from edged.sources.imu.position import ImuPosition
+
+    path = tmp_path / "imu-position.json"
+    # default every_s (1 s): the save on close is what makes the count exact
+    src, f, clock = open_source("lsm6dsox", position=ImuPosition(path))
+    t1, _ = collect(src, clock, 2.5)
+    src.close(restart=True)                   # an Edge TPU hang: exit 75, systemd restarts
+    clock.advance(3.0)
+    src2 = ImuSource(chip="auto", smbus_factory=f, position=ImuPosition(path))
+    t2, _ = collect(src2, clock, 0.5)
+    assert abs(src2.stats["lost_across_restart"] - ((t2[0] - t1[-1]) * 104.0 - 1)) <= 1.5
+
+
+def test_no_count_after_a_clean_stop_a_reload_a_reboot_or_another_chip(tmp_path, caplog):
+    import json
+
+    from edged.sources.imu.position import ImuPosition
+
+    path = tmp_path / "imu-position.json"
+
+    def run(chip="lsm6dsox", after_restart=True, close=True, f=None):
+        f = f or make_factory(chip, clock=clock)
+        src = ImuSource(chip="auto", smbus_factory=f, position=ImuPosition(path, after_restart=after_restart))
+        collect(src, clock, 0.5)
+        if close:
+            src.close()
+        return src, f
+
+    clock = SimClock()
+    run()
+    clock.advance(2)
+    assert run()[0].stats["lost_across_restart"] == 0                 # clean stop: a choice, not a loss
+    _, f = run(close=False)
+    clock.advance(2)
+    assert run(after_restart=False, f=f)[0].stats["lost_across_restart"] == 0   # a reload, same process
+    run(close=False)
+    clock.advance(2)
+    assert run(chip="bmi160")[0].stats["lost_across_restart"] == 0     # another chip was there before
+    run(close=False)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "boot_id": "another-boot"}))
+    clock.advance(2)
+    assert run()[0].stats["lost_across_restart"] == 0                 # the device rebooted: the chip did too
+    path.write_text('{"state": "running"')
+    with caplog.at_level(logging.WARNING, "edged.imu"):
+        assert run()[0].stats["lost_across_restart"] == 0
+    assert [r.getMessage() for r in caplog.records].count(
+        "IMU position record unreadable; samples lost while the daemon was down are not counted") == 1
+    assert json.loads(path.read_text())["state"] == "stopped"         # and it is rewritten whole

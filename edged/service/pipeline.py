@@ -177,12 +177,16 @@ class Pipeline:
 
                     p.imu = ReplayImu(imu.path, speed=imu.speed, loop=imu.loop)
                 else:
+                    from edged.sources.imu.position import ImuPosition
                     from edged.sources.imu.source import ImuSource
 
+                    # At start (not on reload): the last process's position, to count the
+                    # samples that went by while the daemon was down.
+                    position = ImuPosition.for_state_dir(cfg.state_dir, after_restart=running is None)
                     p.imu = ImuSource(chip=imu.source, bus=imu.bus, address=imu.address or None,
                                       rate_hz=imu.rate_hz, accel_range_g=imu.accel_range_g,
                                       gyro_range_dps=imu.gyro_range_dps, lpf_hz=imu.lpf_hz or None,
-                                      smbus_factory=hardware.smbus_factory(imu))
+                                      smbus_factory=hardware.smbus_factory(imu), position=position)
                 log.info("motion ready", extra=fields(model=entry.name, runtime=model.runtime,
                                                       backend=model.backend, imu=p.imu.chip_name,
                                                       fake_bus=imu.fake and imu.source != "replay"))
@@ -221,11 +225,12 @@ class Pipeline:
             wd.register("imu")
             self.threads.append(d.spawn("imu", lambda: self._imu_loop(d)))
 
-    def close_sources(self) -> None:
+    def close_sources(self, *, restart: bool = False) -> None:
+        """`restart`: the daemon exits with a status the service restarts it on."""
         if self.camera:
             self.camera.close()
         if self.imu and not self.keep_imu_open:
-            self.imu.close()
+            self.imu.close(restart=restart)
 
     def models(self) -> list:
         """Every model the pipeline runs: each stage's of a vision graph, the motion stage's."""
@@ -245,7 +250,7 @@ class Pipeline:
 
     def stop(self, d: "Daemon", *, clean: bool = True) -> None:
         self.stop_event.set()
-        self.close_sources()
+        self.close_sources(restart=d.exit_code != 0)
         for t in self.threads:
             t.join(0.5)
         for part in ("camera", "vision", "imu"):

@@ -68,5 +68,6 @@ class ReplayImu:
         self.samples += len(t)
         return ImuBatch(t, data)
 
-    def close(self) -> None:
+    def close(self, *, restart: bool = False) -> None:
+        """`restart` as for ImuSource.close; a recording has no samples to lose while edged is down."""
         self._closed.set()

@@ -106,7 +106,7 @@ class ImuSource:
 
     def __init__(self, *, chip: str = "auto", bus: int | object = 1, address: int | None = None,
                  rate_hz: float = 100.0, accel_range_g: float = 4.0, gyro_range_dps: float = 500.0,
-                 lpf_hz: float | None = None, smbus_factory=None, clock=None) -> None:
+                 lpf_hz: float | None = None, smbus_factory=None, clock=None, position=None) -> None:
         key = chip.lower()
         if key != "auto" and key not in CHIP_ALIASES:
             raise ImuError(f"imu: unknown chip {chip!r} (choose auto, {', '.join(sorted(CHIP_ALIASES))})")
@@ -161,6 +161,10 @@ class ImuSource:
         self._read_errors = 0
         self._chip_resets = 0
         self._invalid = 0
+        self._lost_restart = 0
+        # An `edged.sources.imu.position.ImuPosition`: where the stream stands, saved for the next
+        # process, which counts the samples that went by while it was down.
+        self._position = position
         self._config = dict(rate_hz=rate_hz, accel_range_g=accel_range_g, gyro_range_dps=gyro_range_dps,
                             lpf_hz=lpf_hz)
         # A FIFO that stays empty this long means the chip stopped sampling (a brown-out resets
@@ -273,6 +277,8 @@ class ImuSource:
             if n == 0:
                 return None, self._burst * self._period
         self._samples += n
+        if self._position is not None:
+            self._save_position("running", force=False)
         return ImuBatch(t=t, data=data), 0.0
 
     def _stamps(self, n: int) -> np.ndarray:
@@ -328,7 +334,10 @@ class ImuSource:
         # Read the time after the flush: samples the chip made up to the flush are lost too.
         now = clock.time()
         lost = 0
-        if self._run_start is not None:
+        first = self._run_start is None
+        if first and self._position is not None:
+            self._count_restart_gap(clock.monotonic())
+        if not first:
             # samples the chip produced in the ended run that we never delivered
             produced = int(round((now - self._run_start) / self._period))
             lost = max(0, produced - self._index)
@@ -336,7 +345,31 @@ class ImuSource:
         self._run_start = self._last_stamp = now
         self._index = 0
         self._restart_due = False
+        if first and self._position is not None:
+            self._save_position("running", force=False)  # a death before the first burst counts from here
         return lost
+
+    def _count_restart_gap(self, now_mono: float) -> None:
+        """At this process's first FIFO start: count the samples the chip produced since the last
+        one the previous process delivered, when that process did not stop cleanly."""
+        gap = self._position.lost_since(self.chip_name, self.address, now_mono)
+        if gap is None:
+            return
+        lost, seconds = gap
+        self._lost_restart += lost
+        # None of them is recovered: setting the chip up emptied its FIFO (see position.py).
+        log.warning("IMU samples lost while the daemon was down", extra=fields(
+            lost=lost, gap_s=round(seconds, 3), recovered=0, fifo_frames=self.settings.fifo_frames))
+
+    def _save_position(self, state: str, *, force: bool) -> None:
+        clock = self._clock
+        now_mono = clock.monotonic()
+        last_stamp = self._last_stamp
+        # the monotonic time of the last sample delivered (its stamp is on the wall clock)
+        last_mono = now_mono - max(0.0, clock.time() - last_stamp)
+        self._position.save(chip=self.chip_name, address=self.address, period_s=self._period,
+                            last_stamp=last_stamp, last_mono=last_mono, now_mono=now_mono,
+                            state=state, force=force)
 
     def _bus_error(self, exc: OSError, phase: str) -> None:
         self._read_errors += 1
@@ -351,13 +384,18 @@ class ImuSource:
     def stats(self) -> dict:
         return {"samples": self._samples, "overflows": self._overflows, "lost_samples": self._lost,
                 "read_errors": self._read_errors, "chip_resets": self._chip_resets,
-                "invalid_samples": self._invalid, "config_readback_mismatches": self._chip.readback_mismatches}
+                "invalid_samples": self._invalid, "config_readback_mismatches": self._chip.readback_mismatches,
+                "lost_across_restart": self._lost_restart}
 
-    def close(self) -> None:
+    def close(self, *, restart: bool = False) -> None:
+        """Stop sampling and release the bus. `restart`: the daemon exits to be restarted (an
+        Edge TPU hang), so the next process counts the samples lost until it reads again."""
         if self._stop.is_set():
             return
         self._stop.set()
         with self._lock:
+            if self._position is not None and self._run_start is not None:
+                self._save_position("restarting" if restart else "stopped", force=True)
             try:
                 self._chip.standby()
             except OSError:
