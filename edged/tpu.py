@@ -102,9 +102,46 @@ LIBEDGETPU_PACKAGES = ("libedgetpu1-std", "libedgetpu1-max")
 CORAL_TF = (2, 5)
 # libedgetpu's TF (major, minor) -> the tflite_runtime (major, minor) reported to work with it
 REPORTED_COMPATIBLE = {(2, 5): {(2, m) for m in range(5, 12)}, (2, 13): {(2, 13), (2, 14), (2, 15)}}
-ABI_FIX = ("install a matching pair: tflite-runtime X.Y in edged's venv (which edged prefers to LiteRT "
-           "only if LiteRT is absent: pip uninstall ai-edge-litert) and the libedgetpu1-std build made "
-           "against TF X.Y (Debian version 16.0tfX.Y.Z); see docs/hardware.md, \"Runtime pairs\"")
+# What can be installed to pair with it (checked for Debian 12, whose Python is 3.11):
+# - Debian has no libedgetpu and no TFLite interpreter package; Coral's apt repository has only
+#   its TF 2.5.0 build (16.0);
+# - PyPI has tflite-runtime for Python 3.11 in one version only, 2.14.0 (armv7l, aarch64,
+#   x86_64 wheels): nothing up to 2.11 for Coral's build (2.5.0 has wheels for Python 3.5-3.8);
+# - the community builds are GitHub release assets of feranick/libedgetpu, made against TF
+#   2.11.1, 2.12.1, 2.13.1, 2.15.0, 2.16.1, 2.17.x, 2.18.1 and 2.19.1 (its debian/changelog);
+#   the one for tflite-runtime 2.14 is 16.0tf2.13.1 (edgetpu#812).
+# So no matching pair comes from Debian and PyPI alone: the fix names the manual step.
+COMMUNITY_BUILDS = {(2, 11): "2.11.1", (2, 12): "2.12.1", (2, 13): "2.13.1", (2, 15): "2.15.0",
+                    (2, 16): "2.16.1", (2, 17): "2.17.1", (2, 18): "2.18.1", (2, 19): "2.19.1"}
+PYPI_TFLITE_RUNTIME = "2.14.0"   # the one tflite-runtime with Python 3.11 wheels
+DEBIAN_ARCH = {"armv7l": "armhf", "aarch64": "arm64", "x86_64": "amd64"}
+
+
+def abi_fix(runtime_name: str, runtime_version: str, machine: str | None = None, pip: str | None = None) -> str:
+    """The manual steps that give this machine a matching libedgetpu / interpreter pair."""
+    import platform
+    import sys
+
+    arch = DEBIAN_ARCH.get(machine or platform.machine(), "<arch>")
+    pip = pip or f"{sys.prefix}/bin/pip"
+    steps = []
+    m = re.match(r"(\d+)\.(\d+)", runtime_version) if runtime_name == "tflite_runtime" else None
+    rt = (int(m.group(1)), int(m.group(2))) if m else None
+    if rt is None:  # LiteRT: no libedgetpu is built against it; change to the interpreter one is
+        steps.append(f"{pip} uninstall -y ai-edge-litert && {pip} install tflite-runtime=={PYPI_TFLITE_RUNTIME}")
+        rt = (2, 14)
+    tf = (2, 13) if rt == (2, 14) else rt
+    if rt in REPORTED_COMPATIBLE[CORAL_TF]:
+        return "sudo apt install libedgetpu1-std (Coral's 16.0, built against TF 2.5.0)"
+    if tf in COMMUNITY_BUILDS:
+        build = COMMUNITY_BUILDS[tf]
+        steps.append(f"download libedgetpu1-std 16.0tf{build} for {arch} from the feranick/libedgetpu releases on "
+                     f"GitHub and sudo apt install ./libedgetpu1-std_16.0tf{build}-*_{arch}.deb"
+                     + (" (reported working with tflite_runtime 2.14, google-coral/edgetpu#812)" if tf != rt else ""))
+    else:
+        steps.append(f"install a libedgetpu built against TF {rt[0]}.{rt[1]} (none is published), or "
+                     f"{pip} install tflite-runtime=={PYPI_TFLITE_RUNTIME} and the 16.0tf2.13.1 build")
+    return "; then ".join(steps) + "; neither Debian nor PyPI has a matching pair (docs/hardware.md, \"Runtime pairs\")"
 
 
 def installed_libedgetpu(root: str | Path = "/") -> tuple[str, str] | None:
@@ -162,7 +199,7 @@ def system_loader(library: str = EDGETPU_LIBRARY) -> Runtime:
         ctypes.CDLL(lib)  # OSError: "<lib>: cannot open shared object file"
         status, text = abi_pair(rt.name, rt.version, installed_libedgetpu())
         if status == "mismatch":  # refuse rather than segfault: the CPU fallback takes over
-            raise AbiMismatch(f"{text}: {ABI_FIX}")
+            raise AbiMismatch(f"{text}: {abi_fix(rt.name, rt.version)}")
         return rt.load_delegate(lib, options or {})
 
     return dataclasses.replace(rt, load_delegate=load_delegate)

@@ -313,3 +313,58 @@ def test_the_example_subscriber_in_mqtt_md_works(tmp_path, broker, daemon_factor
     finally:
         proc.kill()
         proc.wait()
+
+
+# ------------------------------------------------------------ docs/hardware.md's figures
+
+def hardware_claims() -> list[tuple[str, str]]:
+    """(what docs/hardware.md says, where the code says it), each phrase built from the code."""
+    from edged.fakes.imu import SimClock, make_factory
+    from edged.sources.camera import v4l2
+    from edged.sources.camera.live import MAX_FRAME_AGE_S
+    from edged.sources.imu import SETUP_ATTEMPTS, bmi160, mpu6050
+    from edged.sources.imu import source as imu_source
+    from edged.sources.imu.position import SAVE_EVERY_S
+    from edged.sources.imu.source import ImuSource
+
+    frames = {c: ImuSource(smbus_factory=make_factory(c, clock=SimClock())).settings
+              for c in ("mpu6050", "mpu6500", "bmi160", "lsm6ds3", "lsm6dsl", "lsm6dsox")}
+    unit = (REPO / "systemd" / "edged.service").read_text()
+    restart = re.search(r"^RestartSec=(\S+)$", unit, re.M).group(1)
+    claims = [
+        (f"sleeps until about {imu_source.BURST_S * 1000:.0f} ms of samples", "source.BURST_S"),
+        (f"after {imu_source.RATE_BASELINE_S:g} s edged measures the real period", "source.RATE_BASELINE_S"),
+        (f"(at most {imu_source.SLEW * 100:.0f} % of a period per sample)", "source.SLEW"),
+        (f"If the FIFO stays empty for {imu_source.STALL_S:g} s", "source.STALL_S"),
+        (f"after {SETUP_ATTEMPTS} setups edged refuses", "imu.SETUP_ATTEMPTS"),
+        (f"gyroscope start-up {mpu6050.GYRO_STARTUP_S['mpu6050'] * 1000:.0f} ms (6050) / "
+         f"{mpu6050.GYRO_STARTUP_S['mpu6500'] * 1000:.0f} ms (6500 family)", "mpu6050.GYRO_STARTUP_S"),
+        (f"`RestartSec={restart}`", "systemd/edged.service"),
+        ("(replaced atomically about once a second" if SAVE_EVERY_S == 1.0 else "?", "position.SAVE_EVERY_S"),
+        (f"at least {v4l2.WAITED:.0%} of a camera period".replace("25%", "a quarter"), "v4l2.WAITED"),
+        (f"within {v4l2.FRESH_PERIODS:g} camera periods of that delay", "v4l2.FRESH_PERIODS"),
+        (f"at most {v4l2.DRAIN_MAX} times per\nread", "v4l2.DRAIN_MAX"),
+        (f"more than {MAX_FRAME_AGE_S:g} s old is not\non the monotonic clock", "live.MAX_FRAME_AGE_S"),
+        (f"≥ {bmi160.SUSPENDED_WRITE_GAP_S * 1e6 - 50:.0f} µs between register writes", "bmi160.SUSPENDED_WRITE_GAP_S (500 µs, 50 µs of margin)"),
+        (f"the FIFO holds\n  {frames['mpu6050'].fifo_frames} samples on the MPU-6050 and BMI160 "
+         f"({frames['mpu6050'].fifo_frames / frames['mpu6050'].rate_hz:.2f} s at 100 Hz), "
+         f"{frames['mpu6500'].fifo_frames} on the MPU-6500/9250", "fifo_frames"),
+        (f"for {frames['lsm6ds3'].fifo_frames} on the LSM6DS3/DSL and {frames['lsm6dsox'].fifo_frames} on the LSM6DSOX "
+         f"({frames['lsm6ds3'].fifo_frames / frames['lsm6ds3'].rate_hz:.1f} s / "
+         f"{frames['lsm6dsox'].fifo_frames / frames['lsm6dsox'].rate_hz:.1f} s at 104 Hz)", "fifo_frames"),
+    ]
+    assert frames["bmi160"].fifo_frames == frames["mpu6050"].fifo_frames
+    assert frames["lsm6dsl"].fifo_frames == frames["lsm6ds3"].fifo_frames
+    # the supported-chips table: "1024 B = 85 samples" per part
+    for chip, size in (("mpu6050", "1024 B"), ("mpu6500", "512 B"), ("bmi160", "1024 B"), ("lsm6dsl", "4 kB")):
+        claims.append((f"{size} = {frames[chip].fifo_frames} samples |", f"{chip} fifo_frames"))
+    claims.append((f"planned as 512 words = {frames['lsm6dsox'].fifo_frames} samples |", "lsm6dsox fifo_frames"))
+    return claims
+
+
+def test_hardware_md_figures_are_the_codes():
+    text = (REPO / "docs" / "hardware.md").read_text()
+    flat = re.sub(r"\s+", " ", text)
+    missing = [f"{phrase!r} ({where})" for phrase, where in hardware_claims()
+               if re.sub(r"\s+", " ", phrase) not in flat]
+    assert not missing, "docs/hardware.md does not say:\n" + "\n".join(missing)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from edged.sources.camera import decode_image
 from edged.fakes.tpu import FakeEdgeTpu
 from edged.models import ModelError, load_manifest
 from edged.runtime import EDGETPU_OP, Model, RuntimeUnavailable, custom_ops, runtime
-from edged.tpu import TpuError, abi_pair, find_pci_tpus, find_usb_tpus, installed_libedgetpu, libedgetpu_tf, \
+from edged.tpu import TpuError, abi_fix, abi_pair, find_pci_tpus, find_usb_tpus, installed_libedgetpu, libedgetpu_tf, \
     open_for_backend
 
 MODELS = REPO / "models"
@@ -391,3 +392,23 @@ def test_runtime_pairs(rt, rt_version, lib, status):
     assert got == status, text
     if status == "mismatch":
         assert "segfault" in text
+
+
+def test_the_abi_fix_names_the_steps_for_this_interpreter_and_architecture():
+    pip = "/opt/edged/venv/bin/pip"
+    # 32-bit: tflite-runtime 2.14 (the only one PyPI has for Python 3.11) and the build made for it
+    fix = abi_fix("tflite_runtime", "2.14.0", "armv7l", pip)
+    assert "libedgetpu1-std_16.0tf2.13.1-*_armhf.deb" in fix and "uninstall" not in fix
+    status, _ = abi_pair("tflite_runtime", "2.14.0", ("libedgetpu1-std", "16.0tf2.13.1-2"))
+    assert status == "match"                         # what the fix installs is a known pair
+    # 64-bit: LiteRT has no libedgetpu; the interpreter changes first
+    fix = abi_fix("ai_edge_litert", "2.3.0", "aarch64", pip)
+    assert fix.startswith(f"{pip} uninstall -y ai-edge-litert && {pip} install tflite-runtime==2.14.0; then ")
+    assert "_arm64.deb" in fix
+    # an interpreter with a build of its own version
+    assert "16.0tf2.17.1-*_arm64.deb" in abi_fix("tflite_runtime", "2.17.1", "aarch64", pip)
+    # one that Coral's own package serves
+    assert abi_fix("tflite_runtime", "2.11.0", "armv7l", pip).startswith("sudo apt install libedgetpu1-std")
+    # docs/hardware.md shows the 32-bit line as the doctor prints it
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "hardware.md").read_text()
+    assert "    fix: " + abi_fix("tflite_runtime", "2.14.0", "armv7l", pip) + "\n" in doc

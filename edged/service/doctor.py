@@ -325,21 +325,22 @@ def check_tpu_runtime(cfg: Config, env: Env) -> list[Check]:
 
 def _tpu_runtime_pair(env: Env, required: bool) -> Check:
     from edged.runtime import RuntimeUnavailable, runtime
-    from edged.tpu import ABI_FIX, abi_pair, installed_libedgetpu
+    from edged.tpu import abi_fix, abi_pair, installed_libedgetpu
 
     try:
         rt = runtime()
     except RuntimeUnavailable as exc:
         return Check("edgetpu abi", WARN, f"no interpreter to check libedgetpu against ({exc})")
     status, text = abi_pair(rt.name, rt.version, installed_libedgetpu(env.root))
+    fix = abi_fix(rt.name, rt.version)
     if status == "match":
         return Check("edgetpu abi", OK, text)
     if status == "mismatch":
         if required:
             return Check("edgetpu abi", FAIL, text + "; accelerator.fallback = false, so edged will not start",
-                         ABI_FIX)
-        return Check("edgetpu abi", WARN, text + "; edged does not load the delegate and runs on the CPU", ABI_FIX)
-    return Check("edgetpu abi", WARN, text, ABI_FIX)
+                         fix)
+        return Check("edgetpu abi", WARN, text + "; edged does not load the delegate and runs on the CPU", fix)
+    return Check("edgetpu abi", WARN, text, fix)
 
 
 def _models_without_edgetpu(cfg: Config) -> list[str]:

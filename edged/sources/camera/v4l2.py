@@ -50,6 +50,8 @@ def v4l2_device(device: str | int) -> str:
 
 
 DRAIN_MAX = 8  # grabs per frame at most: more than any capture queue edged asks for holds
+WAITED = 0.25  # a grab that took this fraction of a camera period waited for a frame being taken
+FRESH_PERIODS = 1.5  # a queued frame this many camera periods older than the newest one can be is fresh
 
 
 class V4l2Source(LiveCamera):
@@ -61,9 +63,9 @@ class V4l2Source(LiveCamera):
     reads, and a buffer is filled again right after edged dequeues it. With a one-buffer queue
     the frame waiting at the next read was therefore taken just after the previous read: one
     whole edged period old (0.5 s at 2 fps), not one camera period. So each read drains the
-    queue: it grabs (dequeues without decoding) until it gets a frame taken within about one
-    camera period (judged by the buffer timestamp, or, without one, by a grab that had to wait
-    for its frame), and only that frame is decoded. The queue is asked to be one buffer deep
+    queue: it grabs (dequeues without decoding) until it gets a fresh frame (one a grab had to
+    wait for, or one whose buffer timestamp is within FRESH_PERIODS camera periods of the
+    webcam's own delay), and only that frame is decoded. The queue is asked to be one buffer deep
     (some drivers keep more), so draining usually costs one grab of a stale buffer and a wait
     of at most one camera period.
     `backend` is `OpenCvV4l2()` by default, or `edged.fakes.camera.FakeV4l2`.
@@ -133,11 +135,11 @@ class V4l2Source(LiveCamera):
             age = now - ms / 1000.0 if ms > 0 else None
             if age is not None and not -0.001 <= age <= MAX_FRAME_AGE_S:
                 age = None  # not on the monotonic clock: no use here
-            if now - started >= 0.25 * period:
+            if now - started >= WAITED * period:
                 if age is not None:
                     self._latency_s = age if self._latency_s is None else min(self._latency_s, age)
                 return True
-            if age is not None and self._latency_s is not None and age <= self._latency_s + 1.5 * period:
+            if age is not None and self._latency_s is not None and age <= self._latency_s + FRESH_PERIODS * period:
                 return True
         return True  # a queue deeper than DRAIN_MAX, or a camera slower than it says: take this one
 

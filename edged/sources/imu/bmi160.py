@@ -14,7 +14,9 @@ BMI160_SUSPENDED_WRITE_USLEEP = 450 µs). A write sent sooner is lost, and writt
 after the soft reset the ranges stay at their reset values (±2 g, ±2000 °/s) while edged would
 scale for others. So, as the reference drivers do, edged brings both sensors to normal mode
 first (each command spaced by the suspend-mode gap) and only then writes the configuration,
-and reads every configuration register back (`Chip.setup`). The FIFO is used in headerless mode
+and reads every configuration register back (`Chip.setup`). With a sensor in normal mode the
+gap is 2 µs (§3.2.4), less than one I²C register write lasts (about 29 bit times: 73 µs at
+400 kHz), so it needs no timing of its own. The FIFO is used in headerless mode
 with both sensors at the same rate: each 12-byte frame holds GYR X,Y,Z then ACC X,Y,Z (data
 register order), little-endian two's complement. When the 1024-byte FIFO is full the oldest whole
 frame is discarded for each new one, so alignment survives, but the samples in between are gone:
