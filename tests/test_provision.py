@@ -135,6 +135,8 @@ def test_provision_writes_everything(root, source, certs):
     assert res.stderr == ""
     # Under --root a command is recorded, not run, and the output says so.
     assert "would run: apt-get update (recorded in" in res.stdout
+    # --with-tpu: Coral's package does not match the interpreter, and provisioning says so
+    assert "note: Coral's libedgetpu1-std 16.0 is built against TF 2.5, which matches neither" in res.stdout
     assert not any(line.lstrip().startswith("run:") for line in res.stdout.splitlines())
 
     # Config: the lead's schema, values from the flags, secrets not world-readable.
