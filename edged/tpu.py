@@ -141,6 +141,9 @@ def abi_fix(runtime_name: str, runtime_version: str, machine: str | None = None,
     else:
         steps.append(f"install a libedgetpu built against TF {rt[0]}.{rt[1]} (none is published), or "
                      f"{pip} install tflite-runtime=={PYPI_TFLITE_RUNTIME} and the 16.0tf2.13.1 build")
+    if tf == (2, 13):  # the one pair provisioning can install, given the .deb
+        steps[-1] += ("; or give the .deb to scripts/provision --with-tpu --libedgetpu-deb FILE, which also "
+                      "sets up the interpreter")
     return "; then ".join(steps) + "; neither Debian nor PyPI has a matching pair (docs/hardware.md, \"Runtime pairs\")"
 
 

@@ -347,6 +347,9 @@ def test_uninstall_keeps_config_and_data_without_purge(root, source):
     (["--broker", "mqtts://b", "--ca-file", "/nonexistent/ca.pem"], "--ca-file /nonexistent/ca.pem: No such file or directory"),
     (["--broker", "mqtts://b", "--ca-file", "/etc/passwd"], "--ca-file /etc/passwd: not a PEM file"),
     (["--broker", "mqtts://b", "--cert-file", "/etc/passwd"], "--cert-file and --key-file: give both or neither"),
+    (["--libedgetpu-deb", "/etc/passwd"], "--libedgetpu-deb needs --with-tpu"),
+    (["--with-tpu", "--libedgetpu-deb", "/nonexistent/x.deb"], "--libedgetpu-deb /nonexistent/x.deb: no such file"),
+    (["--with-tpu", "--libedgetpu-deb", "/etc/passwd"], "--libedgetpu-deb /etc/passwd: not a Debian package"),
 ])
 def test_bad_input_is_one_clear_line(root, source, args, message):
     before = tree(root)
@@ -456,3 +459,57 @@ def test_bad_updates_flags_are_one_clear_line(root, source, tmp_path, args, mess
     args = [str(tmp_path / a) if a in ("ROOT", "NOTROOT") else a for a in args]
     r = run(PROVISION, "--root", str(root), "--source", str(source), *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def make_deb(tmp_path: Path, package: str, version: str, arch: str = "arm64") -> Path:
+    """A real (empty) Debian package, built with dpkg-deb, standing in for a libedgetpu build."""
+    d = tmp_path / f"{package}-{version}"
+    (d / "DEBIAN").mkdir(parents=True)
+    (d / "DEBIAN" / "control").write_text(f"Package: {package}\nVersion: {version}\nArchitecture: {arch}\n"
+                                          "Maintainer: test <test@example.net>\nDescription: test\n")
+    out = tmp_path / f"{package}_{version}_{arch}.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(d), str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def test_a_libedgetpu_build_is_installed_with_the_interpreter_it_matches(root, source, tmp_path):
+    deb = make_deb(tmp_path, "libedgetpu1-std", "16.0tf2.13.1-2")
+    args = ["--root", str(root), "--source", str(source), "--with-tpu", "--libedgetpu-deb", str(deb)]
+    res = run(PROVISION, *args)
+    assert res.returncode == 0, res.stderr
+    cmds = commands(root)
+    assert f"env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {deb}" in cmds
+    # not Coral's TF 2.5 package, nor its repository
+    assert not (root / "etc/apt/sources.list.d/coral-edgetpu.list").exists()
+    assert not any(c.endswith(" libedgetpu1-std") for c in cmds)
+    # LiteRT out, the interpreter the build matches in, after edged itself is installed
+    pip = [c for c in cmds if c.startswith("/opt/edged/venv/bin/pip ")]
+    assert pip[-2:] == ["/opt/edged/venv/bin/pip uninstall -y --disable-pip-version-check ai-edge-litert",
+                        "/opt/edged/venv/bin/pip install --disable-pip-version-check --no-cache-dir "
+                        "tflite-runtime==2.14.0"]
+    assert "with tflite-runtime==2.14.0 (a pair reported to work" in res.stdout
+    assert "note: Coral's libedgetpu1-std 16.0" not in res.stdout
+    record = json.loads((root / "opt/edged/provision.json").read_text())
+    assert "libedgetpu1-std" in record["installed_packages"] and record["interpreter"] == "tflite-runtime==2.14.0"
+    # a second run changes nothing
+    before = commands(root)
+    res = run(PROVISION, *args)
+    assert res.returncode == 0 and commands(root) == before, res.stdout
+
+
+@pytest.mark.parametrize("package, version, message", [
+    ("libedgetpu1-std", "16.0tf2.17.1-1", "libedgetpu1-std 16.0tf2.17.1-1 is built against TF 2.17; PyPI has no "
+                                          "tflite-runtime for it on Python 3.11 (only 2.14.0, which the "
+                                          "16.0tf2.13.1 build matches): use that build"),
+    ("libedgetpu1-max", "16.0", "libedgetpu1-max 16.0 is built against TF 2.5; PyPI has no tflite-runtime"),
+    ("libedgetpu1-std", "16.0+git5", "libedgetpu1-std 16.0+git5 does not say which TF it was built against"),
+    ("libusb-1.0-0", "2:1.0.26-1", "package libusb-1.0-0, expected libedgetpu1-std or libedgetpu1-max"),
+])
+def test_a_libedgetpu_build_without_a_matching_interpreter_is_refused(root, source, tmp_path, package, version,
+                                                                      message):
+    deb = make_deb(tmp_path, package, version)
+    res = run(PROVISION, "--root", str(root), "--source", str(source), "--with-tpu", "--libedgetpu-deb", str(deb))
+    assert res.returncode == 2 and res.stdout == "", res.stdout
+    assert res.stderr.strip().startswith(f"provision: --libedgetpu-deb {deb}: {message}"), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and commands(root) == []
