@@ -12,6 +12,7 @@ import json
 import re
 import sqlite3
 import time
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -123,38 +124,15 @@ class SqliteStore:
         self.maintain(retention_days, now)
         return self.applied
 
-    def write(self, results: list[Result], rejected: list[Rejected], news: dict[str, DeviceNews],
-              duplicates: dict[str, int] | None) -> Outcome:
-        out = Outcome()
-        now = time.time()
+    @contextmanager
+    def _transaction(self):
+        """One write transaction; SQLite's errors as the worker's: locked or I/O → StoreDown,
+        a constraint → StoreRefused, anything else about the file → StoreError."""
         c = self.conn
         try:
             c.execute("BEGIN IMMEDIATE")
             try:
-                stored: set[tuple[str, int]] = set()
-                for r in results:
-                    cur = c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                    (r.device_id, r.seq, r.kind, r.ts, now, r.json()))
-                    if cur.rowcount == 1:
-                        stored.add((r.device_id, r.seq))
-                out.stored, out.keys = len(stored), stored
-                per = device_rows(results, stored, rejected, duplicates)
-                c.executemany("INSERT INTO rejected (received_at, topic, device_id, kind, reason, size, payload) "
-                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              [(now, rj.topic, rj.device_id, rj.kind, rj.reason, rj.size, rj.payload)
-                               for rj in rejected])
-                out.rejected = len(rejected)
-                c.executemany(_DEVICES, [(d, *per[d]) for d in sorted(per)])
-                for device in sorted(news):
-                    n = news[device]
-                    if n.status is not None:
-                        c.execute(_STATUS, (device, n.status, now))
-                    if n.stats is not None:
-                        dropped, backend, models = (n.stats.get(k) for k in ("dropped", "backend", "models"))
-                        c.execute(_STATS, (device, json.dumps(n.stats), n.stats_ts,
-                                           dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
-                                           backend if isinstance(backend, str) else None,
-                                           json.dumps(models) if isinstance(models, (dict, list)) else None))
+                yield c
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
@@ -165,6 +143,36 @@ class SqliteStore:
             raise StoreRefused(str(exc)) from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
+
+    def write(self, results: list[Result], rejected: list[Rejected], news: dict[str, DeviceNews],
+              duplicates: dict[str, int] | None) -> Outcome:
+        out = Outcome()
+        now = time.time()
+        with self._transaction() as c:
+            stored: set[tuple[str, int]] = set()
+            for r in results:
+                cur = c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                (r.device_id, r.seq, r.kind, r.ts, now, r.json()))
+                if cur.rowcount == 1:
+                    stored.add((r.device_id, r.seq))
+            out.stored, out.keys = len(stored), stored
+            per = device_rows(results, stored, rejected, duplicates)
+            c.executemany("INSERT INTO rejected (received_at, topic, device_id, kind, reason, size, payload) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [(now, rj.topic, rj.device_id, rj.kind, rj.reason, rj.size, rj.payload)
+                           for rj in rejected])
+            out.rejected = len(rejected)
+            c.executemany(_DEVICES, [(d, *per[d]) for d in sorted(per)])
+            for device in sorted(news):
+                n = news[device]
+                if n.status is not None:
+                    c.execute(_STATUS, (device, n.status, now))
+                if n.stats is not None:
+                    dropped, backend, models = (n.stats.get(k) for k in ("dropped", "backend", "models"))
+                    c.execute(_STATS, (device, json.dumps(n.stats), n.stats_ts,
+                                       dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
+                                       backend if isinstance(backend, str) else None,
+                                       json.dumps(models) if isinstance(models, (dict, list)) else None))
         out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
         return out
 
@@ -172,29 +180,16 @@ class SqliteStore:
         """Store checked samples (payloads.SampleRecord) in one transaction; returns the new ones."""
         if not samples:
             return 0
-        c = self.conn
         now = time.time()
-        try:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                new = 0
-                for s in samples:
-                    cur = c.execute("INSERT INTO samples (device_id, sample_id, kind, ts, received_at, trigger, model, "
-                                    "device_label, score, bytes, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                                    "ON CONFLICT DO NOTHING",
-                                    (s.device_id, s.sample_id, s.kind, s.ts, now, s.trigger, s.model, s.label, s.score,
-                                     len(s.data), s.meta_json(), s.data))
-                    new += cur.rowcount
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-        except sqlite3.OperationalError as exc:
-            raise StoreDown(str(exc)) from None
-        except sqlite3.IntegrityError as exc:
-            raise StoreRefused(str(exc)) from None
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+        with self._transaction() as c:
+            new = 0
+            for s in samples:
+                cur = c.execute("INSERT INTO samples (device_id, sample_id, kind, ts, received_at, trigger, model, "
+                                "device_label, score, bytes, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                                "ON CONFLICT DO NOTHING",
+                                (s.device_id, s.sample_id, s.kind, s.ts, now, s.trigger, s.model, s.label, s.score,
+                                 len(s.data), s.meta_json(), s.data))
+                new += cur.rowcount
         return new
 
     def maintain(self, retention_days: int, now: float) -> list[str]:
