@@ -118,6 +118,19 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def run_queue_wait_s(pid: int | str = "self") -> float:
+    """Seconds the threads of process `pid` have spent runnable but waiting for a CPU
+    (/proc/<pid>/task/*/schedstat, second field): how much a loaded machine held it back."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile, or no schedstats on this kernel
+    return total / 1e9
+
+
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds per live thread of this process, by Python thread name."""
     names = {t.native_id: t.name for t in threading.enumerate()}
