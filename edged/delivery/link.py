@@ -41,8 +41,10 @@ log = logging.getLogger("edged.mqtt")
 ONLINE = b"online"
 OFFLINE = b"offline"
 # Publishes that are not outbox rows (status, stats, discovery, replies) get this much room in
-# paho's own in-flight window on top of the drain window, so they never queue behind it.
-_SIDE_WINDOW = 16
+# paho's own in-flight window on top of the drain window, so they never queue behind it, nor
+# results behind them. Home Assistant discovery is the largest burst: with the default vision
+# chain 17 entities, with 20 labels and commands up to about 60 (status, then discovery, at once).
+_SIDE_WINDOW = 64
 # Samples (edged.delivery.samples) unacknowledged at once: one, so that a result written while a
 # sample is on its way goes out behind at most that one sample.
 SAMPLE_WINDOW = 1
