@@ -8,6 +8,8 @@ A repository built by `edged.cloud.releases` is served by a plain HTTP server on
 - CPU per check and memory: the process's CPU time over a run of checks, and the resident memory
   that python-tuf and one check add to an interpreter that already has edged's model stack loaded
   (a subprocess, so that nothing else in this process counts);
+- bytes for a small artefact: what one device (motion only) fetches to install the shipped motion
+  centroids released alone (`edged release artefact`), metadata included;
 - time to 100 %: N simulated devices — each the real `Updater` with its own state directory and
   device id, its background thread polling; the daemon's swap is acknowledged at once, since only
   the fetch, verify and self-test path is being measured — from `rollout --percent 100` until every
@@ -115,6 +117,30 @@ def _fleet_time(repo, url: str, work: Path, n: int, poll_s: float, announce: boo
             d.stop()
 
 
+def _artefact_bytes(repo, url: str, work: Path) -> int:
+    """Bytes one motion device fetches for a centroids release, from a check that finds it
+    offered to the swap acknowledged (metadata refresh, channel, descriptor and file)."""
+    from edged import config
+
+    cfg = config.parse(f'device_id = "art"\nstate_dir = "{work / "art"}"\n[camera]\nenabled = false\n'
+                       f'[updates]\nurl = "{url}"\nroot_json = "{repo.path / "root.json"}"\n'
+                       'poll_interval_s = 3600\n', "bench.toml")
+    d = _SimDevice(cfg, 1)
+    d.up.check()  # the device knows the repository already
+    before = d.up.bytes_fetched
+    repo.add_artefact(REPO / "models" / "motion.centroids.json", "centroids", version=1)
+    repo.rollout("motion", 1, 100.0, kind="centroids")
+    repo.publish()
+    d.start()  # its first round finds the centroids
+    end = time.monotonic() + 60
+    while d.done_at is None and time.monotonic() < end:
+        time.sleep(0.02)
+    d.stop()
+    if d.done_at is None:
+        raise RuntimeError("the centroids release was not installed within 60 s")
+    return d.up.bytes_fetched - before
+
+
 def _memory_kb(url: str, root_json: Path, state: Path) -> tuple[int, int]:
     """(resident memory with edged's model stack loaded, the same after python-tuf and one check), KiB."""
     code = (
@@ -167,6 +193,7 @@ def updates(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
             per_check = (up.bytes_fetched - first) / checks
             cpu_ms = ((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)) / checks * 1000
             before_kb, after_kb = _memory_kb(url, repo.path / "root.json", work / "mem")
+            artefact = _artefact_bytes(repo, url, work)
             polled = _fleet_time(repo, url, work / "poll", n, poll_s, False, 2, timeout=poll_s * 3 + 120)
             announced = _fleet_time(repo, url, work / "announce", n, poll_s, True, 3, timeout=poll_s * 3 + 120)
         finally:
@@ -177,6 +204,8 @@ def updates(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     return [
         Figure("updates", "bytes per metadata refresh, nothing new", round(per_check), "B",
                note=f"mean of {checks} checks; the first check of a new device: {first} B"),
+        Figure("updates", "bytes to install a centroids release", artefact, "B",
+               note="the shipped motion centroids released alone: metadata refresh, channel, descriptor, file"),
         Figure("updates", "CPU per update check, nothing new", round(cpu_ms, 1), "ms",
                note=f"{checks} checks in {wall:.2f} s; at poll_interval_s = 3600 that is "
                     f"{idle_share:.5f} % of a core"),

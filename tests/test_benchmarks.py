@@ -184,6 +184,8 @@ def test_updates_figures(results):
     first = int(quiet.note.rsplit(": ", 1)[1].split()[0])
     assert first > quiet.value
     assert f["memory added by the updater"].value >= 0
+    # Centroids alone: a few kB (the file and a descriptor, the metadata refresh), not a model's size.
+    assert quiet.value < f["bytes to install a centroids release"].value < 20_000
     polled = next(x for n, x in f.items() if n.startswith("rollout to 100 %") and "polling" in n)
     announced = next(x for n, x in f.items() if n.startswith("rollout to 100 %") and "announced" in n)
     assert polled.value > 0 and announced.value > 0

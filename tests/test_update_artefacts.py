@@ -213,3 +213,19 @@ def test_a_label_map_that_does_not_fit_the_model_is_refused(tmp_path, caplog):
         assert up.checks == 2 and up.bytes_fetched > 0
     finally:
         srv.close()
+
+
+def test_channel_artefact_rollouts_round_trip_and_unknown_kinds_are_ignored():
+    from edged.rollout import Channel, ModelRollout
+
+    ch = Channel("stable", {"motion": ModelRollout({2: 100.0})},
+                 {"motion": {"centroids": ModelRollout({3: 10.0, 1: 100.0}, {2})}})
+    again = Channel.from_bytes(ch.to_bytes())
+    assert again == ch
+    assert again.artefact("motion", "centroids").choose("pi-1", "motion") in (1, 3)
+    assert b"artefacts" not in Channel("stable", {"motion": ModelRollout({2: 100.0})}).to_bytes()
+    # A newer release tool's kind is skipped, not a reason to refuse the whole channel.
+    doc = json.loads(ch.to_bytes())
+    doc["artefacts"]["motion"]["thresholds"] = {"rollouts": [{"version": 1, "percent": 100.0}], "revoked": []}
+    parsed = Channel.from_bytes(json.dumps(doc).encode())
+    assert set(parsed.artefacts["motion"]) == {"centroids"}
