@@ -4,6 +4,7 @@ reused from frame to frame."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,87 +33,140 @@ class Letterbox:
         return fx(x0), fy(y0), fx(x1), fy(y1)
 
 
-class _Plan:
-    """Index maps and buffers for one frame size; built once, reused for every frame.
+class Scratch:
+    """A stage's work buffers, by name: flat arrays grown to the largest size asked for and never
+    shrunk, handed out as a prefix in the shape asked for. All plans of a stage draw on the same
+    ones (a stage handles one image at a time), so crops of ever-changing sizes reuse them instead
+    of keeping buffers of their own for every size they ever had."""
 
-    `scratch` holds the buffers that depend only on the region's size (the resampled image,
-    the bilinear blend's work arrays): plans for frame sizes that land on the same region share
-    them, since one stage runs one frame at a time. Without it the plan allocates its own.
-    """
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
+        """`init(flat)` fills a newly made buffer (it must not depend on the shape asked for)."""
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
+            buf = self._bufs[name] = np.zeros(n, dtype)
+            if init is not None:
+                init(buf)
+        return buf[:n].reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+
+def _preset_channels(idx: np.ndarray) -> None:
+    """LUT indices are pixel + 256 * channel: preset the channel byte of every element (pixels
+    are stored channel-last, so element k is channel k % 3); the pixel byte is written per frame."""
+    b = idx.view(np.uint8).reshape(-1, idx.itemsize)
+    b[:, _HIGH] = np.arange(len(b)) % 3
+
+
+_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (np.dtype(np.intp).itemsize - 1, np.dtype(np.intp).itemsize - 2)
+
+
+class _Plan:
+    """Index maps for one frame size, built once and reused for every frame; the buffers they fill
+    come from the stage's `Scratch` (a fresh one when none is given)."""
 
     def __init__(self, frame_h: int, frame_w: int, model_h: int, model_w: int, letterbox: bool,
                  bilinear: bool, in_dtype: np.dtype, *, gather: bool = True,
-                 scratch: dict | None = None) -> None:
+                 scratch: Scratch | None = None) -> None:
         if letterbox:
             s = min(model_h / frame_h, model_w / frame_w)
             rh = min(model_h, max(1, round(frame_h * s)))
             rw = min(model_w, max(1, round(frame_w * s)))
         else:
             rh, rw = model_h, model_w
-        shape = (rh, rw, 3)
-        scratch = {} if scratch is None else scratch
-
-        def shared(name: str, dtype, count: int | None = None):
-            if name not in scratch:
-                scratch[name] = (np.empty(shape, dtype) if count is None
-                                 else [np.empty(shape, dtype) for _ in range(count)])
-            return scratch[name]
-
+        self.shape = (rh, rw, 3)
+        self.frame_w = frame_w
+        self.in_dtype = in_dtype
+        self.work = Scratch() if scratch is None else scratch
         self.box = Letterbox((model_h - rh) // 2, (model_w - rw) // 2, rh, rw)
         self.identity = (rh, rw) == (frame_h, frame_w)
         self.full = (rh, rw) == (model_h, model_w)
         self.bilinear = bilinear and not self.identity
         if self.bilinear:
             # Half-pixel centres, as TF's ResizeBilinear and OpenCV's INTER_LINEAR sample: each
-            # output pixel blends the 2x2 source pixels around its centre.
+            # output pixel blends the 2x2 source pixels around its centre. The four neighbours are
+            # gathered as uint8 first, so the float work is on the model-sized region only,
+            # whatever the frame size.
             self.y0, self.y1, wy = _taps(frame_h, rh)
             self.x0, self.x1, wx = _taps(frame_w, rw)
             # Full-size weights: a broadcast operand makes numpy allocate a scratch buffer per call.
-            self.wy = np.ascontiguousarray(np.broadcast_to(wy[:, None, None], shape))
-            self.wx = np.ascontiguousarray(np.broadcast_to(wx[None, :, None], shape))
-            # Gather the four neighbours as uint8 first, so the float work is on the model-sized
-            # region only, whatever the frame size.
-            self.row_buf = np.empty((rh, frame_w, 3), np.uint8)
-            self.corners = shared("corners", np.uint8, 4)
-            self.f = shared("blend", np.float32, 3)
+            flat = (rh, rw * 3)
+            self.wx = np.ascontiguousarray(np.broadcast_to(np.repeat(wx, 3)[None, :], flat))
+            self.wy = np.ascontiguousarray(np.broadcast_to(wy[:, None], flat))
         elif not self.identity:
             # Pixel centres of the resampled grid mapped back to the nearest source pixel.
             self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
             self.cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
-            self.row_buf = np.empty((rh, frame_w, 3), np.uint8)
-        self.region = None if self.identity else shared("region", np.uint8)
-        self.mask = shared("mask", np.bool_)
-        self.idx = self.idx_low = self.values = None
-        if gather:
-            # LUT indices are pixel + 256 * channel, and np.take wants them as intp. Writing the
-            # pixel into the low byte of a preset intp buffer (channel already in the next byte)
-            # is a plain uint8 copy: no per-call cast buffer, no conversion array.
-            self.idx = np.zeros(shape, np.intp)
-            size = self.idx.itemsize
-            b = self.idx.view(np.uint8).reshape(rh, rw, 3, size)
-            low, high = (0, 1) if sys.byteorder == "little" else (size - 1, size - 2)
-            b[..., high] = np.arange(3, dtype=np.uint8)
-            self.idx_low = b[..., low]
-            self.values = None if self.full else shared("values", in_dtype)
+        self.gather = gather
+        self._views: dict[str, np.ndarray] = {}
+
+    def _view(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
+        """The stage's work buffer `name` in this plan's shape; the same view object while the
+        buffer underneath stays the same."""
+        got = self.work.get(name, dtype, shape, init)
+        cached = self._views.get(name)
+        if cached is not None and cached.base is got.base and cached.shape == got.shape:
+            return cached
+        self._views[name] = got
+        return got
+
+    @property
+    def region(self) -> np.ndarray | None:
+        return None if self.identity else self._view("region", np.uint8, self.shape)
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self._view("mask", np.bool_, self.shape)
+
+    @property
+    def idx(self) -> np.ndarray | None:
+        # np.take wants intp indices; writing the pixel into the low byte of a buffer whose
+        # channel byte is preset is a plain uint8 copy: no per-call cast, no conversion array.
+        return self._view("idx", np.intp, self.shape, _preset_channels) if self.gather else None
+
+    @property
+    def idx_low(self) -> np.ndarray | None:
+        idx = self.idx
+        if idx is None:
+            return None
+        low = self._views.get("idx_low")
+        if low is None or low.base is not idx.base:
+            low = self._views["idx_low"] = idx.view(np.uint8).reshape(*self.shape, -1)[..., _LOW]
+        return low
+
+    @property
+    def values(self) -> np.ndarray | None:
+        return None if self.full or not self.gather else self._view("values", self.in_dtype, self.shape)
 
     def resample(self, image: np.ndarray) -> np.ndarray:
         """The frame resampled to the region size (uint8), or the frame itself at identity."""
         if self.identity:
             return image
+        rh, rw, _ = self.shape
+        region = self.region
         if not self.bilinear:
-            np.take(image, self.rows, axis=0, out=self.row_buf, mode="clip")
-            np.take(self.row_buf, self.cols, axis=1, out=self.region, mode="clip")
-            return self.region
-        c00, c01, c10, c11 = self.corners
-        for rows, left, right in ((self.y0, c00, c01), (self.y1, c10, c11)):
-            np.take(image, rows, axis=0, out=self.row_buf, mode="clip")
-            np.take(self.row_buf, self.x0, axis=1, out=left, mode="clip")
-            np.take(self.row_buf, self.x1, axis=1, out=right, mode="clip")
-        top, bottom, tmp = self.f
+            rows = self.work.get("rows", np.uint8, (rh, self.frame_w, 3))
+            np.take(image, self.rows, axis=0, out=rows, mode="clip")
+            np.take(rows, self.cols, axis=1, out=region, mode="clip")
+            return region
+        n = rw * 3
+        rows = self.work.get("rows", np.uint8, (rh, self.frame_w, 3))
+        corners = self.work.get("corners", np.uint8, (4, rh, rw, 3))
+        for y, left, right in ((self.y0, corners[0], corners[1]), (self.y1, corners[2], corners[3])):
+            np.take(image, y, axis=0, out=rows, mode="clip")
+            np.take(rows, self.x0, axis=1, out=left, mode="clip")
+            np.take(rows, self.x1, axis=1, out=right, mode="clip")
+        top, bottom, tmp = self.work.get("blend", np.float32, (3, rh, n))
         # copyto casts without the scratch buffer a mixed-dtype ufunc would allocate per call.
-        for out, left, right in ((top, c00, c01), (bottom, c10, c11)):
-            np.copyto(out, left)
-            np.copyto(tmp, right)
+        for out, left, right in ((top, corners[0], corners[1]), (bottom, corners[2], corners[3])):
+            np.copyto(out, left.reshape(rh, n))
+            np.copyto(tmp, right.reshape(rh, n))
             np.subtract(tmp, out, out=tmp)
             np.multiply(tmp, self.wx, out=tmp)
             np.add(out, tmp, out=out)
@@ -120,8 +174,8 @@ class _Plan:
         np.multiply(bottom, self.wy, out=bottom)
         np.add(top, bottom, out=top)
         np.rint(top, out=top)
-        np.copyto(self.region, top, casting="unsafe")  # blends of 0..255 stay within 0..255
-        return self.region
+        np.copyto(region.reshape(rh, n), top, casting="unsafe")  # blends of 0..255 stay within 0..255
+        return region
 
 
 def check_image(image: np.ndarray) -> None:
@@ -192,7 +246,7 @@ class Preprocessor:
         self._offsets = np.array([0, 256, 512], np.intp)
         self._pad_values = self._lut[self._offsets + int(pad)]
         self._plans: dict[tuple[int, int], _Plan] = {}
-        self._scratch: dict[tuple[int, int], dict] = {}  # per region size, shared by plans
+        self._work = Scratch()  # the work buffers of all plans, at the largest size any needed
         # Input slots: 0 is the model's own input buffer; 1, made on first use, is filled while the
         # interpreter runs on slot 0's input (edged.stages.vision.overlap). Per slot, the plan and
         # buffer whose padding is painted.
@@ -209,7 +263,7 @@ class Preprocessor:
                 self._plans.pop(next(iter(self._plans)))
             plan = _Plan(frame_h, frame_w, self.height, self.width, self.letterbox, self.bilinear,
                          self.model.inputs[self.index].dtype, gather=self._map.kind == "gather",
-                         scratch=self._scratch.setdefault(self._region_size(frame_h, frame_w), {}))
+                         scratch=self._work)
             self._plans[key] = plan
         return plan
 
@@ -271,12 +325,6 @@ class Preprocessor:
         """What the resampled pixels depend on besides the image: two stages with the same
         geometry resample any image to the same pixels."""
         return (self.height, self.width, self.letterbox, self.bilinear)
-
-    def _region_size(self, frame_h: int, frame_w: int) -> tuple[int, int]:
-        if not self.letterbox:
-            return self.height, self.width
-        s = min(self.height / frame_h, self.width / frame_w)
-        return (min(self.height, max(1, round(frame_h * s))), min(self.width, max(1, round(frame_w * s))))
 
 
 def _input_lut(entry: ModelEntry, spec: TensorSpec) -> tuple[np.ndarray, tuple | None]:
