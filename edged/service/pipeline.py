@@ -290,12 +290,6 @@ class Pipeline:
 
             tracker = Tracker(hold_s=v.hold_s, min_hits=v.min_hits, heartbeat_s=v.heartbeat_s)
         skipped_before = c.frames_skipped
-        runner = None
-        if hasattr(self.vision, "units"):  # a graph of stages
-            from edged.stages.vision.overlap import FrameRunner
-
-            runner = FrameRunner(self.vision, overlap=v.overlap)
-
         def publish(frame: Frame, objects: tuple, ms: float) -> None:
             c.frames += 1
             c.vision_runs += 1
@@ -319,6 +313,13 @@ class Pipeline:
                 # What is in view, held over missed frames: presence does not flap.
                 d.update_state(labels=sorted(t.label for t in tracker.live()))
 
+        runner = None
+        if hasattr(self.vision, "units"):  # a graph of stages
+            from edged.stages.vision.overlap import FrameRunner
+
+            # A frame is published as soon as its last invoke is decoded: with overlap that is
+            # during the next frame's push, so a frame is held barely longer than without overlap.
+            runner = FrameRunner(self.vision, overlap=v.overlap, on_done=publish)
         try:
             while not self.stop_event.is_set():
                 # A frame still finishing (its last invoke overlaps the next frame's first) is
@@ -327,24 +328,21 @@ class Pipeline:
                 d.watchdog.beat("vision")
                 if frame is None:
                     if runner is not None and runner.pending:
-                        for done in runner.flush():
-                            publish(*done)
+                        runner.flush()
                     continue
                 t0 = time.perf_counter()
                 try:
                     if runner is not None:
-                        done = runner.push(frame.image, frame)
-                    else:
-                        done = [(frame, self.vision.detect(frame.image), None)]
+                        runner.push(frame.image, frame)
+                        continue
+                    objects = self.vision.detect(frame.image)
                 except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
                     c.frames_failed += 1
                     d.once("bad-frame", f"frame skipped: {exc}")
                     continue
-                for f, objects, ms in done:
-                    publish(f, objects, (time.perf_counter() - t0) * 1000.0 if ms is None else ms)
+                publish(frame, objects, (time.perf_counter() - t0) * 1000.0)
             if runner is not None:
-                for done in runner.flush():
-                    publish(*done)
+                runner.flush()
         finally:
             if runner is not None:
                 runner.close()

@@ -178,6 +178,7 @@ class VisionGraph:
         self.tile_overlap = tile_overlap
         self._tiles: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}
         self._share_bufs: dict[tuple[int, int], np.ndarray] = {}
+        self.invoke_ms = 0.0  # all invokes of all finished units so far: how long the interpreters ran
         if share_input:
             self._link_shared()
 
@@ -318,6 +319,7 @@ class VisionGraph:
             fw.found.append(_Found(DetectedObject(o.label, o.score, ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h,
                                                                      (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h),
                                                   signature=o.signature), s.name, unit.parent))
+        self.invoke_ms += unit.invoke_ms
         fw.ms[s.name] += unit.ms + unit.invoke_ms + (time.perf_counter() - t0) * 1000.0
         fw.left[s.name] -= 1
         if fw.left[s.name] == 0:

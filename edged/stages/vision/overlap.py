@@ -82,17 +82,21 @@ class Invoker:
 class FrameRunner:
     """Runs frames through a graph, in order; with `overlap`, invokes on an `Invoker` thread.
 
-    `push(image, tag)` returns the frames finished meanwhile as (tag, objects, ms) in the order
-    pushed; `flush()` finishes the rest. `ms` is a frame's time from the start of its push to its
-    last result. Without overlap every frame is finished by its own push.
+    A finished frame is handed out as (tag, objects, ms) in the order pushed: to `on_done` the
+    moment its last unit is finished (during the next frame's push, right after that frame's first
+    invoke started), else in the list `push` and `flush` return. `flush()` finishes the rest. `ms`
+    is a frame's time from the start of its push to its last result. Without overlap every frame
+    is finished by its own push.
     """
 
-    def __init__(self, graph: VisionGraph, *, overlap: bool = True) -> None:
+    def __init__(self, graph: VisionGraph, *, overlap: bool = True, on_done=None) -> None:
         self.graph = graph
         self.overlap = overlap
+        self.on_done = on_done
         self._invoker = Invoker() if overlap else None
-        self._flight: deque[_Job | Unit] = deque()   # invoked or invoking, not finished
+        self._flight: deque[_Job] = deque()          # invoking or invoked, not finished
         self._frames: deque[FrameWork] = deque()     # pushed, not handed out
+        self._out: list[tuple[object, tuple, float]] = []
 
     @property
     def pending(self) -> int:
@@ -112,6 +116,7 @@ class FrameRunner:
                 if self._invoker is None:
                     item.invoke()
                     g.finish(item)
+                    self._deliver()
                     continue
                 self._flight.append(self._invoker.submit(item))
                 # Keep one invoking while the next is prepared: finish all but the newest.
@@ -135,6 +140,7 @@ class FrameRunner:
         """Stop the invoke thread (after the invokes in flight; their results are dropped)."""
         self._flight.clear()
         self._frames.clear()
+        self._out.clear()
         return self._invoker.close(timeout) if self._invoker is not None else True
 
     def _finish_one(self) -> None:
@@ -146,6 +152,7 @@ class FrameRunner:
         if unit.error is not None:
             raise unit.error
         self.graph.finish(unit)
+        self._deliver()
 
     def _drop(self) -> None:
         """After an error: wait for what is in flight (its input slots must be free), forget the
@@ -154,10 +161,17 @@ class FrameRunner:
             job.done.wait()
         self._flight.clear()
         self._frames.clear()
+        self._out.clear()
 
-    def _done(self) -> list[tuple[object, tuple, float]]:
-        out = []
+    def _deliver(self) -> None:
         while self._frames and self._frames[0].objects is not None:
             fw = self._frames.popleft()
-            out.append((fw.tag, fw.objects, (fw.finished - fw.started) * 1000.0))
+            done = (fw.tag, fw.objects, (fw.finished - fw.started) * 1000.0)
+            if self.on_done is not None:
+                self.on_done(*done)
+            else:
+                self._out.append(done)
+
+    def _done(self) -> list[tuple[object, tuple, float]]:
+        out, self._out = self._out, []
         return out
