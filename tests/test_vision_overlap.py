@@ -104,6 +104,21 @@ def test_with_overlap_a_frame_comes_out_of_the_next_push(chain, frames, expected
         runner.close()
 
 
+def test_on_done_gets_a_frame_as_soon_as_its_last_invoke_is_decoded(chain, frames, expected):
+    # The daemon publishes from on_done: frame a's results arrive while frame b is being worked
+    # on (b's first invoke already started), not after b's whole push.
+    seen = []
+    runner = FrameRunner(chain, overlap=True, on_done=lambda tag, objs, ms: seen.append((tag, objs, runner.pending)))
+    try:
+        assert runner.push(frames[0], "a") == [] and seen == []
+        assert runner.push(frames[1], "b") == []
+        assert seen == [("a", expected[0], 1)]  # b was still pending when a came out
+        assert runner.flush() == []
+        assert seen[1:] == [("b", expected[1], 0)]
+    finally:
+        runner.close()
+
+
 def test_stop_is_clean_and_leaves_no_thread(chain, frames):
     before = len(invoke_threads())
     runner = FrameRunner(chain, overlap=True)

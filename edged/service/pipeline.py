@@ -290,6 +290,7 @@ class Pipeline:
 
             tracker = Tracker(hold_s=v.hold_s, min_hits=v.min_hits, heartbeat_s=v.heartbeat_s)
         skipped_before = c.frames_skipped
+
         def publish(frame: Frame, objects: tuple, ms: float) -> None:
             c.frames += 1
             c.vision_runs += 1
