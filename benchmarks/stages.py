@@ -18,13 +18,14 @@ within a few seconds of load.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import Figure, at_least, cpus, median, pin
+from benchmarks.common import Figure, at_least, cpus, median, pin, thread_cpu_s
 
 REPO = Path(__file__).resolve().parent.parent
 SCENES = REPO / "tests" / "data" / "vision" / "scenes"
@@ -43,20 +44,26 @@ def _bare_ms(stage, n: int) -> float:
     return median(times)
 
 
-def _stream_ms(graph, images: list, n: int, overlap: bool) -> tuple[float, float]:
-    """ms per frame of `n` frames (the images in turn) through the daemon's FrameRunner, and the
-    share of that time an interpreter was invoking (the invokes as timed where they ran)."""
+def _stream_ms(graph, images: list, n: int, overlap: bool) -> tuple[float, float, float]:
+    """ms per frame of `n` frames (the images in turn) through the daemon's FrameRunner; the
+    share of that time an interpreter was invoking (the invokes as timed where they ran); and,
+    with overlap, the vision thread's CPU time over the invoke thread's (what a free core must
+    hide)."""
     from edged.stages.vision.overlap import FrameRunner
 
     runner = FrameRunner(graph, overlap=overlap)  # its invoke thread inherits this thread's CPUs
     try:
         busy = graph.invoke_ms
+        cpu0 = thread_cpu_s()
         t0 = time.perf_counter()
         for k in range(n):
             runner.push(images[k % len(images)])
         runner.flush()
         wall = (time.perf_counter() - t0) * 1000
-        return wall / n, (graph.invoke_ms - busy) / wall
+        cpu1 = thread_cpu_s()
+        me = threading.current_thread().name
+        cpu = {t: cpu1.get(t, 0.0) - cpu0.get(t, 0.0) for t in (me, "vision-invoke")}
+        return wall / n, (graph.invoke_ms - busy) / wall, cpu[me] / max(cpu["vision-invoke"], 1e-9)
     finally:
         runner.close()
 
@@ -137,6 +144,7 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
     for r in graph.runs:  # an input in place for the bare invokes
         r.stage.preprocess(np.zeros((r.stage.preprocess.height, r.stage.preprocess.width, 3), np.uint8))
     busy: dict[tuple[int, bool], list[float]] = {}
+    pythons: list[float] = []
     _stream_ms(graph, images, len(images), True)  # warm: the second input slots and output copies
     saved = os.sched_getaffinity(0)
     try:
@@ -145,7 +153,7 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
                 pin(cores)
                 for overlap in (False, True):
                     before = _bare_frames_ms(graph, invokes_of)
-                    ms, share = _stream_ms(graph, images, n_stream, overlap)
+                    ms, share, python = _stream_ms(graph, images, n_stream, overlap)
                     after = _bare_frames_ms(graph, invokes_of)
                     floor = (before + after) / 2
                     key = (n_cores, overlap)
@@ -153,6 +161,8 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
                     frames.setdefault(key, []).append(ms)
                     floors.setdefault(key, []).append(floor)
                     busy.setdefault(key, []).append(share)
+                    if overlap:
+                        pythons.append(python)
     finally:
         pin(saved)
     out = []
@@ -171,6 +181,10 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
             note="share of the stream's time some invoke ran, the invokes timed where they ran: "
                  "the efficiency without the slowdown of invokes beside other work; rounds: "
                  + ", ".join(f"{b:.3f}" for b in busy[(n_cores, overlap)])))
+    out.append(Figure("stages", "vision thread CPU ÷ invoke thread CPU, overlap on", round(median(pythons), 3), "×",
+                      note="the Python work per frame (preparing, decoding, merging) against the invokes, in CPU "
+                           "time: below 1, a free second core can hide all of it; rounds: "
+                           + ", ".join(f"{p:.3f}" for p in pythons)))
     for n_cores, _ in sets:
         if (n_cores, True) in ratios:
             gain = [a / b for a, b in zip(ratios[(n_cores, True)], ratios[(n_cores, False)])]

@@ -173,7 +173,7 @@ class VisionConfig:
     threads: int = field(default=0, metadata=_check(min=0, max=16))  # 0 = one per core, up to 4
     # With several stages: invoke on a thread of its own while the vision thread prepares the next
     # input and decodes the last (edged.stages.vision.overlap). Costs a second input buffer and an
-    # output copy per stage (about 1 MB for the default chain); false = one thing at a time.
+    # output copy per stage (about 3 MB for the default chain); false = one thing at a time.
     overlap: bool = True
     # What the `detections`/`events` topics carry: "labels" = a frame's objects when the set of
     # labels changes (and every heartbeat_s); "events" = track events new/update/end; "both".
