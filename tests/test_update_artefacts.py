@@ -153,6 +153,10 @@ def test_enrolled_centroids_released_alone_are_labelled_by_a_running_daemon(tmp_
         elapsed = time.monotonic() - t0
         checks = stats()["update_checks"] - before["update_checks"]
         assert checks <= 2 + elapsed / 1.0, (checks, elapsed)
+        # Nothing was published outside the device's own prefix but what the test sent.
+        with subscriber._lock:
+            topics = {t for t, _, _ in subscriber.messages}
+        assert {t for t in topics if not t.startswith("edged/test-dev/")} == {FLEET}
         assert d.stop(timeout=10) == 0
         assert "Traceback" not in d.output()
         installed = tmp_path / "state" / "updates" / "artefacts" / "motion" / "centroids"
@@ -229,3 +233,40 @@ def test_channel_artefact_rollouts_round_trip_and_unknown_kinds_are_ignored():
     doc["artefacts"]["motion"]["thresholds"] = {"rollouts": [{"version": 1, "percent": 100.0}], "revoked": []}
     parsed = Channel.from_bytes(json.dumps(doc).encode())
     assert set(parsed.artefacts["motion"]) == {"centroids"}
+
+
+
+def test_a_label_map_released_alone_renames_the_models_classes(tmp_path, broker, subscriber, daemon_factory):
+    """The face model's one class, renamed by a label map released on its own: a running daemon
+    installs it at its first check and labels its detections with the new name; the shipped
+    manifest is not touched. Damaged on disk afterwards, it is not used at the next start."""
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(repo_dir)
+    labels = tmp_path / "face.labels"
+    labels.write_text("visitor\n")
+    repo.add_artefact(labels, "labels", version=1, name="face")
+    repo.rollout("face", 1, 100.0, kind="labels")
+    repo.publish()
+    srv = Server(repo_dir / "public")
+    try:
+        cfg = write_config(tmp_path / "edged.toml", broker, extra=(
+            "[camera]\nfps = 5\n[imu]\nenabled = false\n"
+            f'[updates]\nurl = "{srv.url}"\nroot_json = "{repo_dir / "root.json"}"\npoll_interval_s = 3600\n'))
+        d = daemon_factory(cfg).start()
+
+        def labelled(name: str, since: int = 0) -> list[dict]:
+            return [m for m in subscriber.json("detections")[since:] if any(o["label"] == name for o in m["objects"])]
+        assert subscriber.wait(lambda: labelled("visitor"), 60), d.output()
+        assert load_manifest()["face"].labels == ["face"]
+        assert d.stop(timeout=10) == 0
+        installed = tmp_path / "state" / "updates" / "artefacts" / "face" / "labels" / "1" / "labels.txt"
+        assert installed.read_text() == "visitor\n"
+        installed.write_text("intruder\n")
+        n = len(subscriber.json("detections"))
+        d = daemon_factory(cfg).start()
+        assert subscriber.wait(lambda: labelled("face", n), 60), d.output()
+        assert not labelled("intruder")
+        assert "installed artefact damaged; using the one before it" in d.output()
+        assert d.stop(timeout=10) == 0
+    finally:
+        srv.close()
