@@ -347,3 +347,40 @@ def test_the_ingest_checks_and_the_schema_agree_on_samples():
             assert not validator.is_valid(short), (kind, key)
             assert isinstance(payloads.parse_sample("pi-a", json.dumps(short).encode(), None, now=now,
                                                     max_bytes=1 << 20), payloads.Reject), (kind, key)
+
+
+@pytest.mark.parametrize("full_frame", [False, True])
+def test_a_crop_is_the_box_with_its_margin_and_fits_the_sample_limit(tmp_path, full_frame):
+    """The sampler on its own (real queue, real JPEG encoder): a crop shows the box grown by the
+    margin, the whole frame only when configured, and a JSON payload (base64) stays within
+    sampling.max_sample_bytes by re-encoding smaller."""
+    import io
+
+    from PIL import Image
+
+    from edged.records import DetectedObject
+    from edged.service.sampler import Sampler
+
+    cfg = config.parse(f'[sampling]\nenabled = true\nvision_min_score = 0.4\nvision_max_score = 0.8\n'
+                       f'min_interval_s = 0\nmax_sample_bytes = 8192\nfull_frame = {str(full_frame).lower()}\n'
+                       f'crop_margin = 0.5\n')
+    q = SampleQueue(tmp_path / "samples.db", Caps.from_config(cfg.sampling))
+    s = Sampler(cfg, q, codec.JSON)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)  # noise: JPEG's worst case
+    o = DetectedObject("face", 0.6, (0.25, 0.25, 0.5, 0.75))
+    assert not s.wants_crop(DetectedObject("face", 0.9, o.box), 1.0)  # outside the band
+    assert s.wants_crop(o, 1.0)
+    s.take_crop(image, o, 1.0, "face")
+    s._store(s._requests.get_nowait())
+    (row,) = q.pending(0, 5)
+    assert len(row.payload) <= 8192
+    body = codec.decode(row.payload)
+    region = body["region"]
+    assert region == ([0.0, 0.0, 1.0, 1.0] if full_frame else [0.125, 0.0, 0.625, 1.0])
+    im = Image.open(io.BytesIO(codec.sample_data(body)))
+    assert im.size == (body["width"], body["height"])
+    # Shrunk to fit, keeping the region's shape.
+    want = (640, 480) if full_frame else (320, 480)
+    assert im.size[0] / im.size[1] == pytest.approx(want[0] / want[1], rel=0.05) and im.size[0] < want[0]
+    q.close()
