@@ -308,9 +308,8 @@ class Link:
             # the next turn instead of being forgotten.
             self.outbox.delete(self._to_delete)
             self._to_delete = []
-        if self._samples_to_delete:
-            self.samples.delete(self._samples_to_delete)
-            self._samples_to_delete = []
+        if self._samples_to_delete and self.samples.delete(self._samples_to_delete, wait=False):
+            self._samples_to_delete = []  # else kept for a later turn: results never wait on it
 
     def _drain_loop(self) -> None:
         """The drain thread: never ends before stop(). A turn that fails (the outbox cannot be
@@ -371,7 +370,7 @@ class Link:
         if (self.samples is None or self._sample_inflight or self._inflight or self._barrier
                 or self.outbox.depth or not self.samples.depth):
             return
-        for row in self.samples.pending(self._last_sample, SAMPLE_WINDOW):
+        for row in self.samples.pending(self._last_sample, SAMPLE_WINDOW, wait=False):
             info = self.client.publish(row.topic, row.payload, qos=1, properties=self._result_props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._once("publish-error", "publish failed; will retry", rc=mqtt.error_string(info.rc))

@@ -89,7 +89,8 @@ class SampleQueue:
         self.caps = caps
         self.max_bytes = max_bytes
         self.clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()         # the database
+        self._ledger_lock = threading.Lock()  # the in-memory budget: never held across a commit
         self._once = Once(log)
         self.taken = 0            # this run
         self.taken_bytes = 0
@@ -124,7 +125,7 @@ class SampleQueue:
     def spent(self, now: float | None = None) -> dict[str, int]:
         """What the last hour and the last day took: counts and bytes."""
         now = self.clock() if now is None else now
-        with self._lock:
+        with self._ledger_lock:
             return self._spent(now)
 
     def _spent(self, now: float) -> dict[str, int]:
@@ -150,7 +151,7 @@ class SampleQueue:
         """Whether a sample of the smallest size could still be taken: the pipeline asks before
         it copies a window or a frame. A trigger turned away here counts as skipped."""
         now = self.clock() if now is None else now
-        with self._lock:
+        with self._ledger_lock:  # not the database's lock: a pipeline thread never waits on a commit
             why = self._over(self._spent(now), 1)
             if why:
                 self._skip(why)
@@ -172,9 +173,11 @@ class SampleQueue:
         with self._lock:
             next_id = self._meta("next_id")
             payload = encode(next_id)
-            why = self._over(self._spent(now), len(payload))
+            with self._ledger_lock:
+                why = self._over(self._spent(now), len(payload))
+                if why:
+                    self._skip(why)
             if why:
-                self._skip(why)
                 return None
             db = self._db
             try:
@@ -198,7 +201,8 @@ class SampleQueue:
                 self._once("store", "sample could not be stored; skipped", level=logging.WARNING,
                            path=str(self.path), error=str(exc))
                 return None
-            self._ledger.append((now, len(payload)))
+            with self._ledger_lock:
+                self._ledger.append((now, len(payload)))
             self._bytes += len(payload) - freed
             self._depth += 1 - n
             self.dropped += n
@@ -232,18 +236,31 @@ class SampleQueue:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def pending(self, after_id: int, limit: int) -> list[Row]:
-        with self._lock:
+    def pending(self, after_id: int, limit: int, *, wait: bool = True) -> list[Row]:
+        """The oldest samples after `after_id`. `wait=False` (the link's drain thread) returns
+        nothing rather than wait while the sampler thread is committing: the drain thread also
+        carries results, which must not wait on a sample's fsync."""
+        if not self._lock.acquire(blocking=wait):
+            return []
+        try:
             cur = self._db.execute("SELECT id, topic, payload FROM samples WHERE id > ? ORDER BY id LIMIT ?",
                                    (after_id, limit))
             return [Row(i, t, bytes(p)) for i, t, p in cur]
+        finally:
+            self._lock.release()
 
-    def delete(self, ids: Iterable[int]) -> None:
+    def delete(self, ids: Iterable[int], *, wait: bool = True) -> bool:
+        """Forget acknowledged samples; False (nothing done) if `wait=False` and the queue is busy."""
         ids = list(ids)
         if not ids:
-            return
-        with self._lock:
+            return True
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
             db = self._db
+            # No fsync for a delete (on the link's drain thread): one lost to a power cut only
+            # sends that sample once more; what the budget counts is written with FULL.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
                 freed, n = db.execute(f"SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM samples "
@@ -254,8 +271,13 @@ class SampleQueue:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
             self._bytes -= freed
             self._depth -= n
+        finally:
+            self._lock.release()
+        return True
 
     def stats(self) -> dict[str, int]:
         spent = self.spent()
