@@ -12,8 +12,13 @@ run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
 	$(VENV)/bin/edged run $(if $(CONFIG),--config $(CONFIG))
 
+# In TEST_JOBS parallel processes (pytest-xdist): most tests wait on a daemon, a broker or a
+# database rather than use a core, so 4 finish sooner than 1 even on 2 cores. Tests that share a
+# module-scoped fixture stay in one process (--dist loadgroup; tests/conftest.py marks them).
+# TEST_JOBS=0 runs everything in this one process.
+TEST_JOBS ?= 4
 test: deps test-deps test-venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup)
 
 # The property tests of every parser that takes outside input (tests/test_fuzz.py) with a long
 # budget: 3000 examples each instead of `make test`'s 60 (a few minutes on a Pi 4).

@@ -20,6 +20,27 @@ from harness import Broker, free_port, mosquitto_bin  # noqa: F401 (re-exported)
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
 
+# The modules whose tests take longest (daemons run through outages, restarts and faults), run
+# first: `make test` runs the suite in parallel processes (pytest-xdist), which hand out tests in
+# this order, so that the long ones do not start last and keep one process busy at the end.
+LONG_FIRST = ("test_benchmarks", "test_faults", "test_tpu_faults", "test_outbox_faults", "test_order",
+              "test_ingest", "test_updates", "test_mqtt", "test_hostile", "test_first_run", "test_daemon")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Long modules first (LONG_FIRST); and under `--dist loadgroup`, the tests that share a
+    module-scoped fixture (a model loaded once, the benchmarks' one run, a release built once)
+    go to one process, so that the fixture is built once rather than once per process. tryfirst:
+    before xdist reads the group marks."""
+    rank = {name: n for n, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(fd.scope in ("module", "class") for defs in info.name2fixturedefs.values()
+                                    for fd in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 def outbox_meta(state_dir: Path, key: str) -> int:
     """A counter the daemon's outbox keeps ('seq', 'dropped'), as last committed (0 before the

@@ -174,10 +174,23 @@ def responses(msgs, topic="edged/test-dev/response"):
     return [json.loads(m.payload) for m in msgs if m.topic == topic]
 
 
+def _listening_for_commands(broker, d, leaf: str = "motion") -> None:
+    """Wait until the broker has the daemon's command subscription. The daemon subscribes in its
+    on-connect, before it publishes its first result, and a broker handles one connection's
+    packets in order: so a result seen here proves the subscription is in place (the log's
+    "connected" line comes before the SUBSCRIBE is even sent). A detection also means the vision
+    stage has a frame, which a snapshot needs."""
+    sub = Subscriber(broker, f"edged/test-dev/{leaf}")
+    try:
+        assert sub.wait(lambda: sub.messages, 60), d.output()
+    finally:
+        sub.close()
+
+
 def test_commands_are_off_by_default(tmp_path, broker, daemon_factory):
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
     d = daemon_factory(cfg).start()
-    assert wait_until(lambda: "msg=connected" in d.output(), 30)
+    _listening_for_commands(broker, d)
     got = _command(broker, "edged/test-dev/cmd/stats", b"", wait_for=lambda g: responses(g), timeout=3)
     assert responses(got) == []
     assert d.proc.poll() is None
@@ -187,8 +200,7 @@ def test_commands_when_enabled(tmp_path, broker, daemon_factory):
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST.replace("interval_s = 1", "interval_s = 3600")
                        + '[commands]\nenabled = true\nreply_prefix = "client"\n')
     d = daemon_factory(cfg).start()
-    assert wait_until(lambda: "msg=connected" in d.output(), 30)
-    time.sleep(0.5)
+    _listening_for_commands(broker, d)
 
     got = _command(broker, "edged/test-dev/cmd/stats", b'{"id": 7}',
                    wait_for=lambda g: responses(g) and any(m.topic == "edged/test-dev/stats" for m in g))
@@ -226,8 +238,7 @@ def test_snapshot_command_size_limited(tmp_path, broker, daemon_factory):
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST
                        + "[commands]\nenabled = true\nsnapshot = true\nsnapshot_max_bytes = 20000\n")
     d = daemon_factory(cfg).start()
-    assert wait_until(lambda: "msg=connected" in d.output(), 30)
-    time.sleep(1.0)
+    _listening_for_commands(broker, d, "detections")
     got = _command(broker, "edged/test-dev/cmd/snapshot", b"",
                    wait_for=lambda g: responses(g) and any(m.topic == "edged/test-dev/snapshot" for m in g))
     r = responses(got)[0]
