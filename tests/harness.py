@@ -42,6 +42,9 @@ class Broker:
                  listener_conf: str = "", cores: set[int] | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        # A port picked here may be taken by another process (another test process, too) before
+        # mosquitto binds it: then the first start picks another one.
+        self._repick = port is None
         self.cores = cores
         self.proc: subprocess.Popen | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -49,21 +52,47 @@ class Broker:
         self.log = workdir / "mosquitto.log"
         persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
                        else "persistence false\n")
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{listener_conf}allow_anonymous true\n"
-                             f"{persistence}user {pwd.getpwuid(os.getuid()).pw_name}\n")
+        self._conf_tail = (f"{listener_conf}allow_anonymous true\n"
+                           f"{persistence}user {pwd.getpwuid(os.getuid()).pw_name}\n")
+        self._write_conf()
+
+    def _write_conf(self) -> None:
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{self._conf_tail}")
+
+    def _runs(self) -> int:
+        """How many times a mosquitto has come up with this log (it logs "running" once its
+        listener is bound)."""
+        try:
+            return self.log.read_text(errors="replace").count(" running\n")
+        except FileNotFoundError:
+            return 0
 
     def start(self) -> "Broker":
+        for _ in range(5):
+            if self._start_once():
+                self._repick = False
+                return self
+            if not self._repick:
+                break
+            self.port = free_port()
+            self._write_conf()
+        raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-500:]}")
+
+    def _start_once(self) -> bool:
+        runs = self._runs()
         self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(self.conf)],
                                      stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         if self.cores:
             os.sched_setaffinity(self.proc.pid, self.cores)
         end = time.monotonic() + 10
-        while time.monotonic() < end:
-            if self.listening():
-                return self
+        while time.monotonic() < end and self.proc.poll() is None:
+            # Ours is up (not some other process that took the port) when it logged that it
+            # runs and answers on the port.
+            if self._runs() > runs and self.listening():
+                return True
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-500:]}")
+        return False
 
     def listening(self) -> bool:
         try:

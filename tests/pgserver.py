@@ -38,6 +38,7 @@ class Postgres:
     def __init__(self, *, port: int | None = None, fsync: bool = False) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        self._repick = port is None  # see start()
         self.bindir = pg_bindir()
         self.fsync = fsync
         self.user = "postgres" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
@@ -61,11 +62,22 @@ class Postgres:
         return proc
 
     def start(self) -> "Postgres":
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
-                f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=100 "
-                f"-c shared_buffers=64MB")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start")
-        return self
+        # A port picked by free_port() may be taken by another process (another test process,
+        # too) before the server binds it: then the first start tries another one.
+        for attempt in range(5):
+            opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
+                    f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=100 "
+                    f"-c shared_buffers=64MB")
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start")
+            except RuntimeError as exc:
+                if not self._repick or attempt == 4 or "could not bind" not in str(exc):
+                    raise
+                self.port = free_port()
+                continue
+            self._repick = False
+            return self
+        raise AssertionError("unreachable")
 
     def stop(self, mode: str = "fast") -> None:
         """mode: fast (clients disconnected, clean shutdown) or immediate (as if it crashed)."""

@@ -172,7 +172,8 @@ def test_broker_restart_mid_stream_no_gap(tmp_path, daemon_factory):
         for _ in range(2):
             assert wait_for_fresh_results(state, newest), d.output()
             broker.stop()
-            time.sleep(2.0)  # the daemon keeps producing and spools meanwhile
+            before = last_seq(state)  # the daemon keeps producing and spools meanwhile
+            assert wait_until(lambda: last_seq(state) > before + 5, 30), d.output()
             broker.start()
         assert wait_for_fresh_results(state, newest), d.output()
         assert d.stop() == 0
