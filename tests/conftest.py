@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,17 +30,44 @@ LONG_FIRST = ("test_benchmarks", "test_faults", "test_tpu_faults", "test_outbox_
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Long modules first (LONG_FIRST); and under `--dist loadgroup`, the tests that share a
-    module-scoped fixture (a model loaded once, the benchmarks' one run, a release built once)
-    go to one process, so that the fixture is built once rather than once per process. tryfirst:
-    before xdist reads the group marks."""
+    """Long modules first (LONG_FIRST), in one process and in parallel ones alike."""
     rank = {name: n for n, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is not None and any(fd.scope in ("module", "class") for defs in info.name2fixturedefs.values()
-                                    for fd in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+_MODULE_FIXTURE = re.compile(r"""@pytest\.fixture\([^)]*scope\s*=\s*["'](module|class)["']""")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` (what `make test` uses): every test is handed out on its own, except
+    that the tests of a module defining a module- or class-scoped fixture (a model loaded once, the
+    benchmarks' one run, a release built once) go to one process together, so that the fixture is
+    built once, not once per process. The module is read for its fixtures here, in the process
+    that hands out the tests, which collects none. (xdist's own loadgroup reads `xdist_group`
+    marks from a suffix it adds to test ids, which pytest 9's test ids no longer take.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    grouped: dict[str, bool] = {}
+
+    def shares_a_module_fixture(path: str) -> bool:
+        if path not in grouped:
+            try:
+                grouped[path] = bool(_MODULE_FIXTURE.search((config.rootpath / path).read_text()))
+            except OSError:
+                grouped[path] = False
+        return grouped[path]
+
+    class ModuleFixtureGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if "@" in nodeid:  # an xdist_group mark, should xdist's suffix work again
+                return nodeid.rsplit("@", 1)[-1]
+            path = nodeid.split("::", 1)[0]
+            return path if shares_a_module_fixture(path) else nodeid
+
+    config.option.loadscopereorder = False  # keep LONG_FIRST's order
+    return ModuleFixtureGroups(config, log)
 
 
 def outbox_meta(state_dir: Path, key: str) -> int:

@@ -166,6 +166,8 @@ def test_corrupt_outbox_rows_are_salvaged(tmp_path, daemon_factory):
         assert got, (len(col.seqs("test-dev")), salvaged)
         old = sorted(s for s in col.seqs("test-dev") if s <= stored[2])
         assert old[0] == 1 and old[-1] == stored[2] and 75 not in old  # both sides of the torn page
+        # The new run's own results may come after the salvaged ones: waited for, then checked.
+        assert wait_until(lambda: any(s > stored[2] for s in col.seqs("test-dev")), 60), d.output()
         assert min(s for s in col.seqs("test-dev") if s > stored[2]) == stored[2] + 1  # seq goes on
         assert d.stop() == 0
     finally:
