@@ -1,6 +1,6 @@
 """Property tests for every parser that takes outside input: config files, IMU recordings, command
 payloads with their topics and MQTT 5 properties, the codec's decoder, the receiver's message
-handling, and image files. Each may fail only with its documented error type, in one line.
+handling (results and samples), and image files. Each may fail only with its documented error type, in one line.
 
 `make test` runs a short budget (the "ci" profile); `make fuzz` runs the long one
 (HYPOTHESIS_PROFILE=fuzz)."""
@@ -217,6 +217,58 @@ def test_the_receiver_takes_any_message_without_failing(topic, payload, content_
     bad = w.store.conn.execute("SELECT count(*) FROM results WHERE seq < 1 OR typeof(seq) != 'integer' "
                                "OR ts < 946684800").fetchone()[0]
     assert bad == 0
+
+
+def _good_sample() -> dict:
+    import base64
+    import time
+
+    rows = np.zeros((3, 7), "<f4").tobytes()
+    return {"v": 1, "device_id": "dev", "id": 5, "ts": time.time(), "kind": "imu", "trigger": "unknown",
+            "model": "motion", "label": "unknown", "score": 0.0, "t0": time.time() - 3, "n": 3,
+            "signature": [1, 2], "sig_v": 2, "data": base64.b64encode(rows).decode()}
+
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(),
+                                     st.text(max_size=12)),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                        max_size=3), max_leaves=8)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(sorted(_good_sample()) + ["box", "region", "width", "height", "x"]),
+                       json_values, max_size=4),
+       st.sampled_from(["json", "cbor"]), st.sampled_from([False, False, False, True]))  # the worker: 1 in 4
+def test_a_sample_from_the_network_is_stored_or_rejected_never_an_error(changes, codec_name, through_worker):
+    """A sample (docs/mqtt.md `sample`) with any of its fields replaced by any value: a checked
+    record or a one-line Reject, and the receiver stores or rejects it and goes on."""
+    import time
+
+    import cbor2
+
+    from edged.cloud import payloads
+
+    body = {**_good_sample(), **changes}
+    try:
+        payload = json.dumps(body).encode() if codec_name == "json" else cbor2.dumps(body)
+    except (ValueError, TypeError, OverflowError):
+        return  # not encodable (e.g. NaN into strict JSON): nothing a device could send
+    got = payloads.parse_sample("dev", payload, None, now=time.time(), max_bytes=1 << 20)
+    assert isinstance(got, (payloads.SampleRecord, payloads.Reject))
+    if isinstance(got, payloads.Reject):
+        one_line(got.reason)
+    else:
+        assert got.kind == "crop" or len(got.data) == got.meta["n"] * 28
+    if through_worker:
+        from paho.mqtt.client import MQTTMessage
+
+        w = worker()
+        msg = MQTTMessage(topic=b"edged/dev/sample")
+        msg.payload, msg.qos = payload, 1
+        w._on_message(None, None, msg)
+        before = w.counters.received
+        w.step()
+        assert w.counters.received == before + 1
 
 
 # -- images -------------------------------------------------------------------------------------------

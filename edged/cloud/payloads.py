@@ -228,7 +228,7 @@ class SampleRecord:
 
 def _sample(body: dict, now: float) -> SampleRecord:
     kind = body.get("kind")
-    if kind not in SAMPLE_KINDS:
+    if not isinstance(kind, str) or kind not in SAMPLE_KINDS:
         raise _Bad(f"kind: expected one of {', '.join(SAMPLE_KINDS)}, got {_show(kind)}")
     allowed = _SAMPLE_FIELDS | _SAMPLE_KIND_FIELDS[kind]
     extra = set(body) - allowed
@@ -300,6 +300,8 @@ def parse_sample(device_id: str, payload: bytes, content_type: str | None, *, no
         rec = _sample(body, now)
     except _Bad as exc:
         return Reject("invalid", f"sample: {exc}")
+    except (TypeError, ValueError, OverflowError) as exc:  # a shape no check above foresaw: still a reject
+        return Reject("invalid", f"sample: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}")
     if rec.device_id != device_id:
         return Reject("wrong_device", f"device_id {rec.device_id!r} does not match the topic's {device_id!r}")
     return rec
