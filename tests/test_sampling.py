@@ -384,3 +384,18 @@ def test_a_crop_is_the_box_with_its_margin_and_fits_the_sample_limit(tmp_path, f
     want = (640, 480) if full_frame else (320, 480)
     assert im.size[0] / im.size[1] == pytest.approx(want[0] / want[1], rel=0.05) and im.size[0] < want[0]
     q.close()
+
+
+def test_a_damaged_sample_queue_turns_sampling_off_not_the_results(tmp_path, broker, subscriber, daemon_factory):
+    csv = stairs_csv(tmp_path / "stairs.csv")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "samples.db").write_bytes(b"this is not a database" * 100)
+    cfg = sampling_config(tmp_path, broker, csv, "min_interval_s = 0\n")
+    d = daemon_factory(cfg).start()
+    assert subscriber.wait(lambda: len(subscriber.on("motion")) >= 2, 60), d.output()
+    assert d.stop() == 0
+    out = d.output()
+    assert 'msg="sampling off: the sample queue cannot be opened"' in out and "samples.db" in out
+    assert subscriber.on("sample") == [] and "Traceback" not in out
+    assert (state / "samples.db").read_bytes().startswith(b"this is not a database")  # left for inspection

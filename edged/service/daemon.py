@@ -85,7 +85,8 @@ class Daemon:
         for a bad config or model file, 69 for a device or runtime that is not there)."""
         # The outbox first: an unwritable state_dir is found before seconds of model loading.
         self.outbox = self._open_outbox(self.cfg)
-        self.samples = self._open_samples(self.cfg)
+        # Optional: a sample queue that cannot be opened turns sampling off, never the results.
+        self.samples = self._reopen_samples(self.cfg)
         self.pipeline = self._open_first_pipeline()
         logsetup.set_static(backend=self.pipeline.backend)
 
@@ -473,8 +474,9 @@ class Daemon:
         return True
 
     def _reopen_samples(self, cfg: Config):
-        """The sample queue for a reloaded config; one that cannot be opened turns sampling off
-        (logged) rather than refusing a reload whose pipeline is already built."""
+        """The sample queue; one that cannot be opened (unreadable, corrupt) turns sampling off
+        with an error line, the file left as it is for inspection: results never wait on it,
+        and a start or a reload is not refused for it."""
         from edged.delivery.samples import SampleQueueError
 
         try:
