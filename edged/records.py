@@ -19,10 +19,24 @@ IMU_CHANNELS = ("ax", "ay", "az", "gx", "gy", "gz")
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One camera frame: RGB, uint8, shape (H, W, 3); `ts` is the capture time (UNIX seconds)."""
+    """One camera frame: RGB, uint8, shape (H, W, 3); `ts` is the capture time (UNIX seconds).
+
+    `lease`: where the image is a camera's reused buffer (edged.sources.camera.buffers), the hold
+    on it. Whoever is handed the frame calls `release()` when done with the pixels, and `hold()`
+    first to keep them beyond someone else's release; a frame without a lease owns its image."""
 
     ts: float
     image: np.ndarray
+    lease: object = field(default=None, repr=False, compare=False)
+
+    def hold(self) -> "Frame":
+        if self.lease is not None:
+            self.lease.hold()
+        return self
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 @dataclass(frozen=True, slots=True)

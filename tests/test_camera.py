@@ -92,11 +92,24 @@ def test_video_file_replays_rgb_frames_and_loops(video):
     assert cam.frames == 5
 
 
-def test_video_frames_reuse_a_small_ring_of_buffers(video):
+def test_video_frames_reuse_released_buffers_and_never_one_in_use(video):
     cam = VideoReplay(video[0], fps=500)
-    ids = [id(cam.read().image) for _ in range(7)]
-    assert len(set(ids)) == VideoReplay.RING
-    assert ids[:3] == ids[3:6]
+    held = [cam.read() for _ in range(3)]  # not released: three buffers, none written twice
+    pixels = [f.image.copy() for f in held]
+    assert len({id(f.image) for f in held}) == 3
+    for _ in range(20):  # released at once: one more buffer, reused for every frame
+        f = cam.read()
+        f.release()
+    assert all(np.array_equal(f.image, p) for f, p in zip(held, pixels))
+    assert cam.buffers.allocations == 4 and cam.stats["buffers"] == 4
+    for f in held:
+        f.release()
+    ids = set()
+    for _ in range(8):
+        f = cam.read()
+        ids.add(id(f.image))
+        f.release()
+    assert cam.buffers.allocations == 4 and len(ids) == 1
 
 
 def test_video_without_opencv_says_what_to_install(video, monkeypatch):

@@ -331,7 +331,7 @@ def test_v4l2_negotiates_the_nearest_mode_and_delivers_rgb(caplog):
             assert fr.image.shape == (720, 1280, 3)
             assert any(np.array_equal(fr.image, backend.scene.view(i, (1280, 720), (1280, 720)))
                        for i in range(5))  # RGB, exactly what the webcam saw
-        assert len({id(f.image) for f in frames}) == 3  # a ring of buffers, not one overwritten array
+        assert len({id(f.image) for f in frames}) == 3  # three frames held: three buffers, none overwritten
     finally:
         cam.close()
 

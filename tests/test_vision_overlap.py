@@ -121,11 +121,13 @@ def test_on_done_gets_a_frame_as_soon_as_its_last_invoke_is_decoded(chain, frame
 
 def test_stop_is_clean_and_leaves_no_thread(chain, frames):
     before = len(invoke_threads())
-    runner = FrameRunner(chain, overlap=True)
+    dropped = []
+    runner = FrameRunner(chain, overlap=True, on_drop=dropped.append)
     assert len(invoke_threads()) == before + 1
-    runner.push(frames[0])
-    runner.push(frames[1])  # one frame still in flight when closing: its results are dropped
-    assert runner.close(timeout=30)
+    runner.push(frames[0], "a")
+    assert [t for t, _, _ in runner.push(frames[1], "b")] == ["a"]
+    assert runner.close(timeout=30)  # one frame still in flight: its results are dropped...
+    assert dropped == ["b"]  # ...and its owner told (the daemon gives its camera buffer back)
     assert len(invoke_threads()) == before
     with pytest.raises(RuntimeError, match="closed"):
         runner.push(frames[0])
@@ -218,13 +220,14 @@ def test_an_invoke_error_reaches_the_vision_thread(tmp_path):
     tpu = FakeEdgeTpu("usb")
     models = load_manifest(tpu_face_models(tmp_path, tpu))
     g = open_graph(CROPS, models, open_entry=lambda e: open_for_backend(e, "usb", False, loader=tpu, threads=1))
-    runner = FrameRunner(g, overlap=True)
+    dropped = []
+    runner = FrameRunner(g, overlap=True, on_drop=dropped.append)
     try:
         tpu.unplug()
         with pytest.raises(TpuError, match="the Edge TPU failed mid-run"):
-            runner.push(load("group_leuven.jpg"))
+            runner.push(load("group_leuven.jpg"), "x")
             runner.flush()
-        assert runner.pending == 0
+        assert runner.pending == 0 and dropped == ["x"]  # forgotten, and its owner told
     finally:
         assert runner.close(timeout=30)
 

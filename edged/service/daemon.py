@@ -378,13 +378,16 @@ class Daemon:
                                                     "commands.snapshot_bytes_per_minute)")
         cam = self.pipeline.camera if self.pipeline else None
         full = cam.snapshot() if cam is not None and hasattr(cam, "snapshot") else None
-        frame = self.pipeline.last_frame if self.pipeline else None
+        # Else the newest frame, held while it is encoded (the camera reuses its buffers).
+        frame = self.pipeline.newest_frame() if self.pipeline and full is None else None
         if full is None and frame is None:
             return commands.reply(cmd, False, error="no camera frame yet")
-        # The camera's full-size main stream when it has one; else the newest frame, copied now
-        # because the camera thread reuses its buffers.
-        image, ts = (full, time.time()) if full is not None else (frame.image.copy(), frame.ts)
-        jpeg = commands.jpeg_snapshot(image, self.cfg.commands.snapshot_max_bytes)
+        try:
+            image, ts = (full, time.time()) if full is not None else (frame.image, frame.ts)
+            jpeg = commands.jpeg_snapshot(image, self.cfg.commands.snapshot_max_bytes)
+        finally:
+            if frame is not None:
+                frame.release()
         budget.spend(len(jpeg))
         self.link.publish_now("snapshot", jpeg, qos=1)
         return commands.reply(cmd, True, bytes=len(jpeg), ts=round(ts, 3), topic=self.cfg.topic("snapshot"))

@@ -51,7 +51,8 @@ class Counters:
 
 
 class Mailbox:
-    """A one-slot, newest-wins handoff from the camera thread to the vision thread."""
+    """A one-slot, newest-wins handoff from the camera thread to the vision thread. The frame in
+    the slot is the mailbox's to release: when a newer one replaces it, or `discard` drops it."""
 
     def __init__(self) -> None:
         self._item: Frame | None = None
@@ -60,10 +61,21 @@ class Mailbox:
 
     def put(self, item: Frame) -> None:
         with self._cond:
-            if self._item is not None:
+            old, self._item = self._item, item
+            if old is not None:
                 self.replaced += 1
-            self._item = item
+                old.release()
             self._cond.notify()
+
+    def discard(self) -> bool:
+        """Drop the waiting frame (its buffer is wanted back); False when there is none."""
+        with self._cond:
+            old, self._item = self._item, None
+            if old is None:
+                return False
+            self.replaced += 1
+            old.release()
+            return True
 
     def take(self, timeout: float) -> Frame | None:
         with self._cond:
@@ -105,7 +117,8 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.mailbox = Mailbox()
-        self.last_frame: Frame | None = None  # for snapshots
+        self.last_frame: Frame | None = None  # the newest published frame, for snapshots (held)
+        self._last_lock = threading.Lock()
         self.imu_handed_over_from: Pipeline | None = None
         self.keep_imu_open = False  # set when a reload hands our IMU to the next pipeline
 
@@ -217,6 +230,10 @@ class Pipeline:
             frame_deadline = max(wd.deadline_s, 3.0 / self.cfg.camera.fps)
             wd.register("camera", frame_deadline)
             wd.register("vision", frame_deadline)
+            buffers = getattr(self.camera, "buffers", None)
+            if buffers is not None:
+                # All frame buffers in use: the frame waiting in the mailbox gives its back.
+                buffers.reclaim = self.mailbox.discard
             self.threads.append(d.spawn("camera", lambda: self._camera_loop(d)))
             self.threads.append(d.spawn("vision", lambda: self._vision_loop(d)))
         if self.imu:
@@ -260,6 +277,20 @@ class Pipeline:
                 if hasattr(m, "close"):
                     m.close()
 
+    def newest_frame(self) -> Frame | None:
+        """The newest published frame, held for the caller, who must `release()` it; or None."""
+        with self._last_lock:
+            frame = self.last_frame
+            return frame.hold() if frame is not None else None
+
+    def _keep_last(self, frame: Frame) -> None:
+        """`frame` becomes the newest (the vision thread hands over its hold); the one before
+        it is released."""
+        with self._last_lock:
+            old, self.last_frame = self.last_frame, frame
+        if old is not None:
+            old.release()
+
     def _camera_loop(self, d: "Daemon") -> None:
         c = d.counters
         from edged.sources.camera import CameraError
@@ -296,13 +327,14 @@ class Pipeline:
             c.vision_runs += 1
             c.vision_ms_total += ms
             c.frames_skipped = skipped_before + self.mailbox.replaced
-            self.last_frame = frame
             sampler = d.sampler
             if sampler is not None:
-                # At most one crop a frame: the first detection whose score is in the band.
+                # At most one crop a frame: the first detection whose score is in the band
+                # (copied at once: the frame's buffer goes back to the camera).
                 o = next((o for o in objects if sampler.wants_crop(o, frame.ts)), None)
                 if o is not None:
                     sampler.take_crop(frame.image, o, frame.ts, o.stage or v.model)
+            self._keep_last(frame)
             det = Detections(frame.ts, objects, ms)
             if policy is not None and policy.should_publish(det):
                 d.results.put(("detections", det))
@@ -320,7 +352,8 @@ class Pipeline:
 
             # A frame is published as soon as its last invoke is decoded: with overlap that is
             # during the next frame's push, so a frame is held barely longer than without overlap.
-            runner = FrameRunner(self.vision, overlap=v.overlap, on_done=publish)
+            # A frame the runner drops (after an error, or at close) gives its buffer back.
+            runner = FrameRunner(self.vision, overlap=v.overlap, on_done=publish, on_drop=Frame.release)
         try:
             while not self.stop_event.is_set():
                 # A frame still finishing (its last invoke overlaps the next frame's first) is
@@ -338,6 +371,8 @@ class Pipeline:
                         continue
                     objects = self.vision.detect(frame.image)
                 except ValueError as exc:  # a frame the stage cannot use: count, say once, skip
+                    if frame is not self.last_frame:  # (the runner may have released it: a no-op)
+                        frame.release()
                     c.frames_failed += 1
                     d.once("bad-frame", f"frame skipped: {exc}")
                     continue

@@ -1,5 +1,5 @@
-"""The base of live cameras: pacing, a ring of reused frames, capture timestamps, and surviving
-failures (counted by kind, logged once per kind, reopened with backoff)."""
+"""The base of live cameras: pacing, a pool of reused frame buffers, capture timestamps, and
+surviving failures (counted by kind, logged once per kind, reopened with backoff)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from edged.records import Frame
 from edged.service.log import Once, fields
+from edged.sources.camera.buffers import FramePool, Lease
 from edged.sources.camera.common import ERROR_KINDS, CameraFault, Pacer, chain_text
 
 log = logging.getLogger("edged.camera")
@@ -19,8 +20,15 @@ log = logging.getLogger("edged.camera")
 MAX_FRAME_AGE_S = 5.0
 
 
+class _NoBuffer(Exception):
+    """Every frame buffer is in use: the frame just grabbed is dropped (see FramePool)."""
+
+
 class LiveCamera:
-    """What the real cameras share: pacing, a ring of reused frames, and surviving failures.
+    """What the real cameras share: pacing, reused frame buffers, and surviving failures.
+
+    Frames converted into edged's own buffers come from `buffers` (a `FramePool`): each frame
+    holds its buffer until released (`Frame.release()`), and a buffer in use is never written.
 
     A failure (CameraFault) is counted by kind, logged once per kind until frames flow again, and
     followed by closing the device and reopening it after a backoff that doubles from
@@ -33,7 +41,6 @@ class LiveCamera:
     """
 
     name = "camera"
-    RING = 3  # the frame being filled, one in the mailbox, one being detected
 
     def __init__(self, *, fps: float, backoff_min_s: float = 0.5, backoff_max_s: float = 30.0,
                  idle_s: float = 1.0) -> None:
@@ -54,8 +61,8 @@ class LiveCamera:
         self._closed = self._pacer.closed
         self._lock = threading.Lock()  # the device: read() vs close() / snapshot()
         self._once = Once(log)
-        self._ring: list[np.ndarray] = []
-        self._slot = 0
+        self.buffers = FramePool(self.name)
+        self._lease: Lease | None = None  # the buffer of the frame being grabbed
 
     # -- what each camera implements -------------------------------------------------------
     def _open(self) -> None:
@@ -70,12 +77,18 @@ class LiveCamera:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
-    def _next_ring(self, shape: tuple[int, ...]) -> np.ndarray:
-        if not self._ring or self._ring[0].shape != shape:
-            self._ring = [np.empty(shape, np.uint8) for _ in range(self.RING)]
-        out = self._ring[self._slot]
-        self._slot = (self._slot + 1) % self.RING
-        return out
+    def _frame_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A free buffer for the frame being grabbed (raises _NoBuffer when there is none)."""
+        lease = self.buffers.take(shape)
+        if lease is None:
+            raise _NoBuffer()
+        self._lease = lease
+        return lease.array
+
+    def _drop_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
     def read(self) -> Frame | None:
         """The next frame (blocking); None once the source is closed."""
@@ -100,13 +113,17 @@ class LiveCamera:
                     break
                 try:
                     image, exposed = self._grab()
+                except _NoBuffer:  # counted by the pool; the device is fine
+                    continue
                 except CameraFault as fault:
+                    self._drop_lease()
                     self._fault(fault)
                     self._release_quietly()
                     continue
             self._recovered()
             self.frames += 1
-            return Frame(self._capture_time(exposed), image)
+            lease, self._lease = self._lease, None
+            return Frame(self._capture_time(exposed), image, lease)
         with self._lock:
             self._release_quietly()
         return None
@@ -164,7 +181,7 @@ class LiveCamera:
     @property
     def stats(self) -> dict:
         return {"frames": self.frames, "errors": self.errors, "reopens": max(0, self.opens - 1),
-                **{f"errors_{k}": v for k, v in self.error_counts.items()}}
+                **{f"errors_{k}": v for k, v in self.error_counts.items()}, **self.buffers.stats}
 
     def close(self) -> None:
         self._closed.set()

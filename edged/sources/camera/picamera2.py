@@ -220,7 +220,7 @@ class Picamera2Source(LiveCamera):
             if arr.ndim != 3 or arr.shape[2] != 3:
                 raise CameraFault("error", f"lores frame of shape {arr.shape}, expected (h, w, 3)")
             return arr, exposed  # a fresh array from picamera2 already; no copy needed
-        out = self._next_ring((self._yuv.height, self._yuv.width, 3))
+        out = self._frame_buffer((self._yuv.height, self._yuv.width, 3))
         try:
             return self._yuv(arr, out), exposed
         except ValueError as exc:

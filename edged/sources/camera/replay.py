@@ -15,6 +15,7 @@ import numpy as np
 
 from edged.records import Frame
 from edged.service.log import Once
+from edged.sources.camera.buffers import FramePool
 from edged.sources.camera.common import OPENCV_HINT, CameraError, Pacer
 from edged.sources.camera.images import MAX_PIXELS, VIDEO_SUFFIXES, decode_image, list_images
 
@@ -30,10 +31,10 @@ def open_replay(path: str | Path, *, fps: float = 2.0, loop: bool = True, max_pi
 
 
 class VideoReplay:
-    """Plays a video file at `fps`, looping, into a small ring of reused RGB buffers."""
+    """Plays a video file at `fps`, looping, into reused RGB buffers (`buffers`, a FramePool:
+    a frame holds its buffer until released)."""
 
     name = "replay-video"
-    RING = 3  # the frame being filled, one in the mailbox, one being detected
 
     def __init__(self, path: str | Path, *, fps: float = 2.0, loop: bool = True) -> None:
         try:
@@ -53,8 +54,7 @@ class VideoReplay:
             raise CameraError(f"{self.path}: video has no decodable frame")
         self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
         self._bgr = np.empty_like(first)
-        self._ring = [np.empty_like(first) for _ in range(self.RING)]
-        self._slot = 0
+        self.buffers = FramePool(self.name)
         self._pacer = Pacer(fps)
 
     def read(self) -> Frame | None:
@@ -72,16 +72,17 @@ class VideoReplay:
             if bgr.shape != self._bgr.shape:  # a stream whose size changes mid-file
                 self.errors += 1
                 continue
-            out = self._ring[self._slot]
-            self._slot = (self._slot + 1) % self.RING
-            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out)
+            lease = self.buffers.take(bgr.shape)
+            if lease is None:  # every buffer in use: this frame is dropped (counted by the pool)
+                continue
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=lease.array)
             self.frames += 1
-            return Frame(time.time(), out)
+            return Frame(time.time(), lease.array, lease)
         return None
 
     @property
     def stats(self) -> dict:
-        return {"frames": self.frames, "errors": self.errors}
+        return {"frames": self.frames, "errors": self.errors, **self.buffers.stats}
 
     def close(self) -> None:
         self._pacer.closed.set()

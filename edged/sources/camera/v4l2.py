@@ -158,7 +158,7 @@ class V4l2Source(LiveCamera):
         if bgr.ndim != 3 or bgr.shape[2] != 3:
             raise CameraFault("error", f"{self.device}: frame of shape {bgr.shape}, expected (h, w, 3)")
         self._bgr = bgr
-        out = self._next_ring(bgr.shape)
+        out = self._frame_buffer(bgr.shape)
         self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB, dst=out)
         # The buffer's timestamp from the driver (CLOCK_MONOTONIC for UVC webcams), in ms.
         ms = self._cap.get(self._cv2.CAP_PROP_POS_MSEC)

@@ -86,13 +86,16 @@ class FrameRunner:
     moment its last unit is finished (during the next frame's push, right after that frame's first
     invoke started), else in the list `push` and `flush` return. `flush()` finishes the rest. `ms`
     is a frame's time from the start of its push to its last result. Without overlap every frame
-    is finished by its own push.
+    is finished by its own push. A frame pushed and never handed out (the runner forgets the open
+    frames after an error, and at `close`) is given to `on_drop(tag)`, so that its owner can free
+    what the tag holds (the daemon: the camera buffer).
     """
 
-    def __init__(self, graph: VisionGraph, *, overlap: bool = True, on_done=None) -> None:
+    def __init__(self, graph: VisionGraph, *, overlap: bool = True, on_done=None, on_drop=None) -> None:
         self.graph = graph
         self.overlap = overlap
         self.on_done = on_done
+        self.on_drop = on_drop
         self._invoker = Invoker() if overlap else None
         self._flight: deque[_Job] = deque()          # invoking or invoked, not finished
         self._frames: deque[FrameWork] = deque()     # pushed, not handed out
@@ -139,9 +142,16 @@ class FrameRunner:
     def close(self, timeout: float | None = 2.0) -> bool:
         """Stop the invoke thread (after the invokes in flight; their results are dropped)."""
         self._flight.clear()
+        self._forget()
+        return self._invoker.close(timeout) if self._invoker is not None else True
+
+    def _forget(self) -> None:
+        dropped = [fw.tag for fw in self._frames] + [tag for tag, _, _ in self._out]
         self._frames.clear()
         self._out.clear()
-        return self._invoker.close(timeout) if self._invoker is not None else True
+        if self.on_drop is not None:
+            for tag in dropped:
+                self.on_drop(tag)
 
     def _finish_one(self) -> None:
         if not self._flight:
@@ -160,8 +170,7 @@ class FrameRunner:
         for job in self._flight:
             job.done.wait()
         self._flight.clear()
-        self._frames.clear()
-        self._out.clear()
+        self._forget()
 
     def _deliver(self) -> None:
         while self._frames and self._frames[0].objects is not None:
