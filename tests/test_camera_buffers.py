@@ -155,3 +155,19 @@ def test_a_frame_held_twice_is_free_only_after_both_release(released):
         second.release()
     finally:
         cam.close()
+
+
+def test_a_reader_that_keeps_every_frame_gets_its_own_buffers_beyond_the_bound():
+    # Not the daemon (it gives frames back): frames beyond the bound are not reused, not dropped.
+    backend, views = webcam()
+    cam = V4l2Source("0", width=SIZE[0], height=SIZE[1], fps=30, backend=backend, **FAST)
+    try:
+        frames = [cam.read() for _ in range(BUFFERS_MAX + 2)]
+        pixels = [f.image.copy() for f in frames]
+        cam.read().release()
+        assert len({id(f.image) for f in frames}) == len(frames)
+        assert all(np.array_equal(f.image, px) for f, px in zip(frames, pixels))
+        assert cam.buffers.allocations == BUFFERS_MAX and cam.buffers.unpooled == 3
+        assert cam.stats["frames_dropped"] == 0
+    finally:
+        cam.close()

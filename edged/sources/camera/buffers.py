@@ -13,7 +13,9 @@ buffers, allocated once.
 With all `limit` buffers in use (a consumer that holds frames it never releases) the pool says so
 once and asks its `reclaim` hook to give one back: the pipeline drops the frame waiting in its
 mailbox, the oldest one no stage has begun. When there is none, the new frame is dropped
-(counted in `dropped`): a buffer that is in use is never written.
+(counted in `dropped`): a buffer that is in use is never written. A reader without a hook (one
+that does not take part, e.g. `edged snapshot`, a test reading frames one by one) gets the
+frames beyond the bound in buffers of their own, not reused (counted in `unpooled`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ BUFFERS_MAX = 8  # filling, mailbox, up to two in a chain of stages, the snapsho
 class Lease:
     """One frame's hold on a pool buffer; the buffer goes back when the last holder releases it."""
 
-    __slots__ = ("_pool", "array", "_refs")
+    __slots__ = ("_pool", "array", "_refs", "_pooled")
 
-    def __init__(self, pool: "FramePool", array: np.ndarray) -> None:
+    def __init__(self, pool: "FramePool", array: np.ndarray, pooled: bool = True) -> None:
         self._pool = pool
         self.array = array
         self._refs = 1
+        self._pooled = pooled
 
     def hold(self) -> None:
         with self._pool._lock:
@@ -53,7 +56,7 @@ class Lease:
             if self._refs <= 0:
                 return
             self._refs -= 1
-            if self._refs:
+            if self._refs or not self._pooled:
                 return
             pool._give_back(self.array)
 
@@ -67,6 +70,7 @@ class FramePool:
         self.allocated = 0    # buffers that exist now (in use or free)
         self.allocations = 0  # buffers ever allocated: stays put in a steady stream
         self.dropped = 0      # frames dropped because every buffer was in use
+        self.unpooled = 0     # frames beyond the bound given buffers of their own (no reclaim hook)
         self.reclaim = None   # callable() -> bool: a consumer gives back a frame it can spare
         self._free: list[np.ndarray] = []
         self._shape: tuple[int, ...] | None = None
@@ -96,11 +100,18 @@ class FramePool:
                     return Lease(self, np.empty(shape, np.uint8))
                 say = not self._full_said
                 self._full_said = True
+            reclaim = self.reclaim
             if say:
-                log.warning("all camera frame buffers are in use; dropping the oldest waiting frame",
+                log.warning("all camera frame buffers are in use (frames not released); "
+                            + ("dropping the oldest waiting frame" if reclaim is not None
+                               else "further frames get buffers of their own"),
                             extra=fields(source=self.name, buffers=self.limit))
+            if reclaim is None:
+                with self._lock:
+                    self.unpooled += 1
+                return Lease(self, np.empty(shape, np.uint8), pooled=False)
             # Outside the lock: the hook releases a frame, which takes the lock.
-            if attempt or self.reclaim is None or not self.reclaim():
+            if attempt or not reclaim():
                 break
         with self._lock:
             self.dropped += 1
