@@ -383,13 +383,15 @@ def test_v4l2_faults_are_counted_logged_once_and_recovered(caplog, fault, kind, 
     try:
         assert cam.read() is not None
         with caplog.at_level(logging.INFO, logger="edged.camera"):
+            # Every fault lasts until it is cleared below, once it was seen twice: a fixed-length
+            # stall could be over before a loaded machine starts the read.
             if fault == "stall":
-                backend.stall(0.5)
+                backend.stall(3600)
             else:
                 getattr(backend, fault)()
                 # busy and permission show at the next open: make the current capture fail first
                 if fault in ("set_busy", "deny"):
-                    backend.stall(0.1)
+                    backend.stall(3600)
             done = {}
             t = threading.Thread(target=lambda: done.setdefault("frame", cam.read()))
             t.start()
@@ -397,6 +399,7 @@ def test_v4l2_faults_are_counted_logged_once_and_recovered(caplog, fault, kind, 
             backend.plug()
             backend.set_busy(False)
             backend.deny(False)
+            backend.stall(0)
             t.join(5)
         assert done["frame"] is not None
         (line,) = records(caplog, f"camera {kind}")
