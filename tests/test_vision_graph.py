@@ -104,6 +104,16 @@ def test_faces_found_in_a_crop_name_their_person(chain):
     assert chain.stage_ms.keys() == {"people", "faces", "faces_in_people"}
 
 
+def test_stage_figures_appear_once_a_stage_has_finished_a_frame():
+    # Stats are published on a timer: before the first frame a stage has no figures, not a 0 ms.
+    g = open_graph(DEFAULT_CHAIN, load_manifest(REPO / "models"), threads=1)
+    assert g.stats == {}
+    g.detect(np.asarray(Image.open(DATA / "scenes" / "group_building.jpg").convert("RGB")))
+    names = {s.name for s in DEFAULT_CHAIN}
+    assert {k for k in g.stats if k.endswith("_ms")} == {f"stage_{n}_ms" for n in names}
+    assert all(g.stats[f"stage_{n}_ms"] > 0 for n in names)
+
+
 @pytest.mark.parametrize("name", ["json", "cbor"])
 def test_stage_and_parent_in_both_codecs_match_the_schema(name):
     d = Detections(ts=1.5, inference_ms=3.0, objects=(

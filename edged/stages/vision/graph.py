@@ -99,6 +99,7 @@ class StageRun:
     invokes: int = 0         # on the last frame
     mean_ms: float = 0.0     # smoothed over about the last 20 frames
     mean_invokes: float = 0.0
+    frames: int = 0          # frames it has finished: its figures mean something once this is > 0
     slot: int = 0            # the input slot its next unit fills (alternates when overlapping)
     copies: list = field(default_factory=lambda: [None, None])  # per slot: its OutputCopy
     share_from: int = -1     # index of an earlier stage with the same input and geometry
@@ -334,7 +335,8 @@ class VisionGraph:
         fw.by_stage[s.name] = [i for i in mine if id(fw.found[i]) in kept]
         run.last_ms = fw.ms[s.name] + (time.perf_counter() - t0) * 1000.0
         run.invokes = fw.invokes[s.name]
-        a = 0.05 if run.mean_ms else 1.0
+        a = 0.05 if run.frames else 1.0
+        run.frames += 1
         run.mean_ms += a * (run.last_ms - run.mean_ms)
         run.mean_invokes += a * (run.invokes - run.mean_invokes)
         if len(fw.by_stage) == len(self.runs):
@@ -373,9 +375,12 @@ class VisionGraph:
 
     @property
     def stats(self) -> dict[str, float]:
-        """Per stage, smoothed: ms per frame and model invokes per frame (tiles and crops count)."""
+        """Per stage, smoothed: ms per frame and model invokes per frame (tiles and crops count);
+        a stage that has not finished a frame yet has no figures rather than a false 0."""
         out = {}
         for r in self.runs:
+            if not r.frames:
+                continue
             out[f"stage_{r.spec.name}_ms"] = round(r.mean_ms, 2)
             out[f"stage_{r.spec.name}_invokes"] = round(r.mean_invokes, 2)
         return out
