@@ -105,7 +105,9 @@ class Broker:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                # A clean stop is where a persistent broker saves its sessions and queues: a loaded
+                # machine must not turn it into a kill, which loses what it held in memory.
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
