@@ -112,7 +112,13 @@ class Fleet:
 
     def pause(self) -> None:
         """Stop making new results (what was made is still delivered)."""
+        if self.per_device >= 0:
+            self._paused_at = self.per_device
         self.per_device = -1
+
+    def resume(self) -> None:
+        """Make results again after `pause`, up to the same `per_device` as before."""
+        self.per_device = getattr(self, "_paused_at", 0)
 
     def made(self) -> int:
         return sum(d.made for d in self.devices)
