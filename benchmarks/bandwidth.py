@@ -1,8 +1,9 @@
 """Bandwidth (issue 8, figure 5): what the demo workload publishes per hour, against the raw
 frames and IMU samples it would have had to send instead.
 
-`edged run` runs the demo (the sample photos at 2 fps, the IMU recording at real time, the face
-and motion models, as `make run` does) with stats every second. The daemon's own stats give
+`edged run` runs the demo (the sample photos at 2 fps, the IMU recording at real time, the
+default vision chain publishing track events and the motion model, as `make run` does) with
+stats every second. The daemon's own stats give
 `raw_bytes` (every frame as RGB bytes, every IMU sample as six float32) and `bytes_sent` (the
 payloads of results the broker acknowledged); their rates over the run, times 3600, are the
 hourly figures. The MQTT framing of each result (fixed header, topic, packet id, MQTT 5
@@ -52,8 +53,8 @@ def _stairs_csv(path: Path) -> Path:
     return path
 
 
-def _run_demo(work: Path, name: str, extra: str, seconds: float, helpers) -> tuple[list[dict], list[bytes], list[bytes]]:
-    """(stats, result payloads, sample payloads) of `seconds` of the demo with `extra` config."""
+def _run_demo(work: Path, name: str, extra: str, seconds: float, helpers) -> tuple[list[dict], list[tuple[str, bytes]], list[bytes]]:
+    """(stats, (topic, payload) of each result, sample payloads) of `seconds` of the demo with `extra` config."""
     with Broker(work / f"broker-{name}", cores=helpers) as broker, Subscriber(broker, "edged/bench/+") as sub:
         cfg = toml_config(work / f"{name}.toml", broker, work / f"state-{name}", extra)
         log = (work / f"{name}.log").open("wb")
@@ -71,7 +72,8 @@ def _run_demo(work: Path, name: str, extra: str, seconds: float, helpers) -> tup
             log.close()
         time.sleep(0.2)
         stats = [m for _, m in sub.json("stats")]
-        return (stats, [p for _, p in sub.on("detections") + sub.on("motion")], [p for _, p in sub.on("sample")])
+        results = [(f"edged/bench/{leaf}", p) for leaf in ("events", "detections", "motion") for _, p in sub.on(leaf)]
+        return stats, results, [p for _, p in sub.on("sample")]
 
 
 def bandwidth(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
@@ -95,9 +97,8 @@ def bandwidth(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     raw_h = (last["raw_bytes"] - first["raw_bytes"]) / dt * 3600
     sent_h = (last["bytes_sent"] - first["bytes_sent"]) / dt * 3600
     n = len(results)
-    payload = sum(len(p) for p in results)
-    wire = sum(publish_wire_bytes("edged/bench/detections" if b'"objects"' in p else "edged/bench/motion", len(p))
-               for p in results)
+    payload = sum(len(p) for _, p in results)
+    wire = sum(publish_wire_bytes(topic, len(p)) for topic, p in results)
     wire_h = sent_h * wire / payload if payload else 0.0
     note = (f"{dt:.0f} s of the demo: {n} results, {payload / max(n, 1):.0f} B payload and "
             f"{wire / max(n, 1):.0f} B of MQTT per result; raw {raw_h / 1e9:.2f} GB/h")

@@ -1,7 +1,7 @@
 """Memory and start-up (issue 8, figure 3).
 
-- Peak RSS (VmHWM) of `edged run` as a subprocess running both a vision and the motion model
-  on the demo sources, read just before it is stopped.
+- Peak RSS (VmHWM) of `edged run` as a subprocess running a vision model (or the default chain
+  of them) and the motion model on the demo sources, read just before it is stopped.
 - Where that memory goes: a fresh worker process reads its own VmRSS after importing or
   loading each piece in the order the daemon needs them; the steps add up to the daemon's
   RSS less its threads' stacks and run-time buffers (the "running" row).
@@ -128,9 +128,11 @@ def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(workdir or tmp)
         with Broker(work / "broker", cores=helpers) as broker:
-            face_cfg = toml_config(work / "face.toml", broker, work / "state-face", DEMO)
+            face_cfg = toml_config(work / "face.toml", broker, work / "state-face",
+                                   DEMO + '[vision]\nmodel = "face"\n')
             person_cfg = toml_config(work / "person.toml", broker, work / "state-person",
                                      DEMO + '[vision]\nmodel = "person"\n')
+            chain_cfg = toml_config(work / "chain.toml", broker, work / "state-chain", DEMO)  # the defaults
             hwm, rss = peak_rss(face_cfg, work, seconds, "face")
             bd = run_worker("memory", {"kind": "breakdown", "workdir": str(work), "vision_model": "face"},
                             None, timeout=120)
@@ -146,6 +148,11 @@ def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
                 phwm, _ = peak_rss(person_cfg, work, seconds, "person")
                 figures.append(Figure("memory", "peak RSS, edged run with person + motion", round(phwm / 1024, 1),
                                       "MB", "≤ 100", at_most(phwm / 1024, 100)))
+                chwm, _ = peak_rss(chain_cfg, work, seconds, "chain")
+                figures.append(Figure("memory", "peak RSS, edged run with the default chain + motion",
+                                      round(chwm / 1024, 1), "MB", "≤ 100", at_most(chwm / 1024, 100),
+                                      "the embedded defaults: person (frame + 2×2 tiles), full-range and "
+                                      "short-range face, on the sample photos at their own size"))
             times = [ready_time(face_cfg, work, i) for i in range(starts)]
             figures.append(Figure("memory", "edged run: spawn → READY=1", round(median(times), 2), "s", "≤ 1.5",
                                   at_most(median(times), 1.5),

@@ -76,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("detect", help="find people and faces in image files, one JSON line each",
                        description="Run the vision models on image files and print one JSON line "
                                    'per image: {"image": PATH, "objects": [{label, score, box, stage, '
-                                   'parent}]}. Without --model: the default chain (people on the frame '
-                                   "and its tiles, faces with the full-range model, faces inside each "
-                                   "person's crop; see docs/models.md). With --model, or a config that "
-                                   "sets vision.model: that one model on the whole frame.")
+                                   'parent}]}. Without --model: what the daemon runs, the config\'s '
+                                   "[[vision.stages]] or vision.model, else the default chain (people on "
+                                   "the frame and its tiles, faces with the full-range model, faces inside "
+                                   "each person's crop; see docs/models.md). With --model: that one model "
+                                   "on the whole frame.")
     d.add_argument("images", nargs="+", metavar="IMAGE")
     d.add_argument("--model", help="run only this vision model from the manifest (default: the config's "
-                                    "vision.model if it sets one, else the default chain)")
+                                    "stages or vision.model, else the default chain)")
     d.add_argument("--threshold", type=_score, metavar="SCORE",
                    help="minimum score, 0..1; 0 (the default) means each model's own threshold from "
                         "the manifest, as vision.score_threshold = 0 does")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sn = sub.add_parser("snapshot", help="save one camera frame as a JPEG with the detections drawn",
                         description="Take one frame from the configured camera (the full-size stream "
-                                    "where the camera has one), run the configured vision model on it, "
+                                    "where the camera has one), run the configured vision models on it, "
                                     "draw each object's box, label and score, and write a JPEG: what "
                                     "the daemon sees, without MQTT. Prints the detections as one JSON line. "
                                     "Stop edged run first when it holds the camera.")
@@ -500,41 +501,31 @@ def _object_json(o) -> dict:
     return out
 
 
-def _config_names_vision_model(args) -> bool:
-    """Whether the config file itself sets vision.model (then `detect` runs that model alone)."""
-    import tomllib
-
-    path = _config_path(args)
-    if path is None:
-        return False
-    _load_config(args)  # a bad config is refused with its own message first
-    doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    return isinstance(doc.get("vision"), dict) and "model" in doc["vision"]
-
-
-def _default_chain(args):
+def _vision_chain(cfg, threshold: float = 0.0, open_entry=None):
+    """The vision graph the config runs (its `[[vision.stages]]`, or the default chain), or None
+    when it runs `vision.model` alone. `threshold` (0: each model's own) replaces every stage's."""
     from dataclasses import replace
 
     from edged.models import default_models_dir, load_manifest
-    from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
+    from edged.stages.vision.graph import open_graph
 
-    cfg = _load_config(args)
+    specs = cfg.vision.chain()
+    if not specs:
+        return None
+    if threshold:
+        specs = [replace(s, score_threshold=threshold) for s in specs]
     models_dir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
-    specs = DEFAULT_CHAIN
-    if args.threshold:  # 0 or absent: each model's own
-        specs = tuple(replace(s, score_threshold=args.threshold) for s in specs)
-    return open_graph(specs, load_manifest(models_dir), threads=cfg.vision.threads or None)
+    return open_graph(specs, load_manifest(models_dir), threads=cfg.vision.threads or None, open_entry=open_entry)
 
 
 def cmd_detect(args) -> int:
     from edged.sources.camera import CameraError, decode_image
     from edged.stages.vision import VisionStage
 
-    if args.model or _config_names_vision_model(args):
+    stage = None if args.model else _vision_chain(_load_config(args), args.threshold or 0.0)
+    if stage is None:
         entry, model = _stage_model(args, "vision")
         stage = VisionStage(model, entry, score_threshold=args.threshold or None)
-    else:
-        stage = _default_chain(args)
     max_pixels = _load_config(args).camera.max_pixels
     failed = 0
     for path in args.images:
@@ -563,15 +554,20 @@ def cmd_snapshot(args) -> int:
     if not cfg.camera.enabled:
         print("edged: camera.enabled = false: no camera to take a snapshot from", file=sys.stderr)
         return EXIT_USAGE
-    manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
-    entry = select(manifest, cfg.vision.model, "vision", "vision.model")
     acc = cfg.accelerator
-    model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
-                             threads=cfg.vision.threads or None)
-    stage = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
-    pre = stage.preprocess
-    cam = open_camera(cfg.camera, model_size=(pre.width, pre.height), letterbox=pre.letterbox,
-                      snapshots=True, hardware=for_config(cfg))
+    stage = _vision_chain(cfg, open_entry=lambda entry: open_for_backend(
+        entry, acc.device, acc.fallback, retry_s=acc.retry_s, threads=cfg.vision.threads or None))
+    if stage is None:
+        manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+        entry = select(manifest, cfg.vision.model, "vision", "vision.model")
+        model = open_for_backend(entry, acc.device, acc.fallback, retry_s=acc.retry_s,
+                                 threads=cfg.vision.threads or None)
+        stage = VisionStage(model, entry, score_threshold=cfg.vision.score_threshold or None)
+        pre = stage.preprocess
+        cam = open_camera(cfg.camera, model_size=(pre.width, pre.height), letterbox=pre.letterbox,
+                          snapshots=True, hardware=for_config(cfg))
+    else:  # a chain's tiles and crops need the full frame
+        cam = open_camera(cfg.camera, snapshots=True, hardware=for_config(cfg))
     try:
         end = time.monotonic() + args.timeout
         frame = None

@@ -15,7 +15,7 @@ import re
 import socket
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -165,9 +165,21 @@ class VisionStageConfig:
     max_crops: int = field(default=8, metadata=_check(min=1, max=64))
 
 
+# The default chain, chosen by measurement on the labelled scene set (docs/models.md): people on
+# the frame and on 2×2 tiles (small people), faces with the full-range model on the frame, and
+# faces with the short-range model in the top of each person's box, where they are large enough.
+# The daemon runs it when the config names neither `vision.model` nor `[[vision.stages]]`;
+# `edged detect` runs it without --model. edged.stages.vision.graph.DEFAULT_CHAIN is this.
+DEFAULT_STAGES: tuple[VisionStageConfig, ...] = (
+    VisionStageConfig(name="people", model="person", tiles=2, score_threshold=0.4),
+    VisionStageConfig(name="faces", model="face_full_range"),
+    VisionStageConfig(name="faces_in_people", model="face", input="person@people", region="top"),
+)
+
+
 @dataclass
 class VisionConfig:
-    model: str = "face"
+    model: str = ""  # one model alone on the whole frame; "" = the stages (default: DEFAULT_STAGES)
     score_threshold: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))  # 0 = model's own
     heartbeat_s: float = field(default=30.0, metadata=_check(min=1, max=86400))
     threads: int = field(default=0, metadata=_check(min=0, max=16))  # 0 = one per core, up to 4
@@ -177,11 +189,23 @@ class VisionConfig:
     overlap: bool = True
     # What the `detections`/`events` topics carry: "labels" = a frame's objects when the set of
     # labels changes (and every heartbeat_s); "events" = track events new/update/end; "both".
-    publish: str = field(default="labels", metadata=_check(choices=("labels", "events", "both")))
+    publish: str = field(default="events", metadata=_check(choices=("labels", "events", "both")))
     hold_s: float = field(default=2.0, metadata=_check(min=0.0, max=3600))  # a track ends unseen this long
     min_hits: int = field(default=2, metadata=_check(min=1, max=100))       # frames before a track is `new`
-    # Several models per frame, in order; empty: `model` alone on the whole frame.
+    # Several models per frame, in order; empty: `model` alone, or without it the default chain.
     stages: list[VisionStageConfig] = field(default_factory=list)
+
+    def chain(self) -> list[VisionStageConfig]:
+        """The stages the daemon runs: the declared ones; none ([]) when `model` runs alone;
+        else (neither set) the default chain."""
+        if self.stages:
+            return list(self.stages)
+        return [] if self.model else [replace(s) for s in DEFAULT_STAGES]
+
+    def model_names(self) -> list[str]:
+        """Every vision model the config runs, once each, in stage order."""
+        return list(dict.fromkeys([s.model for s in self.chain()] or [self.model]))
+
 
 
 IMU_CHIPS = ("mpu6050", "mpu6000", "mpu6500", "mpu9250", "lsm6ds3", "lsm6dsl", "lsm6ds3tr-c",

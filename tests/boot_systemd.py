@@ -90,7 +90,7 @@ class Box:
         return self.sh("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active"
 
     def seqs(self) -> list[int]:
-        return [m["seq"] for leaf in ("detections", "motion") for m in self.sub.json(leaf)
+        return [m["seq"] for leaf in ("events", "detections", "motion") for m in self.sub.json(leaf)
                 if m.get("device_id") == DEVICE]
 
     def results_flowing(self, timeout: float = 60.0) -> bool:
@@ -190,11 +190,11 @@ def test_journal_fields(box):
 
 
 def test_results_reach_the_subscriber(box):
-    assert box.sub.wait(lambda: box.sub.json("detections") and box.sub.json("motion"), 60)
+    # The embedded defaults: the default chain's track events, people and their faces.
+    assert box.sub.wait(lambda: {m["label"] for m in box.sub.json("events")} == {"face", "person"}
+                        and box.sub.json("motion"), 60)
     assert box.sub.on("status")[-1] == b"online"
-    labels = {o["label"] for d in box.sub.json("detections") for o in d["objects"]}
-    assert labels == {"face"}
-    assert all(m["device_id"] == DEVICE for m in box.sub.json("detections") + box.sub.json("motion"))
+    assert all(m["device_id"] == DEVICE for m in box.sub.json("events") + box.sub.json("motion"))
 
 
 def test_watchdog_is_petted(box):

@@ -18,8 +18,11 @@ interval_s = 1
 """
 
 
+RESULT_LEAVES = ("events", "detections", "motion")  # the topics sharing the one seq counter
+
+
 def result_seqs(sub: Subscriber) -> list[int]:
-    return [m["seq"] for leaf in ("detections", "motion") for m in sub.json(leaf)]
+    return [m["seq"] for leaf in RESULT_LEAVES for m in sub.json(leaf)]
 
 
 def assert_no_gap(seqs: list[int], last: int) -> None:
@@ -28,23 +31,26 @@ def assert_no_gap(seqs: list[int], last: int) -> None:
     assert not missing, f"seqs missing at the subscriber: {missing[:20]}"
 
 
-def test_end_to_end_labels_signatures_status_stats(tmp_path, broker, subscriber, daemon_factory):
+def test_end_to_end_events_signatures_status_stats(tmp_path, broker, subscriber, daemon_factory):
+    # The embedded defaults: the default chain (people and faces), publishing track events.
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
     d = daemon_factory(cfg).start()
+    new = lambda label: [m for m in subscriber.json("events") if m["type"] == "new" and m["label"] == label]  # noqa: E731
     assert subscriber.wait(lambda: len(subscriber.on("motion")) >= 3 and subscriber.on("stats")
-                           and any(m["objects"] for m in subscriber.json("detections")), 60), d.output()
+                           and new("face") and new("person"), 60), d.output()
 
     status = [(t, p, r) for t, p, r in subscriber.messages if t == "edged/test-dev/status"]
     assert status[0][1] == b"online"
 
-    dets = subscriber.json("detections")
-    labels = {o["label"] for m in dets for o in m["objects"]}
-    assert "face" in labels
-    for m in dets:
-        assert m["device_id"] == "test-dev" and m["v"] == 1
-        for o in m["objects"]:
-            x0, y0, x1, y1 = o["box"]
-            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and 0 < o["score"] <= 1
+    assert not subscriber.on("detections"), "the label-set policy is opt-in"
+    events = subscriber.json("events")
+    for m in events:
+        assert m["device_id"] == "test-dev" and m["v"] == 1 and m["type"] in ("new", "update", "end")
+        x0, y0, x1, y1 = m["box"]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and 0 < m["score"] <= 1
+        assert m["stage"] in ("people", "faces", "faces_in_people")
+    # Only the two portraits of the five sample photos have someone in them.
+    assert {m["label"] for m in events} == {"face", "person"}
 
     motion = subscriber.json("motion")
     lengths = {len(m["signature"]) for m in motion}
@@ -94,7 +100,7 @@ def test_broker_down_at_start_everything_arrives_in_order(tmp_path, daemon_facto
         assert sub.wait(lambda: set(range(1, last + 1)) <= set(result_seqs(sub)), 30), d.output()
         assert_no_gap(result_seqs(sub), last)
         # Per topic, the spooled results arrive in the order they were produced.
-        for leaf in ("detections", "motion"):
+        for leaf in RESULT_LEAVES:
             got = [m["seq"] for m in sub.json(leaf)]
             assert got == sorted(got)
         assert d.output().count("cannot connect to the broker") == 1, "an outage is logged once, not per retry"

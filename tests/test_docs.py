@@ -302,9 +302,9 @@ def test_the_example_subscriber_in_mqtt_md_works(tmp_path, broker, daemon_factor
                            mqtt='codec = "cbor"\n')
         d = daemon_factory(cfg).start()
         # The example subscribes after it connects: once it has printed the device's status, it
-        # prints what follows; wait for a detection with a face and a motion line.
+        # prints what follows; wait for a face's track event and a motion line.
         assert wait_until(lambda: "test-dev is online" in out.read_text()
-                          and re.search(r"^test-dev \d+ \['face'\]$", out.read_text(), re.M)
+                          and re.search(r"^test-dev \d+ new face \d+$", out.read_text(), re.M)
                           and re.search(r"^test-dev \d+ (standing|walking|running|badminton) [\d.]+$",
                                         out.read_text(), re.M), 60), out.read_text() + d.output()
         assert d.stop() == 0

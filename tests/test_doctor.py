@@ -76,6 +76,8 @@ def by_name(checks) -> dict[str, doctor.Check]:
 HW = """
 [camera]
 source = "v4l2"
+[vision]
+model = "face"                  # the one model with an Edge TPU twin here (tpu_models)
 [imu]
 source = "mpu6050"
 [accelerator]
@@ -196,7 +198,7 @@ def test_a_tpu_with_no_compiled_model_to_run_is_a_warning(tmp_path):
     cfg = cfg_for(tmp_path, 1, '[accelerator]\ndevice = "usb"')  # the shipped models: none compiled
     env = Env(root=fake_root(tmp_path, usb_tpu=("18d1", "9302")), load_library=lambda n: (True, n))
     (check,) = doctor.check_tpu(cfg, env)
-    assert check.status == WARN and "no model in use has an edgetpu_file (face, motion)" in check.detail
+    assert check.status == WARN and "no model in use has an edgetpu_file (person, face_full_range, face, motion)" in check.detail
     assert "edgetpu_compiler" in check.fix
 
 

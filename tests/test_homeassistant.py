@@ -45,8 +45,10 @@ def test_a_late_home_assistant_finds_every_entity(tmp_path, broker, daemon_facto
                          and live.on("stats"), 60), d.output()
         configs = retained(broker)
         objects = {t.split("/")[2:4][1] for t in configs}
-        assert {"face_present", "face_count", "objects", "motion", "fps", "inference_ms", "uptime", "backend",
-                "skipped_frames", "published", "rejected", "outbox_depth", "dropped", "bandwidth_saved"} == objects
+        # The default chain's labels, and the track event entity of the default events policy.
+        assert {"person_present", "person_count", "face_present", "face_count", "track", "objects", "motion",
+                "fps", "inference_ms", "uptime", "backend", "skipped_frames", "published", "rejected",
+                "outbox_depth", "dropped", "bandwidth_saved"} == objects
         for topic, c in configs.items():
             component, node, object_id = topic.split("/")[1:4]
             assert node == "test-dev"

@@ -119,7 +119,7 @@ def test_retained_nested_command_and_hostile_response_topics(tmp_path, broker, d
                 assert wait_until(lambda: req.on("edged/test-dev/response/me"), 30)
                 assert json.loads(req.on("edged/test-dev/response/me")[0])["ok"] is True
                 assert wait_until(lambda: _stats(req).get("commands_refused", 0) >= 1 + len(hostile), 30)
-                assert last_seq(tmp_path / "state") > 0 and d.proc.poll() is None
+                assert wait_until(lambda: last_seq(tmp_path / "state") > 0, 30) and d.proc.poll() is None
             assert d.stop() == 0
             out = d.output()
             assert "Traceback" not in out
@@ -140,8 +140,8 @@ def test_snapshot_budget_per_minute(tmp_path, broker, daemon_factory):
     req = Requester(broker)
     d = daemon_factory(cfg).start()
     try:
-        # A detection means the vision stage has a frame: snapshots can be taken.
-        assert wait_until(lambda: req.on("edged/test-dev/detections"), 60), d.output()
+        # A track event means the vision stage has had frames: snapshots can be taken.
+        assert wait_until(lambda: req.on("edged/test-dev/events"), 60), d.output()
         req.send("edged/test-dev/cmd/snapshot", b'{"id": 0}')
         assert wait_until(lambda: req.replies(), 30), d.output()
         assert req.replies()[0]["ok"] is True, req.replies()
@@ -204,7 +204,7 @@ def test_config_that_is_not_a_regular_file(tmp_path):
 def _running(tmp_path, broker, daemon_factory, req, extra=""):
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST + extra)
     d = daemon_factory(cfg).start()
-    assert wait_until(lambda: req.on("edged/test-dev/motion") and req.on("edged/test-dev/detections"), 60), d.output()
+    assert wait_until(lambda: req.on("edged/test-dev/motion") and req.on("edged/test-dev/events"), 60), d.output()
     return cfg, d
 
 

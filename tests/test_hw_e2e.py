@@ -8,6 +8,9 @@ import re
 from conftest import wait_until, write_config
 
 HW = """
+[vision]
+model = "face"          # one model: the camera's ISP scales frames to its input (lores stream)
+publish = "labels"
 [camera]
 source = "picamera2"
 fake = true

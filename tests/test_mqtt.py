@@ -59,19 +59,20 @@ def test_every_published_message_matches_its_schema(tmp_path, broker, daemon_fac
     raw: list = []
     col = Collector(broker.host, broker.port).start()
     sub = Subscriber(broker, "#")
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST,
+    # Both vision policies, so that every kind of result is published: track events (the
+    # default) and the label-set detections.
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST + '[vision]\npublish = "both"\n',
                        mqtt=f'codec = "{codec}"\nprotocol = "{protocol}"\n')
     d = daemon_factory(cfg).start()
     try:
         assert wait_until(lambda: len(col.results("test-dev", "motion")) >= 3
                           and any(r["objects"] for r in col.results("test-dev", "detections"))
-                          and sub.on("stats"), 60), d.output()
+                          and col.results("test-dev", "events") and sub.on("stats"), 60), d.output()
         assert d.stop() == 0
         time.sleep(0.3)
-        for r in col.results("test-dev", "detections"):
-            validate("detections", r)
-        for r in col.results("test-dev", "motion"):
-            validate("motion", r)
+        for leaf in ("detections", "motion", "events"):
+            for r in col.results("test-dev", leaf):
+                validate(leaf, r)
         for topic, payload, _ in sub.messages:
             leaf = topic.rsplit("/", 1)[-1]
             if topic.startswith("homeassistant/"):
@@ -80,7 +81,7 @@ def test_every_published_message_matches_its_schema(tmp_path, broker, daemon_fac
                 validate("status", payload.decode())
             elif leaf in ("stats", "state"):
                 validate(leaf, json.loads(payload))  # always JSON, whatever the codec
-            elif leaf in ("detections", "motion"):
+            elif leaf in ("detections", "motion", "events"):
                 raw.append(payload)
                 if codec == "json":
                     validate(leaf, json.loads(payload))
@@ -126,7 +127,7 @@ def test_home_assistant_discovery_and_state(tmp_path, broker, daemon_factory):
     d = daemon_factory(cfg).start()
     sub = Subscriber(broker, "#")
     try:
-        assert sub.wait(lambda: any(json.loads(p)["labels"] == ["face"] for p in sub.on("state"))
+        assert sub.wait(lambda: any(json.loads(p)["labels"] == ["face", "person"] for p in sub.on("state"))
                         and any(json.loads(p)["motion"] for p in sub.on("state")), 60), d.output()
         # A Home Assistant that connects while it runs gets the current state, retained.
         state = Subscriber(broker, "edged/test-dev/state")
@@ -478,7 +479,7 @@ def test_broker_that_never_acknowledges_deletes_nothing(tmp_path, daemon_factory
     d = daemon_factory(cfg).start()
     state = tmp_path / "state"
     try:
-        results = lambda: [t for t in silent.topics if t.endswith(("/detections", "/motion"))]  # noqa: E731
+        results = lambda: [t for t in silent.topics if t.endswith(("/events", "/detections", "/motion"))]  # noqa: E731
         assert wait_until(lambda: len(results()) >= 8 and last_seq(state) >= 15, 60), d.output()
         assert d.stop() == 0
         last = last_seq(state)

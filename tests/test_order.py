@@ -28,7 +28,7 @@ class Arrivals:
         c.on_subscribe = lambda *a: ready.set()
         c.on_message = self._on_message
         c.connect(broker.host, broker.port)
-        c.subscribe([("edged/test-dev/detections", 1), ("edged/test-dev/motion", 1)])
+        c.subscribe([("edged/test-dev/events", 1), ("edged/test-dev/detections", 1), ("edged/test-dev/motion", 1)])
         c.loop_start()
         assert ready.wait(10)
         self.c = c

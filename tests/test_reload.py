@@ -18,6 +18,8 @@ from conftest import REPO, wait_until, write_config
 from edged.service.reload import ReloadError, ReloadReporter, read_record, request_reload
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n"
+# One model and the label-set stream: each detection says which model made it.
+ONE_MODEL = '[vision]\nmodel = "face"\npublish = "labels"\n'
 
 
 def edged_reload(pid: int, runtime: os.PathLike, *extra: str, env_extra: dict | None = None):
@@ -36,7 +38,7 @@ def start(cfg, log, runtime):
 def test_reload_waits_for_the_daemon_and_tells_the_outcome(tmp_path, broker, subscriber):
     models = tmp_path / "models"
     shutil.copytree(REPO / "models", models)
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=f'models_dir = "{models}"\n' + FAST)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=f'models_dir = "{models}"\n' + ONE_MODEL + FAST)
     base = cfg.read_text()
     runtime = tmp_path / "run"
     runtime.mkdir()
@@ -49,7 +51,7 @@ def test_reload_waits_for_the_daemon_and_tells_the_outcome(tmp_path, broker, sub
         assert rec is not None and rec.pid == proc.pid and rec.begun == 0
 
         # A good change: when `edged reload` returns, the daemon has already swapped it in.
-        cfg.write_text(base.replace("[camera]", '[vision]\nmodel = "person"\n[camera]'))
+        cfg.write_text(base.replace('model = "face"', 'model = "person"'))
         res = edged_reload(proc.pid, runtime)
         assert res.returncode == 0, res.stderr
         assert "the new configuration is in service" in res.stdout
@@ -57,7 +59,7 @@ def test_reload_waits_for_the_daemon_and_tells_the_outcome(tmp_path, broker, sub
         assert subscriber.wait(lambda: "person" in labels(), 30)
 
         # A config edged refuses: exit 1 with the reason, the running pipeline untouched.
-        cfg.write_text(base.replace("[camera]", '[vision]\nmodel = "person"\nscore_threshold = 7\n[camera]'))
+        cfg.write_text(base.replace('model = "face"', 'model = "person"\nscore_threshold = 7'))
         res = edged_reload(proc.pid, runtime)
         assert res.returncode == 1
         lines = res.stderr.strip().splitlines()
@@ -66,7 +68,7 @@ def test_reload_waits_for_the_daemon_and_tells_the_outcome(tmp_path, broker, sub
         # A damaged model: refused the same way.
         person = models / "person_ssdlite_int8.tflite"
         person.write_bytes(person.read_bytes()[:-100])
-        cfg.write_text(base.replace("[camera]", '[vision]\nmodel = "person"\nthreads = 1\n[camera]'))
+        cfg.write_text(base.replace('model = "face"', 'model = "person"\nthreads = 1'))
         res = edged_reload(proc.pid, runtime)
         assert res.returncode == 1 and "truncated or replaced" in res.stderr, res.stderr
         n = len(subscriber.json("detections"))

@@ -13,6 +13,8 @@ from conftest import REPO, wait_until, write_config
 from harness import NotifySocket
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
+# One model and the label-set stream: each detection says which model made it.
+ONE_MODEL = '[vision]\nmodel = "face"\npublish = "labels"\n'
 
 
 def start_daemon(cfg, log, notify_path, watchdog_usec: int | None = None):
@@ -57,7 +59,8 @@ def test_ready_status_watchdog_reload_stopping(tmp_path, broker, subscriber):
         reloaded_at = time.time()
         n_motion = len(subscriber.on("motion"))
         assert subscriber.wait(lambda: len(subscriber.on("motion")) >= n_motion + 2, 20)
-        late = [m["ts"] for m in subscriber.json("detections") if m["ts"] >= reloaded_at]
+        late = [m["ts"] for leaf in ("events", "detections") for m in subscriber.json(leaf)
+                if m["ts"] >= reloaded_at]
         assert late == [], "camera disabled by reload still publishes"
         assert subscriber.on("status") == [b"online"], "a reload must not flap the status"
 
@@ -160,7 +163,7 @@ def test_model_swap_on_reload_and_a_bad_model_keeps_the_old_one(tmp_path, broker
 
     models = tmp_path / "models"
     shutil.copytree(repo / "models", models)
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=f'models_dir = "{models}"\n' + FAST)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=f'models_dir = "{models}"\n' + ONE_MODEL + FAST)
     log = tmp_path / "daemon.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(cfg)],
@@ -172,7 +175,7 @@ def test_model_swap_on_reload_and_a_bad_model_keeps_the_old_one(tmp_path, broker
         person = models / "person_ssdlite_int8.tflite"
         good = person.read_bytes()
         person.write_bytes(good[:-100])
-        cfg.write_text(cfg.read_text().replace("[camera]", '[vision]\nmodel = "person"\n[camera]'))
+        cfg.write_text(cfg.read_text().replace('model = "face"', 'model = "person"'))
         proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: "reload failed; keeping the running pipeline" in log.read_text(), 20)
         assert "truncated or replaced" in log.read_text()

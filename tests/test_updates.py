@@ -346,6 +346,9 @@ def test_release_cli_builds_a_repository(tmp_path):
 # -- the real daemon ----------------------------------------------------------------------------------
 
 UPDATES = """
+[vision]
+model = "face"          # the one model these releases replace; its label-set stream shows it runs
+publish = "labels"
 [camera]
 fps = 5
 [imu]

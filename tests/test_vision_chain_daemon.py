@@ -26,6 +26,7 @@ enabled = false
 interval_s = 1
 [vision]
 threads = 1
+publish = "labels"      # each frame's objects, with their stage and parent index
 [[vision.stages]]
 name = "people"
 model = "person"
@@ -64,6 +65,7 @@ fps = 5
 [imu]
 enabled = false
 [vision]
+model = "face"          # one cheap model: the vision thread keeps up with every frame
 threads = 1
 publish = "both"
 hold_s = 2.0

@@ -108,8 +108,7 @@ def check_runtime() -> Check:
 def check_models(cfg: Config) -> Check:
     from edged.models import ModelError, default_models_dir, load_manifest, verify
 
-    vision = [s.model for s in cfg.vision.stages] or [cfg.vision.model]  # a chain checks each stage's model
-    wanted = [(name, "vision") for name in dict.fromkeys(vision)] if cfg.camera.enabled else []
+    wanted = [(name, "vision") for name in cfg.vision.model_names()] if cfg.camera.enabled else []
     wanted += [(cfg.motion.model, "motion")] if cfg.imu.enabled else []
     if not wanted:
         return Check("models", INFO, "camera and IMU disabled: no model needed")
@@ -351,7 +350,7 @@ def _models_without_edgetpu(cfg: Config) -> list[str]:
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
     except ModelError:
         return []  # the models check reports it
-    names = [n for n, on in ((cfg.vision.model, cfg.camera.enabled), (cfg.motion.model, cfg.imu.enabled)) if on]
+    names = (cfg.vision.model_names() if cfg.camera.enabled else []) + ([cfg.motion.model] if cfg.imu.enabled else [])
     entries = [manifest[n] for n in names if n in manifest]
     return [] if any(e.edgetpu_path for e in entries) else names
 

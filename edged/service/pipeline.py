@@ -149,16 +149,17 @@ class Pipeline:
                 from edged.stages.vision import VisionStage
 
                 snapshots = bool(getattr(cfg, "commands", None) and cfg.commands.enabled and cfg.commands.snapshot)
-                if cfg.vision.stages:
+                chain = cfg.vision.chain()
+                if chain:
                     # Several stages: tiles and crops need the full frame, not the model's size.
                     from edged.stages.vision.graph import open_graph
 
-                    p.vision = open_graph(cfg.vision.stages, manifest, open_entry=lambda entry: open_for_backend(
+                    p.vision = open_graph(chain, manifest, open_entry=lambda entry: open_for_backend(
                         entry, acc.device, acc.fallback, loader, retry_s=acc.retry_s,
                         threads=cfg.vision.threads or None, faults=faults))
                     p.camera = open_camera(cfg.camera, snapshots=snapshots, hardware=hardware)
                     model = p.vision.model
-                    log.info("vision ready", extra=fields(model=",".join(s.model for s in cfg.vision.stages),
+                    log.info("vision ready", extra=fields(model=",".join(s.model for s in chain),
                                                           runtime=model.runtime, backend=model.backend,
                                                           camera=p.camera.name))
                 else:

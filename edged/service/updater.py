@@ -244,8 +244,8 @@ class Updater:
         """Model name -> task, for the stages the config enables."""
         out = {}
         if self.cfg.camera.enabled:
-            for st in self.cfg.vision.stages or [self.cfg.vision]:  # a graph of stages, or one model
-                out[st.model] = "vision"
+            for name in self.cfg.vision.model_names():  # a graph of stages, or one model
+                out[name] = "vision"
         if self.cfg.imu.enabled:
             out[self.cfg.motion.model] = "motion"
         return out
