@@ -50,7 +50,7 @@ def test_scene_set_has_people_faces_and_empty_scenes():
     people = sum(o["label"] == "person" for e in SCENES.values() for o in e["objects"])
     faces = sum(o["label"] == "face" for e in SCENES.values() for o in e["objects"])
     empty = [r for r, e in SCENES.items() if not e["objects"]]
-    assert people >= 40 and faces >= 16 and len(empty) >= 9
+    assert people >= 42 and faces >= 17 and len(empty) >= 24
 
 
 def test_full_range_model_reads_its_input_and_anchor_layout(full_range):

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edged.config import STAGE_INPUT_FRAME as FRAME, STAGE_REGIONS as REGIONS
+from edged.config import DEFAULT_STAGES, STAGE_INPUT_FRAME as FRAME, STAGE_REGIONS as REGIONS
 from edged.config import check_stages as check_graph  # noqa: F401 — the declaration's checks live with the config
 from edged.records import DetectedObject
 from edged.runtime import OutputCopy
@@ -48,14 +48,23 @@ class StageSpec:
         return label, stage
 
 
-# The default chain, chosen by measurement on the labelled scene set (docs/models.md): people on
-# the frame and on 2×2 tiles (small people), faces with the full-range model on the frame, and
-# faces with the short-range model in the top of each person's box, where they are large enough.
-DEFAULT_CHAIN: tuple[StageSpec, ...] = (
-    StageSpec(name="people", model="person", tiles=2, score_threshold=0.4),
-    StageSpec(name="faces", model="face_full_range"),
-    StageSpec(name="faces_in_people", model="face", input="person@people", region="top"),
-)
+# The default chain (edged.config.DEFAULT_STAGES, where the daemon's default lives, and why).
+DEFAULT_CHAIN: tuple[StageSpec, ...] = tuple(
+    StageSpec(name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
+              margin=s.margin, region=s.region, max_crops=s.max_crops) for s in DEFAULT_STAGES)
+
+# Tiles are for objects the frame pass sees too small. A box spanning more than this share of its
+# tile (either side) spans more than ~0.43 of a 2×2-tiled frame, several times the size at which
+# the frame pass finds its objects: if that pass did not, the tile's close view is not trusted
+# (on the scene set, the one such box was a false person on a people-free close-up; true
+# tile-only people span at most 0.62 of their tile). docs/models.md has the measurement.
+TILE_MAX_SIDE = 0.75
+# The other way round: a box of the frame pass spanning at least this share of the frame (either
+# side) covers several tiles, and the tiles see the same object closer, at least in part (a head
+# and shoulders, a torso). Kept only if some tile saw something of its label lying mostly inside
+# it. On the labelled sets every such person had a tile's view inside; the two false people
+# (an orange and an apple filling a close-up) had none.
+FRAME_CHECK_SIDE = 0.5
 
 
 def _inside(a, b) -> float:
@@ -157,6 +166,9 @@ class FrameWork:
     ms: dict = field(default_factory=dict)         # stage name -> ms so far
     invokes: dict = field(default_factory=dict)    # stage name -> units prepared
     shared: dict = field(default_factory=dict)     # (region, geometry) -> resampled pixels
+    whole: dict = field(default_factory=dict)      # stage name -> indices into found from the frame pass
+    views: dict = field(default_factory=dict)      # stage name -> (label, frame box) of all its tiles saw
+    dropped: set = field(default_factory=set)      # indices into found that failed the scale check
     started: float = field(default_factory=time.perf_counter)
     objects: tuple | None = None                   # set when every stage is complete
     finished: float = 0.0                          # perf_counter() then
@@ -310,16 +322,19 @@ class VisionGraph:
             b = o.box
             if whole:
                 fw.mine[s.name].append(len(fw.found))
+                fw.whole.setdefault(s.name, []).append(len(fw.found))
                 fw.found.append(_Found(o, s.name, unit.parent))
                 continue
-            # A box cut by an edge of the region that is not the frame's is a partial view.
-            if unit.drop_cut and ((b[0] < e and x0 > 0) or (b[1] < e and y0 > 0)
-                                  or (b[2] > 1 - e and x1 < w) or (b[3] > 1 - e and y1 < h)):
-                continue
+            fb = ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h, (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h)
+            if unit.drop_cut:  # a tile: what it saw supports the frame pass's large boxes
+                fw.views.setdefault(s.name, []).append((o.label, fb))
+                # A box cut by an edge of the region that is not the frame's is a partial view;
+                # one filling most of the tile is the frame pass's to find (TILE_MAX_SIDE).
+                if ((b[0] < e and x0 > 0) or (b[1] < e and y0 > 0) or (b[2] > 1 - e and x1 < w)
+                        or (b[3] > 1 - e and y1 < h) or max(b[2] - b[0], b[3] - b[1]) > TILE_MAX_SIDE):
+                    continue
             fw.mine[s.name].append(len(fw.found))
-            fw.found.append(_Found(DetectedObject(o.label, o.score, ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h,
-                                                                     (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h),
-                                                  signature=o.signature), s.name, unit.parent))
+            fw.found.append(_Found(DetectedObject(o.label, o.score, fb, signature=o.signature), s.name, unit.parent))
         self.invoke_ms += unit.invoke_ms
         fw.ms[s.name] += unit.ms + unit.invoke_ms + (time.perf_counter() - t0) * 1000.0
         fw.left[s.name] -= 1
@@ -330,6 +345,17 @@ class VisionGraph:
         s = run.spec
         t0 = time.perf_counter()
         mine = fw.mine[s.name]
+        if s.tiles > 1:  # a large box of the frame pass needs a tile's view inside it (FRAME_CHECK_SIDE)
+            views = fw.views.get(s.name, ())
+            found = fw.found
+
+            def unsupported(i: int) -> bool:
+                o = found[i].obj
+                return (max(o.box[2] - o.box[0], o.box[3] - o.box[1]) >= FRAME_CHECK_SIDE
+                        and not any(lb == o.label and _inside(v, o.box) >= 0.7 for lb, v in views))
+            drop = {i for i in fw.whole.get(s.name, ()) if unsupported(i)}
+            fw.dropped |= drop
+            mine = fw.mine[s.name] = [i for i in mine if i not in drop]
         # Overlaps within one stage (tiles against the frame) are merged before later stages crop.
         kept = {id(f) for f in merge([fw.found[i] for i in mine])}
         fw.by_stage[s.name] = [i for i in mine if id(fw.found[i]) in kept]
@@ -346,7 +372,7 @@ class VisionGraph:
     @staticmethod
     def _result(fw: FrameWork) -> tuple[DetectedObject, ...]:
         found = fw.found
-        final = merge(found)
+        final = merge([f for i, f in enumerate(found) if i not in fw.dropped])
         index = {id(f): n for n, f in enumerate(final)}
         out = []
         for f in final:
