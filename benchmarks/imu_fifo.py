@@ -79,7 +79,7 @@ def fifo_worker(host: str, port: int, workdir: str, sim_s: float, speedup: float
     demo = SAMPLES / "imu" / "basicmotions_demo.csv"
     cfg = bench_config(work / "state-imu", host, port,
                        camera={"path": str(SAMPLES / "images"), "fps": 30.0},
-                       vision={"model": "face", "threads": 1},
+                       vision={"model": "face", "threads": 1, "publish": "labels"},
                        imu={"path": str(demo)}, motion={"model": "motion", "threads": 1})
     p = Pipeline.open(cfg)
     p.imu.close()

@@ -258,7 +258,7 @@ def vision_worker(model: str, frames: str, host: str, port: int, workdir: str, p
     folder = prepare_frames(model, frames, work / f"frames-{model}-{frames}")
     cfg = bench_config(work / f"state-{model}-{frames}", host, port,
                        camera={"path": str(folder), "fps": 100.0},
-                       vision={"model": model, "threads": threads})
+                       vision={"model": model, "threads": threads, "publish": "labels"})
     p = Pipeline.open(cfg)
     stage = p.vision
     stage.detect(decode_image(sorted(folder.iterdir())[0]))  # a real frame in the input tensor
@@ -315,7 +315,7 @@ def latency_worker(host: str, port: int, workdir: str, seconds: float, threads: 
     work = Path(workdir)
     folder = prepare_frames("face", "model", work / "frames-face-latency")
     cfg = bench_config(work / "state-latency", host, port, camera={"path": str(folder), "fps": LATENCY_FPS},
-                       vision={"model": "face", "threads": threads})
+                       vision={"model": "face", "threads": threads, "publish": "labels"})
     p = Pipeline.open(cfg)
     p.vision.detect(decode_image(sorted(folder.iterdir())[0]))
     bare = BareModel(p.vision.entry, threads, p.vision.model)

@@ -200,12 +200,23 @@ class DaemonProc:
         return self.log.read_text(errors="replace")
 
 
+# The vision a daemon test runs unless it says otherwise: the face model alone with the label-set
+# policy, about a millisecond a frame against the default chain's hundred or more, so a test of
+# delivery, faults or reloads does not spend a core on vision. Tests of the embedded defaults (the
+# chain, track events) pass vision=""; an `extra` with a [vision] table of its own gets nothing added.
+ONE_MODEL = '[vision]\nmodel = "face"\npublish = "labels"\n'
+
+
 def write_config(path: Path, broker: Broker, *, device_id: str = "test-dev", extra: str = "",
-                 mqtt: str = "") -> Path:
+                 mqtt: str = "", vision: str = ONE_MODEL) -> Path:
+    import re
+
+    if re.search(r"^\s*\[\[?\s*vision\s*[\].]", extra, re.M):
+        vision = ""
     path.write_text(
         f'device_id = "{device_id}"\n'
         f'state_dir = "{path.parent / "state"}"\n'
-        f"{extra}\n"
+        f"{extra}\n{vision}"
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nreconnect_max_s = 2\n{mqtt}')
     return path
 

@@ -33,7 +33,7 @@ def assert_no_gap(seqs: list[int], last: int) -> None:
 
 def test_end_to_end_events_signatures_status_stats(tmp_path, broker, subscriber, daemon_factory):
     # The embedded defaults: the default chain (people and faces), publishing track events.
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST, vision="")
     d = daemon_factory(cfg).start()
     new = lambda label: [m for m in subscriber.json("events") if m["type"] == "new" and m["label"] == label]  # noqa: E731
     assert subscriber.wait(lambda: len(subscriber.on("motion")) >= 3 and subscriber.on("stats")

@@ -299,7 +299,7 @@ def test_the_example_subscriber_in_mqtt_md_works(tmp_path, broker, daemon_factor
                             stdout=out.open("w"), stderr=subprocess.STDOUT)
     try:
         cfg = write_config(tmp_path / "edged.toml", broker, extra="[camera]\nfps = 5\n[imu]\nspeed = 10\n",
-                           mqtt='codec = "cbor"\n')
+                           mqtt='codec = "cbor"\n', vision="")  # the defaults: track events
         d = daemon_factory(cfg).start()
         # The example subscribes after it connects: once it has printed the device's status, it
         # prints what follows; wait for a face's track event and a motion line.

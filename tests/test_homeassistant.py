@@ -37,7 +37,7 @@ def _decode(payload: bytes):
 
 
 def test_a_late_home_assistant_finds_every_entity(tmp_path, broker, daemon_factory):
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST, vision="")  # the embedded defaults
     d = daemon_factory(cfg).start()
     live = Subscriber(broker, "edged/test-dev/#")
     try:

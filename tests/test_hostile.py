@@ -140,8 +140,8 @@ def test_snapshot_budget_per_minute(tmp_path, broker, daemon_factory):
     req = Requester(broker)
     d = daemon_factory(cfg).start()
     try:
-        # A track event means the vision stage has had frames: snapshots can be taken.
-        assert wait_until(lambda: req.on("edged/test-dev/events"), 60), d.output()
+        # A detection means the vision stage has a frame: snapshots can be taken.
+        assert wait_until(lambda: req.on("edged/test-dev/detections"), 60), d.output()
         req.send("edged/test-dev/cmd/snapshot", b'{"id": 0}')
         assert wait_until(lambda: req.replies(), 30), d.output()
         assert req.replies()[0]["ok"] is True, req.replies()
@@ -204,7 +204,7 @@ def test_config_that_is_not_a_regular_file(tmp_path):
 def _running(tmp_path, broker, daemon_factory, req, extra=""):
     cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST + extra)
     d = daemon_factory(cfg).start()
-    assert wait_until(lambda: req.on("edged/test-dev/motion") and req.on("edged/test-dev/events"), 60), d.output()
+    assert wait_until(lambda: req.on("edged/test-dev/motion") and req.on("edged/test-dev/detections"), 60), d.output()
     return cfg, d
 
 

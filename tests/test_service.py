@@ -27,7 +27,7 @@ def start_daemon(cfg, log, notify_path, watchdog_usec: int | None = None):
 
 
 def test_ready_status_watchdog_reload_stopping(tmp_path, broker, subscriber):
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST, vision="")  # [vision] is added below
     ns = NotifySocket(tmp_path / "notify.sock")
     log = tmp_path / "daemon.log"
     proc = start_daemon(cfg, log, ns.path, watchdog_usec=2_000_000)
