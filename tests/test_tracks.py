@@ -47,6 +47,15 @@ def test_missed_frames_within_the_hold_time_change_nothing():
     assert [tr.id for tr in t.live()] == [1]
 
 
+def test_on_a_slow_device_two_missed_frames_longer_than_the_hold_change_nothing():
+    # A frame every 1.5 s (the default chain on a slow Pi): two missed frames span 4.5 s, more
+    # than hold_s, and still do not end the track; the third does.
+    seen = [person(0.3)]
+    frames = [seen, seen, [], [], seen, seen, [], [], [], []]
+    events = run(Tracker(hold_s=2.0, min_hits=2), frames, dt=1.5)
+    assert [(n, e.type) for n, e in events] == [(1, "new"), (8, "end")]
+
+
 def test_a_one_frame_false_alarm_makes_no_event():
     frames = [[], [person(0.5)], [], [], [], [], [], [], [], [], [], [], []]
     assert run(Tracker(hold_s=1.0, min_hits=2), frames) == []

@@ -6,7 +6,8 @@ its smoothed pace, so two people crossing keep their ids), the best pairs first;
 box centre is close (within one box width sideways, half its height up or down), as a person
 walking fast across the view at a low frame rate does. A track is confirmed (`new`) once seen in `min_hits` frames within its
 hold time, so a one-frame false alarm makes no event; it ends (`end`, with its dwell time) only
-when it has not been seen for `hold_s` seconds, so one or two missed frames change nothing.
+when it has not been seen for `hold_s` seconds and in at least `min_missed` (3) frames, so one or
+two missed frames change nothing, however slow the frames come.
 `update` is sent every `heartbeat_s` while a track lives and whenever the set of labels found
 inside it changes (a face appears in a person's box, or leaves it).
 
@@ -46,6 +47,7 @@ class Track:
     stage: str = ""
     parent: int = -1                         # the enclosing track's id, -1 for none
     velocity: tuple[float, float] = (0.0, 0.0)   # box centre, frame widths/heights per second
+    missed: int = 0                          # frames since it was last seen
 
     def predicted(self, ts: float) -> tuple[float, float, float, float]:
         """Where the box should be at `ts` if the track keeps its pace (and no further than
@@ -62,6 +64,10 @@ class Tracker:
     hold_s: float = 2.0
     min_hits: int = 2
     heartbeat_s: float = 30.0
+    # A track also outlives this many frames without it, however long they take: on a device
+    # slower than the camera (a Pi Zero 2 W running the default chain, a frame or so a second),
+    # two missed frames may span the hold time, and must not end it.
+    min_missed: int = 3
     tracks: list[Track] = field(default_factory=list)
     next_id: int = 1
 
@@ -111,6 +117,7 @@ class Tracker:
                 a = 0.5 if t.hits > 2 else 1.0
                 t.velocity = (t.velocity[0] + a * (vx - t.velocity[0]), t.velocity[1] + a * (vy - t.velocity[1]))
             t.box, t.score, t.last_ts, t.stage = o.box, o.score, ts, o.stage or t.stage
+            t.missed = 0
             t.best_score = max(t.best_score, o.score)
         # Which labels sit inside each track (a face found in a person's crop names its parent).
         inside: dict[int, set[str]] = {}
@@ -132,10 +139,12 @@ class Tracker:
                     t.inside = labels
                     t.last_event_ts = ts
                     events.append(self._event("update", t, ts))
-            elif ts - t.last_ts >= self.hold_s:
-                self.tracks.remove(t)
-                if t.confirmed:
-                    events.append(self._event("end", t, ts))
+            else:
+                t.missed += 1
+                if t.missed >= self.min_missed and ts - t.last_ts >= self.hold_s:
+                    self.tracks.remove(t)
+                    if t.confirmed:
+                        events.append(self._event("end", t, ts))
         return events
 
     def live(self) -> list[Track]:
