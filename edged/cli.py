@@ -200,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a random device's connection this often; 0 = never")
     fs.add_argument("--seed", type=int, default=0)
 
-    sg = sub.add_parser("signatures", help="cloud side: build motion centroids, enroll a new motion, classify",
-                        description="Work with motion signatures as a cloud subscriber would. "
+    sg = sub.add_parser("signatures", help="cloud side: build motion centroids, enroll a new motion, classify; "
+                                           "postures from pose signatures",
+                        description="Work with motion signatures as a cloud subscriber would (and, with "
+                                    "'posture', with the vision pose stage's keypoint signatures). "
                                     "Input files are JSON lines with a 'signature' (int8 list), for build "
                                     "and enroll a 'label', and optionally 'sig_v' (the signature version): "
                                     "motion payloads as they arrive over MQTT, or 'edged motion' output.")
@@ -243,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--centroids", "-c", required=True, metavar="CENTROIDS_JSON",
                     help="from 'edged signatures build' (the shipped model's: models/motion.centroids.json)")
     _db_args(cl, "classify", required_device=False, limit=100000)
+
+    po = sgs.add_parser("posture", help="standing / sitting / lying from pose signatures, no image needed",
+                        description="The posture of each pose signature (the 'pose' stage's 17 keypoints on a "
+                                    "person crop) by its geometry: the torso's angle from the vertical (lying "
+                                    "from 55 degrees), then the thighs' (sitting from 50 degrees forward), "
+                                    "'upright' when no knee is in view, 'unknown' without shoulders and hips. "
+                                    "Input lines: pose objects, detections payloads or 'edged detect' lines; "
+                                    "one JSON line out per pose. docs/models.md has the rules and their "
+                                    "confusion matrix.")
+    po.add_argument("signatures", metavar="POSES_JSONL")
+    po.add_argument("--frame-aspect", type=float, default=0.75, metavar="H/W",
+                    help="the frames' height / width, which with each pose's box gives its crop's shape "
+                         "(default: %(default)s, the camera's default 640x480)")
 
     sm = sub.add_parser("samples", help="cloud side: list, label and export the samples devices sent",
                         description="The samples 'edged ingest' stored (raw IMU windows and frame crops the "
@@ -670,6 +685,24 @@ def _when(text: str) -> float:
 def cmd_signatures(args) -> int:
     from edged.cloud import signatures
 
+    if args.action == "posture":
+        from edged.cloud import posture
+
+        if not 0.05 <= args.frame_aspect <= 20:
+            print(f"edged: --frame-aspect: expected 0.05 to 20, got {args.frame_aspect:g}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            for n, record, found in posture.classify_file(args.signatures, args.frame_aspect):
+                where = {k: record[k] for k in ("image", "device_id", "seq", "ts") if k in record}
+                for p in found:
+                    print(json.dumps({**where, "line": n, **p}), flush=True)
+        except posture.PostureError as exc:
+            print(f"edged: signatures posture: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as exc:
+            print(f"edged: signatures posture: {args.signatures}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
     if (args.db is None) == (args.signatures is None):
         print(f"edged: signatures {args.action}: give a SIGNATURES_JSONL file or --db (one of them)", file=sys.stderr)
         return EXIT_USAGE
