@@ -31,26 +31,23 @@ def assert_no_gap(seqs: list[int], last: int) -> None:
     assert not missing, f"seqs missing at the subscriber: {missing[:20]}"
 
 
-def test_end_to_end_events_signatures_status_stats(tmp_path, broker, subscriber, daemon_factory):
-    # The embedded defaults: the default chain (people and faces), publishing track events.
-    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST, vision="")
+def test_end_to_end_labels_signatures_status_stats(tmp_path, broker, subscriber, daemon_factory):
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST)
     d = daemon_factory(cfg).start()
-    new = lambda label: [m for m in subscriber.json("events") if m["type"] == "new" and m["label"] == label]  # noqa: E731
     assert subscriber.wait(lambda: len(subscriber.on("motion")) >= 3 and subscriber.on("stats")
-                           and new("face") and new("person"), 60), d.output()
+                           and any(m["objects"] for m in subscriber.json("detections")), 60), d.output()
 
     status = [(t, p, r) for t, p, r in subscriber.messages if t == "edged/test-dev/status"]
     assert status[0][1] == b"online"
 
-    assert not subscriber.on("detections"), "the label-set policy is opt-in"
-    events = subscriber.json("events")
-    for m in events:
-        assert m["device_id"] == "test-dev" and m["v"] == 1 and m["type"] in ("new", "update", "end")
-        x0, y0, x1, y1 = m["box"]
-        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and 0 < m["score"] <= 1
-        assert m["stage"] in ("people", "faces", "faces_in_people")
-    # Only the two portraits of the five sample photos have someone in them.
-    assert {m["label"] for m in events} == {"face", "person"}
+    dets = subscriber.json("detections")
+    labels = {o["label"] for m in dets for o in m["objects"]}
+    assert "face" in labels
+    for m in dets:
+        assert m["device_id"] == "test-dev" and m["v"] == 1
+        for o in m["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and 0 < o["score"] <= 1
 
     motion = subscriber.json("motion")
     lengths = {len(m["signature"]) for m in motion}

@@ -285,7 +285,7 @@ def test_budget_holds_across_outages_and_restarts_and_results_go_first(tmp_path,
 def test_uncertain_detections_are_sent_as_crops(tmp_path, broker, daemon_factory):
     got = Arrivals(broker)
     cfg = write_config(tmp_path / "edged.toml", broker,
-                       extra='[camera]\nfps = 4\n[imu]\nenabled = false\n[vision]\nheartbeat_s = 1\n'
+                       extra='[camera]\nfps = 4\n[imu]\nenabled = false\n[vision]\nmodel = "face"\nheartbeat_s = 1\n'
                              '[sampling]\nenabled = true\nvision_min_score = 0.3\nvision_max_score = 0.999\n'
                              'min_interval_s = 0\nper_hour = 2\ncrop_margin = 0.5\n')
     d = daemon_factory(cfg).start()
