@@ -51,7 +51,7 @@ def test_broker_down_three_times_while_results_flow(tmp_path, daemon_factory):
             assert d.proc.poll() is None
             broker.start()
         assert wait_until(lambda: last_seq(state) - max(col.seqs("test-dev"), default=0) < 5, 60), d.output()
-        assert d.stop() == 0
+        assert d.stop() == 0, d.output()[-3000:]
         acc = account(col, state)
         assert wait_until(lambda: not account(col, state)["missing"], 30), acc
         acc = account(col, state)
@@ -78,7 +78,7 @@ def test_sigkill_at_random_points_twenty_times(tmp_path, broker, daemon_factory)
         d = daemon_factory(cfg).start()
         assert wait_until(lambda: "msg=ready" in d.output(), 30), d.output()
         assert wait_until(lambda: set(range(1, last_seq(state) + 1)) <= col.seqs("test-dev"), 60), d.output()
-        assert d.stop() == 0
+        assert d.stop() == 0, d.output()[-3000:]
         assert wait_until(lambda: not account(col, state)["missing"], 30)
         acc = account(col, state)
         assert acc["missing"] == [] and acc["dropped"] == 0 and acc["produced"] > 20, acc
@@ -108,7 +108,7 @@ def test_outbox_on_a_full_disk_drops_by_policy_and_counts(tmp_path, daemon_facto
         assert (state / "outbox.db").stat().st_size <= 98304
         broker.start()
         assert wait_until(lambda: last_seq(state) - max(col.seqs("test-dev"), default=0) < 5, 60), d.output()
-        assert d.stop() == 0
+        assert d.stop() == 0, d.output()[-3000:]
         assert wait_until(lambda: len(account(col, state)["missing"]) == account(col, state)["dropped"], 30), \
             {k: v if k != "missing" else (len(v), v[:3], v[-3:]) for k, v in account(col, state).items()}
         acc = account(col, state)
@@ -127,7 +127,7 @@ def test_corrupt_outbox_at_start_is_moved_aside(tmp_path, broker, daemon_factory
     d = daemon_factory(cfg).start()
     try:
         assert wait_until(lambda: len(col.seqs("test-dev")) >= 5, 60), d.output()
-        assert d.stop() == 0
+        assert d.stop() == 0, d.output()[-3000:]
         before = max(col.seqs("test-dev"))
         size = (state / "outbox.db").stat().st_size
         with open(state / "outbox.db", "r+b") as fh:  # a torn write over the header
@@ -139,6 +139,6 @@ def test_corrupt_outbox_at_start_is_moved_aside(tmp_path, broker, daemon_factory
         assert "Traceback" not in out
         assert [p for p in state.iterdir() if ".corrupt-" in p.name]
         assert min(s for s in col.seqs("test-dev") if s > before) > before  # seq never goes back
-        assert d.stop() == 0
+        assert d.stop() == 0, d.output()[-3000:]
     finally:
         col.stop()
