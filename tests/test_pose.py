@@ -78,3 +78,58 @@ def test_signature_in_both_codecs(pose, name):
     msg = codec.decode(c.detections(Detections(1.0, (o,), 5.0), "dev-1", 1), c.content_type)
     jsonschema.validate(msg, SCHEMA)
     assert msg["objects"][0]["signature"] == list(o.signature)
+
+
+def turned_crop(k: int) -> np.ndarray:
+    """The astronaut's crop turned k quarter turns (np.rot90): as someone lying is seen."""
+    img = np.asarray(Image.open(REPO / "samples" / "images" / "astronaut.jpg").convert("RGB"))
+    return np.ascontiguousarray(np.rot90(img[PERSON[1]:PERSON[3], PERSON[0]:PERSON[2]], k))
+
+
+def xy(sig) -> np.ndarray:
+    return (np.array(sig, float).reshape(-1, 3)[:, :2] + 127) / 254
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_person_lying_is_shown_upright_and_the_keypoints_turned_back(pose, k):
+    (upright,) = pose.detect(turned_crop(0))
+    assert pose.last_turn == 0 and pose.turns(*turned_crop(0).shape[:2]) == (0,)
+    lying = turned_crop(k)
+    assert pose.turns(*lying.shape[:2]) == (0, 1, 3)  # 1.45 times as wide as tall
+    (o,) = pose.detect(lying)
+    # The view turned back upright won, out of the three.
+    assert pose.last_turn == (4 - k) % 4
+    # Its keypoints, in the lying crop's own axes, are the upright crop's turned with it: turned
+    # anticlockwise (k = 1), the crop's top went to the left and its right edge to the top.
+    u, v = xy(upright.signature).T
+    want = np.stack([v, 1 - u] if k == 1 else [1 - v, u], axis=1)
+    seen = np.array(o.signature).reshape(-1, 3)[:, 2] >= 64
+    assert seen.sum() >= 9
+    assert np.abs(xy(o.signature) - want)[seen].max() < 0.02
+
+
+def test_the_turns_follow_the_crop_shape(pose):
+    assert pose.turns(100, 99) == (0,)
+    assert pose.turns(100, 100) == (0, 1, 3)   # as wide as tall: could be anything
+    assert pose.turns(100, 199) == (0, 1, 3)
+    assert pose.turns(100, 200) == (1, 3)      # no one upright is twice as wide as tall
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_graph_keeps_the_best_view_of_a_wide_crop(pose, overlap):
+    # A pose stage on the frame (a wide one: the lying astronaut), in a graph with and without the
+    # invoke thread: the same pose as the stage's own detect, at three invokes.
+    from edged.stages.vision.overlap import FrameRunner
+
+    g = open_graph([StageSpec("poses", "pose")], load_manifest(REPO / "models"), threads=1)
+    frame = turned_crop(1)
+    runner = FrameRunner(g, overlap=overlap)
+    try:
+        out = runner.push(frame, "a") + runner.flush()
+    finally:
+        assert runner.close()
+    ((tag, objs, _),) = out
+    (want,) = pose.detect(frame)
+    assert [o.label for o in objs] == ["pose"] and objs[0].signature == want.signature
+    assert objs[0].box == pytest.approx(want.box)
+    assert g.runs[0].invokes == 3

@@ -7,6 +7,10 @@ margin and upscaled to the model's input by its own preprocessing.
 boxes is kept, and a box lying mostly inside a larger one of its label is dropped: a tile's or a
 crop's partial view of something another pass saw whole). Each object says which stage found it
 and, for an object found inside a crop, the index of the object it was found in (`parent`).
+
+A stage may show one region in several views (`turns(height, width)`: the pose stage shows a crop
+wider than tall turned a quarter either way too, as someone lying is seen); the objects of the
+view with the most `evidence` count, and the stage maps them back into the region's own axes.
 """
 
 from __future__ import annotations
@@ -132,6 +136,9 @@ class Unit:
     ms: float = 0.0          # preprocessing and decoding, on the vision thread
     invoke_ms: float = 0.0
     error: BaseException | None = None
+    turn: int = 0            # the region shown turned this many quarter turns (np.rot90)
+    views: int = 1           # views of this region (turns) the stage asked for; the best one counts
+    last_view: bool = True   # the last of them
 
     def invoke(self) -> None:
         """Commit the prepared input, invoke, and (with a copy to fill) copy the outputs."""
@@ -169,6 +176,7 @@ class FrameWork:
     whole: dict = field(default_factory=dict)      # stage name -> indices into found from the frame pass
     views: dict = field(default_factory=dict)      # stage name -> (label, frame box) of all its tiles saw
     dropped: set = field(default_factory=set)      # indices into found that failed the scale check
+    best_view: dict = field(default_factory=dict)  # (stage, region) -> (evidence, objects) of its best view so far
     started: float = field(default_factory=time.perf_counter)
     objects: tuple | None = None                   # set when every stage is complete
     finished: float = 0.0                          # perf_counter() then
@@ -270,24 +278,30 @@ class VisionGraph:
                 while not fw.complete(s.source[1]):
                     yield Wait(s.source[1])
             t0 = time.perf_counter()
-            regions = self._regions(run, fw)
-            fw.left[s.name] = fw.invokes[s.name] = len(regions)
+            st = run.stage
+            turns_of = getattr(st, "turns", None)  # a pose stage shows a wide crop turned upright too
+            views = []
+            for region, drop_cut, parent in self._regions(run, fw):
+                turns = (0,) if turns_of is None else turns_of(region[3] - region[1], region[2] - region[0])
+                views += [(region, drop_cut, parent, t, len(turns), k == len(turns) - 1) for k, t in enumerate(turns)]
+            fw.left[s.name] = fw.invokes[s.name] = len(views)
             fw.mine[s.name] = []
             fw.ms[s.name] = (time.perf_counter() - t0) * 1000.0
-            if not regions:
+            if not views:
                 self._complete(run, fw)
-            for n, (region, drop_cut, parent) in enumerate(regions):
+            for n, (region, drop_cut, parent, turn, nviews, last) in enumerate(views):
                 t0 = time.perf_counter()
-                st = run.stage
                 x0, y0, x1, y1 = region
                 sub = fw.image[y0:y1, x0:x1]
+                if turn:
+                    sub = np.rot90(sub, turn)  # a view: the resampling reads it as it is
                 geo = st.preprocess.geometry
-                pixels = fw.shared.get((region, geo)) if run.share_from >= 0 else None
+                pixels = fw.shared.get((region, geo)) if run.share_from >= 0 and not turn else None
                 slot = run.slot
                 if overlap:
                     run.slot ^= 1
                 box, got = st.preprocess.fill(sub, slot, pixels)
-                if run.shared_to and pixels is None:
+                if run.shared_to and pixels is None and not turn:
                     fw.shared[(region, geo)] = self._keep(idx, n, got)
                 outputs = st.model
                 if overlap:
@@ -295,7 +309,7 @@ class VisionGraph:
                     if outputs is None:
                         outputs = run.copies[slot] = OutputCopy(st.model, tuple(st.reads))
                 yield Unit(run, fw, region, drop_cut, parent, slot, box, outputs,
-                           ms=(time.perf_counter() - t0) * 1000.0)
+                           ms=(time.perf_counter() - t0) * 1000.0, turn=turn, views=nviews, last_view=last)
 
     def _keep(self, stage: int, n: int, pixels: np.ndarray) -> np.ndarray:
         """A copy of a unit's resampled pixels that outlives the stage's next unit, in a buffer
@@ -318,7 +332,18 @@ class VisionGraph:
         sw, sh = x1 - x0, y1 - y0
         e = 0.01
         whole = (sw, sh) == (w, h)
-        for o in run.stage.finish(unit.outputs, unit.box):
+        if unit.views > 1:
+            # One region in several views (turns): its objects are those of the view the stage
+            # saw most clearly, known once its last view is decoded.
+            key = (s.name, unit.region, unit.parent)
+            ev = run.stage.evidence(unit.outputs)
+            best = fw.best_view.get(key)
+            if best is None or ev > best[0]:
+                best = fw.best_view[key] = (ev, run.stage.finish(unit.outputs, unit.box, unit.turn))
+            objects = best[1] if unit.last_view else ()
+        else:
+            objects = run.stage.finish(unit.outputs, unit.box)
+        for o in objects:
             b = o.box
             if whole:
                 fw.mine[s.name].append(len(fw.found))
