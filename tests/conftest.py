@@ -200,6 +200,18 @@ class DaemonProc:
         return self.log.read_text(errors="replace")
 
 
+def daemon_for(cfg):
+    """The real Daemon (its counters, results queue, watchdog, threads) in this process, built off
+    the main thread so that it leaves the test process's signal handlers alone; it is not run."""
+    from edged.service.daemon import Daemon
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(Daemon(cfg)))
+    t.start()
+    t.join()
+    return out[0]
+
+
 # The vision a daemon test runs unless it says otherwise: the face model alone with the label-set
 # policy, about a millisecond a frame against the default chain's hundred or more, so a test of
 # delivery, faults or reloads does not spend a core on vision. Tests of the embedded defaults (the

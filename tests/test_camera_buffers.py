@@ -15,11 +15,10 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import SAMPLES, wait_until
+from conftest import SAMPLES, daemon_for, wait_until
 from edged import config
 from edged.models import load_manifest, open_model
 from edged.fakes.camera import FakeV4l2
-from edged.service.daemon import Daemon
 from edged.service.pipeline import Mailbox, Pipeline
 from edged.sources.camera import V4l2Source
 from edged.sources.camera.buffers import BUFFERS_MAX
@@ -60,16 +59,6 @@ class SlowDetection:
         objects = self.stage.detect(image)
         self.checked.append((seen_as(at_start, self.views), np.array_equal(image, at_start)))
         return objects
-
-
-def daemon_for(cfg) -> Daemon:
-    """The real Daemon (its counters, results queue, watchdog, threads), built off the main thread
-    so that it leaves the test process's signal handlers alone; it is not run."""
-    out = []
-    t = threading.Thread(target=lambda: out.append(Daemon(cfg)))
-    t.start()
-    t.join()
-    return out[0]
 
 
 def test_a_slow_detection_sees_every_frame_intact_and_buffers_stay_few(tmp_path):

@@ -50,6 +50,8 @@ _SIDE_WINDOW = 64
 SAMPLE_WINDOW = 1
 # A TCP connection without a CONNACK this long: something that is not an MQTT broker holds the port.
 CONNACK_WAIT_S = 10.0
+# How long stop() waits for the drain thread to finish its turn (it ends at the next loop check).
+DRAIN_JOIN_S = 5.0
 
 
 class Link:
@@ -156,7 +158,10 @@ class Link:
         self._stop.set()
         self._wake.set()
         if self._thread:
-            self._thread.join(timeout)
+            # The drain thread owns the in-flight table and reads the outbox: it must be out of
+            # its turn before the acks are collected here and the outbox is closed after. A turn
+            # is short local work, which a loaded machine can stretch past `timeout`.
+            self._thread.join(max(timeout, DRAIN_JOIN_S))
         self._collect_acks()
         if self.connected.is_set() and say_offline:
             info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)

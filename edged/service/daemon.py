@@ -36,6 +36,10 @@ EXIT_TPU_HUNG = 75  # EX_TEMPFAIL: an Edge TPU inference hung; systemd restarts 
 COMMIT_RATE = 50.0
 # Commands waiting for the main loop; more than this at once are dropped (and counted).
 COMMAND_QUEUE = 64
+# How long a stop or a relink waits for the writer to commit what is queued: local work (one
+# commit, one fsync), but a loaded machine or a slow SD card can take seconds over it. Half of
+# the unit's TimeoutStopSec=20s, so the offline status still goes out after it.
+WRITER_FLUSH_S = 10.0
 
 
 class Daemon:
@@ -514,9 +518,15 @@ class Daemon:
         self.stop_event.set()
 
     def _stop_writer(self) -> None:
+        """Flush what is queued into the outbox and end the writer. Waited for, not given a
+        second: an outbox closed (or replaced, on a relink) under a writer still committing
+        would lose those results and fail the writer."""
         self.results.put(None)  # writer: flush what is queued, then exit
         if self._writer:
-            self._writer.join(1.0)
+            self._writer.join(WRITER_FLUSH_S)
+            if self._writer.is_alive():
+                log.error("the writer has not finished committing to the outbox; results still queued "
+                          "may be lost", extra=fields(waited_s=WRITER_FLUSH_S, queued=self.results.qsize()))
 
     def _shutdown(self) -> None:
         if self.updater:

@@ -185,6 +185,7 @@ class ProgressWatchdog:
         self._clock = clock
         self._last: dict[str, float] = {}
         self._deadline: dict[str, float] = {}
+        self._retired: set[str] = set()  # parts unregistered since: their threads may still beat
         self._lock = threading.Lock()
         self._once = Once(log)
 
@@ -205,19 +206,25 @@ class ProgressWatchdog:
         with self._lock:
             self._deadline.pop(name, None)
             self._last.pop(name, None)
+            self._retired.add(name)
         self._once.clear(f"stalled:{name}")
 
     def beat(self, name: str) -> None:
-        """Record progress of `name`; cheap enough for every frame. Unknown names are a bug."""
-        if name not in self._deadline:
-            raise KeyError(f"watchdog part {name!r} is not registered")
-        self._last[name] = self._clock()
+        """Record progress of `name`; cheap enough for every frame. A part unregistered while
+        its thread was still in its loop (a stop that gave up joining it on a loaded machine)
+        may beat once more on its way out: ignored. A name never registered is a bug."""
+        with self._lock:
+            if name in self._deadline:
+                self._last[name] = self._clock()
+                return
+            if name in self._retired:
+                return
+        raise KeyError(f"watchdog part {name!r} is not registered")
 
     def stale(self, now: float | None = None) -> dict[str, float]:
         """Parts whose last beat is older than their deadline, with the age in seconds."""
         now = self._clock() if now is None else now
         with self._lock:
-            # .get: a beat racing an unregister may leave a last-beat time without a deadline.
             items = [(n, t, self._deadline.get(n)) for n, t in self._last.items()]
         return {n: now - t for n, t, limit in items if limit is not None and now - t > limit}
 
