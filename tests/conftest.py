@@ -165,6 +165,16 @@ def subscriber(broker):
     s.close()
 
 
+def unit_seconds(key: str) -> float:
+    """A time setting of the shipped unit (systemd/edged.service), e.g. TimeoutStopSec=20s."""
+    m = re.search(rf"^{key}=(\d+)s$", (REPO / "systemd" / "edged.service").read_text(), re.M)
+    return float(m.group(1))
+
+
+# What a clean stop is promised: exit before systemd gives up on it and kills it (TimeoutStopSec=).
+STOP_TIMEOUT_S = unit_seconds("TimeoutStopSec")
+
+
 class DaemonProc:
     """The real daemon, `python -m edged run`, as systemd would run it."""
 
@@ -186,10 +196,20 @@ class DaemonProc:
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
 
-    def stop(self, timeout: float = 10) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+    def stop_sequence_s(self) -> float:
+        """How long the daemon's last stop took by its own clock: from its "stopping" line to
+        its "stopped" line (what it waits on and does; not the interpreter's exit after it)."""
+        from datetime import datetime
+
+        out = self.output()
+        stamps = [datetime.fromisoformat(re.findall(rf"^ts=(\S+) .*msg={m}\b", out, re.M)[-1])
+                  for m in ("stopping", "stopped")]
+        return (stamps[1] - stamps[0]).total_seconds()
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

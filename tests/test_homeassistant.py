@@ -41,7 +41,10 @@ def test_a_late_home_assistant_finds_every_entity(tmp_path, broker, daemon_facto
     d = daemon_factory(cfg).start()
     live = Subscriber(broker, "edged/test-dev/#")
     try:
+        # Waited for, each: a motion label, a face held present (the default chain confirms a
+        # track over a few frames, which a loaded machine makes slow), and stats.
         assert live.wait(lambda: any(json.loads(p)["motion"] for p in live.on("state") if p)
+                         and any("face" in json.loads(p)["present"] for p in live.on("state") if p)
                          and live.on("stats"), 60), d.output()
         configs = retained(broker)
         objects = {t.split("/")[2:4][1] for t in configs}

@@ -235,9 +235,8 @@ def test_reload_with_any_bad_file_keeps_the_running_pipeline(tmp_path, broker, d
         # Still running the pipeline it started with: new results keep coming.
         seen = len(req.on("edged/test-dev/motion"))
         assert wait_until(lambda: len(req.on("edged/test-dev/motion")) > seen + 3, 60), d.output()[-3000:]
-        t0 = time.monotonic()
-        assert d.stop() == 0
-        assert time.monotonic() - t0 < 5
+        assert d.stop() == 0  # within TimeoutStopSec: the main loop was not left blocked on the FIFO
+        assert d.stop_sequence_s() < 2.0, d.output()[-3000:]
     finally:
         req.close()
 

@@ -225,7 +225,7 @@ def test_daemon_labels_an_enrolled_motion(tmp_path, broker, subscriber, daemon_f
     motion = subscriber.json("motion")
     assert all(m["sig_v"] == entry.params["signature_version"] for m in motion)
     assert np.mean([m["label"] == "stairs" for m in motion]) >= 0.8, [m["label"] for m in motion]
-    assert d.stop(timeout=10) == 0
+    assert d.stop() == 0
 
 
 def test_a_missing_centroid_file_is_a_config_error(tmp_path):

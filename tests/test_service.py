@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, wait_until, write_config
+from conftest import REPO, STOP_TIMEOUT_S, wait_until, write_config
 from harness import NotifySocket
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
@@ -66,7 +66,7 @@ def test_ready_status_watchdog_reload_stopping(tmp_path, broker, subscriber):
         assert subscriber.on("status") == [b"online"], "a reload must not flap the status"
 
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert proc.wait(STOP_TIMEOUT_S) == 0
         assert ns.keys()[-1] == "STOPPING=1" or "STOPPING=1" in ns.keys()
     finally:
         if proc.poll() is None:
@@ -217,7 +217,7 @@ def test_logs_go_to_journald_with_structured_fields(tmp_path, broker):
                 continue
             entries.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert proc.wait(STOP_TIMEOUT_S) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -277,7 +277,7 @@ def test_model_swap_on_reload_and_a_bad_model_keeps_the_old_one(tmp_path, broker
         assert proc.poll() is None and log.read_text().count("msg=starting") == 1
         assert subscriber.on("status") == [b"online"]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert proc.wait(STOP_TIMEOUT_S) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

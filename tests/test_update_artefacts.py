@@ -157,7 +157,7 @@ def test_enrolled_centroids_released_alone_are_labelled_by_a_running_daemon(tmp_
         with subscriber._lock:
             topics = {t for t, _, _ in subscriber.messages}
         assert {t for t in topics if not t.startswith("edged/test-dev/")} == {FLEET}
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
         assert "Traceback" not in d.output()
         installed = tmp_path / "state" / "updates" / "artefacts" / "motion" / "centroids"
         assert sorted(p.name for p in installed.iterdir()) == ["1"]
@@ -258,7 +258,7 @@ def test_a_label_map_released_alone_renames_the_models_classes(tmp_path, broker,
             return [m for m in subscriber.json("detections")[since:] if any(o["label"] == name for o in m["objects"])]
         assert subscriber.wait(lambda: labelled("visitor"), 60), d.output()
         assert load_manifest()["face"].labels == ["face"]
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
         installed = tmp_path / "state" / "updates" / "artefacts" / "face" / "labels" / "1" / "labels.txt"
         assert installed.read_text() == "visitor\n"
         installed.write_text("intruder\n")
@@ -267,6 +267,6 @@ def test_a_label_map_released_alone_renames_the_models_classes(tmp_path, broker,
         assert subscriber.wait(lambda: labelled("face", n), 60), d.output()
         assert not labelled("intruder")
         assert "installed artefact damaged; using the one before it" in d.output()
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
     finally:
         srv.close()

@@ -438,7 +438,7 @@ def test_daemon_installs_refuses_and_reports(tmp_path, broker, subscriber, daemo
         assert subscriber.wait(lambda: len(subscriber.json("detections")) > n, 30), "no results after the revocation"
         assert "running release revoked; back to the shipped model" in d.output()
 
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
         seqs = [m["seq"] for m in subscriber.json("detections")]
         last = last_seq(tmp_path / "state")
         assert last > 0 and not sorted(set(range(1, last + 1)) - set(seqs)), "seq gap across the update"
@@ -530,7 +530,7 @@ def test_release_with_a_stalled_pipeline_is_rolled_back_in_its_health_window(tmp
         assert back["last"]["version"] == 2 and "no vision progress for" in back["last"]["reason"]
         assert back["models"]["face"]["running"] is None
         assert "update installed" in d.output()
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
         state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
         assert 2 in state["models"]["face"]["bad"]
     finally:
@@ -579,7 +579,7 @@ def test_release_whose_inputs_fail_is_rolled_back_in_its_health_window(tmp_path,
         assert "IMU sample rate 10.0 Hz is below the model's 12 Hz" in d.output()
         n = len(subscriber.json("motion"))
         assert subscriber.wait(lambda: len(subscriber.json("motion")) > n, 30), "no motion after the rollback"
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
         state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
         assert 2 in state["models"]["motion"]["bad"]
     finally:
@@ -639,7 +639,7 @@ def test_sigkill_at_every_step_leaves_a_daemon_that_starts_with_a_valid_model(tm
             return [m for m in models_reports(subscriber) if (m["last"] or {}).get("outcome") == "rolled back"
                     and m["last"]["version"] == 6]
         assert subscriber.wait(rolled_back, 30), d.output()
-        assert d.stop(timeout=10) == 0
+        assert d.stop() == 0
         assert "Traceback" not in d.output()
         running = face("running")
         assert running is None or running not in (face("bad") or [])
