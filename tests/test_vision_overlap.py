@@ -133,6 +133,47 @@ def test_stop_is_clean_and_leaves_no_thread(chain, frames):
         runner.push(frames[0])
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_stop_abandons_the_frame_after_the_invoke_running_then(manifest, frames, overlap):
+    # A frame of five units (the frame and 2x2 tiles); each invoke holds until the test lets it
+    # go. The stop comes while the first one runs: the runner waits for that invoke and starts
+    # no other (not the unit prepared and queued behind it either), hands out nothing of the
+    # half-done frame and gives it back to its owner. Before, the whole frame ran to its end.
+    graph = open_graph([StageSpec(name="faces", model="face", tiles=2)], manifest, threads=1)
+    model = graph.runs[0].stage.model
+    real, cond, gate = model.invoke, threading.Condition(), threading.Event()
+    started = []
+
+    def held() -> None:
+        with cond:
+            started.append(threading.current_thread().name)
+            cond.notify_all()
+        gate.wait()
+        real()
+
+    model.invoke = held
+    stop, done, dropped, out = threading.Event(), [], [], []
+    runner = FrameRunner(graph, overlap=overlap, stop=stop, on_done=lambda *a: done.append(a),
+                         on_drop=dropped.append)
+    pusher = threading.Thread(target=lambda: out.append(runner.push(frames[0], "f")), daemon=True)
+    try:
+        pusher.start()
+        with cond:
+            assert cond.wait_for(lambda: started, timeout=60)
+        stop.set()
+        gate.set()
+        pusher.join(60)
+        assert not pusher.is_alive()
+        assert out == [[]] and done == [] and dropped == ["f"]
+        assert len(started) == 1, started
+        assert runner.pending == 0
+        assert runner.flush() == [] and len(started) == 1
+    finally:
+        gate.set()
+        assert runner.close(timeout=30)
+    assert len(started) == 1
+
+
 def test_a_bad_frame_is_refused_before_any_work_and_the_runner_goes_on(chain, frames, expected):
     runner = FrameRunner(chain, overlap=True)
     try:

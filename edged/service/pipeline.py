@@ -353,8 +353,10 @@ class Pipeline:
 
             # A frame is published as soon as its last invoke is decoded: with overlap that is
             # during the next frame's push, so a frame is held barely longer than without overlap.
-            # A frame the runner drops (after an error, or at close) gives its buffer back.
-            runner = FrameRunner(self.vision, overlap=v.overlap, on_done=publish, on_drop=Frame.release)
+            # A frame the runner drops (after an error, at a stop, or at close) gives its buffer
+            # back. A stop abandons the frame in progress after the invoke running then.
+            runner = FrameRunner(self.vision, overlap=v.overlap, on_done=publish, on_drop=Frame.release,
+                                 stop=self.stop_event)
         try:
             while not self.stop_event.is_set():
                 # A frame still finishing (its last invoke overlaps the next frame's first) is

@@ -300,7 +300,9 @@ class VisionGraph:
                 slot = run.slot
                 if overlap:
                     run.slot ^= 1
-                box, got = st.preprocess.fill(sub, slot, pixels)
+                # A region is resampled from the frame itself; a turned view (rot90) is not a
+                # plain region of it, and is read as the view it is.
+                box, got = st.preprocess.fill(sub, slot, pixels, base=None if turn else fw.image, at=(x0, y0))
                 if run.shared_to and pixels is None and not turn:
                     fw.shared[(region, geo)] = self._keep(idx, n, got)
                 outputs = st.model

@@ -13,7 +13,9 @@ holds: the last unit of a frame is finished once the next frame's first unit is 
 frame's results come out of the `push` of the next frame, or of `flush` when no frame follows.
 
 At most two units are in flight (one invoking, one queued behind it); the invoke thread exits on
-`close`. An invoke that never returns (an Edge TPU hang) blocks the vision thread as a plain
+`close`. A stop (the `stop` event, the daemon's) abandons the frames in progress between two units:
+the invoke running then is the only one waited for, the one queued behind it is not started, and
+no object of an abandoned frame is handed out. An invoke that never returns (an Edge TPU hang) blocks the vision thread as a plain
 invoke would: the daemon's hang check sees it through the model's `invoking_since`.
 """
 
@@ -29,20 +31,23 @@ from edged.stages.vision.preprocess import check_image
 
 
 class _Job:
-    __slots__ = ("unit", "done")
+    __slots__ = ("unit", "done", "skipped")
 
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
         self.done = threading.Event()
+        self.skipped = False  # not invoked: the stop came first
 
 
 class Invoker:
-    """A thread that runs units' invokes (commit, invoke, copy the outputs) in the order given."""
+    """A thread that runs units' invokes (commit, invoke, copy the outputs) in the order given;
+    once `stop` is set it starts none (a job it skips is done, with `skipped` set)."""
 
-    def __init__(self, name: str = "vision-invoke") -> None:
+    def __init__(self, name: str = "vision-invoke", stop: threading.Event | None = None) -> None:
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._stop = stop
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
@@ -63,6 +68,10 @@ class Invoker:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
+            if self._stop is not None and self._stop.is_set():
+                job.skipped = True
+                job.done.set()
+                continue
             try:
                 job.unit.invoke()
             except BaseException as exc:  # handed to the vision thread, which raises it
@@ -89,14 +98,19 @@ class FrameRunner:
     is finished by its own push. A frame pushed and never handed out (the runner forgets the open
     frames after an error, and at `close`) is given to `on_drop(tag)`, so that its owner can free
     what the tag holds (the daemon: the camera buffer).
+
+    Once `stop` is set, `push` and `flush` abandon the open frames at the next unit boundary:
+    they wait only for the invoke already running, and give every open frame to `on_drop`.
     """
 
-    def __init__(self, graph: VisionGraph, *, overlap: bool = True, on_done=None, on_drop=None) -> None:
+    def __init__(self, graph: VisionGraph, *, overlap: bool = True, on_done=None, on_drop=None,
+                 stop: threading.Event | None = None) -> None:
         self.graph = graph
         self.overlap = overlap
         self.on_done = on_done
         self.on_drop = on_drop
-        self._invoker = Invoker() if overlap else None
+        self.stop = stop
+        self._invoker = Invoker(stop=stop) if overlap else None
         self._flight: deque[_Job] = deque()          # invoking or invoked, not finished
         self._frames: deque[FrameWork] = deque()     # pushed, not handed out
         self._out: list[tuple[object, tuple, float]] = []
@@ -113,6 +127,8 @@ class FrameRunner:
         self._frames.append(fw)
         try:
             for item in g.units(fw, overlap=self.overlap):
+                if self._stopping():
+                    break  # the stop came while this unit was prepared: it is not run
                 if isinstance(item, Wait):
                     self._finish_one()
                     continue
@@ -120,11 +136,15 @@ class FrameRunner:
                     item.invoke()
                     g.finish(item)
                     self._deliver()
-                    continue
-                self._flight.append(self._invoker.submit(item))
-                # Keep one invoking while the next is prepared: finish all but the newest.
-                while len(self._flight) > 1:
-                    self._finish_one()
+                else:
+                    self._flight.append(self._invoker.submit(item))
+                    # Keep one invoking while the next is prepared: finish all but the newest.
+                    while len(self._flight) > 1 and not self._stopping():
+                        self._finish_one()
+                if self._stopping():
+                    break  # before the next unit is prepared
+            if self._stopping():
+                self._drop()
         except BaseException:
             self._drop()
             raise
@@ -132,12 +152,17 @@ class FrameRunner:
 
     def flush(self) -> list[tuple[object, tuple, float]]:
         try:
-            while self._flight:
+            while self._flight and not self._stopping():
                 self._finish_one()
+            if self._stopping():
+                self._drop()
         except BaseException:
             self._drop()
             raise
         return self._done()
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def close(self, timeout: float | None = 2.0) -> bool:
         """Stop the invoke thread (after the invokes in flight; their results are dropped)."""
@@ -158,6 +183,8 @@ class FrameRunner:
             raise RuntimeError("vision: a stage waits for units that were never queued")
         job = self._flight.popleft()
         job.done.wait()
+        if job.skipped:  # a stop came first: its frame is abandoned, never finished
+            return
         unit = job.unit
         if unit.error is not None:
             raise unit.error
@@ -165,8 +192,9 @@ class FrameRunner:
         self._deliver()
 
     def _drop(self) -> None:
-        """After an error: wait for what is in flight (its input slots must be free), forget the
-        open frames. The next push starts clean."""
+        """After an error or at a stop: wait for what is in flight (its input slots must be free;
+        after a stop the invoke thread starts none of it), forget the open frames. The next push
+        starts clean."""
         for job in self._flight:
             job.done.wait()
         self._flight.clear()

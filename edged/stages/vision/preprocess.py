@@ -1,6 +1,7 @@
 """Frame → model input: letterbox or stretch, nearest or bilinear resampling through precomputed
-index maps, normalisation and quantisation through a 256-entry lookup table, all into buffers
-reused from frame to frame."""
+index maps (bilinear in integer fixed point), normalisation and quantisation through a 256-entry
+lookup table, all into buffers reused from frame to frame. A region of a frame (a tile, a crop) is
+read in place of the frame, without a copy."""
 
 from __future__ import annotations
 
@@ -81,28 +82,37 @@ class _Plan:
         else:
             rh, rw = model_h, model_w
         self.shape = (rh, rw, 3)
-        self.frame_w = frame_w
         self.in_dtype = in_dtype
         self.work = Scratch() if scratch is None else scratch
         self.box = Letterbox((model_h - rh) // 2, (model_w - rw) // 2, rh, rw)
         self.identity = (rh, rw) == (frame_h, frame_w)
         self.full = (rh, rw) == (model_h, model_w)
         self.bilinear = bilinear and not self.identity
+        self.src = (frame_h, frame_w)
         if self.bilinear:
             # Half-pixel centres, as TF's ResizeBilinear and OpenCV's INTER_LINEAR sample: each
-            # output pixel blends the 2x2 source pixels around its centre. The four neighbours are
-            # gathered as uint8 first, so the float work is on the model-sized region only,
-            # whatever the frame size.
-            self.y0, self.y1, wy = _taps(frame_h, rh)
-            self.x0, self.x1, wx = _taps(frame_w, rw)
-            # Full-size weights: a broadcast operand makes numpy allocate a scratch buffer per call.
-            flat = (rh, rw * 3)
-            self.wx = np.ascontiguousarray(np.broadcast_to(np.repeat(wx, 3)[None, :], flat))
-            self.wy = np.ascontiguousarray(np.broadcast_to(wy[:, None], flat))
+            # output pixel blends the 2x2 source pixels around its centre. In fixed point, in two
+            # passes: down the columns first (8-bit weights, uint16; the rows are gathered by a
+            # plain copy, and the pass runs on the region's own width), then along the rows
+            # (16-bit weights, uint32), whose two gathers are the only per-element index lookups.
+            # The result differs from an exact blend by less than one level before rounding, so
+            # by at most 1 after it.
+            y0, y1, wy = _taps(frame_h, rh)
+            x0, x1, wx = _taps(frame_w, rw)
+            self.y0, self.y1 = y0, y1
+            c = np.tile(np.arange(3, dtype=np.intp), rw)
+            self.x0 = np.repeat(x0 * 3, 3) + c   # element (pixel * 3 + channel) of a row
+            self.x1 = np.repeat(x1 * 3, 3) + c
+            # Full-size weights: numpy allocates a buffer per call for a broadcast operand.
+            by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)
+            self.wy = np.repeat(by[:, None], frame_w * 3, axis=1)
+            bx = np.rint(np.repeat(wx, 3).astype(np.float64) * 65536).astype(np.uint32)
+            self.wx = np.repeat(bx[None, :], rh, axis=0)
         elif not self.identity:
             # Pixel centres of the resampled grid mapped back to the nearest source pixel.
             self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
-            self.cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
+            cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
+            self.cols = np.repeat(cols * 3, 3) + np.tile(np.arange(3, dtype=np.intp), rw)
         self.gather = gather
         self._views: dict[str, np.ndarray] = {}
 
@@ -144,38 +154,71 @@ class _Plan:
     def values(self) -> np.ndarray | None:
         return None if self.full or not self.gather else self._view("values", self.in_dtype, self.shape)
 
-    def resample(self, image: np.ndarray) -> np.ndarray:
-        """The frame resampled to the region size (uint8), or the frame itself at identity."""
+    def resample(self, image: np.ndarray, base: np.ndarray | None = None,
+                 at: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """The frame resampled to the region size (uint8), or the frame itself at identity.
+
+        `image` may be a region of a larger frame `base` whose top-left pixel is at `at` = (x, y)
+        of `base` (a tile, a crop): its rows are then gathered from `base` itself, so a region
+        needs no copy of its own."""
         if self.identity:
             return image
+        if base is None:
+            base, at = image, (0, 0)
+        if not base.flags.c_contiguous:
+            base, at = np.ascontiguousarray(image), (0, 0)  # a caller's strided array: copied once
+        ox, oy = at
         rh, rw, _ = self.shape
-        region = self.region
-        if not self.bilinear:
-            rows = self.work.get("rows", np.uint8, (rh, self.frame_w, 3))
-            np.take(image, self.rows, axis=0, out=rows, mode="clip")
-            np.take(rows, self.cols, axis=1, out=region, mode="clip")
-            return region
+        h, w = self.src
         n = rw * 3
-        rows = self.work.get("rows", np.uint8, (rh, self.frame_w, 3))
-        corners = self.work.get("corners", np.uint8, (4, rh, rw, 3))
-        for y, left, right in ((self.y0, corners[0], corners[1]), (self.y1, corners[2], corners[3])):
-            np.take(image, y, axis=0, out=rows, mode="clip")
-            np.take(rows, self.x0, axis=1, out=left, mode="clip")
-            np.take(rows, self.x1, axis=1, out=right, mode="clip")
-        top, bottom, tmp = self.work.get("blend", np.float32, (3, rh, n))
-        # copyto casts without the scratch buffer a mixed-dtype ufunc would allocate per call.
-        for out, left, right in ((top, corners[0], corners[1]), (bottom, corners[2], corners[3])):
-            np.copyto(out, left.reshape(rh, n))
-            np.copyto(tmp, right.reshape(rh, n))
-            np.subtract(tmp, out, out=tmp)
-            np.multiply(tmp, self.wx, out=tmp)
-            np.add(out, tmp, out=out)
-        np.subtract(bottom, top, out=bottom)
-        np.multiply(bottom, self.wy, out=bottom)
-        np.add(top, bottom, out=top)
-        np.rint(top, out=top)
-        np.copyto(region.reshape(rh, n), top, casting="unsafe")  # blends of 0..255 stay within 0..255
+        flat = base.reshape(base.shape[0], -1)
+        region = self.region
+        rows = self.work.get("rows", np.uint8, (rh, flat.shape[1]))
+        at_y = self.work.get("at_y", np.intp, (rh,))
+        cols = slice(ox * 3, (ox + w) * 3)
+        if not self.bilinear:
+            at_x = self.work.get("at_x", np.intp, (n,))
+            np.add(self.rows, oy, out=at_y)
+            np.add(self.cols, ox * 3, out=at_x)
+            np.take(flat, at_y, axis=0, out=rows, mode="clip")
+            np.take(rows, at_x, axis=1, out=region.reshape(rh, n), mode="clip")
+            return region
+        # Down the columns: v = 256 * top + (bottom - top) * b, b the bottom row's weight in
+        # 1/256. Its value lies in 0..255 * 256, so uint16 arithmetic, which wraps, gives it
+        # exactly, negative differences included.
+        v = self.work.get("v", np.uint16, (rh, w * 3))
+        t = self.work.get("t", np.uint16, (rh, w * 3))
+        np.add(self.y0, oy, out=at_y)
+        np.take(flat, at_y, axis=0, out=rows, mode="clip")
+        np.copyto(v, rows[:, cols])  # a cast copy: no scratch buffer, unlike a mixed-dtype ufunc
+        np.add(self.y1, oy, out=at_y)
+        np.take(flat, at_y, axis=0, out=rows, mode="clip")
+        np.copyto(t, rows[:, cols])
+        np.subtract(t, v, out=t)
+        np.multiply(t, self.wy, out=t)
+        np.left_shift(v, 8, out=v)
+        np.add(v, t, out=v)
+        # Along the rows, the same in 1/65536 and uint32 (at most 255 * 2^24), plus 2^23: the top
+        # byte is the blend rounded to the nearest level.
+        left = self.work.get("t", np.uint16, (rh, n))  # t is free again
+        right = self.work.get("right", np.uint16, (rh, n))
+        np.take(v, self.x0, axis=1, out=left, mode="clip")
+        np.take(v, self.x1, axis=1, out=right, mode="clip")
+        o = self.work.get("o", np.uint32, (rh, n))
+        d = self.work.get("d", np.uint32, (rh, n))
+        np.copyto(o, left)
+        np.copyto(d, right)
+        np.subtract(d, o, out=d)
+        np.multiply(d, self.wx, out=d)
+        np.left_shift(o, 16, out=o)
+        np.add(o, d, out=o)
+        np.add(o, _HALF, out=o)
+        np.copyto(region.reshape(rh, n), o.view(np.uint8).reshape(rh, n, 4)[..., _TOP])
         return region
+
+
+_HALF = np.uint32(1 << 23)
+_TOP = 3 if sys.byteorder == "little" else 0  # the byte of a uint32 holding bits 24..31
 
 
 def check_image(image: np.ndarray) -> None:
@@ -210,7 +253,7 @@ class Preprocessor:
     """Turns RGB uint8 frames of any size into the model's input tensor, in place.
 
     Resampling is `resize = "nearest"` (default, cheapest) or `"bilinear"` (what most training
-    pipelines used; a few float passes over the rows kept). A frame already at the model's size
+    pipelines used; half-pixel centres in fixed point, within one level of an exact blend). A frame already at the model's size
     is not resampled at all. `letterbox = true` keeps the aspect ratio and pads with pixel value
     `pad` (default 0); false stretches the frame to the input size.
 
@@ -282,13 +325,14 @@ class Preprocessor:
             self._slot1 = np.zeros_like(self.model.input_buffer(self.index))
         return self._slot1
 
-    def fill(self, image: np.ndarray, slot: int = 0, pixels: np.ndarray | None = None
-             ) -> tuple[Letterbox, np.ndarray]:
+    def fill(self, image: np.ndarray, slot: int = 0, pixels: np.ndarray | None = None, *,
+             base: np.ndarray | None = None, at: tuple[int, int] = (0, 0)) -> tuple[Letterbox, np.ndarray]:
         """Fill input slot `slot` from a checked `image` (see check_image), without committing it;
         return where the image landed and its resampled pixels (uint8, the region's size; a
         buffer reused by the next fill, or `image` itself when no resampling was needed).
         `pixels`, when given, are those pixels already resampled (by another stage with the same
-        input geometry, see `geometry`): only the normalisation runs."""
+        input geometry, see `geometry`): only the normalisation runs. `image` may be a region of
+        the frame `base`, its top-left pixel at `at` = (x, y) of it (see `_Plan.resample`)."""
         plan = self.plan(image.shape[0], image.shape[1])
         whole = self.buffer(slot)
         self._filled[slot] = whole
@@ -299,7 +343,7 @@ class Preprocessor:
                 buf[...] = self._pad_values
             self._painted[slot] = (plan, whole)
         if pixels is None:
-            pixels = plan.resample(image)
+            pixels = plan.resample(image, base, at)
             self.resamples += 1
         b = plan.box
         dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
