@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "from 55 degrees), then the thighs' (sitting from 50 degrees forward), "
                                     "'upright' when no knee is in view, 'unknown' without shoulders and hips. "
                                     "Input lines: pose objects, detections payloads or 'edged detect' lines; "
-                                    "one JSON line out per pose. docs/models.md has the rules and their "
-                                    "confusion matrix.")
+                                    "one JSON line out per pose. 'fallen' is not told from one signature: "
+                                    "the device's track events carry it (posture), from how the track "
+                                    "came to lie. docs/models.md has the rules and their confusion matrix.")
     po.add_argument("signatures", metavar="POSES_JSONL")
     po.add_argument("--frame-aspect", type=float, default=0.75, metavar="H/W",
                     help="the frames' height / width, which with each pose's box gives its crop's shape "

@@ -144,6 +144,8 @@ def check_stages(specs) -> list[str]:
                                 f"(earlier: {', '.join(seen) or 'none'})")
             if s.tiles != 1:
                 problems.append(f"{key}.tiles: only a stage on the frame can tile it")
+            if getattr(s, "turned", False):
+                problems.append(f"{key}.turned: only a stage on the frame can turn it")
         if s.region not in STAGE_REGIONS:
             problems.append(f"{key}.region: expected one of {', '.join(map(repr, STAGE_REGIONS))}, got {s.region!r}")
         seen.setdefault(s.name, i)
@@ -163,6 +165,9 @@ class VisionStageConfig:
     margin: float = field(default=0.2, metadata=_check(min=0.0, max=2.0))  # crops grow by this per side
     region: str = field(default="box", metadata=_check(choices=("box", "top")))
     max_crops: int = field(default=8, metadata=_check(min=1, max=64))
+    # On the frame: also on the frame turned a quarter either way (two more invokes), boxes turned
+    # back: a detector of upright people (the `person` model) then finds people lying across the view.
+    turned: bool = False
 
 
 # The default chain, chosen by measurement on the labelled scene set (docs/models.md): people on

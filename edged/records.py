@@ -85,6 +85,7 @@ class TrackEvent:
     inside: tuple[str, ...] = ()   # labels found inside its box (a person's face)
     stage: str = ""
     parent: int = -1          # the enclosing track's id, -1 for none
+    posture: str = ""         # a person's posture from its pose (edged/posture.py), "fallen" after a fall; "" = no pose
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Score the cloud's posture rules (edged/cloud/posture.py) on pose signatures from the labelled sets.
+"""Score the cloud's posture rules (edged/posture.py) on pose signatures from the labelled sets.
 
 Every hand-labelled person of tests/data/vision (labels.json, scenes.json) whose posture is
 written below gets the pose stage's crop (its box grown by 20 % per side, as the chain crops),
@@ -33,7 +33,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edged.cloud.posture import POSTURES, classify, confusion  # noqa: E402
+from edged.posture import POSTURES, classify, confusion  # noqa: E402
 from edged.models import load_manifest, open_model  # noqa: E402
 from edged.stages.vision.pose import PoseStage  # noqa: E402
 

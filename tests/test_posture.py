@@ -1,4 +1,4 @@
-"""Postures from pose signatures (edged/cloud/posture.py): the geometry on drawn skeletons, the
+"""Postures from pose signatures (edged/posture.py, edged/cloud/posture.py): the geometry on drawn skeletons, the
 pose model's real signatures of a standing player and of a pedestrian turned on his side, and
 `edged signatures posture` on the command line."""
 

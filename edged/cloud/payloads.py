@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from edged.delivery import codec
+from edged.posture import FALLEN, POSTURES
 
 RESULT_KINDS = ("detections", "motion", "events")
 SCHEMA_VERSION = 1
@@ -35,8 +36,9 @@ _FIELDS = {
     "events": {"v", "device_id", "seq", "ts", "type", "id", "label", "score", "box", "start_ts", "dwell_s",
                "inside"},
 }
-_OPTIONAL = {"detections": set(), "motion": {"sig_v"}, "events": {"stage", "parent"}}
+_OPTIONAL = {"detections": set(), "motion": {"sig_v"}, "events": {"stage", "parent", "posture"}}
 EVENT_TYPES = ("new", "update", "end")
+TRACK_POSTURES = (*POSTURES, FALLEN)  # a person track's `posture` (edged/posture.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,8 @@ def _event(body: dict, now: float) -> None:
         raise _Bad(f"stage: expected 1 to 32 letters, digits, '-' or '_', got {_show(body['stage'])}")
     if "parent" in body and (type(body["parent"]) is not int or body["parent"] < 1):
         raise _Bad(f"parent: expected a track id, got {_show(body['parent'])}")
+    if "posture" in body and body["posture"] not in TRACK_POSTURES:
+        raise _Bad(f"posture: expected one of {', '.join(TRACK_POSTURES)}, got {_show(body['posture'])}")
 
 
 def check(kind: str, body: dict, *, now: float) -> str | None:

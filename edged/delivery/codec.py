@@ -91,6 +91,8 @@ def event_fields(e: TrackEvent, device_id: str, seq: int, *, packed: bool = Fals
         out["stage"] = e.stage
     if e.parent >= 0:
         out["parent"] = e.parent
+    if e.posture:
+        out["posture"] = e.posture
     return out
 
 

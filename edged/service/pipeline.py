@@ -342,7 +342,8 @@ class Pipeline:
                 if tracker is None:
                     d.update_state(labels=sorted(o.label for o in objects))
             if tracker is not None:
-                for event in tracker.update(frame.ts, objects):
+                h, w = frame.image.shape[:2]  # a pose's angles need the frame's shape
+                for event in tracker.update(frame.ts, objects, h / w):
                     d.results.put(("events", event))
                 # What is in view, held over missed frames: presence does not flap.
                 d.update_state(labels=sorted(t.label for t in tracker.live()))

@@ -1,5 +1,6 @@
 """Box arithmetic the decoders share: SSD anchor generation, IoU, hard and weighted NMS (numpy for
-many candidates, Python floats for a few), and the sigmoid/logit used on class scores."""
+many candidates, Python floats for a few), the sigmoid/logit used on class scores, and points and
+boxes of a turned view (np.rot90) turned back."""
 
 from __future__ import annotations
 
@@ -169,3 +170,23 @@ def logit(p: float) -> float:
     if p >= 1.0:
         return math.inf
     return math.log(p / (1.0 - p))
+
+
+def turn_back(x: np.ndarray, y: np.ndarray, turn: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised (x, y) in `np.rot90(image, turn)` → the same points in the image itself
+    (numpy arrays or floats)."""
+    turn %= 4
+    if turn == 1:   # rot90 once turns anticlockwise: the image's right edge became the top
+        return 1.0 - y, x
+    if turn == 2:
+        return 1.0 - x, 1.0 - y
+    if turn == 3:
+        return y, 1.0 - x
+    return x, y
+
+
+def turn_box_back(box: Sequence[float], turn: int) -> tuple[float, float, float, float]:
+    """A normalised (x0, y0, x1, y1) in `np.rot90(image, turn)` → the same box in the image."""
+    xa, ya = turn_back(box[0], box[1], turn)
+    xb, yb = turn_back(box[2], box[3], turn)
+    return (float(min(xa, xb)), float(min(ya, yb)), float(max(xa, xb)), float(max(ya, yb)))

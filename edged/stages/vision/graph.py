@@ -25,7 +25,7 @@ from edged.config import DEFAULT_STAGES, STAGE_INPUT_FRAME as FRAME, STAGE_REGIO
 from edged.config import check_stages as check_graph  # noqa: F401 — the declaration's checks live with the config
 from edged.records import DetectedObject
 from edged.runtime import OutputCopy
-from edged.stages.vision.boxes import iou_py
+from edged.stages.vision.boxes import iou_py, turn_box_back
 from edged.stages.vision.preprocess import Letterbox, check_image
 
 
@@ -42,6 +42,7 @@ class StageSpec:
     region: str = "box"               # crops: "box", or "top" = a square at the box's top (a person's head)
     max_crops: int = 8                # crops per frame, largest boxes first
     min_crop_px: int = 12             # boxes smaller than this (either side, frame pixels) are not cropped
+    turned: bool = False              # on the frame: also on the frame turned a quarter either way
 
     @property
     def source(self) -> tuple[str, str] | None:
@@ -55,7 +56,7 @@ class StageSpec:
 # The default chain (edged.config.DEFAULT_STAGES, where the daemon's default lives, and why).
 DEFAULT_CHAIN: tuple[StageSpec, ...] = tuple(
     StageSpec(name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
-              margin=s.margin, region=s.region, max_crops=s.max_crops) for s in DEFAULT_STAGES)
+              margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned) for s in DEFAULT_STAGES)
 
 # Tiles are for objects the frame pass sees too small. A box spanning more than this share of its
 # tile (either side) spans more than ~0.43 of a 2×2-tiled frame, several times the size at which
@@ -284,6 +285,11 @@ class VisionGraph:
             for region, drop_cut, parent in self._regions(run, fw):
                 turns = (0,) if turns_of is None else turns_of(region[3] - region[1], region[2] - region[0])
                 views += [(region, drop_cut, parent, t, len(turns), k == len(turns) - 1) for k, t in enumerate(turns)]
+            if s.turned and s.source is None:
+                # The frame turned a quarter either way, each a view of its own whose objects all
+                # count: a detector of upright people sees someone lying across the view upright.
+                h, w = fw.image.shape[:2]
+                views += [((0, 0, w, h), False, -1, t, 1, True) for t in (1, 3)]
             fw.left[s.name] = fw.invokes[s.name] = len(views)
             fw.mine[s.name] = []
             fw.ms[s.name] = (time.perf_counter() - t0) * 1000.0
@@ -347,6 +353,12 @@ class VisionGraph:
             objects = run.stage.finish(unit.outputs, unit.box)
         for o in objects:
             b = o.box
+            if unit.turn and unit.views == 1:  # the frame turned: boxes back into its own axes
+                # Not subject to the frame/tile scale check, whose tiles are of the upright frame.
+                fw.mine[s.name].append(len(fw.found))
+                fw.found.append(_Found(DetectedObject(o.label, o.score, turn_box_back(b, unit.turn),
+                                                      signature=o.signature), s.name, unit.parent))
+                continue
             if whole:
                 fw.mine[s.name].append(len(fw.found))
                 fw.whole.setdefault(s.name, []).append(len(fw.found))
@@ -468,7 +480,7 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
             return open_model(entry, threads=threads)
     specs = [s if isinstance(s, StageSpec) else StageSpec(
         name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
-        margin=s.margin, region=s.region, max_crops=s.max_crops) for s in specs]
+        margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned) for s in specs]
     stages = []
     for i, s in enumerate(specs):
         entry = select(manifest, s.model, "vision", f"vision.stages[{i}].model")

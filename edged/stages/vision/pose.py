@@ -32,6 +32,7 @@ import numpy as np
 from edged.models import ModelEntry, ModelError
 from edged.records import DetectedObject
 from edged.runtime import Model
+from edged.stages.vision.boxes import turn_back
 from edged.stages.vision.entry import where
 from edged.stages.vision.preprocess import Letterbox, Preprocessor
 
@@ -39,18 +40,6 @@ from edged.stages.vision.preprocess import Letterbox, Preprocessor
 # knees, ankles (left before right).
 COCO17 = (0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28)
 BODY = 33  # landmarks of the body; the model's others (alignment points) have heatmaps too
-
-
-def turn_back(x: np.ndarray, y: np.ndarray, turn: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crop-normalised (x, y) in `np.rot90(crop, turn)` → the same points in the crop itself."""
-    turn %= 4
-    if turn == 1:   # rot90 once turns anticlockwise: the crop's right edge became the top
-        return 1.0 - y, x
-    if turn == 2:
-        return 1.0 - x, 1.0 - y
-    if turn == 3:
-        return y, 1.0 - x
-    return x, y
 
 
 class PoseStage:

@@ -11,6 +11,13 @@ two missed frames change nothing, however slow the frames come.
 `update` is sent every `heartbeat_s` while a track lives and whenever the set of labels found
 inside it changes (a face appears in a person's box, or leaves it).
 
+With a pose stage, each pose's posture (edged/posture.py) goes to the track of the person it was
+found in, and the track watches how it came to lie (`FallWatch`): every event of the track says
+its `posture` ("fallen" once a fall is confirmed), and an `update` is sent when it falls and
+when it gets up. A person who falls turns a tall box into a wide one lying where they stood,
+which overlaps the old box little: such a box continues the track too (`_fell`), so the fall is
+seen on the track that stood.
+
 Costs O(tracks × objects) per label and frame in plain Python: a handful of each on a camera.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from edged.posture import FallRule, FallWatch, aspect_from_box, classify
 from edged.records import DetectedObject, TrackEvent
 from edged.stages.vision.boxes import iou_py
 
@@ -29,6 +37,21 @@ def _near(track_box, box) -> bool:
     dx = (box[0] + box[2] - track_box[0] - track_box[2]) / 2
     dy = (box[1] + box[3] - track_box[1] - track_box[3]) / 2
     return abs(dx) <= tw and abs(dy) <= th / 2
+
+
+def _fell(track_box, box) -> bool:
+    """A tall box become a wide one where it stood, or the other way round (fallen, got up): the
+    body pivots about the feet, so the wide box holds the tall one's bottom centre (give or take a
+    quarter of its width), its bottom within half the tall box's height of the tall one's, and it
+    is no longer than the tall one was high, give or take a half."""
+    def one_way(tall, wide) -> bool:
+        tw, th = tall[2] - tall[0], tall[3] - tall[1]
+        ww, wh = wide[2] - wide[0], wide[3] - wide[1]
+        if not (th > tw and ww > wh and ww <= 1.5 * th):
+            return False
+        fx = (tall[0] + tall[2]) / 2
+        return wide[0] - ww / 4 <= fx <= wide[2] + ww / 4 and abs(wide[3] - tall[3]) <= th / 2
+    return one_way(track_box, box) or one_way(box, track_box)
 
 
 @dataclass
@@ -48,6 +71,7 @@ class Track:
     parent: int = -1                         # the enclosing track's id, -1 for none
     velocity: tuple[float, float] = (0.0, 0.0)   # box centre, frame widths/heights per second
     missed: int = 0                          # frames since it was last seen
+    watch: FallWatch | None = None           # its postures, once a pose was found in it
 
     def predicted(self, ts: float) -> tuple[float, float, float, float]:
         """Where the box should be at `ts` if the track keeps its pace (and no further than
@@ -68,13 +92,16 @@ class Tracker:
     # slower than the camera (a Pi Zero 2 W running the default chain, a frame or so a second),
     # two missed frames may span the hold time, and must not end it.
     min_missed: int = 3
+    fall: FallRule = field(default_factory=FallRule)
     tracks: list[Track] = field(default_factory=list)
     next_id: int = 1
 
-    def update(self, ts: float, objects: Sequence[DetectedObject]) -> list[TrackEvent]:
-        """Feed one frame's objects (taken at `ts`, seconds); the events this frame makes."""
+    def update(self, ts: float, objects: Sequence[DetectedObject], frame_aspect: float = 0.75) -> list[TrackEvent]:
+        """Feed one frame's objects (taken at `ts`, seconds, in a frame of height / width
+        `frame_aspect`: a pose's angles need it); the events this frame makes."""
         events: list[TrackEvent] = []
         matched_track_of: dict[int, Track] = {}   # object index → track
+        fell: set[int] = set()                    # objects matched as a fall (or getting up)
         for label in sorted({o.label for o in objects} | {t.label for t in self.tracks}):
             idx = [i for i, o in enumerate(objects) if o.label == label]
             live = [t for t in self.tracks if t.label == label]
@@ -99,6 +126,16 @@ class Tracker:
                         used_o.add(i)
                         matched_track_of[i] = t
                         break
+            for i in idx:  # then on a fall: a tall box turned wide where it stood
+                if i in used_o:
+                    continue
+                for n, t in enumerate(live):
+                    if n not in used_t and _fell(t.box, objects[i].box):
+                        used_t.add(n)
+                        used_o.add(i)
+                        matched_track_of[i] = t
+                        fell.add(i)
+                        break
             for i in idx:
                 if i in used_o:
                     continue
@@ -116,6 +153,8 @@ class Tracker:
                 vy = ((o.box[1] + o.box[3]) - (t.box[1] + t.box[3])) / 2 / dt
                 a = 0.5 if t.hits > 2 else 1.0
                 t.velocity = (t.velocity[0] + a * (vx - t.velocity[0]), t.velocity[1] + a * (vy - t.velocity[1]))
+                if i in fell:  # the box's centre jumped as the body turned: it does not go on moving
+                    t.velocity = (0.0, 0.0)
             t.box, t.score, t.last_ts, t.stage = o.box, o.score, ts, o.stage or t.stage
             t.missed = 0
             t.best_score = max(t.best_score, o.score)
@@ -126,6 +165,20 @@ class Tracker:
                 parent = matched_track_of[o.parent]
                 inside.setdefault(parent.id, set()).add(o.label)
                 matched_track_of[i].parent = parent.id
+        # Postures: each pose's goes to the person it was found in (or, alone, to its own track).
+        turned: set[int] = set()   # tracks that fell or got up on this frame
+        for i, o in enumerate(objects):
+            if not o.signature or o.label != "pose" or i not in matched_track_of:
+                continue
+            owner = matched_track_of.get(o.parent, matched_track_of[i]) if o.parent >= 0 else matched_track_of[i]
+            try:
+                p = classify(o.signature, aspect_from_box(o.signature, o.box, frame_aspect) or 1.0)
+            except ValueError:
+                continue  # not a pose signature (another model's label "pose")
+            if owner.watch is None:
+                owner.watch = FallWatch(self.fall)
+            if owner.watch.see(ts, p):
+                turned.add(owner.id)
         for t in list(self.tracks):
             if t.last_ts == ts:
                 labels = frozenset(inside.get(t.id, ()))
@@ -135,7 +188,7 @@ class Tracker:
                         t.inside = labels
                         t.last_event_ts = ts
                         events.append(self._event("new", t, ts))
-                elif labels != t.inside or ts - t.last_event_ts >= self.heartbeat_s:
+                elif labels != t.inside or ts - t.last_event_ts >= self.heartbeat_s or t.id in turned:
                     t.inside = labels
                     t.last_event_ts = ts
                     events.append(self._event("update", t, ts))
@@ -155,4 +208,4 @@ class Tracker:
         return TrackEvent(ts=t.last_ts if kind == "end" else ts, type=kind, track_id=t.id, label=t.label,
                           score=t.score, box=t.box, first_ts=t.first_ts,
                           dwell_s=max(0.0, t.last_ts - t.first_ts), inside=tuple(sorted(t.inside)),
-                          stage=t.stage, parent=t.parent)
+                          stage=t.stage, parent=t.parent, posture=t.watch.state if t.watch else "")
