@@ -114,19 +114,25 @@ def _event(body: dict, now: float) -> None:
         raise _Bad(f"posture: expected one of {', '.join(TRACK_POSTURES)}, got {_show(body['posture'])}")
 
 
+def _envelope(body: dict, required, optional, where: str = "") -> None:
+    """The fields every message from a device shares: no unknown or missing field, the schema
+    version, a well-formed device id. `where` qualifies an unknown field (e.g. the sample kind)."""
+    extra = set(body) - required - optional
+    if extra:
+        raise _Bad(f"unknown field {sorted(extra)[0]!r}{where}")
+    missing = required - set(body)
+    if missing:
+        raise _Bad(f"missing field {sorted(missing)[0]!r}")
+    if body["v"] != SCHEMA_VERSION or isinstance(body["v"], bool):
+        raise _Bad(f"v: expected {SCHEMA_VERSION}, got {_show(body['v'])}")
+    if not isinstance(body["device_id"], str) or not _ID_RE.match(body["device_id"]):
+        raise _Bad(f"device_id: expected 1 to 64 letters, digits, '-' or '_', got {_show(body['device_id'])}")
+
+
 def check(kind: str, body: dict, *, now: float) -> str | None:
     """None if `body` is a valid `kind` result, else what is wrong with it."""
     try:
-        extra = set(body) - _FIELDS[kind] - _OPTIONAL[kind]
-        if extra:
-            raise _Bad(f"unknown field {sorted(extra)[0]!r}")
-        missing = _FIELDS[kind] - set(body)
-        if missing:
-            raise _Bad(f"missing field {sorted(missing)[0]!r}")
-        if body["v"] != SCHEMA_VERSION or isinstance(body["v"], bool):
-            raise _Bad(f"v: expected {SCHEMA_VERSION}, got {_show(body['v'])}")
-        if not isinstance(body["device_id"], str) or not _ID_RE.match(body["device_id"]):
-            raise _Bad(f"device_id: expected 1 to 64 letters, digits, '-' or '_', got {_show(body['device_id'])}")
+        _envelope(body, _FIELDS[kind], _OPTIONAL[kind])
         seq = body["seq"]
         if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 1 << 63:
             raise _Bad(f"seq: expected a positive integer, got {_show(seq)}")
@@ -234,17 +240,7 @@ def _sample(body: dict, now: float) -> SampleRecord:
     kind = body.get("kind")
     if not isinstance(kind, str) or kind not in SAMPLE_KINDS:
         raise _Bad(f"kind: expected one of {', '.join(SAMPLE_KINDS)}, got {_show(kind)}")
-    allowed = _SAMPLE_FIELDS | _SAMPLE_KIND_FIELDS[kind]
-    extra = set(body) - allowed
-    if extra:
-        raise _Bad(f"unknown field {sorted(extra)[0]!r} (for kind {kind!r})")
-    missing = allowed - set(body)
-    if missing:
-        raise _Bad(f"missing field {sorted(missing)[0]!r}")
-    if body["v"] != SCHEMA_VERSION or isinstance(body["v"], bool):
-        raise _Bad(f"v: expected {SCHEMA_VERSION}, got {_show(body['v'])}")
-    if not isinstance(body["device_id"], str) or not _ID_RE.match(body["device_id"]):
-        raise _Bad(f"device_id: expected 1 to 64 letters, digits, '-' or '_', got {_show(body['device_id'])}")
+    _envelope(body, _SAMPLE_FIELDS | _SAMPLE_KIND_FIELDS[kind], frozenset(), f" (for kind {kind!r})")
     sid = body["id"]
     if type(sid) is not int or not 1 <= sid < 1 << 63:
         raise _Bad(f"id: expected a positive integer, got {_show(sid)}")
