@@ -222,6 +222,32 @@ def test_model_failing_its_self_test_refused(tmp_path, repo_dir, server, caplog)
     assert len([r for r in caplog.records if r.getMessage().startswith("update refused")]) == 1
 
 
+def test_releases_that_need_a_newer_edged_are_refused(tmp_path, repo_dir, server, caplog):
+    # The model and the artefact paths share the descriptor checks: both refuse, naming the release.
+    from edged import __version__, selftest
+
+    repo = Repository(repo_dir)
+    golden = selftest.Golden.load(served(repo_dir, "models/face/2/selftest.npz"))
+    repo.add(FACE, version=3, golden=golden, min_edged="99.0")
+    repo.rollout("face", 3, 100.0)
+    labels = tmp_path / "face.labels"
+    labels.write_text("face\n")
+    repo.add_artefact(labels, "labels", version=1, name="face", min_edged="99.0")
+    repo.rollout("face", 1, 100.0, kind="labels")
+    repo.publish()
+    up = Updater(device_config(tmp_path, server.url, repo_dir / "root.json"))
+    up.on_start()
+    up.state.model("face").bad.append(2)  # only v3 is in question here
+    with caplog.at_level(logging.ERROR, logger="edged.updater"):
+        up.check()
+        up.check()
+    reasons = {r.fields.get("reason") for r in caplog.records if r.getMessage().startswith("update refused")}
+    assert reasons == {f"models/face/3: needs edged 99.0 or newer (this is {__version__})",
+                       f"artefacts/face/labels/1: needs edged 99.0 or newer (this is {__version__})"}, reasons
+    assert up._staged.empty()
+    assert not (tmp_path / "state" / "updates" / "models" / "face" / "3").exists()
+
+
 # -- key rotation -----------------------------------------------------------------------------------
 
 def test_a_device_pinned_to_the_old_root_follows_a_key_rotation(tmp_path, repo_dir, server):

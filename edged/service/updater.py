@@ -96,6 +96,23 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", str(text))[:3])
 
 
+def _check_min_edged(desc: dict, base: str) -> None:
+    if _version_tuple(desc.get("min_edged", "0")) > _version_tuple(__version__):
+        raise UpdateRefused(f"{base}: needs edged {desc['min_edged']} or newer (this is {__version__})")
+
+
+def _install(staging: Path, final: Path) -> None:
+    """Make a verified staging directory the release at `final`, durably (files, then the rename)."""
+    for p in staging.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(staging)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+
+
 # -- persisted state --------------------------------------------------------------------------------
 
 def _version(v):
@@ -588,28 +605,17 @@ class Updater:
         from tuf.api import exceptions as tufx
 
         base = f"artefacts/{name}/{kind}/{version}"
-        staging = self.dir / "staging" / f"{name}-{kind}-{version}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging = self._staging(f"{name}-{kind}-{version}")
         try:
-            info = client.get_targetinfo(f"{base}/{DESCRIPTOR}")
-            if info is None:
-                raise UpdateRefused(f"{base}/{DESCRIPTOR}: not in the signed targets")
-            self._download(client, info, staging / DESCRIPTOR)
-            desc = json.loads((staging / DESCRIPTOR).read_bytes())
+            desc = self._descriptor(client, base, staging)
             if (desc.get("name"), desc.get("kind"), desc.get("version")) != (name, kind, version):
                 raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('kind')} "
                                     f"{desc.get('version')}, not {name} {kind} {version}")
-            if _version_tuple(desc.get("min_edged", "0")) > _version_tuple(__version__):
-                raise UpdateRefused(f"{base}: needs edged {desc['min_edged']} or newer (this is {__version__})")
+            _check_min_edged(desc, base)
             fname = art.FILES[kind]
             if desc.get("file") != fname:
                 raise UpdateRefused(f"{base}/{DESCRIPTOR}: file {desc.get('file')!r}, expected {fname!r}")
-            finfo = client.get_targetinfo(f"{base}/{fname}")
-            if finfo is None:
-                raise UpdateRefused(f"{base}/{fname}: not in the signed targets")
-            self._download(client, finfo, staging / fname)
-            data = (staging / fname).read_bytes()
+            data = self._fetch(client, base, fname, staging).read_bytes()
             artefact = art.parse(kind, data, f"{base}/{fname}")
             if entry is None:
                 raise UpdateRefused(f"{base}: model {name} is not in this device's manifest")
@@ -619,15 +625,7 @@ class Updater:
                 raise UpdateRefused(f"{base}: {reason}")
             desc["sha256"] = hashlib.sha256(data).hexdigest()  # checked again whenever it is applied
             (staging / DESCRIPTOR).write_text(json.dumps(desc, indent=1, sort_keys=True))
-            for p in staging.iterdir():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(staging)
-            final = self.artefact_dir(name, kind, version)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-            _fsync_dir(final.parent)
+            _install(staging, self.artefact_dir(name, kind, version))
         except tufx.RepositoryError as exc:
             raise UpdateRefused(_reason(exc)) from None
         except art.ArtefactError as exc:
@@ -644,6 +642,25 @@ class Updater:
         while not staged.done.wait(0.5):
             if self._stop.is_set():
                 return
+
+    def _staging(self, label: str) -> Path:
+        """An empty staging directory for one release being downloaded."""
+        staging = self.dir / "staging" / label
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def _fetch(self, client, base: str, fname: str, staging: Path) -> Path:
+        """Target BASE/FNAME into `staging`, verified; refused when it is not in the signed targets."""
+        info = client.get_targetinfo(f"{base}/{fname}")
+        if info is None:
+            raise UpdateRefused(f"{base}/{fname}: not in the signed targets")
+        self._download(client, info, staging / fname)
+        return staging / fname
+
+    def _descriptor(self, client, base: str, staging: Path) -> dict:
+        """A release's signed descriptor, BASE/release.json, downloaded into `staging` and parsed."""
+        return json.loads(self._fetch(client, base, DESCRIPTOR, staging).read_bytes())
 
     def _download(self, client, info, dest: Path | None = None) -> str:
         """One target into `dest`, checked against its signed length and hashes; a mismatch is
@@ -666,31 +683,21 @@ class Updater:
         from edged.models import ModelError, entry_from_table
 
         base = f"models/{name}/{version}"
-        staging = self.dir / "staging" / f"{name}-{version}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging = self._staging(f"{name}-{version}")
         try:
-            info = client.get_targetinfo(f"{base}/{DESCRIPTOR}")
-            if info is None:
-                raise UpdateRefused(f"{base}/{DESCRIPTOR}: not in the signed targets")
-            self._download(client, info, staging / DESCRIPTOR)
-            desc = json.loads((staging / DESCRIPTOR).read_bytes())
+            desc = self._descriptor(client, base, staging)
             entry_table = desc["entry"]
             if desc.get("name") != name or desc.get("version") != version or entry_table.get("task") != task:
                 raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('version')} "
                                     f"({entry_table.get('task')}), not {name} {version} ({task})")
-            if _version_tuple(desc.get("min_edged", "0")) > _version_tuple(__version__):
-                raise UpdateRefused(f"needs edged {desc['min_edged']} or newer (this is {__version__})")
+            _check_min_edged(desc, base)
             wanted = set(desc["files"])
             if self.cfg.accelerator.device == "cpu" and entry_table.get("edgetpu_file"):
                 wanted.discard(entry_table["edgetpu_file"])  # the CPU does not need the compiled variant
             for fname in sorted(wanted):
                 if "/" in fname or fname.startswith("."):
                     raise UpdateRefused(f"{base}: bad file name {fname!r}")
-                finfo = client.get_targetinfo(f"{base}/{fname}")
-                if finfo is None:
-                    raise UpdateRefused(f"{base}/{fname}: not in the signed targets")
-                self._download(client, finfo, staging / fname)
+                self._fetch(client, base, fname, staging)
             if self.cfg.accelerator.device == "cpu":
                 entry_table = {k: v for k, v in entry_table.items() if not k.startswith("edgetpu_")}
                 desc["entry"] = entry_table
@@ -700,15 +707,7 @@ class Updater:
             self._save()  # a model that kills the process in its self-test is not tried again
             self._self_test(entry, staging / desc.get("selftest", "selftest.npz"))
             self.state.model(name).testing = None
-            for p in staging.iterdir():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(staging)
-            final = self.models_dir / name / str(version)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-            _fsync_dir(final.parent)
+            _install(staging, self.models_dir / name / str(version))
         except tufx.RepositoryError as exc:
             raise UpdateRefused(_reason(exc)) from None
         except (ModelError, selftest.SelfTestError) as exc:
