@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from edged.delivery.sqlitedb import drop_oldest, meta, totals, transaction
 from edged.service.log import Once, fields
 
 log = logging.getLogger("edged.outbox")
@@ -174,8 +175,7 @@ class Outbox:
                 self._db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'seq'", (seq_floor,))
             self._seq = self._meta("seq")
             self.dropped = self._meta("dropped")
-            self._bytes, self._depth = self._db.execute(
-                "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox").fetchone()
+            self._bytes, self._depth = totals(self._db, "outbox")
         except sqlite3.DatabaseError:
             self._db.close()
             raise
@@ -212,18 +212,10 @@ class Outbox:
     def _restore(self, rows: list) -> None:
         if not rows:
             return
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db) as db:
             db.executemany("INSERT OR IGNORE INTO outbox (seq, topic, payload, created) VALUES (?, ?, ?, ?)", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         self.salvaged = len(rows)
-        self._bytes, self._depth = db.execute(
-            "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox").fetchone()
+        self._bytes, self._depth = totals(self._db, "outbox")
 
     # -- the seq record -----------------------------------------------------------------------------
 
@@ -320,7 +312,7 @@ class Outbox:
             pass
 
     def _meta(self, key: str) -> int:
-        return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+        return meta(self._db, key)
 
     @property
     def depth(self) -> int:
@@ -401,17 +393,10 @@ class Outbox:
             self._fit_cap()
             return
         self._checkpoint("RESTART")
-        db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db) as db:
                 n, freed = self._drop_oldest(want)
                 db.execute(f"UPDATE meta SET value = {self.dropped + n} WHERE key = 'dropped'")
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.OperationalError as exc:
             if not _is_full(exc):
                 raise
@@ -423,34 +408,18 @@ class Outbox:
 
     def _insert(self, rows: list, total: int) -> tuple[int, int]:
         """Insert a batch; returns the (rows, bytes) dropped by the size bound."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db) as db:
             db.executemany("INSERT INTO outbox (seq, topic, payload, created) VALUES (?, ?, ?, ?)", rows)
             db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (rows[-1][0],))
             more = self._drop_oldest(total - self.max_bytes)
             if more[0]:
                 db.execute(f"UPDATE meta SET value = {self.dropped + more[0]} WHERE key = 'dropped'")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         return more
 
     def _drop_oldest(self, excess: int) -> tuple[int, int]:
         """Delete the oldest rows covering `excess` bytes, inside the caller's transaction.
         Returns (rows, bytes) deleted."""
-        if excess <= 0:
-            return 0, 0
-        cut_seq, n, freed = None, 0, 0
-        for seq, size in self._db.execute("SELECT seq, LENGTH(payload) FROM outbox ORDER BY seq"):
-            cut_seq, n, freed = seq, n + 1, freed + size
-            if freed >= excess:
-                break
-        if cut_seq is not None:
-            self._db.execute("DELETE FROM outbox WHERE seq <= ?", (cut_seq,))
-        return n, freed
+        return drop_oldest(self._db, "outbox", "seq", excess)
 
     def pending(self, after_seq: int, limit: int) -> list[Row]:
         """Oldest rows with seq > after_seq, in order."""
@@ -502,8 +471,7 @@ class Outbox:
         if relax:
             db.execute("PRAGMA synchronous=NORMAL")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 freed, n = db.execute(
                     f"SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox WHERE seq IN "
                     f"({','.join('?' * len(seqs))})", seqs).fetchone()
@@ -514,12 +482,6 @@ class Outbox:
                 if delivered_anyway > 0:
                     db.execute("UPDATE meta SET value = MAX(0, value - ?) WHERE key = 'dropped'",
                                (delivered_anyway,))
-                db.execute("COMMIT")
-            except BaseException:
-                # SQLite may already have rolled back (it does on a full disk).
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         finally:
             if relax:
                 db.execute("PRAGMA synchronous=FULL")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from edged.delivery.sqlitedb import drop_oldest, meta, totals, transaction
 from edged.service.log import Once, fields
 
 log = logging.getLogger("edged.samples")
@@ -105,8 +106,7 @@ class SampleQueue:
             self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('next_id', ?), ('dropped', 0)",
                              (int(self.clock() * 1000),))
             self.dropped = self._meta("dropped")
-            self._bytes, self._depth = self._db.execute(
-                "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM samples").fetchone()
+            self._bytes, self._depth = totals(self._db, "samples")
             self._prune(self.clock())
             self._ledger = [(ts, n) for ts, n in self._db.execute("SELECT ts, bytes FROM taken ORDER BY id")]
         except sqlite3.DatabaseError as exc:
@@ -115,7 +115,7 @@ class SampleQueue:
             raise SampleQueueError(f"{self.path}: cannot open the sample queue: {exc.strerror or exc}") from None
 
     def _meta(self, key: str) -> int:
-        return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+        return meta(self._db, key)
 
     def _prune(self, now: float) -> None:
         self._db.execute("DELETE FROM taken WHERE ts <= ?", (now - DAY,))
@@ -179,23 +179,17 @@ class SampleQueue:
                     self._skip(why)
             if why:
                 return None
-            db = self._db
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with transaction(self._db) as db:
                     db.execute("INSERT INTO samples (id, topic, payload, created) VALUES (?, ?, ?, ?)",
                                (next_id, topic, payload, now))
                     db.execute("INSERT INTO taken (ts, bytes) VALUES (?, ?)", (now, len(payload)))
                     db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (next_id + 1,))
-                    n, freed = self._drop_oldest(self._bytes + len(payload) - self.max_bytes, keep=next_id)
+                    n, freed = drop_oldest(db, "samples", "id", self._bytes + len(payload) - self.max_bytes,
+                                           below=next_id)
                     if n:
                         db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (n,))
                     self._prune(now)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 self.failed += 1
                 self._once("store", "sample could not be stored; skipped", level=logging.WARNING,
@@ -213,18 +207,6 @@ class SampleQueue:
             self._once("bound", "sample queue reached sampling.queue_max_bytes: dropping the oldest samples",
                        level=logging.INFO, max_bytes=self.max_bytes)
         return next_id
-
-    def _drop_oldest(self, excess: int, keep: int) -> tuple[int, int]:
-        if excess <= 0:
-            return 0, 0
-        cut, n, freed = None, 0, 0
-        for sid, size in self._db.execute("SELECT id, LENGTH(payload) FROM samples WHERE id < ? ORDER BY id", (keep,)):
-            cut, n, freed = sid, n + 1, freed + size
-            if freed >= excess:
-                break
-        if cut is not None:
-            self._db.execute("DELETE FROM samples WHERE id <= ?", (cut,))
-        return n, freed
 
     # -- draining -----------------------------------------------------------------------------------
 
@@ -261,16 +243,11 @@ class SampleQueue:
             # No fsync for a delete (on the link's drain thread): one lost to a power cut only
             # sends that sample once more; what the budget counts is written with FULL.
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("BEGIN IMMEDIATE")
             try:
-                freed, n = db.execute(f"SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM samples "
-                                      f"WHERE id IN ({','.join('?' * len(ids))})", ids).fetchone()
-                db.executemany("DELETE FROM samples WHERE id = ?", ((i,) for i in ids))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+                with transaction(db):
+                    freed, n = db.execute(f"SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM samples "
+                                          f"WHERE id IN ({','.join('?' * len(ids))})", ids).fetchone()
+                    db.executemany("DELETE FROM samples WHERE id = ?", ((i,) for i in ids))
             finally:
                 db.execute("PRAGMA synchronous=FULL")
             self._bytes -= freed
