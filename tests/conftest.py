@@ -151,6 +151,67 @@ class Subscriber:
         self.client.disconnect()
 
 
+class Arrivals:
+    """Every message on some of a device's topics, decoded, in the order the broker delivers them,
+    from an MQTT 5 client connected straight to the broker (QoS 1; stats, which go out at QoS 0,
+    at 0). `items` holds (leaf, body, raw payload)."""
+
+    RESULTS = ("events", "detections", "motion")  # the leaves sharing the one seq counter
+
+    def __init__(self, broker: Broker, leaves=RESULTS, *, device: str = "test-dev") -> None:
+        from edged.delivery import codec
+
+        self._decode = codec.decode
+        self.items: list[tuple[str, dict, bytes]] = []
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.on_subscribe = lambda *a: ready.set()
+        c.on_message = self._on_message
+        c.connect(broker.host, broker.port)
+        c.subscribe([(f"edged/{device}/{leaf}", 0 if leaf == "stats" else 1) for leaf in leaves])
+        c.loop_start()
+        assert ready.wait(10)
+        self.c = c
+
+    def _on_message(self, client, userdata, m) -> None:
+        leaf = m.topic.rsplit("/", 1)[-1]
+        body = json.loads(m.payload) if leaf == "stats" else self._decode(m.payload)
+        with self._lock:
+            self.items.append((leaf, body, m.payload))
+
+    def of(self, leaf: str) -> list[dict]:
+        with self._lock:
+            return [b for lf, b, _ in self.items if lf == leaf]
+
+    def order(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            return [(lf, b) for lf, b, _ in self.items if lf != "stats"]
+
+    @property
+    def seqs(self) -> list[int]:
+        """The results' seqs, in arrival order (re-sends included)."""
+        return [int(b["seq"]) for lf, b in self.order() if lf in self.RESULTS]
+
+    def newest(self) -> int:
+        return max(self.seqs, default=0)
+
+    def late_firsts(self) -> list[tuple[int, int]]:
+        """(seq, newest before it) for every seq that arrived for the first time after a higher one."""
+        seen: set[int] = set()
+        top, late = 0, []
+        for s in self.seqs:
+            if s not in seen and s < top:
+                late.append((s, top))
+            seen.add(s)
+            top = max(top, s)
+        return late
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
 @pytest.fixture
 def broker(tmp_path):
     b = Broker(tmp_path).start()
@@ -220,6 +281,14 @@ class DaemonProc:
         return self.log.read_text(errors="replace")
 
 
+def iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes: the tests' own, not edged's."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def daemon_for(cfg):
     """The real Daemon (its counters, results queue, watchdog, threads) in this process, built off
     the main thread so that it leaves the test process's signal handlers alone; it is not run."""
@@ -231,6 +300,10 @@ def daemon_for(cfg):
     t.join()
     return out[0]
 
+
+# The pace most daemon tests run at: 5 frames a second, the IMU recording at 10x speed, stats
+# every second.
+FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 
 # The vision a daemon test runs unless it says otherwise: the face model alone with the label-set
 # policy, about a millisecond a frame against the default chain's hundred or more, so a test of

@@ -12,10 +12,9 @@ import random
 import signal
 import time
 
-from conftest import Broker, last_seq, outbox_meta, wait_for_fresh_results, wait_until, write_config
+from conftest import FAST, Broker, last_seq, outbox_meta, wait_for_fresh_results, wait_until, write_config
 from edged.cloud.subscriber import Collector
 
-FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 
 
 def dropped(state) -> int:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import signal
 
-from conftest import Subscriber, wait_until, write_config
+from conftest import FAST, Subscriber, wait_until, write_config
 from edged import config
 from edged.delivery import homeassistant as ha
 
-FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 
 
 def retained(broker, topic: str = "homeassistant/#", settle: str | None = None) -> dict[str, dict]:

@@ -20,9 +20,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import REPO, SAMPLES, Subscriber, last_seq, wait_until, write_config
+from conftest import FAST, REPO, SAMPLES, Subscriber, last_seq, wait_until, write_config
 
-FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 NESTED = b"[" * 2000 + b"]" * 2000   # 4 KB, deeper than Python's recursion limit
 
 

@@ -19,10 +19,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import last_seq, REPO, Broker, Subscriber, free_port, wait_until, write_config
+from conftest import FAST, REPO, Broker, Subscriber, free_port, last_seq, wait_until, write_config
 from edged.cloud.subscriber import Collector
 
-FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 SCHEMAS = {p.name.split(".")[0]: json.loads(p.read_text()) for p in (REPO / "docs" / "schemas").glob("*.json")}
 
 
@@ -171,7 +170,7 @@ def _command(broker, topic: str, payload: bytes, *, response_topic: str | None =
     if response_topic:
         c.subscribe(response_topic, qos=1)
     c.loop_start()
-    ready.wait(5)
+    assert ready.wait(60), "the command client could not subscribe"
     props = None
     if response_topic:
         props = Properties(PacketTypes.PUBLISH)

@@ -5,57 +5,13 @@ drops the connection, so what was in flight is lost and must be re-sent."""
 
 from __future__ import annotations
 
-import threading
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import last_seq, wait_until, write_config
-from edged.delivery.codec import decode
+from conftest import Arrivals, last_seq, wait_until, write_config
 from harness import TcpProxy
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 40\n[stats]\ninterval_s = 1\n"
-
-
-class Arrivals:
-    """Every result's seq in the order it arrives, from a client connected straight to the broker."""
-
-    def __init__(self, broker) -> None:
-        self.seqs: list[int] = []
-        self._lock = threading.Lock()
-        ready = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.on_subscribe = lambda *a: ready.set()
-        c.on_message = self._on_message
-        c.connect(broker.host, broker.port)
-        c.subscribe([("edged/test-dev/events", 1), ("edged/test-dev/detections", 1), ("edged/test-dev/motion", 1)])
-        c.loop_start()
-        assert ready.wait(10)
-        self.c = c
-
-    def _on_message(self, client, userdata, m) -> None:
-        with self._lock:
-            self.seqs.append(int(decode(m.payload)["seq"]))
-
-    def newest(self) -> int:
-        with self._lock:
-            return max(self.seqs, default=0)
-
-    def late_firsts(self) -> list[tuple[int, int]]:
-        """(seq, newest before it) for every seq that arrived for the first time after a higher one."""
-        seen: set[int] = set()
-        top, late = 0, []
-        with self._lock:
-            for s in self.seqs:
-                if s not in seen and s < top:
-                    late.append((s, top))
-                seen.add(s)
-                top = max(top, s)
-        return late
-
-    def close(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 @pytest.mark.parametrize("codec, protocol", [("json", "5"), ("cbor", "3.1.1")])

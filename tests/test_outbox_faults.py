@@ -10,13 +10,12 @@ import sqlite3
 import subprocess
 import sys
 
-from conftest import (REPO, Broker, last_seq, outbox_meta, wait_for_fresh_results, wait_until,
+from conftest import (FAST, REPO, Broker, last_seq, outbox_meta, wait_for_fresh_results, wait_until,
                       without_dac_override, write_config)
 from edged.cloud.subscriber import Collector
 from edged.delivery.outbox import Outbox
 from harness import TcpProxy
 
-FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
 FLOOD = "[camera]\nfps = 30\n[imu]\nspeed = 200\n[stats]\ninterval_s = 1\n"
 
 

@@ -13,13 +13,11 @@ import signal
 import subprocess
 import sys
 
-from conftest import REPO, wait_until, write_config
+from conftest import ONE_MODEL, REPO, wait_until, write_config
 
 from edged.service.reload import ReloadError, ReloadReporter, read_record, request_reload
 
 FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n"
-# One model and the label-set stream: each detection says which model made it.
-ONE_MODEL = '[vision]\nmodel = "face"\npublish = "labels"\n'
 
 
 def edged_reload(pid: int, runtime: os.PathLike, *extra: str, env_extra: dict | None = None):

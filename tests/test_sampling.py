@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import threading
 
 import jsonschema
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import REPO, last_seq, wait_until, write_config
+from conftest import REPO, Arrivals, last_seq, wait_until, write_config
 from edged import config
 from edged.delivery import codec
 from edged.delivery.samples import DAY, HOUR, Caps, SampleQueue
@@ -46,41 +44,6 @@ def sampling_config(tmp_path, broker, csv, sampling: str, mqtt: str = ""):
                         extra=f'[camera]\nenabled = false\n[imu]\npath = "{csv}"\nspeed = 1\n'
                               f'[motion]\ncentroids = "{CENTROIDS}"\n[stats]\ninterval_s = 1\n'
                               f'[sampling]\nenabled = true\n{sampling}')
-
-
-class Arrivals:
-    """Every message on results and samples, in the order the broker delivers them."""
-
-    def __init__(self, broker) -> None:
-        self.items: list[tuple[str, dict, bytes]] = []
-        self._lock = threading.Lock()
-        ready = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.on_subscribe = lambda *a: ready.set()
-        c.on_message = self._on_message
-        c.connect(broker.host, broker.port)
-        c.subscribe([("edged/test-dev/motion", 1), ("edged/test-dev/sample", 1), ("edged/test-dev/stats", 0)])
-        c.loop_start()
-        assert ready.wait(10)
-        self.c = c
-
-    def _on_message(self, client, userdata, m) -> None:
-        leaf = m.topic.rsplit("/", 1)[-1]
-        body = json.loads(m.payload) if leaf == "stats" else codec.decode(m.payload)
-        with self._lock:
-            self.items.append((leaf, body, m.payload))
-
-    def of(self, leaf: str) -> list[dict]:
-        with self._lock:
-            return [b for lf, b, _ in self.items if lf == leaf]
-
-    def order(self) -> list[tuple[str, dict]]:
-        with self._lock:
-            return [(lf, b) for lf, b, _ in self.items if lf != "stats"]
-
-    def close(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -168,7 +131,7 @@ def test_unknown_windows_arrive_as_samples_that_decode_to_the_recording(tmp_path
     codec_name = "json"  # CBOR: the fault test below
     csv = stairs_csv(tmp_path / "stairs.csv")
     rec = read_imu_csv(csv)
-    got = Arrivals(broker)
+    got = Arrivals(broker, ("motion", "sample", "stats"))
     cfg = sampling_config(tmp_path, broker, csv, "min_interval_s = 0\nper_hour = 3\n",
                           mqtt=f'codec = "{codec_name}"\n')
     d = daemon_factory(cfg).start()
@@ -221,7 +184,7 @@ def test_budget_holds_across_outages_and_restarts_and_results_go_first(tmp_path,
     holds over all of it, and after the outage every spooled result arrives before any sample."""
     csv = stairs_csv(tmp_path / "stairs.csv", subject=16)
     proxy = TcpProxy(broker.host, broker.port)
-    got = Arrivals(broker)
+    got = Arrivals(broker, ("motion", "sample", "stats"))
     state = tmp_path / "state"
     cfg = sampling_config(tmp_path, proxy, csv, "min_interval_s = 0\nper_hour = 3\n",
                           mqtt='reconnect_min_s = 0.2\ncodec = "cbor"\n')
@@ -285,7 +248,7 @@ def test_budget_holds_across_outages_and_restarts_and_results_go_first(tmp_path,
 
 
 def test_uncertain_detections_are_sent_as_crops(tmp_path, broker, daemon_factory):
-    got = Arrivals(broker)
+    got = Arrivals(broker, ("motion", "sample", "stats"))
     cfg = write_config(tmp_path / "edged.toml", broker,
                        extra='[camera]\nfps = 4\n[imu]\nenabled = false\n[vision]\nmodel = "face"\nheartbeat_s = 1\n'
                              '[sampling]\nenabled = true\nvision_min_score = 0.3\nvision_max_score = 0.999\n'

@@ -10,12 +10,9 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, STOP_TIMEOUT_S, wait_until, write_config
+from conftest import FAST, ONE_MODEL, REPO, STOP_TIMEOUT_S, wait_until, write_config
 from harness import NotifySocket
 
-FAST = "[camera]\nfps = 5\n[imu]\nspeed = 10\n[stats]\ninterval_s = 1\n"
-# One model and the label-set stream: each detection says which model made it.
-ONE_MODEL = '[vision]\nmodel = "face"\npublish = "labels"\n'
 
 
 def start_daemon(cfg, log, notify_path, watchdog_usec: int | None = None):

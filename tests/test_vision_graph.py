@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import iou
 from edged.delivery import codec
 from edged.models import load_manifest
 from edged.records import DetectedObject, Detections
@@ -19,13 +20,6 @@ from edged.stages.vision.graph import DEFAULT_CHAIN, StageSpec, check_graph, mer
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "vision"
 SCHEMA = json.loads((REPO / "docs" / "schemas" / "detections.schema.json").read_text())
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def inside(a, b) -> float:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import iou
 from edged.models import load_manifest, open_model
 from edged.stages.vision import VisionStage
 
@@ -20,13 +21,6 @@ LABELS = {"person", "face", "person?", "face?"}
 
 def load(rel: str) -> np.ndarray:
     return np.asarray(Image.open(REPO / rel).convert("RGB"))
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @pytest.fixture(scope="module")
