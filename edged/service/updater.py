@@ -41,6 +41,7 @@ never loads it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from edged import __version__
 from edged import artefacts as art
@@ -602,40 +603,32 @@ class Updater:
     def _stage_artefact(self, client, name: str, kind: str, version: int, entry, key) -> None:
         """Download and verify artefact NAME/KIND/VERSION, check that it fits `entry` (the model in
         service), and rename it into artefacts/NAME/KIND/VERSION."""
-        from tuf.api import exceptions as tufx
-
         base = f"artefacts/{name}/{kind}/{version}"
-        staging = self._staging(f"{name}-{kind}-{version}")
-        try:
-            desc = self._descriptor(client, base, staging)
-            if (desc.get("name"), desc.get("kind"), desc.get("version")) != (name, kind, version):
-                raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('kind')} "
-                                    f"{desc.get('version')}, not {name} {kind} {version}")
-            _check_min_edged(desc, base)
-            fname = art.FILES[kind]
-            if desc.get("file") != fname:
-                raise UpdateRefused(f"{base}/{DESCRIPTOR}: file {desc.get('file')!r}, expected {fname!r}")
-            data = self._fetch(client, base, fname, staging).read_bytes()
-            artefact = art.parse(kind, data, f"{base}/{fname}")
-            if entry is None:
-                raise UpdateRefused(f"{base}: model {name} is not in this device's manifest")
-            reason = art.misfit(kind, artefact, entry)
-            if reason:
-                self._misfits.add(key)
-                raise UpdateRefused(f"{base}: {reason}")
-            desc["sha256"] = hashlib.sha256(data).hexdigest()  # checked again whenever it is applied
-            (staging / DESCRIPTOR).write_text(json.dumps(desc, indent=1, sort_keys=True))
-            _install(staging, self.artefact_dir(name, kind, version))
-        except tufx.RepositoryError as exc:
-            raise UpdateRefused(_reason(exc)) from None
-        except art.ArtefactError as exc:
-            self.state.model(name).artefact(kind).bad.append(version)
-            self._save()
-            raise UpdateRefused(str(exc)) from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpdateRefused(f"{base}/{DESCRIPTOR}: malformed release descriptor ({exc})") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with self._staging(f"{name}-{kind}-{version}", base) as staging:
+            try:
+                desc = self._descriptor(client, base, staging)
+                if (desc.get("name"), desc.get("kind"), desc.get("version")) != (name, kind, version):
+                    raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('kind')} "
+                                        f"{desc.get('version')}, not {name} {kind} {version}")
+                _check_min_edged(desc, base)
+                fname = art.FILES[kind]
+                if desc.get("file") != fname:
+                    raise UpdateRefused(f"{base}/{DESCRIPTOR}: file {desc.get('file')!r}, expected {fname!r}")
+                data = self._fetch(client, base, fname, staging).read_bytes()
+                artefact = art.parse(kind, data, f"{base}/{fname}")
+                if entry is None:
+                    raise UpdateRefused(f"{base}: model {name} is not in this device's manifest")
+                reason = art.misfit(kind, artefact, entry)
+                if reason:
+                    self._misfits.add(key)
+                    raise UpdateRefused(f"{base}: {reason}")
+                desc["sha256"] = hashlib.sha256(data).hexdigest()  # checked again whenever it is applied
+                (staging / DESCRIPTOR).write_text(json.dumps(desc, indent=1, sort_keys=True))
+                _install(staging, self.artefact_dir(name, kind, version))
+            except art.ArtefactError as exc:
+                self.state.model(name).artefact(kind).bad.append(version)
+                self._save()
+                raise UpdateRefused(str(exc)) from None
 
     def _hand_over(self, staged: Staged) -> None:
         self._staged.put(staged)
@@ -643,12 +636,24 @@ class Updater:
             if self._stop.is_set():
                 return
 
-    def _staging(self, label: str) -> Path:
-        """An empty staging directory for one release being downloaded."""
+    @contextlib.contextmanager
+    def _staging(self, label: str, base: str) -> Iterator[Path]:
+        """An empty staging directory for release BASE while it is downloaded and checked, removed
+        afterwards (an installed release was renamed away from it). What TUF refuses and a
+        malformed descriptor come out as UpdateRefused, naming the release."""
+        from tuf.api import exceptions as tufx
+
         staging = self.dir / "staging" / label
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        return staging
+        try:
+            yield staging
+        except tufx.RepositoryError as exc:
+            raise UpdateRefused(_reason(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateRefused(f"{base}/{DESCRIPTOR}: malformed release descriptor ({exc})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _fetch(self, client, base: str, fname: str, staging: Path) -> Path:
         """Target BASE/FNAME into `staging`, verified; refused when it is not in the signed targets."""
@@ -677,48 +682,40 @@ class Updater:
 
     def _stage(self, client, name: str, task: str, version: int) -> None:
         """Download, verify and self-test release NAME/VERSION into models/NAME/VERSION."""
-        from tuf.api import exceptions as tufx
-
         from edged import selftest
         from edged.models import ModelError, entry_from_table
 
         base = f"models/{name}/{version}"
-        staging = self._staging(f"{name}-{version}")
-        try:
-            desc = self._descriptor(client, base, staging)
-            entry_table = desc["entry"]
-            if desc.get("name") != name or desc.get("version") != version or entry_table.get("task") != task:
-                raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('version')} "
-                                    f"({entry_table.get('task')}), not {name} {version} ({task})")
-            _check_min_edged(desc, base)
-            wanted = set(desc["files"])
-            if self.cfg.accelerator.device == "cpu" and entry_table.get("edgetpu_file"):
-                wanted.discard(entry_table["edgetpu_file"])  # the CPU does not need the compiled variant
-            for fname in sorted(wanted):
-                if "/" in fname or fname.startswith("."):
-                    raise UpdateRefused(f"{base}: bad file name {fname!r}")
-                self._fetch(client, base, fname, staging)
-            if self.cfg.accelerator.device == "cpu":
-                entry_table = {k: v for k, v in entry_table.items() if not k.startswith("edgetpu_")}
-                desc["entry"] = entry_table
-                (staging / DESCRIPTOR).write_text(json.dumps(desc, indent=1, sort_keys=True))
-            entry = entry_from_table(name, entry_table, staging, staging / DESCRIPTOR)
-            self.state.model(name).testing = version
-            self._save()  # a model that kills the process in its self-test is not tried again
-            self._self_test(entry, staging / desc.get("selftest", "selftest.npz"))
-            self.state.model(name).testing = None
-            _install(staging, self.models_dir / name / str(version))
-        except tufx.RepositoryError as exc:
-            raise UpdateRefused(_reason(exc)) from None
-        except (ModelError, selftest.SelfTestError) as exc:
-            self.state.model(name).testing = None
-            self.state.model(name).bad.append(version)
-            self._save()
-            raise UpdateRefused(str(exc)) from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpdateRefused(f"{base}/{DESCRIPTOR}: malformed release descriptor ({exc})") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with self._staging(f"{name}-{version}", base) as staging:
+            try:
+                desc = self._descriptor(client, base, staging)
+                entry_table = desc["entry"]
+                if desc.get("name") != name or desc.get("version") != version or entry_table.get("task") != task:
+                    raise UpdateRefused(f"{base}/{DESCRIPTOR}: describes {desc.get('name')} {desc.get('version')} "
+                                        f"({entry_table.get('task')}), not {name} {version} ({task})")
+                _check_min_edged(desc, base)
+                wanted = set(desc["files"])
+                if self.cfg.accelerator.device == "cpu" and entry_table.get("edgetpu_file"):
+                    wanted.discard(entry_table["edgetpu_file"])  # the CPU does not need the compiled variant
+                for fname in sorted(wanted):
+                    if "/" in fname or fname.startswith("."):
+                        raise UpdateRefused(f"{base}: bad file name {fname!r}")
+                    self._fetch(client, base, fname, staging)
+                if self.cfg.accelerator.device == "cpu":
+                    entry_table = {k: v for k, v in entry_table.items() if not k.startswith("edgetpu_")}
+                    desc["entry"] = entry_table
+                    (staging / DESCRIPTOR).write_text(json.dumps(desc, indent=1, sort_keys=True))
+                entry = entry_from_table(name, entry_table, staging, staging / DESCRIPTOR)
+                self.state.model(name).testing = version
+                self._save()  # a model that kills the process in its self-test is not tried again
+                self._self_test(entry, staging / desc.get("selftest", "selftest.npz"))
+                self.state.model(name).testing = None
+                _install(staging, self.models_dir / name / str(version))
+            except (ModelError, selftest.SelfTestError) as exc:
+                self.state.model(name).testing = None
+                self.state.model(name).bad.append(version)
+                self._save()
+                raise UpdateRefused(str(exc)) from None
 
     def _self_test(self, entry, golden_path: Path) -> None:
         from edged import selftest
