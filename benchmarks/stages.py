@@ -116,6 +116,39 @@ def stages(quick: bool = False) -> list[Figure]:
                                           note=f"{invokes[s.name]} invoke(s); {ms / k:.2f} ms per invoke "
                                                f"or crop, of which {python:.2f} ms besides the bare invoke"))
     figures += _efficiency(full, images, invokes_of, n_stream=n_stream, rounds=rounds)
+    figures += _pose_turns(manifest, 3 if quick else 20)
+    return figures
+
+
+def _pose_turns(manifest, n: int) -> list[Figure]:
+    """What a lying person costs the pose stage: a crop wider than tall is shown in 2 or 3 views
+    (edged/stages/vision/pose.py). ms of `PoseStage.detect` (preprocessing, invokes, decoding)
+    on one person's crop upright, and turned a quarter: the astronaut (1.45 times as wide as tall
+    turned: 3 views) and a pedestrian of the vtest clip (more than twice as wide: 2 views)."""
+    from edged.models import open_model
+    from edged.stages.vision.pose import PoseStage
+
+    entry = manifest["pose"]
+    pose = PoseStage(open_model(entry, threads=1), entry)
+    astronaut = np.asarray(Image.open(REPO / "samples" / "images" / "astronaut.jpg").convert("RGB"))[14:512, 18:362]
+    vtest = np.asarray(Image.open(SCENES / "vtest_0700.jpg").convert("RGB"))[158:260, 394:438]
+    figures = []
+    for name, crop in (("astronaut", astronaut), ("pedestrian", vtest)):
+        ms = {}
+        for k in (0, 1):
+            c = np.ascontiguousarray(np.rot90(crop, k))
+            pose.detect(c)  # warm: this size's plan
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                pose.detect(c)
+                times.append((time.perf_counter() - t0) * 1000)
+            ms[k] = median(times)
+            views = len(pose.turns(*c.shape[:2]))
+            figures.append(Figure("stages", f"pose, {name} {'lying' if k else 'upright'} ({c.shape[1]}x{c.shape[0]})",
+                                  round(ms[k], 1), "ms", note=f"{views} view(s), median of {n}"))
+        figures.append(Figure("stages", f"pose, {name}: lying ÷ upright", round(ms[1] / ms[0], 2), "",
+                              note="the extra invokes of a wide crop"))
     return figures
 
 

@@ -177,6 +177,11 @@ def test_stage_figures_cover_each_stage_and_the_floor(results):
         assert 0 < f["efficiency, two cores, overlap off"].value < 5
         assert f["efficiency with overlap ÷ without, 2 cores"].value > 0
     assert f["bare invoke, person"].value > f["bare invoke, face"].value  # 300x300 int8 vs 128x128
+    # A lying person's crop costs the pose stage its views: 3 for the astronaut, 2 for the pedestrian.
+    assert f["pose, astronaut lying (498x344)"].note.startswith("3 view(s)")
+    assert f["pose, pedestrian lying (102x44)"].note.startswith("2 view(s)")
+    assert f["pose, astronaut upright (344x498)"].note.startswith("1 view(s)")
+    assert f["pose, astronaut: lying ÷ upright"].value > 0
 
 
 def test_updates_figures(results):
