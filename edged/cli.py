@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "one JSON line out per pose. 'fallen' is not told from one signature: "
                                     "the device's track events carry it (posture), from how the track "
                                     "came to lie. docs/models.md has the rules and their confusion matrix.")
-    po.add_argument("signatures", metavar="POSES_JSONL")
+    po.add_argument("signatures", metavar="POSES_JSONL",
+                    help="a JSON-lines file: pose objects, detections payloads or 'edged detect' lines")
     po.add_argument("--frame-aspect", type=float, default=0.75, metavar="H/W",
                     help="the frames' height / width, which with each pose's box gives its crop's shape "
                          "(default: %(default)s, the camera's default 640x480)")
