@@ -148,12 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "between them. A message is acknowledged only after its row is committed. Settings "
                     "come from --config (TOML sections [ingest], [database], [mqtt]; default "
                     "/etc/edged/ingest.toml if it exists); a flag overrides the file. Run once with "
-                    "--migrate to create or update the schema. See docs/cloud.md.")
+                    "--migrate to create or update the schema. Workers ask devices to send again "
+                    "what the gaps view lists (results a broker acknowledged and then lost); --resend "
+                    "asks now. See docs/cloud.md.")
     ig.add_argument("--config", "-c", metavar="PATH",
                     help="TOML config (default: /etc/edged/ingest.toml if it exists, else the defaults)")
     ig.add_argument("--migrate", action="store_true",
                     help="create or update the database schema (idempotent), make the current "
                          "partitions, drop those past the retention, and exit")
+    ig.add_argument("--resend", action="store_true",
+                    help="ask devices now to send again the results the gaps view lists (within "
+                         "ingest.resend_window_s, less what they said they no longer hold; back-off "
+                         "and attempt cap ignored), print what was asked, and exit; the running "
+                         "workers store what comes and record the replies")
+    ig.add_argument("--device", metavar="ID", help="with --resend: only this device")
     ig.add_argument("--db", metavar="URL", help="PostgreSQL URL (default: postgresql:///edged), or "
                                                 "sqlite:///FILE for one machine without a database server")
     ig.add_argument("--host", help="broker host (default: 127.0.0.1)")

@@ -249,6 +249,11 @@ class OutboxConfig:
     max_bytes: int = field(default=64 * 1024 * 1024, metadata=_check(min=64 * 1024, max=1 << 40))
     synchronous: str = field(default="full", metadata=_check(choices=("full", "normal")))
     max_file_bytes: int = field(default=0, metadata=_check(min=0, max=1 << 40))  # 0 = only the disk limits it
+    # Acknowledged results kept for a resend request (`cmd/resend`): the oldest leave once any
+    # bound is reached; any of them 0 keeps none (docs/mqtt.md, "Resend").
+    keep_acked_rows: int = field(default=100_000, metadata=_check(min=0, max=100_000_000))
+    keep_acked_bytes: int = field(default=16 << 20, metadata=_check(min=0, max=1 << 40))
+    keep_acked_s: float = field(default=86400.0, metadata=_check(min=0, max=30 * 86400))
 
 
 @dataclass
@@ -273,6 +278,13 @@ class CommandsConfig:
     # Snapshot budget, over any 60 s: at most this many, and at most this many bytes sent.
     snapshots_per_minute: int = field(default=6, metadata=_check(min=1, max=600))
     snapshot_bytes_per_minute: int = field(default=4 << 20, metadata=_check(min=4096, max=1 << 30))
+    # `cmd/resend` (results the cloud lost, sent again from the kept ones): answered even while
+    # `enabled` is false; per request at most resend_max_rows, per minute at most
+    # resend_per_minute requests and resend_rows_per_minute rows.
+    resend: bool = True
+    resend_max_rows: int = field(default=1000, metadata=_check(min=1, max=100_000))
+    resend_per_minute: int = field(default=10, metadata=_check(min=1, max=600))
+    resend_rows_per_minute: int = field(default=5000, metadata=_check(min=1, max=10_000_000))
     # Where MQTT 5 Response Topics may point besides <prefix>/<device_id>/ ("" = nowhere else).
     reply_prefix: str = field(default="", metadata=_check(pattern=f"({_PREFIX_PATTERN})?", expect=_PREFIX_EXPECT,
                                                           max_bytes=TOPIC_PREFIX_MAX_BYTES))

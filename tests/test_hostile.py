@@ -162,6 +162,106 @@ def test_snapshot_budget_per_minute(tmp_path, broker, daemon_factory):
         req.close()
 
 
+def _results_by_seq(req: Requester) -> dict[int, list[bytes]]:
+    out: dict[int, list[bytes]] = {}
+    for leaf in ("detections", "motion", "events"):
+        for p in req.on(f"edged/test-dev/{leaf}"):
+            out.setdefault(json.loads(p)["seq"], []).append(p)
+    return out
+
+
+SEQ_MAX = (1 << 63) - 1
+HOSTILE_RESENDS = [
+    (b"\xff\xfe\x00", "payload is not JSON"),
+    (NESTED, "nested too deeply"),
+    (b"[1, 2]", "payload must be a JSON object"),
+    (b"", 'expected "ranges"'),
+    (b'{"ranges": "1-5"}', 'expected "ranges"'),
+    (b'{"ranges": []}', 'expected "ranges"'),
+    (b'{"ranges": [[5, 1]]}', "ranges[0]: expected 1 <= first <= last"),
+    (b'{"ranges": [[0, 3]]}', "ranges[0]: expected 1 <= first <= last"),
+    (b'{"ranges": [[-5, 3]]}', "ranges[0]: expected 1 <= first <= last"),
+    (b'{"ranges": [[1, 9223372036854775808]]}', "ranges[0]: expected 1 <= first <= last"),
+    (b'{"ranges": [[1.0, 3]]}', "ranges[0]: expected [first, last], two integers"),
+    (b'{"ranges": [[true, 3]]}', "ranges[0]: expected [first, last], two integers"),
+    (b'{"ranges": [["1", "2"]]}', "ranges[0]: expected [first, last], two integers"),
+    (b'{"ranges": [[1, 2, 3]]}', "ranges[0]: expected [first, last], two integers"),
+    (b'{"ranges": [[1, 2], 7]}', "ranges[1]: expected [first, last], two integers"),
+    (json.dumps({"ranges": [[i, i] for i in range(1, 18)]}).encode(), "at most 16 ranges per request, got 17"),
+    (b'{"ranges": [[1, 2]], "topic": "edged/other/motion"}', "unknown key 'topic'"),
+    (b'{"ranges": [[1, 2]], "id": {"x": 1}}', "id must be a string"),
+    (b'{"ranges": [[1, 2]], "pad": "' + b"x" * 5000 + b'"}', "payload too large"),
+]
+
+
+def test_resend_requests_hostile_and_honest(tmp_path, broker, daemon_factory):
+    """`cmd/resend` is answered with commands off (the default): an honest request gets the
+    asked results again, byte for byte, through the outbox; a request as wide as a seq can be is
+    capped; garbage of every shape is one error reply each; a flood meets the per-minute budget;
+    a Response Topic elsewhere is refused; other commands stay unanswered. The daemon keeps
+    running and publishes nothing outside its prefix."""
+    cfg = write_config(tmp_path / "edged.toml", broker, extra=FAST + "[commands]\nresend_max_rows = 20\n"
+                       "resend_per_minute = 5\n")
+    req = Requester(broker)
+    d = daemon_factory(cfg).start()
+    try:
+        assert wait_until(lambda: len(_results_by_seq(req)) >= 30, 60), d.output()
+        firsts = {seq: copies[0] for seq, copies in _results_by_seq(req).items()}
+        req.send("edged/test-dev/cmd/stats", b'{"id": "not-enabled"}')
+        req.send("edged/test-dev/cmd/resend", b'{"id": "honest", "ranges": [[3, 5], [1, 2], [4, 10]]}')
+        assert wait_until(lambda: any(r.get("id") == "honest" for r in req.replies()), 30), d.output()
+        honest = next(r for r in req.replies() if r.get("id") == "honest")
+        assert honest == {"cmd": "resend", "ok": True, "id": "honest", "resent": 10, "resent_ranges": [[1, 10]],
+                          "gone": [], "gone_count": 0, "later": []}, honest
+        assert wait_until(lambda: all(len(_results_by_seq(req)[s]) >= 2 for s in range(1, 11)), 30)
+        again = _results_by_seq(req)
+        assert all(again[s][1] == firsts[s] for s in range(1, 11))  # same seq, same bytes
+        assert not any(r["cmd"] == "stats" for r in req.replies())  # commands.enabled is false
+
+        req.send("edged/test-dev/cmd/resend", json.dumps({"id": "wide", "ranges": [[1, SEQ_MAX]]}).encode())
+        assert wait_until(lambda: any(r.get("id") == "wide" for r in req.replies()), 30)
+        wide = next(r for r in req.replies() if r.get("id") == "wide")
+        assert wide["ok"] and wide["resent"] == 20 and wide["resent_ranges"] == [[1, 20]], wide
+        assert wide["later"] == [[21, SEQ_MAX]] and wide["gone"] == [], wide
+
+        mark = len(req.replies())
+        for payload, _ in HOSTILE_RESENDS:
+            req.send("edged/test-dev/cmd/resend", payload)
+        req.send("edged/test-dev/cmd/resend", b'{"ranges": [[1, 2]]}', response_topic="edged/other-device/response")
+        n = len(HOSTILE_RESENDS) + 1
+        assert wait_until(lambda: len(req.replies()) >= mark + n, 30), d.output()
+        bad = req.replies()[mark:mark + n]
+        for (payload, needle), r in zip(HOSTILE_RESENDS, bad):
+            assert r["cmd"] == "resend" and r["ok"] is False and needle in r["error"], (payload[:60], r)
+        assert "response topic refused" in bad[-1]["error"]
+
+        # A flood: three more fit in the minute's five requests.
+        mark = len(req.replies())
+        for i in range(20):
+            req.send("edged/test-dev/cmd/resend", json.dumps({"id": i, "ranges": [[1, 2]]}).encode())
+        assert wait_until(lambda: len(req.replies()) >= mark + 20, 30), d.output()
+        flood = req.replies()[mark:]
+        assert [r["ok"] for r in flood] == [True] * 3 + [False] * 17, flood
+        assert all("resend refused: at most 5 per minute" in r["error"] and 0 < r["retry_after_s"] <= 60
+                   for r in flood[3:])
+        assert wait_until(lambda: _stats(req).get("resend_refused") == 17, 30), _stats(req)
+        st = _stats(req)
+        assert st["commands_refused"] >= n and st["resend_requests"] == 2 + 20
+        assert st["resent"] == 10 + 20 + 3 * 2 and st["outbox_kept"] >= 30 and st["resend_gone"] == 0
+        jsonschema = pytest.importorskip("jsonschema")
+        schema = json.loads((REPO / "docs" / "schemas" / "response.schema.json").read_text())
+        for r in req.replies():
+            jsonschema.validate(r, schema)
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+        assert "Traceback" not in d.output()
+        assert d.output().count("resend request refused: over the budget") == 1
+    finally:
+        req.close()
+    outside = {t for t in req.topics() if not t.startswith("edged/test-dev/") and not t.startswith("homeassistant/")}
+    assert outside == set(), outside
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 BAD_CONFIGS = [
@@ -177,6 +277,9 @@ BAD_CONFIGS = [
     ('[homeassistant]\nprefix = "ha/+"\n', "homeassistant.prefix: expected a topic prefix"),
     ('state_dir = "/dev/null/x"\n', "state_dir: cannot create '/dev/null/x': '/dev/null' is a character device"),
     ('[outbox]\npath = "/dev/null/x/outbox.db"\n', "outbox.path: cannot create"),
+    ("[outbox]\nkeep_acked_s = -1\n", "outbox.keep_acked_s: expected 0 to 2592000, got -1"),
+    ('[commands]\nresend = "yes"\n', "commands.resend: expected true or false"),
+    ("[commands]\nresend_max_rows = 0\n", "commands.resend_max_rows: expected 1 to 100000, got 0"),
     ('[camera]\npath = "a\\u0000b"\n', "camera.path: must not contain NUL"),
 ]
 

@@ -189,6 +189,30 @@ def test_payload_checks_agree_with_the_shipped_schemas():
             assert not validator.is_valid(short) and payloads.check(kind, short, now=now)
 
 
+def test_resend_replies_are_read_only_when_well_formed():
+    """A device's resend reply comes from the network: the worker reads `gone` and `later` only
+    from a reply docs/schemas/response.schema.json accepts, and nothing else from anything."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(_schema("response"))
+    good = {"cmd": "resend", "ok": True, "id": "w1", "resent": 3, "resent_ranges": [[4, 6]],
+            "gone": [[1, 3]], "gone_count": 3, "later": [[7, 9]]}
+    assert validator.is_valid(good)
+    assert payloads.resend_answer(json.dumps(good).encode()) == ([(1, 3)], [(7, 9)])
+    # first <= last is beyond what the schema can say; the worker checks it too.
+    assert payloads.resend_answer(json.dumps(dict(good, gone=[[3, 1]])).encode()) is None
+    forged = [
+        dict(good, gone=[[0, 3]]), dict(good, gone=[["1", "3"]]),
+        dict(good, gone=[[True, 3]]), dict(good, gone=[[1.5, 3]]), dict(good, later=[[1, 1 << 63]]),
+        dict(good, later=[[1, 2, 3]]), dict(good, gone=[[i, i] for i in range(1, 34)]), dict(good, gone="1-3"),
+    ]
+    for body in forged:
+        assert not validator.is_valid(body), body
+        assert payloads.resend_answer(json.dumps(body).encode()) is None, body
+    for raw in (b"\xff", b"[" * 5000, b"[]", b'{"cmd": "stats", "ok": true}', b'{"cmd": "resend", "ok": false}',
+                json.dumps(dict(good, pad="x" * 70000)).encode()):
+        assert payloads.resend_answer(raw) is None
+
+
 def test_both_codecs_decode_to_the_same_row():
     from edged.delivery import codec
     from edged.records import MotionSignature
@@ -215,11 +239,11 @@ def test_migrate_is_idempotent_and_an_unmigrated_database_is_refused(postgres, t
     refused = run("--port", "1")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        "edged: the database schema is at version 0, this edged needs 3: run `edged ingest --migrate` first"]
+        "edged: the database schema is at version 0, this edged needs 4: run `edged ingest --migrate` first"]
     first, again = run("--migrate"), run("--migrate")
     assert first.returncode == again.returncode == 0, first.stderr
-    assert "applied 0001_schema, 0002_events, 0003_samples" in first.stdout and "applied" not in again.stdout
-    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,)]
+    assert "applied 0001_schema, 0002_events, 0003_samples, 0004_resend" in first.stdout and "applied" not in again.stdout
+    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,), (4,)]
     # Today's partition (and its neighbours) exist before any result arrives.
     assert len(q(url, "SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass")) == 3
 
@@ -366,32 +390,110 @@ def test_postgres_restarted_mid_stream_loses_nothing(ingest_broker, postgres, db
     fleet.stop()
 
 
-def test_broker_restarted_mid_stream_loses_nothing(ingest_broker, db, workers):
-    """mosquitto with persistence saves the workers' sessions and queues on a clean stop: what it
-    had acknowledged to devices and not yet delivered reaches the worker after the restart; the
-    workers reconnect and subscribe again by themselves; the devices carry on.
+# Resend soon, in a test: gaps a second old are asked for, and a worker looks every 5 s.
+RESEND_FAST = "[ingest]\nresend_after_s = 1\nresend_interval_s = 5\n"
 
-    The devices publish nothing new between the broker's start and the worker's new subscription:
-    mosquitto 2.0.11 does not restore a shared subscription from its persistence file, so what
-    arrives in that window matches no subscription and is dropped after the device has its
-    acknowledgement (docs/cloud.md, "Broker restarts"; seen as 83-121 of 1,200 lost when the
-    devices kept publishing)."""
-    w = workers(ingest_broker, db, "solo").start()
+
+def test_broker_restarted_mid_stream_loses_nothing(ingest_broker, db, workers, tmp_path):
+    """mosquitto with persistence saves the workers' sessions and queues on a clean stop; the
+    devices keep publishing through the restart. mosquitto 2.0.11 does not restore a shared
+    subscription from its persistence file, so what devices publish between the broker's start
+    and the worker's new subscription matches no subscription and is dropped after the device
+    has its acknowledgement (docs/cloud.md, "Broker restarts"). The worker finds those seqs in
+    `gaps` and asks the devices for them (`cmd/resend`); the devices still keep them and send
+    them again: in the end every result is stored once and `gaps` is empty.
+
+    The worker reconnects at most every 2 s, the devices within a second: the devices are
+    usually back first, so the window in which results are lost is real, not left to chance."""
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text(RESEND_FAST + "[mqtt]\nreconnect_min_s = 2\n")
+    w = workers(ingest_broker, db, "solo", "--config", str(cfg)).start()
     fleet = Fleet(ingest_broker.host, ingest_broker.port, 10, motion_hz=25, detection_every_s=0.2,
                   per_device=120, stats_every_s=0).start()
     total = 10 * 120
     assert wait_until(lambda: count(db) >= 300, 60)
-    fleet.pause()
-    assert wait_until(fleet.acked_all, 30)
     mark = w.output().count("msg=subscribed")
     ingest_broker.stop()
     ingest_broker.start()
     assert wait_until(lambda: w.output().count("msg=subscribed") > mark, 60), w.output()[-2000:]
-    fleet.resume()
     assert wait_until(fleet.done, 90)
-    assert wait_stored(db, total) == total
+    got = wait_stored(db, total, 120)
+    assert got == total, (got, fleet.resent(), q(db, "SELECT * FROM gaps")[:20], w.output()[-3000:])
     assert_exactly_once(db, fleet.last_seqs())
+    if fleet.resent():  # what was lost came back through resend, and the worker said it asked
+        assert "asked devices to resend lost results" in w.output()
     assert w.proc.poll() is None
+    assert not fleet.errors, fleet.errors
+    fleet.stop()
+
+
+def any_db(url: str, sql: str, *params):
+    """A query on either store: PostgreSQL, or the SQLite file of a sqlite:/// URL."""
+    if not url.startswith("sqlite:///"):
+        return q(url, sql, *params)
+    import sqlite3
+
+    conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None, timeout=30)
+    try:
+        return [tuple(r) for r in conn.execute(sql.replace("%s", "?"), params).fetchall()]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_results_the_database_lacks_are_asked_for_and_come_back_unchanged(ingest_broker, db, workers, tmp_path,
+                                                                          kind):
+    """Rows taken out of `results` stand for results lost after the broker acknowledged them:
+    the worker asks their devices, the devices send them again with the same seq and payload,
+    and they are stored once. A range a device no longer keeps is answered `gone`, recorded, and
+    not asked for again; `edged ingest --resend` asks at once, and leaves out what is gone."""
+    if kind == "sqlite":
+        db = f"sqlite:///{tmp_path / 'results.db'}"
+    q = any_db  # noqa: F811 — this test's queries go to the store under test
+    count = lambda url: q(url, "SELECT count(*) FROM results")[0][0]  # noqa: E731
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text(RESEND_FAST)
+    w = workers(ingest_broker, db, "solo", "--config", str(cfg)).start()
+    # Each device keeps its newest 60 acknowledged results.
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 3, motion_hz=50, detection_every_s=0,
+                  per_device=100, stats_every_s=0, keep=60).start()
+    assert wait_until(fleet.done, 60)
+    assert wait_until(lambda: count(db) == 300, 60)
+    lost = ("sim-0001", 80, 84)
+    aged = ("sim-0002", 10, 14)
+    before = q(db, "SELECT seq, payload FROM results WHERE device_id = %s AND seq BETWEEN %s AND %s ORDER BY seq",
+               *lost)
+    for d, a, b in (lost, aged):
+        q(db, "DELETE FROM results WHERE device_id = %s AND seq BETWEEN %s AND %s RETURNING seq", d, a, b)
+    assert sorted(q(db, "SELECT device_id, first_missing, last_missing FROM gaps")) == [
+        ("sim-0001", 80, 84), ("sim-0002", 10, 14)]
+    assert wait_until(lambda: count(db) == 295 and q(db, "SELECT resend_gone FROM gaps") == [(5,)], 60), (
+        q(db, "SELECT * FROM gaps"), w.output()[-2000:])
+    after = q(db, "SELECT seq, payload FROM results WHERE device_id = %s AND seq BETWEEN %s AND %s ORDER BY seq",
+              *lost)
+    assert after == before
+    assert q(db, "SELECT device_id, first_missing, last_missing, missing, resend_asked, resend_gone FROM gaps") == [
+        ("sim-0002", 10, 14, 5, 1, 5)]
+    assert q(db, "SELECT device_id, first_seq, last_seq FROM resend_gone") == [("sim-0002", 10, 14)]
+    assert q(db, "SELECT duplicates FROM devices WHERE device_id = 'sim-0001'") == [(0,)]
+    assert fleet.resent() == 5
+    # The operator's command, beside a worker that does not ask by itself (so the asking is the
+    # command's): nothing left that a device still has; then a gap of a device that still has it.
+    w.stop()
+    quiet = tmp_path / "quiet.toml"
+    quiet.write_text("[ingest]\nresend = false\n")
+    w = workers(ingest_broker, db, "solo", "--config", str(quiet)).start()
+    run = subprocess.run(ingest_cmd("--db", db, "--host", ingest_broker.host, "--port", str(ingest_broker.port),
+                                    "--resend"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run.returncode == 0 and run.stdout == "" and "0 resend request(s)" in run.stderr, run
+    q(db, "DELETE FROM results WHERE device_id = 'sim-0000' AND seq IN (97, 98) RETURNING seq")
+    run = subprocess.run(ingest_cmd("--db", db, "--host", ingest_broker.host, "--port", str(ingest_broker.port),
+                                    "--resend", "--device", "sim-0000"),
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run.returncode == 0 and run.stdout == "sim-0000: asked for 2 results (97-98)\n", run
+    assert wait_until(lambda: count(db) == 295, 30)
+    assert q(db, "SELECT device_id FROM gaps") == [("sim-0002",)]
+    assert w.proc.poll() is None and not fleet.errors
     fleet.stop()
 
 
@@ -446,7 +548,7 @@ def test_one_machine_on_sqlite_same_worker_same_guarantees(ingest_broker, worker
     path = tmp_path / "results.db"
     url = f"sqlite:///{path}"
     mig = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert mig.returncode == 0 and "applied 0001_schema, 0002_events, 0003_samples" in mig.stdout, mig.stderr
+    assert mig.returncode == 0 and "applied 0001_schema, 0002_events, 0003_samples, 0004_resend" in mig.stdout, mig.stderr
     again = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert again.returncode == 0 and "applied" not in again.stdout
     w = workers(ingest_broker, url, "solo").start()

@@ -5,7 +5,9 @@ real one does: a retained `online` status (and `offline` as its last will), `mot
 `detections` results made from typed records by the project's codec (JSON or CBOR, per device),
 and `stats`. Like the daemon's outbox, a device keeps every result until the broker acknowledged
 it and publishes it again after a reconnect or a restart, so the only way a seq goes missing is
-a receiver losing it.
+a receiver losing it. Like the daemon too, it keeps the last `keep` acknowledged results and
+answers `cmd/resend` (docs/mqtt.md, "Resend") with the daemon's own request parsing, plan and
+budgets: the asked results go out again with their seq and payload, the reply says the rest.
 
 All devices run on one thread: one selector over every connection, driving paho's
 `loop_read`/`loop_write`/`loop_misc` directly instead of a thread per client.
@@ -25,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.delivery import codec as _codec
+from edged.delivery import commands as _commands
 from edged.records import DetectedObject, Detections, MotionSignature
 
 MOTION_LABELS = ("standing", "walking", "running", "badminton")
@@ -43,6 +46,10 @@ class SimDevice:
     connected: bool = False
     fresh: bool = True   # a new client (a restart): on connect, publish everything unacknowledged
     reconnect_at: float = 0.0
+    kept: dict[int, tuple[str, bytes]] = field(default_factory=dict)     # acknowledged, oldest first
+    budget: _commands.Budget | None = None                               # resend requests per minute
+    resent: int = 0
+    resend_requests: int = 0
 
 
 class Fleet:
@@ -55,7 +62,9 @@ class Fleet:
     def __init__(self, host: str, port: int, n: int, *, prefix: str = "edged", id_prefix: str = "sim",
                  motion_hz: float = 1.0, detection_every_s: float = 5.0, per_device: int = 0,
                  codec: str = "mixed", stats_every_s: float = 60.0, seed: int = 0,
-                 keepalive_s: int = 30, max_inflight: int = 64, first_seq: dict[str, int] | None = None) -> None:
+                 keepalive_s: int = 30, max_inflight: int = 64, first_seq: dict[str, int] | None = None,
+                 keep: int = 10_000, resend_max_rows: int = 1000, resend_per_minute: int = 10,
+                 resend_rows_per_minute: int = 5000) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.motion_dt = 1.0 / motion_hz if motion_hz > 0 else 0.0
         self.detection_dt = detection_every_s
@@ -63,6 +72,9 @@ class Fleet:
         self.stats_dt = stats_every_s
         self.keepalive_s = keepalive_s
         self.max_inflight = max_inflight
+        self.keep = keep
+        self.resend_max_rows = resend_max_rows
+        self.resend_budget = (resend_per_minute, resend_rows_per_minute)
         self.rng = random.Random(seed)
         codecs = {"json": [_codec.JSON], "cbor": [_codec.get("cbor")],
                   "mixed": [_codec.JSON, _codec.get("cbor")]}[codec]
@@ -120,6 +132,10 @@ class Fleet:
         """Make results again after `pause`, up to the same `per_device` as before."""
         self.per_device = getattr(self, "_paused_at", 0)
 
+    def resent(self) -> int:
+        """Results sent again on request (`cmd/resend`), over all devices."""
+        return sum(d.resent for d in self.devices)
+
     def made(self) -> int:
         return sum(d.made for d in self.devices)
 
@@ -166,6 +182,7 @@ class Fleet:
         c.on_connect = self._on_connect
         c.on_publish = self._on_publish
         c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
         return c
 
     def _connect(self, i: int) -> None:
@@ -206,6 +223,8 @@ class Fleet:
             return
         d.connected = True
         client.publish(f"{self.prefix}/{d.device_id}/status", b"online", qos=1, retain=True)
+        if self.keep:
+            client.subscribe(f"{self.prefix}/{d.device_id}/cmd/resend", qos=1)
         if d.fresh:
             # As the daemon's outbox does after a restart: everything not acknowledged goes
             # again, oldest first. (On a reconnect of the same client paho re-sends its own.)
@@ -218,8 +237,70 @@ class Fleet:
         seq = d.mids.pop(mid, None)
         if seq is not None and not reason_code.is_failure:
             with self._lock:
-                if d.unacked.pop(seq, None) is not None:
+                row = d.unacked.pop(seq, None)
+                if row is not None:
                     d.acked += 1
+                    if self.keep:
+                        d.kept.pop(seq, None)
+                        d.kept[seq] = row
+                        while len(d.kept) > self.keep:
+                            del d.kept[next(iter(d.kept))]
+
+    def _on_message(self, client, i, msg) -> None:
+        """A resend request, answered as the daemon answers it (never raises: paho's loop)."""
+        d = self.devices[i]
+        try:
+            own = f"{self.prefix}/{d.device_id}/response"
+            cmd, error = _commands.parse(msg.topic.rsplit("/", 1)[-1], msg.payload, msg.properties, own_prefix=own)
+            if error is None and cmd.name != "resend":
+                error = "only resend is answered here"
+            if error is None:
+                d.resend_requests += 1
+                count, rows = self.resend_budget
+                if d.budget is None:
+                    d.budget = _commands.Budget(count, rows, unit="rows")
+                over = d.budget.allows()
+                if over:
+                    answer = _commands.reply(cmd, False, error=f"resend refused: {over}",
+                                             retry_after_s=round(d.budget.retry_after(), 1))
+                else:
+                    answer = self._resend(i, cmd, min(self.resend_max_rows, d.budget.room()))
+            else:
+                answer = _commands.reply(cmd, False, error=error)
+            props = None
+            if cmd.correlation is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = cmd.correlation
+            client.publish(cmd.response_topic or own, answer, qos=1, properties=props)
+        except Exception as exc:  # noqa: BLE001 — nothing from the broker may stop the fleet
+            self.errors.append(f"{d.device_id}: resend: {type(exc).__name__}: {exc}")
+
+    def _resend(self, i: int, cmd, cap: int) -> bytes:
+        d = self.devices[i]
+        with self._lock:
+            held = sorted((*d.kept, *d.unacked))
+
+        def within(first: int, last: int, limit: int) -> list[int]:
+            import bisect
+
+            lo = bisect.bisect_left(held, first)
+            return [s for s in held[lo:lo + limit] if s <= last]
+
+        seqs, gone, gone_count, later = _commands.plan_resend(cmd.ranges, within, cap, d.seq)
+        d.budget.spend(len(seqs))
+        again = []
+        with self._lock:
+            for seq in seqs:
+                row = d.kept.pop(seq, None)
+                if row is not None:
+                    d.unacked[seq] = row
+                    again.append(seq)
+        for seq in again:
+            self._send(i, seq)
+        d.resent += len(seqs)
+        return _commands.reply(cmd, True, resent=len(seqs),
+                               gone=[list(r) for r in gone[:32]], gone_count=gone_count,
+                               later=[list(r) for r in later[:32]])
 
     def _on_disconnect(self, client, i, flags, reason_code, properties) -> None:
         d = self.devices[i]

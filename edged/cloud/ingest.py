@@ -18,10 +18,20 @@ message to one member of the group. Each worker:
 
 The retained `status` topic is subscribed without sharing (a shared subscription gets no
 retained messages), so every worker keeps `devices.status` current; the writes are idempotent.
+
+Resend (docs/cloud.md, "Resend"): what a broker acknowledged to a device and then lost (mosquitto
+drops what arrives before a restarted broker has the workers' shared subscriptions again) shows
+as a gap in `gaps`. Once a gap is `ingest.resend_after_s` old, a worker publishes
+`<prefix>/<device>/cmd/resend` with its ranges; the device sends what it still keeps, as any
+result, and its reply (`$share/<group>/<prefix>/+/response`) says what it no longer holds.
+Which worker asks is settled in the database (`resend_asks`): each gap is claimed by one, with
+a back-off per gap and a cap on attempts. A worker looks after each (re)subscription and every
+`ingest.resend_interval_s` (jittered).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
@@ -39,6 +49,7 @@ from typing import Any
 from edged import config as _config
 from edged.cloud import payloads, store
 from edged.cloud.payloads import Reject, Result
+from edged.delivery.commands import MAX_RANGES
 
 log = logging.getLogger("edged.ingest")
 
@@ -62,6 +73,12 @@ class IngestSection:
     max_sample_bytes: int = field(default=1 << 20, metadata=_check(min=1024, max=64 << 20))
     log_level: str = field(default="info", metadata=_check(choices=("debug", "info", "warning", "error")))
     stats_interval_s: float = field(default=60.0, metadata=_check(min=1, max=86400))
+    # Asking devices to send again what `gaps` lists (docs/cloud.md, "Resend").
+    resend: bool = True
+    resend_after_s: float = field(default=60.0, metadata=_check(min=1, max=86400))       # a gap this old is asked for
+    resend_interval_s: float = field(default=300.0, metadata=_check(min=5, max=86400))   # how often a worker looks
+    resend_window_s: float = field(default=86400.0, metadata=_check(min=60, max=30 * 86400))  # how far back (ts)
+    resend_attempts: int = field(default=8, metadata=_check(min=1, max=100))            # per gap, backing off
 
 
 @dataclass
@@ -170,12 +187,18 @@ class Counters:
     db_failures: int = 0
     stats_dropped: int = 0
     samples: int = 0
+    resend_requests: int = 0   # cmd/resend published to devices
+    resend_ranges: int = 0     # gap ranges in them
+    resend_replies: int = 0    # devices' resend replies recorded
+    resend_gone: int = 0       # seqs devices said they no longer hold
 
     def line(self) -> dict:
         return {"received": self.received, "stored": self.stored, "samples": self.samples,
                 "duplicates": self.duplicates,
                 "rejected": self.rejected, "batches": self.batches, "db_failures": self.db_failures,
-                "commit_ms_mean": round(1000 * self.commit_s / self.batches, 2) if self.batches else 0}
+                "commit_ms_mean": round(1000 * self.commit_s / self.batches, 2) if self.batches else 0,
+                "resend_requests": self.resend_requests, "resend_ranges": self.resend_ranges,
+                "resend_replies": self.resend_replies, "resend_gone": self.resend_gone}
 
 
 @dataclass(slots=True)
@@ -225,7 +248,14 @@ class Worker:
         prefix = m.topic_prefix
         self._prefix = prefix + "/"
         share = f"$share/{cfg.ingest.group}/" if shared else ""
-        self.topics = [(f"{share}{prefix}/+/{leaf}", 1) for leaf in (*RESULT_LEAVES, "stats", SAMPLE_LEAF)]
+        # Resend needs a database the group shares to agree on who asks: not for `edged subscribe`.
+        self.resend = cfg.ingest.resend and shared
+        self._resend_soon = True             # look for gaps soon (set on each subscription)
+        self._next_resend = float("inf")
+        self._answers: list[store.ResendAnswer] = []
+        self.sent: list = []                 # the last pass's publishes (paho's MQTTMessageInfo)
+        leaves = (*RESULT_LEAVES, "stats", SAMPLE_LEAF, *(("response",) if self.resend else ()))
+        self.topics = [(f"{share}{prefix}/+/{leaf}", 1) for leaf in leaves]
         self.topics.append((f"{prefix}/+/status", 1))
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=mqtt.MQTTv5, manual_ack=True)
@@ -262,7 +292,8 @@ class Worker:
             broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}", client_id=self.cfg.client_id,
             session_present=bool(flags.session_present), group=self.cfg.ingest.group))
         # Subscribing again on a resumed session is harmless and covers a broker that lost it.
-        client.subscribe(self.topics)
+        if self.topics:
+            client.subscribe(self.topics)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         bad = [str(rc) for rc in reason_codes if rc.is_failure]
@@ -273,6 +304,7 @@ class Worker:
             self._answered.set()
             return
         log.info("subscribed", extra=_fields(topics=",".join(t for t, _ in self.topics)))  # once per connection
+        self._resend_soon = True  # a broker restart may have lost what arrived before this
         self._subscribed.set()
         self._answered.set()
 
@@ -335,6 +367,13 @@ class Worker:
                 # skipped as already stored, whereas results written twice would count duplicates.
                 self.counters.samples += self._write_samples(rejected)
                 self._samples = []
+                if self._answers:
+                    self.store.resend_answered(self._answers)
+                    self.counters.resend_replies += len(self._answers)
+                    self.counters.resend_gone += sum(b - a + 1 for x in self._answers for a, b in x.gone)
+                    if any(x.later for x in self._answers):  # the device capped a request: ask again soon
+                        self._next_resend = min(self._next_resend, time.monotonic() + 5 + 5 * random.random())
+                    self._answers = []
                 try:
                     out = self.store.write(results, rejected, news, dups)
                 except store.StoreRefused:
@@ -435,6 +474,13 @@ class Worker:
         for m in batch:
             rest = m.topic[len(self._prefix):] if m.topic.startswith(self._prefix) else ""
             device, _, leaf = rest.partition("/")
+            if leaf == "response" and self.resend and payloads._ID_RE.match(device):
+                # Devices' replies to commands (anyone's): only resend replies are read; nothing
+                # here is a result, so nothing goes to `rejected`.
+                got = payloads.resend_answer(m.payload, self.cfg.ingest.max_payload_bytes)
+                if got is not None and (got[0] or got[1]):
+                    self._answers.append(store.ResendAnswer(device, *got))
+                continue
             if not payloads._ID_RE.match(device) or leaf not in (*RESULT_LEAVES, "stats", "status", SAMPLE_LEAF):
                 rejected.append(self._reject(m, None, Reject("bad_topic", f"not a result topic: {m.topic[:200]}")))
                 continue
@@ -510,9 +556,68 @@ class Worker:
             c.duplicates += sum(out.duplicates.values())
             c.rejected += out.rejected
         self._maintain()
+        self._resend_tick()
         if time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + self.cfg.ingest.stats_interval_s
             log.info("ingest stats", extra=_fields(**self.counters.line()))
+
+    # -- resend ------------------------------------------------------------------------------------
+
+    def _resend_tick(self) -> None:
+        if not self.resend:
+            return
+        now = time.monotonic()
+        ic = self.cfg.ingest
+        if self._resend_soon:
+            # After a (re)subscription: once the gaps of a broker restart are old enough; each
+            # worker at its own moment within one more resend_after_s.
+            self._resend_soon = False
+            self._next_resend = min(self._next_resend, now + ic.resend_after_s * (1 + random.random()))
+        if now < self._next_resend or not self.store.is_open or not self._connected.is_set():
+            return
+        self._next_resend = now + ic.resend_interval_s * (0.5 + random.random())
+        try:
+            self.ask_resends()
+        except store.StoreDown as exc:
+            self._log_once("db_down", "lost the database; not acknowledging until it is back",
+                           database=_db_target(self.cfg.database.url), error=str(exc))
+            self._next_resend = now + ic.resend_after_s  # the next batch reconnects
+
+    def ask_resends(self, *, device: str | None = None, force: bool = False) -> list[tuple[str, list]]:
+        """One pass: the gaps old enough to ask for, less what devices said they no longer hold,
+        claimed in the database (by this worker alone) and asked for, at most 16 ranges per
+        request (a device's limit). `force` (the operator's `--resend`) ignores the back-off,
+        the attempt cap and the age. Returns [(device, ranges)] asked."""
+        ic = self.cfg.ingest
+        wall = time.time()
+        gaps = self.store.resend_gaps(since=wall - ic.resend_window_s,
+                                      settled=wall - (0 if force else ic.resend_after_s), device=device,
+                                      limit=MAX_RESEND_GAPS)
+        if not gaps:
+            return []
+        gone = self.store.gone_ranges(sorted({g[0] for g in gaps}))
+        pieces = [(d, a, b) for d, f, l in gaps for a, b in store.subtract_ranges(f, l, gone.get(d, []))]
+        claimed = self.store.claim_resends(pieces, base_s=ic.resend_after_s, cap_s=max(3600.0, ic.resend_after_s),
+                                           attempts=ic.resend_attempts, force=force)
+        per: dict[str, list] = {}
+        self.sent = []
+        for d, f, l, _asked in claimed:
+            per.setdefault(d, []).append([f, l])
+        asked = []
+        for d in sorted(per):
+            ranges = per[d]
+            for i in range(0, len(ranges), MAX_RANGES):
+                part = ranges[i:i + MAX_RANGES]
+                body = json.dumps({"id": self.cfg.client_id, "ranges": part}, separators=(",", ":"))
+                self.sent.append(self.client.publish(f"{self._prefix}{d}/cmd/resend", body.encode(), qos=1))
+                self.counters.resend_requests += 1
+                self.counters.resend_ranges += len(part)
+                asked.append((d, part))
+        if asked:
+            log.info("asked devices to resend lost results", extra=_fields(
+                devices=len(per), ranges=sum(len(r) for r in per.values()),
+                seqs=sum(b - a + 1 for r in per.values() for a, b in r)))
+        return asked
 
     def start(self) -> None:
         if not self._open_store():
@@ -565,9 +670,63 @@ class Worker:
         log.info("ingest worker stopped", extra=_fields(**self.counters.line()))
 
 
-def _stats(payload: bytes, limit: int):
-    import json
+# At most this many gaps looked at per pass (the oldest devices first, by id), and so at most
+# this many ranges asked for per pass.
+MAX_RESEND_GAPS = 5000
 
+
+def resend_now(cfg: IngestConfig, device: str | None, timeout: float = 10.0) -> int:
+    """`edged ingest --resend`: one pass of asking, as a worker does it, but now and regardless
+    of the back-off. Its own client id (the worker's with `-resend`), a clean session and no
+    subscription: it never takes a running worker's place or share."""
+    import sys
+    from dataclasses import replace
+
+    if device is not None and not payloads._ID_RE.match(device):
+        raise _config.ConfigError([f"command line: --device: expected a device id (1 to 64 letters, digits, '-' "
+                                   f"or '_'), got {device[:80]!r}"])
+    own = replace(cfg, ingest=replace(cfg.ingest, client_id=f"{cfg.client_id[:57]}-resend", resend=True))
+    w = Worker(own, persistent=False)
+    w.topics = []  # asks only
+    try:
+        w.store.open()
+    except store.StoreDown as exc:
+        print(f"edged: cannot reach the database {_db_target(cfg.database.url)}: {exc}", file=sys.stderr)
+        return 69
+    try:
+        m = cfg.mqtt
+        try:
+            w.client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True,
+                             properties=w._connect_props)
+        except OSError as exc:
+            print(f"edged: cannot connect to the broker {m.host}:{m.port}: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return 69
+        w.client.loop_start()
+        if not w._connected.wait(timeout):
+            print(f"edged: no answer from the broker {m.host}:{m.port} within {timeout:g} s"
+                  + (f" ({w.refusal})" if w.refusal else ""), file=sys.stderr)
+            return 69
+        try:
+            asked = w.ask_resends(device=device, force=True)
+        except store.StoreDown as exc:
+            print(f"edged: lost the database: {exc}", file=sys.stderr)
+            return 69
+        for info in w.sent:
+            info.wait_for_publish(timeout)
+        for d, ranges in asked:
+            shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
+            print(f"{d}: asked for {sum(b - a + 1 for a, b in ranges)} results ({shown})")
+        print(f"edged: {len(asked)} resend request(s) to {len({d for d, _ in asked})} device(s)", file=sys.stderr)
+        return 0
+    finally:
+        w.stopping.set()
+        w.client.disconnect()
+        w.client.loop_stop()
+        w.store.close()
+
+
+def _stats(payload: bytes, limit: int):
     if len(payload) > limit:
         return Reject("too_large", f"stats payload of {len(payload)} bytes exceeds {limit}")
     try:
@@ -621,7 +780,10 @@ def _run(args) -> int:
     if path is None and DEFAULT_PATH.is_file():
         path = DEFAULT_PATH
     cfg = load(path, overrides)
-    edlog.setup(cfg.ingest.log_level)
+    # --resend prints what it asked on stdout: its log lines go to stderr.
+    edlog.setup(cfg.ingest.log_level, stream=sys.stderr if args.resend else None)
+    if getattr(args, "device", None) is not None and not args.resend:
+        raise _config.ConfigError(["command line: --device: only with --resend"])
     if args.migrate:
         st = open_store(cfg.database.url, cfg.client_id)
         try:
@@ -634,6 +796,8 @@ def _run(args) -> int:
         print(f"edged: database {_db_target(cfg.database.url)}: schema up to date"
               + (f" (applied {', '.join(applied)})" if applied else ""))
         return 0
+    if args.resend:
+        return resend_now(cfg, args.device)
     worker = Worker(cfg)
 
     def stop(signum, frame) -> None:

@@ -305,3 +305,33 @@ def parse_sample(device_id: str, payload: bytes, content_type: str | None, *, no
     if rec.device_id != device_id:
         return Reject("wrong_device", f"device_id {rec.device_id!r} does not match the topic's {device_id!r}")
     return rec
+
+
+# A device's reply to a resend request (docs/mqtt.md, "Resend"; docs/schemas/response.schema.json).
+_RANGES_LISTED = 32
+_SEQ_MAX = (1 << 63) - 1
+
+
+def resend_answer(payload: bytes, max_bytes: int = 65536) -> tuple[list, list] | None:
+    """(gone, later) ranges of a successful resend reply, or None for anything else: another
+    command's reply, a refusal, or something that is not a well-formed reply (it comes from the
+    network: any of it may be forged). Ranges are checked, at most 32 of each kind (what a device lists)."""
+    if len(payload) > max_bytes:
+        return None
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(body, dict) or body.get("cmd") != "resend" or body.get("ok") is not True:
+        return None
+    out = []
+    for key in ("gone", "later"):
+        ranges = body.get(key, [])
+        if not isinstance(ranges, list) or len(ranges) > _RANGES_LISTED:
+            return None
+        for r in ranges:
+            if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)
+                    and 1 <= r[0] <= r[1] <= _SEQ_MAX):
+                return None
+        out.append([(r[0], r[1]) for r in ranges])
+    return out[0], out[1]

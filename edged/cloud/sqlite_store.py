@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from edged.cloud.store import DeviceNews, Outcome, Rejected, StoreDown, StoreError, StoreRefused, device_rows
+from edged.cloud.store import (DeviceNews, Outcome, Rejected, ResendAnswer, StoreDown, StoreError, StoreRefused,
+                               device_rows, merge_ranges)
 from edged.cloud.payloads import Result
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -191,6 +192,68 @@ class SqliteStore:
                                  len(s.data), s.meta_json(), s.data))
                 new += cur.rowcount
         return new
+
+    # -- resend (the PostgreSQL statements of edged.cloud.store, in SQLite's dialect) ---------------
+
+    def _read(self, sql: str, params) -> list:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreDown(str(exc)) from None
+
+    def resend_gaps(self, *, since: float, settled: float, device: str | None = None,
+                    limit: int = 5000) -> list[tuple[str, int, int]]:
+        return [tuple(r) for r in self._read(
+            "SELECT s.device_id, s.seq + 1, s.next_seq - 1 FROM (SELECT device_id, seq, "
+            "lead(seq) OVER w AS next_seq, lead(received_at) OVER w AS next_at FROM results "
+            "WHERE ts >= ? AND (? IS NULL OR device_id = ?) WINDOW w AS (PARTITION BY device_id ORDER BY seq)) s "
+            "LEFT JOIN devices d USING (device_id) "
+            "WHERE s.next_seq > s.seq + 1 AND s.next_at <= ? AND d.status IS NOT 'offline' "
+            "ORDER BY s.device_id, s.seq LIMIT ?", (since, device, device, settled, limit))]
+
+    def gone_ranges(self, devices: list[str]) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for d in devices:
+            rows = self._read("SELECT first_seq, last_seq FROM resend_gone WHERE device_id = ? ORDER BY first_seq", (d,))
+            if rows:
+                out[d] = [tuple(r) for r in rows]
+        return out
+
+    def claim_resends(self, pieces, *, base_s: float, cap_s: float, attempts: int,
+                      force: bool) -> list[tuple[str, int, int, int]]:
+        now = time.time()
+        got = []
+        with self._transaction() as c:
+            for d, f, l in sorted(pieces):
+                row = c.execute(
+                    "INSERT INTO resend_asks AS a (device_id, first_seq, last_seq, asked, first_asked, last_asked, "
+                    "next_ask) VALUES (?1, ?2, ?3, 1, ?4, ?4, ?4 + ?5) "
+                    "ON CONFLICT (device_id, first_seq) DO UPDATE SET last_seq = excluded.last_seq, "
+                    "asked = a.asked + 1, last_asked = ?4, next_ask = ?4 + min(?5 * (1 << min(a.asked, 20)), ?6) "
+                    "WHERE ?7 OR (a.next_ask <= ?4 AND a.asked < ?8) RETURNING device_id, first_seq, last_seq, asked",
+                    (d, f, l, now, base_s, cap_s, int(force), attempts)).fetchone()
+                if row is not None:
+                    got.append(tuple(row))
+        return got
+
+    def resend_answered(self, answers: list[ResendAnswer]) -> None:
+        if not answers:
+            return
+        now = time.time()
+        with self._transaction() as c:
+            for device in sorted({a.device_id for a in answers}):
+                mine = [a for a in answers if a.device_id == device]
+                gone = [r for a in mine for r in a.gone]
+                if gone:
+                    old = c.execute("SELECT first_seq, last_seq FROM resend_gone WHERE device_id = ?",
+                                    (device,)).fetchall()
+                    c.execute("DELETE FROM resend_gone WHERE device_id = ?", (device,))
+                    c.executemany("INSERT INTO resend_gone (device_id, first_seq, last_seq, said_at) VALUES (?, ?, ?, ?)",
+                                  [(device, f, l, now) for f, l in merge_ranges([*map(tuple, old), *gone])])
+                for f, l in (r for a in mine for r in a.later):
+                    c.execute("UPDATE resend_asks SET next_ask = ?, asked = max(asked - 1, 0) "
+                              "WHERE device_id = ? AND first_seq <= ? AND last_seq >= ?", (now, device, l, f))
+            c.execute("DELETE FROM resend_asks WHERE last_asked < ?", (now - 30 * 86400,))
 
     def maintain(self, retention_days: int, now: float) -> list[str]:
         if not retention_days:

@@ -286,6 +286,119 @@ def write_samples(conn, samples) -> int:
     return new
 
 
+# -- resend: asking devices for what `gaps` lists (docs/cloud.md, "Resend") -------------------------
+
+_RESEND_GAPS = """
+SELECT s.device_id, s.seq + 1, s.next_seq - 1
+FROM (SELECT device_id, seq, lead(seq) OVER w AS next_seq, lead(received_at) OVER w AS next_at
+      FROM results WHERE ts >= to_timestamp(%(since)s) AND (%(device)s::text IS NULL OR device_id = %(device)s)
+      WINDOW w AS (PARTITION BY device_id ORDER BY seq)) s
+LEFT JOIN devices d USING (device_id)
+WHERE s.next_seq > s.seq + 1 AND s.next_at <= to_timestamp(%(settled)s)
+  AND d.status IS DISTINCT FROM 'offline'
+ORDER BY s.device_id, s.seq
+LIMIT %(limit)s
+"""
+
+# Claim gaps to ask for: a gap asked for before is asked again only once its back-off has passed
+# and while attempts remain. Two workers claiming the same gap at once: the second one's upsert
+# waits for the first's row and then finds its condition false, so one of them asks.
+_RESEND_CLAIM = """
+INSERT INTO resend_asks AS a (device_id, first_seq, last_seq, asked, first_asked, last_asked, next_ask)
+SELECT u.d, u.f, u.l, 1, now(), now(), now() + %(base)s * interval '1 second'
+FROM unnest(%(d)s::text[], %(f)s::bigint[], %(l)s::bigint[]) AS u(d, f, l)
+ORDER BY u.d, u.f
+ON CONFLICT (device_id, first_seq) DO UPDATE SET
+    last_seq = excluded.last_seq, asked = a.asked + 1, last_asked = now(),
+    next_ask = now() + least(%(base)s * (1 << least(a.asked, 20)), %(cap)s) * interval '1 second'
+WHERE %(force)s OR (a.next_ask <= now() AND a.asked < %(attempts)s)
+RETURNING device_id, first_seq, last_seq, asked
+"""
+
+
+def resend_gaps(conn, *, since: float, settled: float, device: str | None, limit: int) -> list[tuple[str, int, int]]:
+    """Gaps among the results since `since` whose later neighbour arrived before `settled` (old
+    enough not to be a batch still on its way), of devices not known offline."""
+    return [tuple(r) for r in conn.execute(_RESEND_GAPS, {"since": since, "settled": settled, "device": device,
+                                                          "limit": limit}).fetchall()]
+
+
+def gone_ranges(conn, devices: list[str]) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for d, f, l in conn.execute("SELECT device_id, first_seq, last_seq FROM resend_gone WHERE device_id = ANY(%s) "
+                                "ORDER BY device_id, first_seq", (devices,)):
+        out.setdefault(d, []).append((f, l))
+    return out
+
+
+def claim_resends(conn, pieces: list[tuple[str, int, int]], *, base_s: float, cap_s: float, attempts: int,
+                  force: bool) -> list[tuple[str, int, int, int]]:
+    if not pieces:
+        return []
+    rows = conn.execute(_RESEND_CLAIM, {"d": [p[0] for p in pieces], "f": [p[1] for p in pieces],
+                                        "l": [p[2] for p in pieces], "base": base_s, "cap": cap_s,
+                                        "attempts": attempts, "force": force}).fetchall()
+    return sorted(tuple(r) for r in rows)
+
+
+def resend_answered(conn, answers: list["ResendAnswer"]) -> None:
+    """Record devices' replies: the ranges they no longer hold (merged with what they said
+    before), and ranges to ask for again soon (`later`: not counted as an attempt)."""
+    with conn.transaction():
+        for device in sorted({a.device_id for a in answers}):
+            mine = [a for a in answers if a.device_id == device]
+            gone = [r for a in mine for r in a.gone]
+            if gone:
+                old = conn.execute("DELETE FROM resend_gone WHERE device_id = %s RETURNING first_seq, last_seq",
+                                   (device,)).fetchall()
+                merged = merge_ranges([*map(tuple, old), *gone])
+                with conn.cursor() as cur:
+                    cur.executemany("INSERT INTO resend_gone (device_id, first_seq, last_seq, said_at) "
+                                    "VALUES (%s, %s, %s, now())", [(device, f, l) for f, l in merged])
+            for f, l in (r for a in mine for r in a.later):
+                conn.execute("UPDATE resend_asks SET next_ask = now(), asked = greatest(asked - 1, 0) "
+                             "WHERE device_id = %s AND first_seq <= %s AND last_seq >= %s", (device, l, f))
+        conn.execute("DELETE FROM resend_asks WHERE last_asked < now() - interval '30 days'")
+
+
+@dataclass
+class ResendAnswer:
+    """A device's reply to a resend request, checked (payloads.resend_answer)."""
+
+    device_id: str
+    gone: list[tuple[int, int]]
+    later: list[tuple[int, int]]
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for f, l in sorted(ranges):
+        if out and f <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], l))
+        else:
+            out.append((f, l))
+    return out
+
+
+def subtract_ranges(first: int, last: int, gone: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[first, last] less the (sorted, merged) `gone` ranges."""
+    out = []
+    at = first
+    for f, l in gone:
+        if l < at:
+            continue
+        if f > last:
+            break
+        if f > at:
+            out.append((at, f - 1))
+        at = max(at, l + 1)
+        if at > last:
+            break
+    if at <= last:
+        out.append((at, last))
+    return out
+
+
 class StoreDown(Exception):
     """The database cannot be reached or lost the connection: try again later."""
 
@@ -359,6 +472,31 @@ class PostgresStore:
         except psycopg.OperationalError as exc:
             self.close()
             raise StoreDown(_first_line(exc)) from None
+
+    def _call(self, fn, *args, **kw):
+        import psycopg
+
+        try:
+            return fn(self.conn, *args, **kw)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise StoreDown(_first_line(exc)) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"database error: {_first_line(exc)}") from None
+
+    def resend_gaps(self, *, since: float, settled: float, device: str | None = None,
+                    limit: int = 5000) -> list[tuple[str, int, int]]:
+        return self._call(resend_gaps, since=since, settled=settled, device=device, limit=limit)
+
+    def gone_ranges(self, devices: list[str]) -> dict[str, list[tuple[int, int]]]:
+        return self._call(gone_ranges, devices)
+
+    def claim_resends(self, pieces, **kw) -> list[tuple[str, int, int, int]]:
+        return self._call(claim_resends, pieces, **kw)
+
+    def resend_answered(self, answers: list[ResendAnswer]) -> None:
+        if answers:
+            self._call(resend_answered, answers)
 
     def migrate(self, retention_days: int, now: float) -> list[str]:
         """Apply what is missing and make the current partitions (`--migrate`)."""

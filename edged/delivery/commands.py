@@ -8,6 +8,11 @@ default response topic — but only a Response Topic that is the device's own
 `<prefix>/<device_id>/response` or below it, or `commands.reply_prefix` or below it: any other
 is refused (the error reply goes to the default response topic). Nothing a remote party sends can stop the daemon: every failure becomes an error
 reply, and the daemon counts them.
+
+`resend` (`{"ranges": [[first, last], ...]}`) is answered even with commands off
+(`commands.resend`): `resend_ranges` checks a request, `plan_resend` decides what of it to send
+from what the device holds, within a per-request cap; the daemon (from its outbox) and the fleet
+simulator (from memory) both use them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
-NAMES = ("reload", "snapshot", "stats", "update")
+NAMES = ("reload", "resend", "snapshot", "stats", "update")
 MAX_PAYLOAD = 4096
 
 
@@ -30,6 +33,7 @@ class Command:
     request_id: object | None
     response_topic: str | None   # MQTT 5 Response Topic, if the requester gave one
     correlation: bytes | None    # MQTT 5 Correlation Data, echoed back
+    ranges: tuple[tuple[int, int], ...] = ()  # resend: the seq ranges asked for, sorted and merged
 
 
 class CommandError(Exception):
@@ -87,9 +91,86 @@ def _parse(name, payload, properties, own_prefix, reply_prefix) -> tuple[Command
             request_id = body.get("id")
             if not isinstance(request_id, _ID_TYPES) or isinstance(request_id, str) and len(request_id) > 256:
                 request_id, error = None, "id must be a string (at most 256 characters), a number, true/false or null"
+    ranges: tuple = ()
     if error is None and name not in NAMES:
         error = f"unknown command {name[:64]!r} (known: {', '.join(NAMES)})"
-    return Command(name, request_id, response_topic, bytes(correlation) if correlation else None), error
+    elif error is None and name == "resend":
+        ranges, error = resend_ranges(body if payload.strip() else {})
+    return Command(name, request_id, response_topic, bytes(correlation) if correlation else None, ranges), error
+
+
+# A resend request: at most this many ranges, each of seqs 1 .. SEQ_MAX.
+MAX_RANGES = 16
+SEQ_MAX = (1 << 63) - 1
+
+
+def resend_ranges(body: dict) -> tuple[tuple, str | None]:
+    """The ranges of a resend request's payload `{"ranges": [[first, last], ...], "id": ...}`,
+    sorted and merged, or why not: nothing but `ranges` and `id` may be in it, and every bound
+    is an integer seq (not a bool, not a float) with first <= last."""
+    extra = sorted(k for k in body if k not in ("id", "ranges"))
+    if extra:
+        return (), f"resend: unknown key {str(extra[0])[:40]!r} (a request has only ranges and id)"
+    raw = body.get("ranges")
+    if not isinstance(raw, list) or not raw:
+        return (), 'resend: expected "ranges": a non-empty list of [first, last] seq pairs'
+    if len(raw) > MAX_RANGES:
+        return (), f"resend: at most {MAX_RANGES} ranges per request, got {len(raw)}"
+    out = []
+    for i, r in enumerate(raw):
+        if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)):
+            return (), f"resend: ranges[{i}]: expected [first, last], two integers"
+        first, last = r
+        if not 1 <= first <= last <= SEQ_MAX:
+            return (), f"resend: ranges[{i}]: expected 1 <= first <= last <= {SEQ_MAX}"
+        out.append((first, last))
+    out.sort()
+    merged = [out[0]]
+    for first, last in out[1:]:
+        if first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return tuple(merged), None
+
+
+def plan_resend(ranges, held, max_rows: int, last_seq: int):
+    """Which seqs of `ranges` (sorted, merged) to send again: (seqs, gone, gone_count, later).
+    `held(first, last, limit)` lists, ascending, at most `limit` seqs in [first, last] the device
+    still holds; `max_rows` caps the seqs one request may send. `gone`: the ranges looked at and
+    not held (seqs above `last_seq` were never made: gone too); `later`: the ranges not looked at
+    once the cap was reached. At most `max_rows + len(ranges)` SQL-sized steps, whatever the
+    ranges span."""
+    seqs: list[int] = []
+    gone: list[tuple[int, int]] = []
+    later: list[tuple[int, int]] = []
+    gone_count = 0
+    for i, (first, last) in enumerate(ranges):
+        room = max_rows - len(seqs)
+        if room <= 0:
+            later.extend(ranges[i:])
+            break
+        top = min(last, last_seq)
+        got = held(first, top, room + 1) if first <= top else []
+        cut = None
+        if len(got) > room:
+            cut, got = got[room], got[:room]
+        upto = cut - 1 if cut is not None else last
+        prev = first - 1
+        for s in got:
+            if s > prev + 1:
+                gone.append((prev + 1, s - 1))
+                gone_count += s - 1 - prev
+            prev = s
+        if upto > prev:
+            gone.append((prev + 1, upto))
+            gone_count += upto - prev
+        seqs.extend(got)
+        if cut is not None:
+            later.append((cut, last))
+            later.extend(ranges[i + 1:])
+            break
+    return seqs, gone, gone_count, later
 
 
 def response_topic_problem(topic: object, own_prefix: str, reply_prefix: str = "") -> str | None:
@@ -108,10 +189,13 @@ def response_topic_problem(topic: object, own_prefix: str, reply_prefix: str = "
 
 
 class Budget:
-    """At most `count` events and `nbytes` bytes in any `window_s` seconds (a sliding window)."""
+    """At most `count` events and `nbytes` bytes (or other `unit`s) in any `window_s` seconds
+    (a sliding window)."""
 
-    def __init__(self, count: int, nbytes: int, window_s: float = 60.0, clock=time.monotonic) -> None:
+    def __init__(self, count: int, nbytes: int, window_s: float = 60.0, clock=time.monotonic,
+                 unit: str = "bytes") -> None:
         self.count, self.nbytes, self.window_s, self.clock = count, nbytes, window_s, clock
+        self.unit = unit
         self._events: deque[tuple[float, int]] = deque()
         self._bytes = 0
 
@@ -126,8 +210,19 @@ class Budget:
         if len(self._events) >= self.count:
             return f"at most {self.count} per minute"
         if self._bytes >= self.nbytes:
-            return f"at most {self.nbytes} bytes per minute"
+            return f"at most {self.nbytes} {self.unit} per minute"
         return None
+
+    def room(self) -> int:
+        """How many more bytes (units) fit now."""
+        self._expire(self.clock())
+        return max(0, self.nbytes - self._bytes)
+
+    def retry_after(self) -> float:
+        """Seconds until the oldest event leaves the window."""
+        now = self.clock()
+        self._expire(now)
+        return max(0.0, self._events[0][0] + self.window_s - now) if self._events else 0.0
 
     def spend(self, nbytes: int) -> None:
         self._events.append((self.clock(), nbytes))

@@ -60,13 +60,14 @@ class Link:
                  on_connected: Callable[["Link"], None] | None = None,
                  on_command: Callable[[str, bytes, object], None] | None = None,
                  on_announce: Callable[[], None] | None = None,
-                 samples=None) -> None:
+                 samples=None, command_names: tuple[str, ...] | None = None) -> None:
         self.cfg = cfg
         self.outbox = outbox
         self.samples = samples                         # edged.delivery.samples.SampleQueue, or None
         self._on_turn = on_turn or (lambda: None)      # every drain-loop turn (watchdog)
         self._on_connected = on_connected              # after each connect (discovery, …)
         self._on_command = on_command                  # messages under <prefix>/<device>/cmd/
+        self._command_names = command_names            # subscribe to these cmd/ leaves only (None: all)
         self._on_announce = on_announce                # a message on the fleet's announce topic
         m = cfg.mqtt
         self.broker = f"{m.host}:{m.port}"
@@ -88,6 +89,8 @@ class Link:
         self._acked: collections.deque[tuple[int, bool]] = collections.deque()  # (mid, accepted)
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, payload bytes)
         self._last_sent = 0
+        self._rewind: int | None = None      # a resend put rows back from this seq on (any thread)
+        self._rewind_lock = threading.Lock()
         self._to_delete: list[int] = []      # acknowledged seqs the outbox has yet to forget
         self._sample_inflight: dict[int, tuple[int, int]] = {}  # mid -> (sample id, payload bytes)
         self._last_sample = 0
@@ -174,6 +177,12 @@ class Link:
         self.client.loop_stop()
         log.info("disconnected", extra=fields(broker=self.broker, unsent=self.outbox.depth))
 
+    def rewind(self, seq: int) -> None:
+        """Rows from `seq` on were put back into the outbox (a resend): drain them again."""
+        with self._rewind_lock:
+            self._rewind = seq if self._rewind is None else min(self._rewind, seq)
+        self._wake.set()
+
     def publish_now(self, leaf: str, payload: bytes, *, qos: int = 0, retain: bool = False,
                     topic: str | None = None, properties: Properties | None = None) -> bool:
         """Publish something that is not worth spooling (stats, discovery, replies): now, or not
@@ -217,7 +226,10 @@ class Link:
         self._connects += 1
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         if self._on_command is not None:
-            client.subscribe(self.cmd_prefix + "+", qos=1)
+            if self._command_names is None:
+                client.subscribe(self.cmd_prefix + "+", qos=1)
+            else:
+                client.subscribe([(self.cmd_prefix + name, 1) for name in self._command_names])
         if self._on_announce is not None:
             client.subscribe(self.announce_topic, qos=1)
         self.connected.set()
@@ -355,12 +367,21 @@ class Link:
             self._once("barrier", "unacknowledged results were not re-sent in time; resuming",
                        level=logging.WARNING, waiting=len(self._barrier))
             self._barrier.clear()
+        with self._rewind_lock:
+            rewind, self._rewind = self._rewind, None
+        if rewind is not None and rewind <= self._last_sent:
+            self._last_sent = rewind - 1
         room = self.window - len(self._inflight)
         if room <= 0:
             return
+        # After a rewind, rows still in flight come round again: they are not sent twice.
+        flying = {seq for seq, _ in self._inflight.values()}
         for row in self.outbox.pending(self._last_sent, room):
             if self._connects != self._connects_seen:
                 break  # reconnected meanwhile: the next turn sets the barrier first
+            if row.seq in flying:
+                self._last_sent = row.seq  # sent already, and not yet acknowledged
+                continue
             info = self.client.publish(row.topic, row.payload, qos=1, properties=self._result_props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._once("publish-error", "publish failed; will retry", rc=mqtt.error_string(info.rc))

@@ -5,6 +5,13 @@ size bound forces the oldest out (drop-oldest, counted in `dropped`). The per-de
 number is assigned here, in the same transaction that stores the row, so it is strictly
 increasing across restarts and a subscriber can tell a gap from a duplicate.
 
+An acknowledged row moves to the `kept` table for a bounded while (`keep_rows`, `keep_bytes`,
+`keep_s`: whichever is reached first evicts the oldest), so that a receiver that lost it after
+the broker's acknowledgement (a broker restart drops what matches no subscription) can ask for it
+again: `resend` moves the asked rows back into the outbox, with their seq and payload, and the
+link publishes them as any other row. Kept rows are never counted as dropped; on a full disk they
+are the first to go.
+
 One connection, guarded by a lock: the writer thread appends in batches and the MQTT link reads
 and deletes; every statement is short, so the lock is never held long.
 
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from edged.delivery.commands import plan_resend
 from edged.delivery.sqlitedb import drop_oldest, meta, totals, transaction
 from edged.service.log import Once, fields
 
@@ -47,6 +55,12 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS kept (
+    seq     INTEGER PRIMARY KEY,
+    topic   TEXT    NOT NULL,
+    payload BLOB    NOT NULL,
+    acked   REAL    NOT NULL
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('seq', 0), ('dropped', 0);
 """
 
@@ -60,6 +74,19 @@ class Row:
 
 class OutboxError(Exception):
     pass
+
+
+@dataclass
+class Resent:
+    """What `Outbox.resend` did with a request's ranges: `seqs` are in the outbox to be published
+    (moved back from `kept`, or never acknowledged yet); `gone` are the ranges asked for that it
+    does not hold (aged out, evicted, dropped, never made), `gone_count` how many seqs they are;
+    `later` the ranges not looked at because the request's cap was reached (ask again)."""
+
+    seqs: list[int]
+    gone: list[tuple[int, int]]
+    gone_count: int
+    later: list[tuple[int, int]]
 
 
 # How far ahead of the last committed seq `outbox.db.seq` reserves (one small file write per
@@ -76,9 +103,14 @@ _CORRUPT_CODES = {getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLI
 
 class Outbox:
     def __init__(self, path: Path, *, max_bytes: int = 64 << 20, synchronous: str = "full",
-                 max_file_bytes: int | None = None) -> None:
+                 max_file_bytes: int | None = None, keep_rows: int = 0, keep_bytes: int = 0,
+                 keep_s: float = 0.0) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        # Acknowledged rows kept for a resend: all three bounds apply; any of them 0 keeps none.
+        self.keep_rows, self.keep_bytes, self.keep_s = keep_rows, keep_bytes, keep_s
+        self.resent = 0          # rows moved back into the outbox by resend requests (this run)
+        self.resend_gone = 0     # seqs asked for that were no longer held (this run)
         self.max_file_bytes = max_file_bytes  # a hard cap on the database file (SQLITE_FULL beyond)
         self.synchronous = synchronous.upper()
         self.write_errors = 0
@@ -176,6 +208,8 @@ class Outbox:
             self._seq = self._meta("seq")
             self.dropped = self._meta("dropped")
             self._bytes, self._depth = totals(self._db, "outbox")
+            self._kept_bytes, self._kept = totals(self._db, "kept")
+            self._next_age_trim = 0.0
         except sqlite3.DatabaseError:
             self._db.close()
             raise
@@ -326,6 +360,19 @@ class Outbox:
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def keeping(self) -> bool:
+        return bool(self.keep_rows and self.keep_bytes and self.keep_s)
+
+    @property
+    def kept(self) -> int:
+        """Acknowledged rows held for a resend."""
+        return self._kept
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
+
     def append(self, items: Sequence[tuple[str, Callable[[int], bytes]]]) -> list[int]:
         """Store a batch in one transaction. Each item is (topic, encode) where `encode(seq)`
         returns the payload for the sequence number assigned to it. Returns the seqs.
@@ -393,6 +440,19 @@ class Outbox:
             self._fit_cap()
             return
         self._checkpoint("RESTART")
+        if self._kept:
+            # Rows already delivered go first: evicting them loses nothing the broker lacks.
+            try:
+                with transaction(self._db):
+                    n, freed = self._evict_kept(excess_bytes=max(want, 1))
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                return
+            self._kept -= n
+            self._kept_bytes -= freed
+            self._checkpoint("RESTART")
+            return
         try:
             with transaction(self._db) as db:
                 n, freed = self._drop_oldest(want)
@@ -421,6 +481,85 @@ class Outbox:
         Returns (rows, bytes) deleted."""
         return drop_oldest(self._db, "outbox", "seq", excess)
 
+    def _evict_kept(self, *, excess_rows: int = 0, excess_bytes: int = 0, older_than: float = 0.0) -> tuple[int, int]:
+        """Delete the oldest kept rows: enough to cover `excess_rows` and `excess_bytes`, and
+        from the oldest on, every one acknowledged before `older_than`. Inside the caller's
+        transaction; returns (rows, bytes) deleted."""
+        if excess_rows <= 0 and excess_bytes <= 0 and not older_than:
+            return 0, 0
+        cut_seq, n, freed = None, 0, 0
+        for seq, size, acked in self._db.execute("SELECT seq, LENGTH(payload), acked FROM kept ORDER BY seq"):
+            if n >= excess_rows and freed >= excess_bytes and not acked < older_than:
+                break
+            cut_seq, n, freed = seq, n + 1, freed + size
+        if cut_seq is not None:
+            self._db.execute("DELETE FROM kept WHERE seq <= ?", (cut_seq,))
+        return n, freed
+
+    def _trim_kept(self, now: float) -> None:
+        """Keep `kept` within its bounds; under the lock, inside the caller's transaction. A bound
+        passed is trimmed to 15/16 of it, so that deletes come in batches, not one per ack."""
+        over_rows = self._kept - self.keep_rows
+        over_bytes = self._kept_bytes - self.keep_bytes
+        older = 0.0
+        if now >= self._next_age_trim:
+            self._next_age_trim = now + min(60.0, max(1.0, self.keep_s / 16))
+            older = now - self.keep_s
+        if over_rows <= 0 and over_bytes <= 0 and not older:
+            return
+        n, freed = self._evict_kept(
+            excess_rows=over_rows + self.keep_rows // 16 if over_rows > 0 else 0,
+            excess_bytes=over_bytes + self.keep_bytes // 16 if over_bytes > 0 else 0,
+            older_than=older)
+        self._kept -= n
+        self._kept_bytes -= freed
+
+    def resend(self, ranges: Sequence[tuple[int, int]], max_rows: int, *, topic_prefix: str = "",
+               now: float | None = None) -> Resent:
+        """Put the rows of `ranges` (sorted, not overlapping, each first <= last) that are still
+        held back into the outbox, at most `max_rows` of them, with their seq, topic and payload;
+        a kept row acknowledged more than `keep_s` ago counts as gone, and so does one whose
+        topic is not under `topic_prefix` (a row stored under another device id or prefix is not
+        this device's to publish now). Rows still in the outbox (not acknowledged yet) count as
+        resent: they are on their way."""
+        now = time.time() if now is None else now
+        cutoff = now - self.keep_s
+        prefix = topic_prefix
+        plen = len(prefix)
+        with self._lock:
+            db = self._db
+
+            def held(first: int, last: int, limit: int) -> list[int]:
+                got = db.execute(
+                    "SELECT seq FROM (SELECT seq, topic FROM outbox WHERE seq BETWEEN ?1 AND ?2 "
+                    "UNION ALL SELECT seq, topic FROM kept WHERE seq BETWEEN ?1 AND ?2 AND acked >= ?3) "
+                    "WHERE substr(topic, 1, ?4) = ?5 ORDER BY seq LIMIT ?6",
+                    (first, last, cutoff, plen, prefix, limit)).fetchall()
+                return [r[0] for r in got]
+
+            seqs, gone, gone_count, later = plan_resend(ranges, held, max_rows, self._seq)
+            back = 0
+            if seqs:
+                moved = []
+                with transaction(db):
+                    for i in range(0, len(seqs), 500):
+                        part = seqs[i:i + 500]
+                        marks = ",".join("?" * len(part))
+                        moved += db.execute(f"SELECT seq, LENGTH(payload) FROM kept WHERE seq IN ({marks})",
+                                            part).fetchall()
+                        db.execute(f"INSERT OR IGNORE INTO outbox (seq, topic, payload, created) SELECT seq, "
+                                   f"topic, payload, ? FROM kept WHERE seq IN ({marks})", (now, *part))
+                        db.execute(f"DELETE FROM kept WHERE seq IN ({marks})", part)
+                back = len(moved)
+                size = sum(m[1] for m in moved)
+                self._kept -= back
+                self._kept_bytes -= size
+                self._depth += back
+                self._bytes += size
+            self.resent += len(seqs)
+            self.resend_gone += gone_count
+        return Resent(seqs, gone, gone_count, later)
+
     def pending(self, after_seq: int, limit: int) -> list[Row]:
         """Oldest rows with seq > after_seq, in order."""
         with self._lock:
@@ -430,18 +569,21 @@ class Outbox:
             return [Row(s, t, bytes(p)) for s, t, p in cur]
 
     def delete(self, seqs: Iterable[int]) -> None:
-        """Forget rows the broker has acknowledged. Raises sqlite3.OperationalError when even
-        that cannot be written (the caller keeps the seqs and tries again)."""
+        """Rows the broker has acknowledged leave the outbox (into `kept`, when keeping). Raises
+        sqlite3.OperationalError when even that cannot be written (the caller keeps the seqs and
+        tries again)."""
         seqs = list(seqs)
         if not seqs:
             return
         with self._lock:
-            for attempt in range(2):
+            for attempt in range(3):
                 try:
-                    freed, n = self._delete(seqs)
+                    # A full disk: the second try keeps nothing (a delete frees pages, a copy
+                    # needs them), after room was made as append does.
+                    freed, n = self._delete(seqs, keep=self.keeping and attempt == 0)
                     break
                 except sqlite3.OperationalError as exc:
-                    if not _is_full(exc) or attempt:
+                    if not _is_full(exc) or attempt == 2:
                         raise
                     # A delete needs WAL room too: make some, as append does, and try once more.
                     self.write_errors += 1
@@ -462,19 +604,25 @@ class Outbox:
                     if self.reserve_path.exists():
                         self._lift_cap()
 
-    def _delete(self, seqs: list[int]) -> tuple[int, int]:
+    def _delete(self, seqs: list[int], keep: bool) -> tuple[int, int]:
         db = self._db
+        now = time.time()
         # No fsync for deletes: one lost to a power cut only brings back an acknowledged row,
         # sent again after the restart (a duplicate, which at-least-once allows). The next
         # synced commit makes it durable anyway, since the WAL is written in order.
         relax = self.synchronous == "FULL"
         if relax:
             db.execute("PRAGMA synchronous=NORMAL")
+        before = (self._kept, self._kept_bytes, self._next_age_trim)
         try:
             with transaction(db):
+                marks = ",".join("?" * len(seqs))
                 freed, n = db.execute(
                     f"SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox WHERE seq IN "
-                    f"({','.join('?' * len(seqs))})", seqs).fetchone()
+                    f"({marks})", seqs).fetchone()
+                if keep:
+                    db.execute(f"INSERT OR REPLACE INTO kept (seq, topic, payload, acked) SELECT seq, topic, "
+                               f"payload, ? FROM outbox WHERE seq IN ({marks})", (now, *seqs))
                 db.executemany("DELETE FROM outbox WHERE seq = ?", ((s,) for s in seqs))
                 # An acknowledged row that is no longer here was dropped to make room while it
                 # was in flight: it reached the broker after all, so it is not counted as dropped.
@@ -482,6 +630,14 @@ class Outbox:
                 if delivered_anyway > 0:
                     db.execute("UPDATE meta SET value = MAX(0, value - ?) WHERE key = 'dropped'",
                                (delivered_anyway,))
+                if keep:
+                    self._kept += n
+                    self._kept_bytes += freed
+                if self._kept:
+                    self._trim_kept(now)
+        except BaseException:
+            self._kept, self._kept_bytes, self._next_age_trim = before
+            raise
         finally:
             if relax:
                 db.execute("PRAGMA synchronous=FULL")

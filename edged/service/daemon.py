@@ -66,8 +66,10 @@ class Daemon:
         # Commands from the broker wait here for the main loop; a flood beyond this is dropped.
         self.commands: queue.Queue = queue.Queue(maxsize=COMMAND_QUEUE)
         self.command_counts = {"commands": 0, "commands_refused": 0, "commands_failed": 0,
-                               "commands_dropped": 0, "snapshots_refused": 0}
+                               "commands_dropped": 0, "snapshots_refused": 0, "resend_requests": 0,
+                               "resend_refused": 0}
         self._snapshot_budget = None
+        self._resend_budget = None
         self._state_lock = threading.Lock()
         self._state: dict = {"labels": [], "motion": None, "motion_score": None}
         self._state_dirty = False
@@ -115,8 +117,10 @@ class Daemon:
 
     @staticmethod
     def _open_outbox(cfg: Config) -> Outbox:
-        ob = Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, synchronous=cfg.outbox.synchronous,
-                    max_file_bytes=cfg.outbox.max_file_bytes or None)
+        o = cfg.outbox
+        ob = Outbox(cfg.outbox_path, max_bytes=o.max_bytes, synchronous=o.synchronous,
+                    max_file_bytes=o.max_file_bytes or None, keep_rows=o.keep_acked_rows,
+                    keep_bytes=o.keep_acked_bytes, keep_s=o.keep_acked_s)
         log.info("outbox ready", extra=fields(path=str(ob.path), spooled=ob.depth, last_seq=ob.last_seq))
         return ob
 
@@ -234,7 +238,9 @@ class Daemon:
         self.link = Link(self.cfg, self.outbox, content_type=codec.get(self.cfg.mqtt.codec).content_type,
                          on_turn=lambda: self.watchdog.beat("mqtt"),
                          on_connected=self._on_link_connected,
-                         on_command=self._enqueue_command if self.cfg.commands.enabled else None,
+                         on_command=self._enqueue_command if self.cfg.commands.enabled or self.cfg.commands.resend
+                         else None,
+                         command_names=None if self.cfg.commands.enabled else ("resend",),
                          on_announce=self.updater.announced if self.updater and self.cfg.updates.announce else None,
                          samples=self.samples)
         self.link.start()
@@ -305,6 +311,8 @@ class Daemon:
         self.link.publish_now("state", payload, qos=0, retain=True)
 
     def _enqueue_command(self, name: str, payload: bytes, properties) -> None:
+        if not self.cfg.commands.enabled and name != "resend":
+            return  # not subscribed to; a broker that delivers it anyway is not obeyed
         try:
             self.commands.put_nowait((name, payload, properties))
         except queue.Full:
@@ -363,6 +371,8 @@ class Daemon:
                 return commands.reply(cmd, False, error="updates are not configured ([updates] url)")
             self.updater.poke()
             return commands.reply(cmd, True)
+        if cmd.name == "resend":
+            return self._resend(cmd)
         if cmd.name == "reload":
             ok = self.reload()
             return commands.reply(cmd, ok, **({} if ok else {"error": "reload failed; see the device log"}))
@@ -395,6 +405,42 @@ class Daemon:
         budget.spend(len(jpeg))
         self.link.publish_now("snapshot", jpeg, qos=1)
         return commands.reply(cmd, True, bytes=len(jpeg), ts=round(ts, 3), topic=self.cfg.topic("snapshot"))
+
+    def _resend(self, cmd) -> bytes:
+        """Put results the cloud asks for again back into the outbox (docs/mqtt.md, "Resend"):
+        within the per-request cap and the per-minute budgets, from what the outbox still holds;
+        the reply says what was resent, what is gone and what to ask for later."""
+        from edged.delivery import commands
+
+        cc = self.cfg.commands
+        self.command_counts["resend_requests"] += 1
+        if not cc.resend:
+            return commands.reply(cmd, False, error="resend is disabled (commands.resend = false)")
+        budget = self._resend_budget
+        if budget is None or (budget.count, budget.nbytes) != (cc.resend_per_minute, cc.resend_rows_per_minute):
+            budget = self._resend_budget = commands.Budget(cc.resend_per_minute, cc.resend_rows_per_minute,
+                                                           unit="rows")
+        over = budget.allows()
+        if over:
+            self.command_counts["resend_refused"] += 1
+            self.once("resend-budget", "resend request refused: over the budget", level=logging.WARNING,
+                      limit=over)
+            return commands.reply(cmd, False, error=f"resend refused: {over} (commands.resend_per_minute, "
+                                                    "commands.resend_rows_per_minute)",
+                                  retry_after_s=round(budget.retry_after(), 1))
+        cap = min(cc.resend_max_rows, budget.room())
+        done = self.outbox.resend(cmd.ranges, cap, topic_prefix=self.cfg.topic(""))
+        budget.spend(len(done.seqs))
+        if done.seqs and self.link:
+            self.link.rewind(done.seqs[0])
+        if done.gone_count:
+            self.once("resend-gone", "resend asked for results no longer kept (see outbox.keep_acked_*)",
+                      level=logging.INFO, gone=done.gone_count)
+        listed = 32  # ranges listed per kind in a reply; the counts are always whole
+        return commands.reply(cmd, True, resent=len(done.seqs), resent_ranges=_as_ranges(done.seqs)[:listed],
+                              gone=[list(r) for r in done.gone[:listed]], gone_count=done.gone_count,
+                              later=[list(r) for r in done.later[:listed]],
+                              **({"truncated": True} if max(len(done.gone), len(done.later)) > listed else {}))
 
     def _reply(self, cmd, answer: bytes) -> None:
         from paho.mqtt.packettypes import PacketTypes
@@ -617,6 +663,10 @@ class Daemon:
             "outbox_depth": ob.depth,
             "outbox_bytes": ob.size_bytes,
             "dropped": ob.dropped,
+            "outbox_kept": ob.kept,
+            "outbox_kept_bytes": ob.kept_bytes,
+            "resent": ob.resent,
+            "resend_gone": ob.resend_gone,
             "published": c.published_before + link_pub,
             "bytes_sent": c.bytes_sent_before + link_bytes,
             "rejected": c.rejected_before + (self.link.rejected if self.link else 0),
@@ -658,3 +708,13 @@ class Daemon:
         self.link.publish_now("stats", codec.stats(values, self.cfg.device_id), retain=True)
         log.debug("stats", extra={"fields": values})
 
+
+def _as_ranges(seqs: list[int]) -> list[list[int]]:
+    """Ascending seqs as [first, last] runs."""
+    out: list[list[int]] = []
+    for s in seqs:
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
