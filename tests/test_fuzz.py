@@ -157,6 +157,47 @@ def test_command_parse_never_raises_and_replies_stay_home(name, payload, props, 
     assert cmd.correlation is None or isinstance(cmd.correlation, bytes)
 
 
+seq_like = st.one_of(st.integers(-3, 40), st.integers(), st.sampled_from([(1 << 63) - 1, 1 << 63]), st.booleans(),
+                     st.floats(), st.text(max_size=3), st.none())
+resend_bodies = st.fixed_dictionaries(
+    {"ranges": st.one_of(st.lists(st.tuples(st.integers(1, 70), st.integers(0, 30)).map(lambda t: [t[0], t[0] + t[1]]),
+                                  min_size=1, max_size=17),
+                         st.lists(st.lists(seq_like, max_size=3), max_size=20), json_values)},
+    optional={"id": json_values, "x": json_values})
+
+
+@given(resend_bodies, st.lists(st.integers(1, 60), unique=True, max_size=40), st.integers(1, 50),
+       st.integers(0, 60))
+def test_a_resend_request_is_refused_or_planned_within_its_bounds(body, held, cap, last_seq):
+    """Whatever the request says, the plan sends only held seqs it asked for, at most `cap`,
+    and accounts for every asked seq up to where it stopped: resent, gone or later."""
+    held = sorted(s for s in held if s <= last_seq)
+    cmd, error = commands.parse("resend", json.dumps(body).encode(), None, own_prefix="edged/dev/response")
+    if error:
+        one_line(error)
+        assert cmd.ranges == ()
+        return
+    ranges = cmd.ranges
+    assert 1 <= len(ranges) <= commands.MAX_RANGES
+    assert all(1 <= a <= b <= commands.SEQ_MAX for a, b in ranges)
+    assert all(ranges[i][1] + 1 < ranges[i + 1][0] for i in range(len(ranges) - 1))  # sorted, merged
+    lookups = []
+
+    def within(a, b, limit):
+        lookups.append(limit)
+        return [s for s in held if a <= s <= b][:limit]
+
+    seqs, gone, gone_count, later = commands.plan_resend(ranges, within, cap, last_seq)
+    asked = lambda s: any(a <= s <= b for a, b in ranges)  # noqa: E731
+    assert len(seqs) <= cap and seqs == sorted(set(seqs)) and all(s in held and asked(s) for s in seqs)
+    assert all(n <= cap + 1 for n in lookups) and len(lookups) <= len(ranges)
+    assert gone_count == sum(b - a + 1 for a, b in gone)
+    assert not any(a <= s <= b for a, b in gone for s in held)
+    if not later:  # everything asked was looked at: each asked seq resent or gone, once
+        total = sum(b - a + 1 for a, b in ranges)
+        assert len(seqs) + gone_count == total
+
+
 # -- decoders: the codec's and the subscriber's ---------------------------------------------------
 
 cbor_like = st.one_of(st.binary(max_size=200), st.builds(lambda b: b"\xa1" + b, st.binary(max_size=60)))
