@@ -232,6 +232,19 @@ def test_both_codecs_decode_to_the_same_row():
 # -- the command line -----------------------------------------------------------------------------
 
 
+def test_resend_command_line_refusals(tmp_path):
+    """`--device` only with `--resend`, and only a device id; a broker that is not there: 69."""
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    for args, needle in ((["--device", "pi-1"], "--device: only with --resend"),
+                         (["--resend", "--device", "a/b"], "--device: expected a device id")):
+        r = subprocess.run(ingest_cmd("--db", db, *args), capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r
+    r = subprocess.run(ingest_cmd("--db", db, "--port", "1", "--resend"), capture_output=True, text=True, cwd=REPO,
+                       timeout=60)
+    assert r.returncode == 69 and "cannot connect to the broker 127.0.0.1:1" in r.stderr, r
+    assert "Traceback" not in r.stderr
+
+
 def test_migrate_is_idempotent_and_an_unmigrated_database_is_refused(postgres, tmp_path):
     url = postgres.create_database(f"t_migrate_{time.monotonic_ns() % 10**6}")
     run = lambda *a: subprocess.run(ingest_cmd("--db", url, *a), capture_output=True, text=True,  # noqa: E731
@@ -947,3 +960,60 @@ def test_signatures_build_and_classify_read_stored_windows_from_postgres_and_sql
         r = edged_cli("signatures", "build", *args, "-o", str(tmp_path / "x.json"))
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_workers_claiming_the_same_gaps_at_once_ask_once_then_back_off(db, tmp_path):
+    """Which worker asks is settled by one upsert per pass: of two claiming the same gaps at the
+    same moment, exactly one gets them; a gap is asked again only after its back-off and while
+    attempts remain; `force` (the operator's --resend) asks regardless. On SQLite as well."""
+    import threading
+
+    from edged.cloud.sqlite_store import SqliteStore
+
+    pg = [store.PostgresStore(db) for _ in range(2)]
+    for s in pg:
+        s.open()
+    try:
+        for round_ in range(8):
+            pieces = [(f"d{round_}", 5, 9), (f"d{round_}", 20, 20), ("other", round_ * 10 + 1, round_ * 10 + 3)]
+            barrier = threading.Barrier(2)
+            got: list = []
+
+            def claim(s):
+                barrier.wait()
+                got.append(s.claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=False))
+
+            threads = [threading.Thread(target=claim, args=(s,)) for s in pg]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert sorted(len(g) for g in got) == [0, 3], got
+        assert pg[0].claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=False) == []  # backed off
+        assert [r[3] for r in pg[1].claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=True)] == [2, 2, 2]
+        wait = q(db, "SELECT extract(epoch FROM next_ask - last_asked) FROM resend_asks WHERE device_id = 'd7' "
+                     "AND first_seq = 5")[0][0]
+        assert 119 <= wait <= 121  # doubled from resend_after_s
+        q(db, "UPDATE resend_asks SET next_ask = now() - interval '1 second' RETURNING 1")
+        assert len(pg[0].claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=False)) == 3  # third ask
+        q(db, "UPDATE resend_asks SET next_ask = now() - interval '1 second' RETURNING 1")
+        assert pg[0].claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=False) == []  # attempts used up
+    finally:
+        for s in pg:
+            s.close()
+
+    lite = SqliteStore(f"sqlite:///{tmp_path / 'r.db'}")
+    lite.open()
+    try:
+        pieces = [("d", 5, 9), ("d", 20, 20)]
+        assert [r[3] for r in lite.claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=False)] == [1, 1]
+        assert lite.claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=False) == []
+        assert [r[3] for r in lite.claim_resends(pieces, base_s=60, cap_s=3600, attempts=3, force=True)] == [2, 2]
+        lite.resend_answered([store.ResendAnswer("d", gone=[(5, 7), (8, 9)], later=[(20, 20)])])
+        assert lite.gone_ranges(["d", "x"]) == {"d": [(5, 9)]}
+        assert store.subtract_ranges(1, 30, [(5, 9), (20, 20)]) == [(1, 4), (10, 19), (21, 30)]
+        # `later` gives the attempt back and makes the gap due at once
+        assert [r[3] for r in lite.claim_resends([("d", 20, 20)], base_s=60, cap_s=3600, attempts=3,
+                                                 force=False)] == [2]
+    finally:
+        lite.close()
