@@ -38,7 +38,8 @@ from edged.models import load_manifest, open_model  # noqa: E402
 from edged.records import DetectedObject  # noqa: E402
 
 SETS = {"closeups": REPO / "tests" / "data" / "vision" / "labels.json",
-        "scenes": REPO / "tests" / "data" / "vision" / "scenes.json"}
+        "scenes": REPO / "tests" / "data" / "vision" / "scenes.json",
+        "heldout": REPO / "tests" / "data" / "vision" / "heldout.json"}
 
 Detector = Callable[[np.ndarray], Iterable[DetectedObject]]
 
@@ -60,9 +61,16 @@ def inside(a, b) -> float:
 
 
 def load_set(path: Path) -> dict[str, dict]:
-    """{image path relative to the repository: {"objects": [...], "skip": [...]}}."""
+    """{image path relative to the repository: {"objects": [...], "skip": [...]}}.
+
+    Images marked "extra" (labelled, not committed) are left out when they are not on disk."""
     images = json.loads(path.read_text())["images"]
-    return {rel: (v if isinstance(v, dict) else {"objects": v}) for rel, v in images.items()}
+    out = {rel: (v if isinstance(v, dict) else {"objects": v}) for rel, v in images.items()}
+    missing = [rel for rel, v in out.items() if v.get("extra") and not (REPO / rel).exists()]
+    if missing:
+        print(f"{path.name}: {len(missing)} extra images not on disk, left out "
+              "(scripts/make_heldout_testset.py --sdists writes them)", file=sys.stderr)
+    return {rel: v for rel, v in out.items() if rel not in missing}
 
 
 def score(detect: Detector, labelled: dict[str, dict], label: str, *, min_iou: float = 0.5) -> dict:
@@ -92,7 +100,7 @@ def score(detect: Detector, labelled: dict[str, dict], label: str, *, min_iou: f
             else:
                 fp += 1
             rows.append({"score": round(d.score, 3), "box_px": [round(v) for v in np.array(d.box) * scale],
-                         "match": ok})
+                         "match": bool(ok)})
         fn += len(free)
         per_image[rel] = {"labelled": len(truth), "detections": rows,
                           "missed": [[round(v) for v in truth[i] * scale] for i in free]}
