@@ -190,6 +190,13 @@ class Model:
         """Output tensor `i` as the model stores it (e.g. int8), a fresh copy."""
         return self._interp.get_tensor(self.outputs[i].index)
 
+    def copy_output(self, i: int, out: np.ndarray) -> None:
+        """Copy output tensor `i`, as stored, into `out` (its shape and dtype): `raw_output`
+        without a new array per call."""
+        view = self._interp.tensor(self.outputs[i].index)()
+        np.copyto(out, view)
+        del view  # the interpreter refuses to invoke while a view of its buffers is alive
+
     def output_by_name(self, name: str) -> int:
         for i, t in enumerate(self.outputs):
             if t.name == name:
@@ -205,13 +212,14 @@ class OutputCopy:
     def __init__(self, model: Model, indices: tuple[int, ...]) -> None:
         self.outputs = model.outputs
         self.indices = tuple(indices)
-        self._raw: dict[int, np.ndarray] = {}
+        self._raw = {i: np.zeros(model.outputs[i].shape, model.outputs[i].dtype) for i in self.indices}
         self._out = {i: np.zeros(model.outputs[i].shape, np.float32) for i in self.indices}
 
     def capture(self, model: Model) -> None:
-        """Copy the outputs from `model` (the interpreter's buffers are reused by its next invoke)."""
+        """Copy the outputs from `model` (the interpreter's buffers are reused by its next invoke)
+        into this copy's own buffers, reused from invoke to invoke."""
         for i in self.indices:
-            self._raw[i] = model.raw_output(i)
+            model.copy_output(i, self._raw[i])
 
     def raw_output(self, i: int) -> np.ndarray:
         return self._raw[i]

@@ -486,6 +486,9 @@ class BackendModel:
     def raw_output(self, i: int) -> np.ndarray:
         return self._active.raw_output(i)
 
+    def copy_output(self, i: int, out: np.ndarray) -> None:
+        self._active.copy_output(i, out)
+
     def output_by_name(self, name: str) -> int:
         return self._active.output_by_name(name)
 

@@ -174,6 +174,27 @@ def test_a_stop_abandons_the_frame_after_the_invoke_running_then(manifest, frame
     assert len(started) == 1
 
 
+def test_output_copies_reuse_their_buffers(chain, frames):
+    # The copy taken after each invoke (what the vision thread decodes while the next invoke
+    # runs) goes into buffers of its own, made once (the person model's scores alone are 174 kB),
+    # not into new arrays per invoke.
+    from edged.runtime import OutputCopy
+
+    run = chain.runs[0]
+    model = run.stage.model
+    run.stage.preprocess(frames[0])
+    model.invoke()
+    copy = OutputCopy(model, tuple(run.stage.reads))
+    copy.capture(model)
+    held = {i: copy.raw_output(i) for i in run.stage.reads}
+    copy.capture(model)
+    assert all(copy.raw_output(i) is held[i] for i in run.stage.reads)
+    for i in run.stage.reads:
+        assert np.array_equal(copy.raw_output(i), model.raw_output(i))
+        assert np.array_equal(copy.output(i), model.output(i))
+    model.invoke()  # no view of the interpreter's buffers is left behind
+
+
 def test_a_bad_frame_is_refused_before_any_work_and_the_runner_goes_on(chain, frames, expected):
     runner = FrameRunner(chain, overlap=True)
     try:

@@ -177,6 +177,9 @@ class FakeEdgeTpu:
             def get_tensor(self, index):
                 return self._interp.get_tensor(index)
 
+            def tensor(self, index):
+                return self._interp.tensor(index)
+
             def invoke(self):
                 d = self._delegate
                 if d is not None:
