@@ -44,6 +44,21 @@ def _bare_ms(stage, n: int) -> float:
     return median(times)
 
 
+def _resample_ms(stage, image: np.ndarray, region: tuple[int, int, int, int], n: int) -> float:
+    """Median ms of the stage's resampling of one region of `image` (read in place, as the graph
+    reads its tiles and crops), with its plan and buffers warm."""
+    x0, y0, x1, y1 = region
+    sub = image[y0:y1, x0:x1]
+    plan = stage.preprocess.plan(*sub.shape[:2])
+    plan.resample(sub, image, (x0, y0))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        plan.resample(sub, image, (x0, y0))
+        times.append((time.perf_counter() - t0) * 1000)
+    return median(times)
+
+
 def _stream_ms(graph, images: list, n: int, overlap: bool) -> tuple[float, float, float]:
     """ms per frame of `n` frames (the images in turn) through the daemon's FrameRunner; the
     share of that time an interpreter was invoking (the invokes as timed where they ran); and,
@@ -82,6 +97,19 @@ def stages(quick: bool = False) -> list[Figure]:
     for r in full.runs:
         figures.append(Figure("stages", f"bare invoke, {r.spec.model}", round(bare[r.spec.name], 2), "ms",
                               note="median of invoke() alone, one thread"))
+    # The bilinear resampling of one view: the frame to the person model's 300x300, one of its
+    # 2x2 tiles, and the frame letterboxed to the full-range face model's 192x192.
+    img = np.asarray(Image.open(SCENES / FRAMES[0]).convert("RGB"))
+    h, w = img.shape[:2]
+    tile = full._tile_boxes(2, h, w)[3]
+    people, faces = full.runs[0], full.runs[1]
+    for label, run, region in (("frame", people, (0, 0, w, h)), ("2x2 tile", people, tile),
+                               ("frame, letterboxed", faces, (0, 0, w, h))):
+        pre = run.stage.preprocess
+        ms = _resample_ms(run.stage, img, region, n_bare)
+        figures.append(Figure("stages", f"resample {label} ({region[2] - region[0]}x{region[3] - region[1]}) "
+                              f"to {pre.width}x{pre.height}", round(ms, 3), "ms",
+                              note="median; bilinear in fixed point, the region read in place"))
     images = []
     invokes_of: list[dict[str, int]] = []   # per frame of the stream: invokes per stage
     for frame_name in FRAMES:
