@@ -77,10 +77,22 @@ def repo_images(tf) -> list[tuple[str, np.ndarray]]:
 
 
 def stretch(img: np.ndarray) -> np.ndarray:
-    """The resampling edged's stage does for this model (stretched, bilinear)."""
-    from edged.stages.vision import resize_frame
+    """The resampling edged's stage did for this model when it was converted: stretched, bilinear
+    with half-pixel centres, float32 blends along the rows then down the columns, rounded half to
+    even. (The stage now blends in fixed point, within one level of this; keeping the float one
+    here keeps the conversion reproducible byte for byte.)"""
+    def taps(src: int, dst: int):
+        pos = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0, src - 1)
+        i0 = np.floor(pos).astype(np.intp)
+        return i0, np.minimum(i0 + 1, src - 1), (pos - i0).astype(np.float32)
 
-    return resize_frame(img, SIZE, SIZE, letterbox=False, bilinear=True)
+    y0, y1, wy = taps(img.shape[0], SIZE)
+    x0, x1, wx = taps(img.shape[1], SIZE)
+    f = img.astype(np.float32)
+    wx = wx[None, :, None]
+    top = f[y0][:, x0] + (f[y0][:, x1] - f[y0][:, x0]) * wx
+    bottom = f[y1][:, x0] + (f[y1][:, x1] - f[y1][:, x0]) * wx
+    return np.rint(top + (bottom - top) * wy[:, None, None]).astype(np.uint8)
 
 
 def to_model_range(img300: np.ndarray) -> np.ndarray:

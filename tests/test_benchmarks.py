@@ -182,6 +182,8 @@ def test_stage_figures_cover_each_stage_and_the_floor(results):
     assert f["pose, pedestrian lying (102x44)"].note.startswith("2 view(s)")
     assert f["pose, astronaut upright (344x498)"].note.startswith("1 view(s)")
     assert f["pose, astronaut: lying ÷ upright"].value > 0
+    resampled = [n for n in f if n.startswith("resample ")]
+    assert len(resampled) == 3 and all(f[n].value > 0 and "fastest" in f[n].note for n in resampled)
 
 
 def test_updates_figures(results):
