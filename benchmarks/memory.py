@@ -1,7 +1,11 @@
 """Memory and start-up (issue 8, figure 3).
 
 - Peak RSS (VmHWM) of `edged run` as a subprocess running a vision model (or the default chain
-  of them) and the motion model on the demo sources, read just before it is stopped.
+  of them) and the motion model on the demo sources, read 8 s after its READY=1 (models loaded),
+  just before it is stopped. The chain also with glibc's own malloc settings (a MALLOC_ variable
+  in the environment makes edged leave them alone), for what edged's settings save.
+- The chain's own memory: each stage's interpreter as it is opened, and the stages' numpy
+  buffers after the demo photos (a worker process, as numpy reports them to tracemalloc).
 - Where that memory goes: a fresh worker process reads its own VmRSS after importing or
   loading each piece in the order the daemon needs them; the steps add up to the daemon's
   RSS less its threads' stacks and run-time buffers (the "running" row).
@@ -11,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import tempfile
@@ -53,18 +58,25 @@ def ready_time(config: Path, work: Path, n: int) -> float:
         log.close()
 
 
-def peak_rss(config: Path, work: Path, seconds: float, name: str) -> tuple[int, int]:
-    """(VmHWM, VmRSS) in kB of `edged run` after `seconds` of running."""
+def peak_rss(config: Path, work: Path, seconds: float, name: str, **env: str) -> tuple[int, int]:
+    """(VmHWM, VmRSS) in kB of `edged run` after `seconds` of running from its READY=1 (its models
+    loaded: on a loaded machine the start alone can take longer than `seconds`)."""
+    listener = NotifySocket(work / f"notify-rss-{name}.sock")
     log = (work / f"rss-{name}.log").open("wb")
-    proc = subprocess.Popen(daemon_cmd(config), env=daemon_env(), cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(daemon_cmd(config), env=daemon_env(NOTIFY_SOCKET=listener.path, **env), cwd=work,
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
+        t0 = time.monotonic()
+        while listener.first("READY=1") is None and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.05)
         time.sleep(seconds)
-        if proc.poll() is not None:
-            raise RuntimeError(f"edged run exited early: {(work / f'rss-{name}.log').read_text()[-500:]}")
+        if proc.poll() is not None or listener.first("READY=1") is None:
+            raise RuntimeError(f"edged run exited or never got ready: {(work / f'rss-{name}.log').read_text()[-500:]}")
         rss, hwm = rss_kb(proc.pid)
         return hwm, rss
     finally:
         _stop(proc)
+        listener.close()
         log.close()
 
 
@@ -117,8 +129,50 @@ def breakdown_worker(workdir: str, vision_model: str) -> dict:
     return {"steps": steps}
 
 
+def chain_worker() -> dict:
+    """The default chain's own memory: what each stage's interpreter adds as it is opened
+    (tensor arena, XNNPack's packed weights), then what the stages' numpy buffers hold after three
+    rounds of the demo photos (work arrays, resampling tables, input slots, output copies), as
+    numpy reports its allocations to tracemalloc. Same order and thread settings as the daemon."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from edged.models import load_manifest, open_model
+    from edged.runtime import runtime
+    from edged.service.daemon import tune_malloc
+    from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
+    from edged.stages.vision.overlap import FrameRunner
+
+    tune_malloc()
+    runtime()  # the runtime library itself is the "TFLite runtime" row of the face breakdown
+    manifest = load_manifest()
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SAMPLES / "images").glob("*.jpg"))]
+    models: list[tuple[str, float]] = []
+
+    def opened(entry):
+        before = rss_kb()[0]
+        model = open_model(entry)
+        models.append((entry.name, (rss_kb()[0] - before) / 1024))
+        return model
+
+    tracemalloc.start()
+    graph = open_graph(DEFAULT_CHAIN, manifest, open_entry=opened)
+    at_open = tracemalloc.get_traced_memory()[0]
+    before = rss_kb()[0]
+    runner = FrameRunner(graph, overlap=True)
+    for _ in range(3):
+        for image in photos:
+            runner.push(image)
+        runner.flush()
+    runner.close()
+    return {"models": models, "buffers_mb": (tracemalloc.get_traced_memory()[0] - at_open) / 2**20,
+            "frames_rss_mb": (rss_kb()[0] - before) / 1024}
+
+
 def _worker(kind: str, **kwargs) -> dict:
-    return {"breakdown": breakdown_worker}[kind](**kwargs)
+    return {"breakdown": breakdown_worker, "chain": chain_worker}[kind](**kwargs)
 
 
 def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
@@ -153,6 +207,20 @@ def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
                                       round(chwm / 1024, 1), "MB", "≤ 100", at_most(chwm / 1024, 100),
                                       "the embedded defaults: person (frame + 2×2 tiles), full-range and "
                                       "short-range face, on the sample photos at their own size"))
+                # glibc's defaults on this machine (8 arenas per core, a moving mmap threshold):
+                # any MALLOC_ variable in the environment makes edged leave malloc alone.
+                uhwm, _ = peak_rss(chain_cfg, work, seconds, "chain-untuned",
+                                   MALLOC_ARENA_MAX=str(8 * (os.cpu_count() or 1)))
+                figures.append(Figure("memory", "  chain, with glibc malloc's defaults", round(uhwm / 1024, 1),
+                                      "MB", note="edged's malloc settings (edged/service/daemon.py, tune_malloc) "
+                                      f"save {(uhwm - chwm) / 1024:.1f} MB"))
+                ch = run_worker("memory", {"kind": "chain"}, None, timeout=300)
+                for name, mb in ch["models"]:
+                    figures.append(Figure("memory", f"  chain: the {name} interpreter (arena, XNNPack weights)",
+                                          round(mb, 1), "MB"))
+                figures.append(Figure("memory", "  chain: the stages' numpy buffers after the demo photos",
+                                      round(ch["buffers_mb"], 1), "MB",
+                                      note=f"VmRSS grew {ch['frames_rss_mb']:.1f} MB over those frames"))
             times = [ready_time(face_cfg, work, i) for i in range(starts)]
             figures.append(Figure("memory", "edged run: spawn → READY=1", round(median(times), 2), "s", "≤ 1.5",
                                   at_most(median(times), 1.5),

@@ -141,7 +141,9 @@ class Model:
         self.outputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_output_details())
         self._in_bufs = [np.zeros(t.shape, t.dtype) for t in self.inputs]
         self._out_bufs = [np.zeros(t.shape, np.float32) for t in self.outputs]
-        self._scratch = [np.zeros(t.shape, np.float32) if t.quantized else None for t in self.inputs]
+        # set_input's float work buffer for an integer input, made on its first float input: the
+        # vision stages fill input_buffer() with integers and never need it (1 MB at 300x300x3).
+        self._scratch: list[np.ndarray | None] = [None] * len(self.inputs)
 
     def input_buffer(self, i: int = 0) -> np.ndarray:
         """The reused array `set_input(i)` copies from; fill it in place, then call `commit_input`."""
@@ -153,6 +155,8 @@ class Model:
         buf = self._in_bufs[i]
         if spec.quantized and not np.issubdtype(data.dtype, np.integer):
             tmp = self._scratch[i]
+            if tmp is None:
+                tmp = self._scratch[i] = np.zeros(spec.shape, np.float32)
             np.divide(data, spec.scale, out=tmp, casting="unsafe")
             np.add(tmp, spec.zero_point, out=tmp)
             np.rint(tmp, out=tmp)

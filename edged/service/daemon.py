@@ -42,8 +42,39 @@ COMMAND_QUEUE = 64
 WRITER_FLUSH_S = 10.0
 
 
+# glibc's malloc, tuned for a long-running process with a few threads and large buffers made
+# once (models, frames, the vision stages' work arrays). By default glibc raises its mmap
+# threshold to the size of each large block freed (reading a model file to check it frees one of
+# several MB), so later buffers land in heaps that never shrink, and every thread that allocates
+# gets an arena of its own. A fixed threshold and two arenas keep 3-5 MB less resident with the
+# default chain. The trim threshold keeps the heap's top from being given back and faulted in
+# again every frame (which a fixed mmap threshold alone would do): at a camera's fixed frame size
+# a frame then costs no more page faults than untuned (docs/benchmarks.md, "Memory and start-up").
+# An environment that sets any MALLOC_ variable (glibc's own tunables) is left as it is.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MMAP_THRESHOLD = 1 << 20
+TRIM_THRESHOLD = 4 << 20
+ARENA_MAX = 2
+
+
+def tune_malloc() -> bool:
+    """Apply the settings above where the C library is glibc; True if they were applied."""
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt (macOS)
+        return False
+    # mallopt returns 1 on success; musl's stub returns 0.
+    return all(mallopt(k, v) == 1 for k, v in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                                                (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_ARENA_MAX, ARENA_MAX)))
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | Path | None = None) -> None:
+        tune_malloc()  # before the models load and the threads start
         self.cfg = cfg
         self.config_path = config_path  # re-read on SIGHUP
         self.stop_event = threading.Event()
