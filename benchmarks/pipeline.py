@@ -228,6 +228,9 @@ def _add_shares(total: dict, before: dict, after: dict) -> None:
         total[key] = total.get(key, 0.0) + sec - before.get(name, 0.0)
 
 
+SEGMENT_MAX_S = 60.0
+
+
 def _alternate(d, gate: Gate, bare: "BareModel", count, pairs: int, seconds: float) -> dict:
     """Pairs of (pipeline segment, bare segment); `count()` reads the pipeline's progress."""
     rounds, cpu, wall = [], {}, 0.0
@@ -236,6 +239,13 @@ def _alternate(d, gate: Gate, bare: "BareModel", count, pairs: int, seconds: flo
         time.sleep(0.15)  # the first frames after a pause are not steady state
         n0, p0, c0, t0 = count(), d.link.published, thread_cpu_s(), time.perf_counter()
         time.sleep(seconds)
+        # A segment lasts until the pipeline has finished one item: a loaded machine can let a
+        # short one pass without any, and a rate of zero is no measurement (and divides by zero).
+        end = t0 + SEGMENT_MAX_S
+        while count() == n0:
+            if time.perf_counter() > end:
+                raise RuntimeError(f"the pipeline finished nothing in {SEGMENT_MAX_S:g} s")
+            time.sleep(0.01)
         n1, p1, c1, t1 = count(), d.link.published, thread_cpu_s(), time.perf_counter()
         gate.open.clear()
         _add_shares(cpu, c0, c1)
