@@ -90,9 +90,10 @@ def test_watchdog_stops_when_the_camera_hangs(tmp_path, broker):
     proc = start_daemon(cfg, log, ns.path, watchdog_usec=1_000_000)
     try:
         assert wait_until(lambda: ns.count("READY=1") == 1, 30), log.read_text()
-        # The camera part's deadline (1 s) runs out shortly after the hang begins.
-        assert wait_until(lambda: "not petting the watchdog" in log.read_text(), 10), log.read_text()
-        assert "part=camera" in log.read_text()
+        # The camera part's deadline (1 s) runs out shortly after the hang begins. (A loaded
+        # machine may hold another part past its 1 s for a moment too: the camera is waited for.)
+        assert wait_until(lambda: any("not petting the watchdog" in line and "part=camera" in line
+                                      for line in log.read_text().splitlines()), 10), log.read_text()
         n = ns.count("WATCHDOG=1")
         time.sleep(2.0)
         assert ns.count("WATCHDOG=1") == n, "petting went on while the camera was hung"

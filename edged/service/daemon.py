@@ -634,10 +634,13 @@ class Daemon:
         topics = {leaf: self.cfg.topic(leaf) for leaf in encoders}
         done = False
         budget, refilled = float(COMMIT_BURST), time.monotonic()
+        # Idle, it still beats several times within its watchdog deadline (WatchdogSec): once a
+        # second only would look stalled under a short WatchdogSec on a busy machine.
+        idle_s = min(1.0, self.watchdog.deadline_s / 4)
         while not done:
             self.watchdog.beat("writer")
             try:
-                item = self.results.get(timeout=1.0)
+                item = self.results.get(timeout=idle_s)
             except queue.Empty:
                 continue
             # Group commit under a token bucket: while commits stay under COMMIT_RATE a result
