@@ -42,6 +42,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self._owner: dict[str, object] = {}
 
     def get(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
         """`init(flat)` fills a newly made buffer (it must not depend on the shape asked for)."""
@@ -49,9 +50,19 @@ class Scratch:
         buf = self._bufs.get(name)
         if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
             buf = self._bufs[name] = np.zeros(n, dtype)
+            self._owner.pop(name, None)
             if init is not None:
                 init(buf)
         return buf[:n].reshape(shape)
+
+    def held(self, name: str, dtype, shape: tuple[int, ...], owner: object, fill) -> np.ndarray:
+        """Buffer `name` as `get` gives it, holding what `fill(array)` writes for `owner`: filled
+        only when another owner (or nobody) filled it last."""
+        out = self.get(name, dtype, shape)
+        if self._owner.get(name) is not owner:
+            fill(out)
+            self._owner[name] = owner
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -103,11 +114,11 @@ class _Plan:
             c = np.tile(np.arange(3, dtype=np.intp), rw)
             self.x0 = np.repeat(x0 * 3, 3) + c   # element (pixel * 3 + channel) of a row
             self.x1 = np.repeat(x1 * 3, 3) + c
-            # Full-size weights: numpy allocates a buffer per call for a broadcast operand.
-            by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)
-            self.wy = np.repeat(by[:, None], frame_w * 3, axis=1)
-            bx = np.rint(np.repeat(wx, 3).astype(np.float64) * 65536).astype(np.uint32)
-            self.wx = np.repeat(bx[None, :], rh, axis=0)
+            # One weight per row and per column; spread to full size in the stage's work buffers
+            # when used (numpy allocates a buffer per call for a broadcast ufunc operand, not for
+            # a broadcast copy), so a plan keeps no table of its own.
+            self.by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)[:, None]
+            self.bx = np.rint(np.repeat(wx, 3).astype(np.float64) * 65536).astype(np.uint32)[None, :]
         elif not self.identity:
             # Pixel centres of the resampled grid mapped back to the nearest source pixel.
             self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
@@ -195,7 +206,9 @@ class _Plan:
         np.take(flat, at_y, axis=0, out=rows, mode="clip")
         np.copyto(t, rows[:, cols])
         np.subtract(t, v, out=t)
-        np.multiply(t, self.wy, out=t)
+        # The full-size weights of this plan: spread again only after another plan used them.
+        wy = self.work.held("wy", np.uint16, (rh, w * 3), self, lambda a: np.copyto(a, self.by))
+        np.multiply(t, wy, out=t)
         np.left_shift(v, 8, out=v)
         np.add(v, t, out=v)
         # Along the rows, the same in 1/65536 and uint32 (at most 255 * 2^24), plus 2^23: the top
@@ -209,7 +222,8 @@ class _Plan:
         np.copyto(o, left)
         np.copyto(d, right)
         np.subtract(d, o, out=d)
-        np.multiply(d, self.wx, out=d)
+        wx = self.work.held("wx", np.uint32, (rh, n), self, lambda a: np.copyto(a, self.bx))
+        np.multiply(d, wx, out=d)
         np.left_shift(o, 16, out=o)
         np.add(o, d, out=o)
         np.add(o, _HALF, out=o)
