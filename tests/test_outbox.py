@@ -125,6 +125,9 @@ def test_acknowledged_rows_are_kept_and_resent_with_their_seq_and_payload(tmp_pa
     assert [(r.seq, r.payload) for r in ob.pending(0, 100)] == [
         (s, b"m:%d" % s) for s in (2, 3, 6, 7, 8, 9, 10)]
     assert (ob.depth, ob.kept, ob.resent, ob.resend_gone) == (7, 3, 7, 2)
+    ob.close()
+    ob = keeping(tmp_path / "o.db")  # put back durably: a restart sends them too
+    assert [r.seq for r in ob.pending(0, 100)] == [2, 3, 6, 7, 8, 9, 10] and ob.kept == 3
     ob.delete([2, 3, 6, 7, 8])  # acknowledged again: kept again
     assert (ob.depth, ob.kept) == (2, 8)
     ob.close()
