@@ -289,6 +289,40 @@ def iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+def inside(a, b) -> float:
+    """How much of box a lies inside box b (0..1)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix * iy / ((a[2] - a[0]) * (a[3] - a[1]))
+
+
+def score_labelled(found, label, root):
+    """(true positives, false positives, misses) of `label` at IoU 0.5 over {image path relative
+    to root: (its labels entry, the objects found)}. Detections are matched best score first; one
+    inside a "<label>?" box (a person too hidden to require) is neither right nor wrong; an image
+    whose entry lists the label under "skip" is not scored for it."""
+    import numpy as np
+    from PIL import Image
+
+    tp = fp = fn = 0
+    for rel, (e, objects) in found.items():
+        if label in e.get("skip", ()):
+            continue
+        w, h = Image.open(root / rel).size
+        s = np.array([w, h, w, h], float)
+        truth = [np.array(o["box"]) / s for o in e["objects"] if o["label"] == label]
+        ignore = [np.array(o["box"]) / s for o in e["objects"] if o["label"] == label + "?"]
+        for d in sorted((d for d in objects if d.label == label), key=lambda d: -d.score):
+            best = max(range(len(truth)), key=lambda i: iou(d.box, truth[i]), default=None)
+            if best is not None and iou(d.box, truth[best]) >= 0.5:
+                truth.pop(best)
+                tp += 1
+            elif not any(inside(d.box, g) >= 0.5 for g in ignore):
+                fp += 1
+        fn += len(truth)
+    return tp, fp, fn
+
+
 def daemon_for(cfg):
     """The real Daemon (its counters, results queue, watchdog, threads) in this process, built off
     the main thread so that it leaves the test process's signal handlers alone; it is not run."""

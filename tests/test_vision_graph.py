@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import iou
+from conftest import inside, score_labelled
 from edged.delivery import codec
 from edged.models import load_manifest
 from edged.records import DetectedObject, Detections
@@ -20,12 +20,6 @@ from edged.stages.vision.graph import DEFAULT_CHAIN, StageSpec, check_graph, mer
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "vision"
 SCHEMA = json.loads((REPO / "docs" / "schemas" / "detections.schema.json").read_text())
-
-
-def inside(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return ix * iy / ((a[2] - a[0]) * (a[3] - a[1]))
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +61,7 @@ def found(chain):
 
 
 def _score(found, label):
-    tp = fp = fn = 0
-    for rel, (e, objects) in found.items():
-        if label in e.get("skip", ()):
-            continue
-        w, h = Image.open(REPO / rel).size
-        s = np.array([w, h, w, h], float)
-        truth = [np.array(o["box"]) / s for o in e["objects"] if o["label"] == label]
-        ignore = [np.array(o["box"]) / s for o in e["objects"] if o["label"] == label + "?"]
-        for d in (d for d in objects if d.label == label):
-            best = max(range(len(truth)), key=lambda i: iou(d.box, truth[i]), default=None)
-            if best is not None and iou(d.box, truth[best]) >= 0.5:
-                truth.pop(best)
-                tp += 1
-            elif not any(inside(d.box, g) >= 0.5 for g in ignore):
-                fp += 1
-        fn += len(truth)
-    return tp, fp, fn
+    return score_labelled(found, label, REPO)
 
 
 def test_default_chain_meets_the_goals_on_the_labelled_sets(found):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import score_labelled
 from edged.models import load_manifest
 from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
 
@@ -20,19 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "vision"
 SET = json.loads((DATA / "heldout.json").read_text())["images"]
 SHIPPED = {rel: e for rel, e in SET.items() if not e.get("extra")}
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def inside(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return ix * iy / ((a[2] - a[0]) * (a[3] - a[1]))
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +32,7 @@ def found():
 
 
 def score(found, label):
-    tp = fp = fn = 0
-    for rel, (e, objects) in found.items():
-        if label in e.get("skip", ()):
-            continue
-        w, h = Image.open(REPO / rel).size
-        s = np.array([w, h, w, h], float)
-        truth = [np.array(o["box"]) / s for o in e["objects"] if o["label"] == label]
-        ignore = [np.array(o["box"]) / s for o in e["objects"] if o["label"] == label + "?"]
-        for d in sorted((d for d in objects if d.label == label), key=lambda d: -d.score):
-            best = max(range(len(truth)), key=lambda i: iou(d.box, truth[i]), default=None)
-            if best is not None and iou(d.box, truth[best]) >= 0.5:
-                truth.pop(best)
-                tp += 1
-            elif not any(inside(d.box, g) >= 0.5 for g in ignore):
-                fp += 1
-        fn += len(truth)
-    return tp, fp, fn
+    return score_labelled(found, label, REPO)
 
 
 def test_every_committed_image_is_there_and_its_source_and_licence_are_listed():
