@@ -26,7 +26,7 @@ as a gap in `gaps`. Once a gap is `ingest.resend_after_s` old, a worker publishe
 result, and its reply (`$share/<group>/<prefix>/+/response`) says what it no longer holds.
 Which worker asks is settled in the database (`resend_asks`): each gap is claimed by one, with
 a back-off per gap and a cap on attempts. A worker looks after each (re)subscription and every
-`ingest.resend_interval_s` (jittered).
+`ingest.resend_interval_s` (jittered), on a thread with its own database connection.
 """
 
 from __future__ import annotations
@@ -556,16 +556,29 @@ class Worker:
             c.duplicates += sum(out.duplicates.values())
             c.rejected += out.rejected
         self._maintain()
-        self._resend_tick()
         if time.monotonic() >= self._next_stats:
             self._next_stats = time.monotonic() + self.cfg.ingest.stats_interval_s
             log.info("ingest stats", extra=_fields(**self.counters.line()))
 
     # -- resend ------------------------------------------------------------------------------------
 
-    def _resend_tick(self) -> None:
-        if not self.resend:
-            return
+    def _resend_loop(self) -> None:
+        """The resend passes, on a thread with a database connection of its own: a pass reads a
+        day of results, and the batches must not wait for it."""
+        st = open_store(self.cfg.database.url, f"{self.cfg.client_id}-resend")
+        try:
+            while not self.stopping.wait(0.5):
+                try:
+                    self._resend_tick(st)
+                except Exception as exc:  # noqa: BLE001 — a pass that fails is tried again later
+                    self._log_once("resend_failed", "a resend pass failed; trying again later",
+                                   level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                    st.close()
+                    self._next_resend = time.monotonic() + self.cfg.ingest.resend_interval_s
+        finally:
+            st.close()
+
+    def _resend_tick(self, st) -> None:
         now = time.monotonic()
         ic = self.cfg.ingest
         if self._resend_soon:
@@ -573,31 +586,35 @@ class Worker:
             # worker at its own moment within one more resend_after_s.
             self._resend_soon = False
             self._next_resend = min(self._next_resend, now + ic.resend_after_s * (1 + random.random()))
-        if now < self._next_resend or not self.store.is_open or not self._connected.is_set():
+        if now < self._next_resend or not self._connected.is_set():
             return
         self._next_resend = now + ic.resend_interval_s * (0.5 + random.random())
         try:
-            self.ask_resends()
-        except store.StoreDown as exc:
-            self._log_once("db_down", "lost the database; not acknowledging until it is back",
-                           database=_db_target(self.cfg.database.url), error=str(exc))
-            self._next_resend = now + ic.resend_after_s  # the next batch reconnects
+            if not st.is_open:
+                st.open()
+            self.ask_resends(st)
+            self._clear_once("resend_failed")
+        except store.StoreDown:
+            st.close()  # the writer says the database is down; try again soon
+            self._next_resend = now + ic.resend_after_s
 
-    def ask_resends(self, *, device: str | None = None, force: bool = False) -> list[tuple[str, list]]:
+    def ask_resends(self, st=None, *, device: str | None = None, force: bool = False) -> list[tuple[str, list]]:
         """One pass: the gaps old enough to ask for, less what devices said they no longer hold,
         claimed in the database (by this worker alone) and asked for, at most 16 ranges per
         request (a device's limit). `force` (the operator's `--resend`) ignores the back-off,
-        the attempt cap and the age. Returns [(device, ranges)] asked."""
+        the attempt cap and the age. `st`: the store to use (default the writer's). Returns
+        [(device, ranges)] asked."""
+        st = st or self.store
         ic = self.cfg.ingest
         wall = time.time()
-        gaps = self.store.resend_gaps(since=wall - ic.resend_window_s,
+        gaps = st.resend_gaps(since=wall - ic.resend_window_s,
                                       settled=wall - (0 if force else ic.resend_after_s), device=device,
                                       limit=MAX_RESEND_GAPS)
         if not gaps:
             return []
-        gone = self.store.gone_ranges(sorted({g[0] for g in gaps}))
+        gone = st.gone_ranges(sorted({g[0] for g in gaps}))
         pieces = [(d, a, b) for d, f, l in gaps for a, b in store.subtract_ranges(f, l, gone.get(d, []))]
-        claimed = self.store.claim_resends(pieces, base_s=ic.resend_after_s, cap_s=max(3600.0, ic.resend_after_s),
+        claimed = st.claim_resends(pieces, base_s=ic.resend_after_s, cap_s=max(3600.0, ic.resend_after_s),
                                            attempts=ic.resend_attempts, force=force)
         per: dict[str, list] = {}
         self.sent = []
@@ -627,6 +644,9 @@ class Worker:
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=not self.persistent,
                                   properties=self._connect_props)
         self.client.loop_start()
+        if self.resend:
+            self._resend_thread = threading.Thread(target=self._resend_loop, name="resend", daemon=True)
+            self._resend_thread.start()
         log.info("ingest worker started", extra=_fields(
             client_id=self.cfg.client_id, group=self.cfg.ingest.group,
             database=_db_target(self.cfg.database.url), batch_size=self.cfg.ingest.batch_size,
@@ -666,6 +686,10 @@ class Worker:
         except Exception:  # noqa: BLE001 — not connected
             pass
         self.client.loop_stop()
+        self.stopping.set()
+        thread = getattr(self, "_resend_thread", None)
+        if thread is not None:
+            thread.join(10)  # a pass in a long query is left to end with the process
         self.store.close()
         log.info("ingest worker stopped", extra=_fields(**self.counters.line()))
 
