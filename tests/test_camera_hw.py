@@ -161,9 +161,14 @@ def test_picamera2_frames_carry_the_sensor_timestamp_and_every_request_is_releas
     cam = picam(f, fps=20.0)
     try:
         for _ in range(10):  # more frames than the camera has buffers (6)
+            asked = time.time()
             fr = cam.read()
             arrived = time.time()
-            assert 0.15 <= arrived - fr.ts < 0.15 + 0.05 + 0.5, arrived - fr.ts  # + a frame + slack
+            assert arrived - fr.ts >= 0.15, arrived - fr.ts
+            # The newest frame when the read began: its exposure began at most a frame period
+            # (0.05 s), the ISP delay and the 10 ms exposure before that, however late the read
+            # returned on a loaded machine (ms for the clock conversion).
+            assert fr.ts >= asked - (0.05 + 0.15 + 0.01) - 0.005, asked - fr.ts
         assert f.instances[0].outstanding == 0
         assert f.instances[0].captures == {"lores": 10}
     finally:
@@ -178,9 +183,11 @@ def test_picamera2_ts_is_the_start_of_exposure_not_of_readout():
     cam = picam(f, fps=20.0)
     try:
         for _ in range(4):
+            asked = time.time()
             fr = cam.read()
             arrived = time.time()
-            assert 0.35 <= arrived - fr.ts < 0.35 + 0.05 + 0.5, arrived - fr.ts
+            assert arrived - fr.ts >= 0.35, arrived - fr.ts
+            assert fr.ts >= asked - (0.05 + 0.05 + 0.3) - 0.005, asked - fr.ts
     finally:
         cam.close()
 
@@ -191,8 +198,9 @@ def test_a_camera_clock_that_is_not_monotonic_is_said_once_and_frames_stamped_on
     try:
         with caplog.at_level(logging.INFO, logger="edged.camera"):
             for _ in range(3):
+                asked = time.time()
                 fr = cam.read()
-                assert abs(time.time() - fr.ts) < 0.5
+                assert asked - 0.005 <= fr.ts <= time.time() + 0.005, (asked, fr.ts)
         assert len(records(caplog, "camera timestamps are not on the monotonic clock")) == 1
     finally:
         cam.close()
