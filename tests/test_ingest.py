@@ -252,11 +252,11 @@ def test_migrate_is_idempotent_and_an_unmigrated_database_is_refused(postgres, t
     refused = run("--port", "1")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        "edged: the database schema is at version 0, this edged needs 4: run `edged ingest --migrate` first"]
+        "edged: the database schema is at version 0, this edged needs 5: run `edged ingest --migrate` first"]
     first, again = run("--migrate"), run("--migrate")
     assert first.returncode == again.returncode == 0, first.stderr
-    assert "applied 0001_schema, 0002_events, 0003_samples, 0004_resend" in first.stdout and "applied" not in again.stdout
-    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,), (4,)]
+    assert "applied 0001_schema, 0002_events, 0003_samples, 0004_resend, 0005_event_posture" in first.stdout and "applied" not in again.stdout
+    assert q(url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,), (4,), (5,)]
     # Today's partition (and its neighbours) exist before any result arrives.
     assert len(q(url, "SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass")) == 3
 
@@ -592,7 +592,7 @@ def test_one_machine_on_sqlite_same_worker_same_guarantees(ingest_broker, worker
     path = tmp_path / "results.db"
     url = f"sqlite:///{path}"
     mig = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert mig.returncode == 0 and "applied 0001_schema, 0002_events, 0003_samples, 0004_resend" in mig.stdout, mig.stderr
+    assert mig.returncode == 0 and "applied 0001_schema, 0002_events, 0003_samples, 0004_resend, 0005_event_posture" in mig.stdout, mig.stderr
     again = subprocess.run(ingest_cmd("--db", url, "--migrate"), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert again.returncode == 0 and "applied" not in again.stdout
     w = workers(ingest_broker, url, "solo").start()
@@ -653,12 +653,20 @@ def test_track_events_land_and_a_row_the_database_refuses_is_rejected_alone(inge
     c.loop_start()
     for seq in range(5, 10):
         e = TrackEvent(ts=now, type="new" if seq == 5 else "update", track_id=1, label="person", score=0.9,
-                       box=(0.1, 0.1, 0.5, 0.9), first_ts=now - 1, dwell_s=1.0, inside=("face",))
+                       box=(0.1, 0.1, 0.5, 0.9), first_ts=now - 1, dwell_s=1.0, inside=("face",),
+                       stage="people", posture="fallen" if seq == 9 else "")
+        if seq == 8:  # a face inside the person: its stage and its parent track
+            e = TrackEvent(ts=now, type="new", track_id=2, label="face", score=0.8, box=(0.2, 0.1, 0.3, 0.2),
+                           first_ts=now, dwell_s=0.0, stage="faces_in_people", parent=1)
         cdc = codec.JSON if seq % 2 else codec.get("cbor")
         c.publish("edged/pi-e/events", cdc.events(e, "pi-e", seq), qos=1).wait_for_publish(10)
     assert wait_until(lambda: count(db) == 4 and q(db, "SELECT count(*) FROM rejected")[0][0] == 1, 30), w.output()[-2000:]
     assert [r[0] for r in q(db, "SELECT seq FROM events ORDER BY seq")] == [5, 6, 8, 9]
     assert q(db, "SELECT type, label, inside FROM events WHERE seq = 5") == [("new", "person", ["face"])]
+    # Schema version 5: the stage, the enclosing track and the posture, NULL where a payload has none.
+    assert q(db, "SELECT seq, stage, parent, posture FROM events ORDER BY seq") == [
+        (5, "people", None, None), (6, "people", None, None), (8, "faces_in_people", 1, None),
+        (9, "people", None, "fallen")]
     kind, reason = q(db, "SELECT kind, reason FROM rejected")[0]
     assert kind == "refused" and "test_no_seq_7" in reason
     assert w.proc.poll() is None
@@ -845,6 +853,39 @@ def test_a_devices_samples_are_stored_labelled_and_decode_to_its_window(ingest_b
     recs = train_motion.sample_recordings([db])
     assert len(recs) == 1 and recs[0].dataset == train_motion.SAMPLES_DATASET
     assert np.array_equal(recs[0].x, got[0].data.astype(np.float64))
+
+
+def test_the_sqlite_events_view_shows_stage_parent_and_posture(tmp_path):
+    """Schema version 5 on SQLite, as on PostgreSQL: a person's posture and a face's parent track
+    are columns of `events`; a payload without them reads NULL."""
+    import sqlite3
+
+    from edged.cloud.sqlite_store import SqliteStore
+    from edged.delivery import codec
+    from edged.records import TrackEvent
+
+    now = time.time()
+    events = [TrackEvent(ts=now, type="update", track_id=4, label="person", score=0.9, box=(0.1, 0.1, 0.5, 0.9),
+                         first_ts=now - 5, dwell_s=5.0, stage="people", posture="fallen"),
+              TrackEvent(ts=now, type="new", track_id=5, label="face", score=0.8, box=(0.2, 0.1, 0.3, 0.2),
+                         first_ts=now, dwell_s=0.0, stage="faces_in_people", parent=4),
+              TrackEvent(ts=now, type="end", track_id=6, label="person", score=0.7, box=(0.6, 0.1, 0.9, 0.9),
+                         first_ts=now - 9, dwell_s=9.0)]
+    results = []
+    for seq, e in enumerate(events, 1):
+        got = payloads.parse("pi-f", "events", codec.get("cbor").events(e, "pi-f", seq), "application/cbor",
+                             now=now, max_bytes=65536)
+        assert isinstance(got, payloads.Result), got
+        results.append(got)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    st = SqliteStore(url)
+    st.open()
+    st.write(results, [], {}, {})
+    st.close()
+    conn = sqlite3.connect(tmp_path / "r.db")
+    assert conn.execute("SELECT seq, track_id, stage, parent, posture FROM events ORDER BY seq").fetchall() == [
+        (1, 4, "people", None, "fallen"), (2, 5, "faces_in_people", 4, None), (3, 6, None, None, None)]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
 
 
 def test_samples_on_the_sqlite_store(tmp_path):

@@ -123,3 +123,26 @@ def test_home_assistant_gets_counts_and_a_track_event_entity(publish, codec_name
     assert (event is not None) == has_event
     if event:
         assert event["state_topic"] == "edged/d1/events" and event["event_types"] == ["new", "update", "end"]
+
+
+def test_the_track_event_entity_template_passes_posture_on_only_when_a_track_has_one():
+    """Rendered as Home Assistant renders it (Jinja2's immutable sandbox, `value_json` the parsed
+    payload): the event type and attributes, with `posture` for a person a pose stage saw."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from edged.config import parse
+    from edged.delivery import homeassistant as ha
+    from edged.records import TrackEvent
+
+    cfg = parse('device_id = "d1"\n')
+    event = {t: json.loads(p) for t, p in ha.discovery(cfg, ["person", "face"])}["homeassistant/event/d1/track/config"]
+    template = ImmutableSandboxedEnvironment().from_string(event["value_template"])
+
+    def render(**kw) -> dict:
+        e = TrackEvent(ts=1000.0, track_id=3, score=0.9, box=(0.1, 0.1, 0.5, 0.9), first_ts=990.0, dwell_s=10.0, **kw)
+        return json.loads(template.render(value_json=json.loads(codec.JSON.events(e, "d1", 7))))
+
+    assert render(type="update", label="person", posture="fallen") == {
+        "event_type": "update", "label": "person", "id": 3, "dwell_s": 10.0, "posture": "fallen"}
+    assert render(type="new", label="face", parent=2) == {"event_type": "new", "label": "face", "id": 3, "dwell_s": 10.0}
+    assert render(type="end", label="person")["event_type"] in event["event_types"]

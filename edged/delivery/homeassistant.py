@@ -5,7 +5,8 @@ On every connect (and after a reload) the daemon publishes, retained, one discov
 entity under `<ha prefix>/<component>/<device_id>/<object_id>/config`:
 - per presence label (`face`, `person`, …) a presence binary sensor and a count sensor,
 - with `vision.publish = "events"` or `"both"` and the JSON codec, an event entity (`track`)
-  fed by the events topic: `new`, `update`, `end` with the track's label, id and dwell time,
+  fed by the events topic: `new`, `update`, `end` with the track's label, id and dwell time
+  (and a person's posture, `fallen` after a fall, when a pose stage runs),
 - "Detected objects" (the labels in view) and "Motion" (an enum of the motion model's labels),
 - diagnostic sensors fed by the retained stats topic: fps, inference time, uptime, backend,
   skipped frames, published / rejected results, outbox depth, drops, bandwidth saved,
@@ -140,8 +141,12 @@ def discovery(cfg: Config, labels: list[str], motion_labels: list[str] | None = 
             "name": "Track",
             "state_topic": cfg.topic("events"),
             "event_types": ["new", "update", "end"],
-            "value_template": "{{ {'event_type': value_json.type, 'label': value_json.label, "
-                              "'id': value_json.id, 'dwell_s': value_json.dwell_s} | tojson }}",
+            # The event's attributes: its label, id and dwell time, and a person's posture
+            # ("fallen" after a fall) when a pose stage gave the track one.
+            "value_template": "{% set e = {'event_type': value_json.type, 'label': value_json.label, "
+                              "'id': value_json.id, 'dwell_s': value_json.dwell_s} %}"
+                              "{{ (dict(e, posture=value_json.posture) if value_json.posture is defined "
+                              "else e) | tojson }}",
             "icon": "mdi:account-arrow-right",
         })
     add("sensor", "objects", {
