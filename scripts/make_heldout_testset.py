@@ -29,14 +29,18 @@ import argparse
 import bz2
 import json
 import pickle
-import subprocess
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from make_scenes_testset import Deb  # noqa: E402
+from make_scenes_testset import rows as scenes_rows  # noqa: E402
+
 OUT = REPO / "tests" / "data" / "vision"
 QUALITY = 90
 HTML = "usr/share/doc/opencv-doc/opencv4/html/"
@@ -135,19 +139,6 @@ EXTRA = {
 }
 
 
-class Deb:
-    """Files of a .deb (unpacked once with dpkg-deb) or of an unpacked directory."""
-
-    def __init__(self, path: str):
-        p = Path(path)
-        if p.is_dir():
-            self.root = p
-        else:
-            self._tmp = tempfile.TemporaryDirectory()
-            subprocess.run(["dpkg-deb", "-x", str(p), self._tmp.name], check=True)
-            self.root = Path(self._tmp.name)
-
-
 def load(debs: dict[str, Deb], rel: str) -> Image.Image:
     if rel.startswith(MISC):
         raw = (debs["scipy"].root / rel).read_bytes()
@@ -175,10 +166,8 @@ def entry(objects, skip=(), **extra) -> dict:
 
 
 def rows(doc: dict) -> str:
-    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(doc.items())]
-    return ('{\n "units": "pixels, [x0, y0, x1, y1], origin top-left; a label ending in ? marks a '
-            'region to ignore; \\"extra\\" images are not committed (scripts/make_heldout_testset.py '
-            '--sdists writes them)",\n "images": {\n' + ",\n".join(lines) + "\n }\n}\n")
+    return scenes_rows(doc, '; \\"extra\\" images are not committed (scripts/make_heldout_testset.py '
+                            '--sdists writes them)')
 
 
 def main() -> int:

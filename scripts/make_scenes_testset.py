@@ -136,10 +136,11 @@ class Segmenter:
         return np.asarray(Image.fromarray(m).resize(im.size, Image.BILINEAR))
 
 
-def rows(doc: dict) -> str:
+def rows(doc: dict, units_note: str = "") -> str:
+    """The labels file's text, one image a line; `units_note` ends the units line (JSON-escaped)."""
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(doc.items())]
     return ('{\n "units": "pixels, [x0, y0, x1, y1], origin top-left; a label ending in ? marks a '
-            'region to ignore",\n "images": {\n' + ",\n".join(lines) + "\n }\n}\n")
+            'region to ignore' + units_note + '",\n "images": {\n' + ",\n".join(lines) + "\n }\n}\n")
 
 
 def entry(objects, skip=()) -> dict:
