@@ -56,10 +56,13 @@ venv: $(VENV)/.installed
 test-venv: $(VENV)/.installed-test
 cloud-venv: $(VENV)/.installed-cloud
 
-# Debian packages `make run` needs: the broker and its clients, venv support for the system Python.
+# Debian packages `make run` needs: the broker and its clients, venv support for the system Python,
+# and a C compiler with the C library's headers, which build the compiled resampler when edged is
+# installed (edged/stages/vision/_resample.c; without them edged installs and uses the slower
+# numpy resampler).
 deps:
 	@scripts/apt-ensure mosquitto:/usr/sbin/mosquitto mosquitto-clients:mosquitto_sub \
-		python3-venv:'$(PYTHON) -c "import ensurepip"'
+		python3-venv:'$(PYTHON) -c "import ensurepip"' gcc:gcc 'libc6-dev:test -e /usr/include/stdint.h'
 
 # What the tests need beyond that: systemd's tools (the unit is checked with systemd-analyze)
 # and what systemd-python builds against; util-linux's setpriv and mount for the outbox fault tests
@@ -74,7 +77,7 @@ systemd-deps:
 	@scripts/apt-ensure systemd-container:/usr/bin/systemd-nspawn debootstrap:/usr/sbin/debootstrap
 
 # Not -q: the first install takes a while, and pip's own lines show it is working.
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml edged/stages/vision/_resample.c
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	@echo "edged: installing edged and its Python packages into $(VENV) (first run only)"
 	$(PY) -m pip install --disable-pip-version-check -e .

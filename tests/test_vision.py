@@ -15,7 +15,7 @@ from conftest import iou
 from edged.models import ModelError, load_manifest, open_model
 from edged.records import Frame
 from edged.runtime import TensorSpec
-from edged.stages.vision import DECODERS, PostprocessDecoder, VisionStage, nms, nms_few, resize_frame, ssd_anchors
+from edged.stages.vision import DECODERS, PostprocessDecoder, Preprocessor, VisionStage, nms, nms_few, resize_frame, ssd_anchors
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "samples" / "images"
@@ -534,10 +534,12 @@ def _float_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return np.rint(top + (bottom - top) * wy[:, None, None]).astype(np.uint8)
 
 
-def test_fixed_point_bilinear_is_within_one_level_of_the_float_blend():
+@pytest.mark.parametrize("resampler", ["numpy", "compiled"])
+def test_fixed_point_bilinear_is_within_one_level_of_the_float_blend(resampler):
     # 300 random frame and model sizes, both ways (down and up), stretched and letterboxed: no
     # channel of any pixel differs from the float resampler by more than 1, most not at all. The
     # frames are regions of a larger array, read in place as the tiles and crops of a chain are.
+    # Both resamplers (tests/test_resample.py checks they give the same bytes).
     rng = np.random.default_rng(14)
     differing = total = 0
     for _ in range(300):
@@ -547,7 +549,7 @@ def test_fixed_point_bilinear_is_within_one_level_of_the_float_blend():
         ox, oy = (int(v) for v in rng.integers(0, 9, 2))
         frame = rng.integers(0, 256, (h + oy + 3, w + ox + 5, 3), dtype=np.uint8)
         region = frame[oy:oy + h, ox:ox + w]
-        got = resize_frame(region, mh, mw, letterbox=letterbox, bilinear=True)
+        got = resize_frame(region, mh, mw, letterbox=letterbox, bilinear=True, resampler=resampler)
         want = _float_bilinear(region, *got.shape[:2])
         diff = np.abs(got.astype(int) - want)
         assert diff.max() <= 1, (h, w, mh, mw, letterbox)
@@ -556,10 +558,11 @@ def test_fixed_point_bilinear_is_within_one_level_of_the_float_blend():
     assert differing < 0.1 * total
 
 
-def test_a_region_is_resampled_in_place_of_its_frame(person):
+@pytest.mark.parametrize("resampler", ["numpy", "compiled"])
+def test_a_region_is_resampled_in_place_of_its_frame(person, resampler):
     # A tile (or crop) of the frame: its rows are read from the frame itself, with the same pixels
     # as a copy of the region would give, and no copy of it is made.
-    pre = person.preprocess
+    pre = Preprocessor(person.model, person.entry, resampler=resampler)
     img = load("coffee")  # 600x400
     x, y, w, h = 161, 37, 329, 247
     region = img[y:y + h, x:x + w]
@@ -584,7 +587,8 @@ def test_nearest_resampling_picks_the_nearest_source_pixel():
     assert np.array_equal(got, img[rows][:, cols])
 
 
-def test_plans_sharing_work_buffers_in_turn_resample_as_alone():
+@pytest.mark.parametrize("resampler", ["numpy", "compiled"])
+def test_plans_sharing_work_buffers_in_turn_resample_as_alone(resampler):
     # A person stage resamples the frame, then its tiles, then the next frame: plans of different
     # sizes take turns in one set of work buffers, the weight tables included (spread there from
     # one weight per row and column when a plan uses them). Each gives what it gives alone, and
@@ -600,7 +604,7 @@ def test_plans_sharing_work_buffers_in_turn_resample_as_alone():
         x0, y0, x1, y1 = region
         size = 128 if letterbox else 300
         return _Plan(y1 - y0, x1 - x0, size, size, letterbox, True, np.dtype(np.uint8), gather=False,
-                     scratch=scratch)
+                     scratch=scratch, resampler=resampler)
 
     plans = [plan(r, lb, shared) for r, lb in views]
     alone = [plan(r, lb).resample(np.ascontiguousarray(frame[r[1]:r[3], r[0]:r[2]])).copy() for r, lb in views]

@@ -187,8 +187,17 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
+        extra = {}
+        if self.pipeline.vision is not None:
+            # Which resampler the vision stages use (the numpy one when the install had no compiler).
+            from edged.stages.vision import native
+
+            extra["resampler"] = native.name()
         log.info("starting", extra=fields(version=__version__, device_id=cfg.device_id,
-                                          config=cfg.source_path))
+                                          config=cfg.source_path, **extra))
+        if extra and native.LIB is None and not native.STATUS.startswith(f"numpy: {native.ENV}="):
+            log.warning("vision: the numpy resampler runs (the same results, slower): "
+                        f"{native.STATUS.removeprefix('numpy: ')}; {native.INSTALL_HINT}")
         wd = self.watchdog
         wd.register("writer")
         self._start_link()

@@ -1,6 +1,7 @@
 """`edged doctor`: can this machine run the configured pipeline? One line per check, with the fix.
 
-Checks: Python and the TFLite runtime; the config and the models it names; camera(s) (video
+Checks: Python and the TFLite runtime; which resampler the vision stages use (compiled, or the
+numpy fallback); the config and the models it names; camera(s) (video
 nodes, libcamera cameras through picamera2 when it is importable, the configured V4L2 device);
 I2C buses and the IMU chip, identified by its WHO_AM_I / CHIP_ID register through edged's own
 drivers; the Edge TPU (USB ids 1a6e:089a / 18d1:9302 in sysfs, /dev/apex_N, libedgetpu
@@ -103,6 +104,20 @@ def check_runtime() -> Check:
     except RuntimeUnavailable as exc:
         return Check("runtime", FAIL, "no TFLite runtime", str(exc))
     return Check("runtime", OK, f"{rt.name} {rt.version}")
+
+
+def check_resampler(cfg: Config) -> Check:
+    """Which resampler the vision stages use: the compiled one, or the numpy code (same results,
+    slower) when the install could not build it."""
+    from edged.stages.vision import native
+
+    if not cfg.camera.enabled:
+        return Check("resampler", INFO, f"camera disabled: not used ({native.STATUS})")
+    if native.LIB is not None:
+        return Check("resampler", OK, native.STATUS)
+    if native.STATUS.startswith(f"numpy: {native.ENV}="):
+        return Check("resampler", INFO, native.STATUS)
+    return Check("resampler", WARN, native.STATUS + " (the same results, slower)", native.INSTALL_HINT)
 
 
 def check_models(cfg: Config) -> Check:
@@ -547,6 +562,7 @@ def run(cfg: Config | None, *, config_path: str = "<defaults>", problems: list[s
     env = env or Env()
     checks = [check_python(), check_config(config_path, problems), check_runtime()]
     cfg = cfg or Config()
+    checks.append(check_resampler(cfg))
     checks.append(check_models(cfg))
     checks += check_camera(cfg, env)
     checks += check_imu(cfg, env)

@@ -1,7 +1,12 @@
 """Frame → model input: letterbox or stretch, nearest or bilinear resampling through precomputed
 index maps (bilinear in integer fixed point), normalisation and quantisation through a 256-entry
 lookup table, all into buffers reused from frame to frame. A region of a frame (a tile, a crop) is
-read in place of the frame, without a copy."""
+read in place of the frame, without a copy.
+
+Two implementations give the same bytes: the compiled resampler (`_resample.c` through
+`edged.stages.vision.native`), which resamples and applies the table in one pass and reads any
+strided view (a region, a turned frame) where it lies; and the numpy code below, which runs when
+the library was not built or `EDGED_RESAMPLER=numpy` is set."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import numpy as np
 
 from edged.models import ModelEntry, ModelError
 from edged.runtime import Model, TensorSpec
+from edged.stages.vision import native
 from edged.stages.vision.entry import number, per_channel, where
 
 
@@ -85,7 +91,7 @@ class _Plan:
 
     def __init__(self, frame_h: int, frame_w: int, model_h: int, model_w: int, letterbox: bool,
                  bilinear: bool, in_dtype: np.dtype, *, gather: bool = True,
-                 scratch: Scratch | None = None) -> None:
+                 scratch: Scratch | None = None, resampler: str | None = None) -> None:
         if letterbox:
             s = min(model_h / frame_h, model_w / frame_w)
             rh = min(model_h, max(1, round(frame_h * s)))
@@ -126,6 +132,20 @@ class _Plan:
             self.cols = np.repeat(cols * 3, 3) + np.tile(np.arange(3, dtype=np.intp), rw)
         self.gather = gather
         self._views: dict[str, np.ndarray] = {}
+        self.lib = _library(resampler)
+        if self.lib is not None and not self.identity:
+            # The compiled resampler's taps, one int32 run each: source rows above and below each
+            # output row and the bottom row's weight, then source pixels left and right of each
+            # output pixel, and the right one's weight per element: the numpy code's own values.
+            # Nearest is the same with both taps on the nearest pixel and weights 0 (the blend of
+            # one pixel with itself is that pixel, exactly).
+            if self.bilinear:
+                runs = (self.y0, self.y1, self.by[:, 0], self.x0[::3] // 3, self.x1[::3] // 3, self.bx[0])
+            else:
+                cols = self.cols[::3] // 3
+                runs = (self.rows, self.rows, np.zeros(rh, np.intp), cols, cols, np.zeros(rw * 3, np.intp))
+            self.taps = np.concatenate([np.asarray(r, np.int64) for r in runs]).astype(np.int32)
+            self._taps_at = self.taps.ctypes.data
 
     def _view(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
         """The stage's work buffer `name` in this plan's shape; the same view object while the
@@ -174,6 +194,10 @@ class _Plan:
         needs no copy of its own."""
         if self.identity:
             return image
+        if self.lib is not None:
+            region = self.region
+            self.run(image, region)
+            return region
         if base is None:
             base, at = image, (0, 0)
         if not base.flags.c_contiguous:
@@ -231,6 +255,48 @@ class _Plan:
         return region
 
 
+    def run(self, image: np.ndarray, pixels: np.ndarray, lut: np.ndarray | None = None,
+            dst: np.ndarray | None = None) -> None:
+        """The compiled resampler: `image` (uint8 RGB, any strides) into `pixels` (this plan's
+        region buffer); with `lut`, each value also mapped through it into `dst` (rows of packed
+        values in the table's dtype, e.g. the model input's covered rectangle)."""
+        rh, rw, _ = self.shape
+        s0, s1, s2 = image.strides
+        work = self.work.get("row", np.uint16, (3 * self.src[1] + 6 * rw + 3,))  # as _resample.c says
+        if lut is None:
+            lut_at, item, dst_at, dst_row = None, 0, None, 0
+        else:
+            lut_at, item, dst_at, dst_row = lut.ctypes.data, lut.itemsize, dst.ctypes.data, dst.strides[0]
+        if self.lib.edged_bilinear(image.ctypes.data, s0, s1, s2, self._taps_at, rh, rw,
+                                   pixels.ctypes.data, pixels.strides[0], lut_at, item, dst_at, dst_row,
+                                   work.ctypes.data):
+            raise RuntimeError(f"vision: the compiled resampler refused a {lut.dtype} table")
+
+    def map(self, pixels: np.ndarray, lut: np.ndarray, dst: np.ndarray) -> None:
+        """The compiled table alone: uint8 `pixels` (any strides) mapped through `lut` into `dst`."""
+        h, w, _ = pixels.shape
+        s0, s1, s2 = pixels.strides
+        row = self.work.get("map_row", np.uint8, (w * 3,))
+        if self.lib.edged_map(pixels.ctypes.data, s0, s1, s2, h, w, lut.ctypes.data, lut.itemsize,
+                              dst.ctypes.data, dst.strides[0], row.ctypes.data):
+            raise RuntimeError(f"vision: the compiled resampler refused a {lut.dtype} table")
+
+
+def _library(resampler: str | None):
+    """The compiled library a plan uses, or None for the numpy code. `resampler`: None for this
+    process's choice (native.LIB), "numpy", or "compiled" (an error when it was not built)."""
+    if resampler is None:
+        return native.LIB
+    if resampler == "numpy":
+        return None
+    if resampler == "compiled":
+        lib, why = native.library()
+        if lib is None:
+            raise RuntimeError(f"vision: compiled resampler {why}; {native.INSTALL_HINT}")
+        return lib
+    raise ValueError(f"resampler: expected None, 'numpy' or 'compiled', got {resampler!r}")
+
+
 _HALF = np.uint32(1 << 23)
 _TOP = 3 if sys.byteorder == "little" else 0  # the byte of a uint32 holding bits 24..31
 
@@ -245,14 +311,15 @@ def check_image(image: np.ndarray) -> None:
 
 
 def resize_frame(image: np.ndarray, height: int, width: int, *, letterbox: bool = False,
-                 bilinear: bool = False) -> np.ndarray:
+                 bilinear: bool = False, resampler: str | None = None) -> np.ndarray:
     """One frame resampled exactly as the stage would (without padding), as a new array.
 
     For tools (calibration, evaluation) that must feed a model what the device feeds it; the
-    stage itself keeps its plans and buffers.
+    stage itself keeps its plans and buffers. `resampler`: "numpy" or "compiled" to choose the
+    implementation (the same bytes either way), None for this process's choice.
     """
     plan = _Plan(image.shape[0], image.shape[1], height, width, letterbox, bilinear, np.dtype(np.uint8),
-                 gather=False)
+                 gather=False, resampler=resampler)
     return np.array(plan.resample(image), copy=True)
 
 
@@ -279,7 +346,8 @@ class Preprocessor:
 
     MAX_PLANS = 4  # frame sizes remembered; a camera rarely switches between more
 
-    def __init__(self, model: Model, entry: ModelEntry, input_index: int = 0) -> None:
+    def __init__(self, model: Model, entry: ModelEntry, input_index: int = 0, *,
+                 resampler: str | None = None) -> None:
         spec = model.inputs[input_index]
         if len(spec.shape) != 4 or spec.shape[0] != 1 or spec.shape[3] != 3:
             raise ModelError(f"{entry.path.name}: input {spec.name!r} has shape {spec.shape}; "
@@ -311,6 +379,7 @@ class Preprocessor:
         self._painted: list[tuple[_Plan, np.ndarray] | None] = [None, None]
         self._filled: list[np.ndarray | None] = [None, None]  # per slot: the array the last fill filled
         self.resamples = 0  # images resampled (fills given another stage's pixels do not count)
+        self.resampler = resampler  # None: this process's choice (edged.stages.vision.native)
 
     def plan(self, frame_h: int, frame_w: int) -> _Plan:
         key = (frame_h, frame_w)
@@ -320,7 +389,7 @@ class Preprocessor:
                 self._plans.pop(next(iter(self._plans)))
             plan = _Plan(frame_h, frame_w, self.height, self.width, self.letterbox, self.bilinear,
                          self.model.inputs[self.index].dtype, gather=self._map.kind == "gather",
-                         scratch=self._work)
+                         scratch=self._work, resampler=self.resampler)
             self._plans[key] = plan
         return plan
 
@@ -356,10 +425,23 @@ class Preprocessor:
             if not plan.full:
                 buf[...] = self._pad_values
             self._painted[slot] = (plan, whole)
+        b = plan.box
+        if plan.lib is not None and whole.dtype == self._lut.dtype and whole.flags.c_contiguous:
+            # Compiled: resampled and mapped through the table in one pass, or only mapped (a
+            # frame at the model's size, pixels of another stage).
+            dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
+            if pixels is None:
+                self.resamples += 1
+                if not plan.identity:
+                    pixels = plan.region
+                    plan.run(image, pixels, self._lut, dst)
+                    return plan.box, pixels
+                pixels = image
+            plan.map(pixels, self._lut, dst)
+            return plan.box, pixels
         if pixels is None:
             pixels = plan.resample(image, base, at)
             self.resamples += 1
-        b = plan.box
         dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
         if self._map.kind == "gather":
             np.copyto(plan.idx_low, pixels)

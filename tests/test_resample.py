@@ -1,0 +1,139 @@
+"""The compiled resampler (edged/stages/vision/_resample.c through native.py) against the numpy one:
+the same bytes, for the resampled pixels and for the model input they are mapped into, on random
+sizes, regions read in place, turned views and every normalisation the shipped models use."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from edged.models import load_manifest, open_model
+from edged.stages.vision import native
+from edged.stages.vision.preprocess import Preprocessor, resize_frame
+
+
+def test_the_compiled_resampler_is_built_where_a_compiler_is():
+    # `make test` installs gcc and builds edged with it: the library must be there and load. Without
+    # a compiler the install could not build it, and the numpy code runs, saying why.
+    lib, why = native.library()
+    if shutil.which("gcc") or shutil.which("cc"):
+        assert lib is not None, (f"the compiled resampler is missing ({why}) on a machine with a C "
+                                 "compiler: reinstall edged (make test-venv, or pip install -e .)")
+        assert native.library_path().name.startswith("_resample.")
+    else:
+        assert lib is None and why.startswith("not built")
+
+
+def _cases(rng, n):
+    """Random (source size, model size, letterbox, region offset, quarter turns, bilinear): down and
+    up, stretched and letterboxed, a region of a larger frame, and its turned views."""
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(1, 420, 2))
+        mh, mw = (int(v) for v in rng.integers(1, 320, 2))
+        yield (h, w, mh, mw, bool(rng.integers(0, 2)), (int(rng.integers(0, 9)), int(rng.integers(0, 9))),
+               int(rng.integers(0, 4)), bool(rng.integers(0, 4)))
+
+
+def test_compiled_and_numpy_resample_to_the_same_pixels():
+    rng = np.random.default_rng(1405)
+    for h, w, mh, mw, letterbox, (ox, oy), turn, bilinear in _cases(rng, 300):
+        frame = rng.integers(0, 256, (h + oy + 2, w + ox + 3, 3), dtype=np.uint8)
+        view = frame[oy:oy + h, ox:ox + w]
+        if turn:
+            view = np.rot90(view, turn)  # strides swapped and negated: read as the view it is
+        want = resize_frame(view, mh, mw, letterbox=letterbox, bilinear=bilinear, resampler="numpy")
+        got = resize_frame(view, mh, mw, letterbox=letterbox, bilinear=bilinear, resampler="compiled")
+        assert np.array_equal(got, want), (h, w, mh, mw, letterbox, ox, oy, turn, bilinear)
+
+
+def test_a_turned_view_is_read_without_a_copy():
+    # np.rot90 gives swapped and negative strides; the compiled path reads the view where it lies,
+    # where the numpy code first copies it (a pose stage shows wide crops turned upright).
+    from edged.stages.vision.preprocess import Scratch, _Plan
+
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    for turn in (1, 2, 3):
+        view = np.rot90(frame[40:440, 100:400], turn)
+        assert any(s < 0 for s in view.strides)
+        plan = _Plan(*view.shape[:2], 256, 256, True, True, np.dtype(np.uint8), gather=False,
+                     scratch=Scratch(), resampler="compiled")
+        plan.resample(view)
+        tracemalloc.start()
+        try:
+            got = plan.resample(view)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16_000, peak  # a copy of the view would be 360 kB
+        assert np.array_equal(got, resize_frame(np.ascontiguousarray(view), 256, 256, letterbox=True,
+                                                bilinear=True, resampler="numpy"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    manifest = load_manifest(REPO / "models")
+    return {name: (open_model(manifest[name], threads=1), manifest[name])
+            for name in ("face", "face_full_range", "person", "pose")}
+
+
+def _normalisations(models):
+    """Every shipped vision model with its own [input] table (float32 from [-1, 1] and [0, 1]
+    through the affine route, the quantised uint8 input through the steps route), and two with
+    per-channel mean/std (the table-gather route, float and quantised)."""
+    for name, (model, entry) in models.items():
+        yield name, model, entry
+    for name in ("face", "person"):
+        model, entry = models[name]
+        spread = dict(entry.input, mean=[120.0, 110.0, 100.0], std=[60.0, 62.0, 58.0])
+        spread.pop("range", None)
+        yield f"{name} per-channel", model, dataclasses.replace(entry, input=spread)
+
+
+def test_compiled_and_numpy_fill_the_same_model_input(models):
+    # The compiled path resamples and maps through the table in one pass; the numpy one resamples,
+    # then normalises by its cheapest route. Both must leave the same bytes in the input slot, and
+    # hand back the same pixels, for regions read in place, turned views, frames already at the
+    # model's size, and pixels another stage resampled.
+    rng = np.random.default_rng(1406)
+    for label, model, entry in _normalisations(models):
+        ref = Preprocessor(model, entry, resampler="numpy")
+        fast = Preprocessor(model, entry, resampler="compiled")
+        assert ref._map.kind == {"person": "steps"}.get(label, "gather" if "per-channel" in label else "affine")
+        sizes = [(int(a), int(b)) for a, b in rng.integers(1, 400, (40, 2))]
+        sizes += [(ref.height, ref.width), (ref.height, max(1, ref.width // 2))]  # nothing to resample
+        for n, (h, w) in enumerate(sizes):
+            ox, oy = (int(v) for v in rng.integers(0, 9, 2))
+            frame = rng.integers(0, 256, (h + oy + 2, w + ox + 3, 3), dtype=np.uint8)
+            sub = frame[oy:oy + h, ox:ox + w]
+            turn = n % 4 if n < 40 else 0
+            if turn:
+                sub = np.rot90(sub, turn)
+            base = None if turn else frame
+            box_a, px_a = ref.fill(sub, 1, base=base, at=(ox, oy))
+            box_b, px_b = fast.fill(sub, 1, base=base, at=(ox, oy))
+            where = (label, h, w, ox, oy, turn)
+            assert box_a == box_b, where
+            assert np.array_equal(px_a, px_b), where
+            assert np.array_equal(ref.buffer(1).view(np.uint8), fast.buffer(1).view(np.uint8)), where
+            shared = px_a.copy()  # another stage's pixels: only the table runs
+            ref.fill(sub, 1, shared, base=base, at=(ox, oy))
+            fast.fill(sub, 1, shared, base=base, at=(ox, oy))
+            assert np.array_equal(ref.buffer(1).view(np.uint8), fast.buffer(1).view(np.uint8)), where
+
+
+def test_edged_resampler_numpy_keeps_the_numpy_code():
+    code = ("from edged.stages.vision import native, preprocess; import numpy as np; "
+            "p = preprocess._Plan(40, 50, 30, 30, False, True, np.dtype(np.uint8)); "
+            "print(native.name(), native.STATUS, p.lib is None)")
+    env = dict(os.environ, EDGED_RESAMPLER="numpy")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "numpy" and "EDGED_RESAMPLER=numpy" in out and out.split()[-1] == "True"
