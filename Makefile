@@ -40,13 +40,19 @@ HA_VERSION ?= 2024.3.3
 test-ha: deps test-deps test-venv $(HA_VENV)/.installed
 	EDGED_HA_PYTHON=$(HA_VENV)/bin/python $(PY) -m pytest -q -p no:cacheprovider tests-ha
 
+# HA is installed under its own pins (package_constraints.txt in its wheel) from the start: its
+# loose requirements alone send pip backtracking for a long time through newer Bluetooth packages.
 $(HA_VENV)/.installed:
 	@[ -x $(HA_VENV)/bin/python ] || $(PYTHON) -m venv $(HA_VENV)
-	$(HA_VENV)/bin/pip install --disable-pip-version-check homeassistant==$(HA_VERSION)
+	$(HA_VENV)/bin/pip download --disable-pip-version-check -q --no-deps -d $(HA_VENV)/wheel homeassistant==$(HA_VERSION)
+	$(HA_VENV)/bin/python -c 'import sys, zipfile; w = zipfile.ZipFile(sys.argv[1]); \
+		sys.stdout.write(w.read("homeassistant/package_constraints.txt").decode())' \
+		$(HA_VENV)/wheel/homeassistant-$(HA_VERSION)-py3-none-any.whl > $(HA_VENV)/constraints.txt
+	$(HA_VENV)/bin/pip install --disable-pip-version-check homeassistant==$(HA_VERSION) -c $(HA_VENV)/constraints.txt
 	$(HA_VENV)/bin/python tests-ha/ha_requirements.py > $(HA_VENV)/requirements.txt
 	@# josepy 2 dropped what the acme package under HA 2024.3's cloud integration imports.
 	$(HA_VENV)/bin/pip install --disable-pip-version-check -r $(HA_VENV)/requirements.txt 'josepy<2' \
-		-c "$$($(HA_VENV)/bin/python -c 'import homeassistant, os; print(os.path.dirname(homeassistant.__file__))')/package_constraints.txt"
+		-c $(HA_VENV)/constraints.txt
 	@touch $@
 
 bench: deps cloud-deps cloud-venv

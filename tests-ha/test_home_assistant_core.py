@@ -175,3 +175,42 @@ def test_home_assistant_shows_updates_and_removes_edged_entities(tmp_path, broke
                       and not [e for e in ha.edged_entities() if "cat" in e], 120), ha.edged_entities()
     assert d.stop() == 0
     assert ha.complaints() == [], "\n".join(ha.complaints())
+
+
+def test_track_events_fire_the_event_entity_with_their_attributes(tmp_path, broker, daemon_factory,
+                                                                  home_assistant):
+    """The `track` event entity of the events policy: the daemon's own track events (faces on
+    the demo photos) fire it with their label and id; and its template, rendered by Home
+    Assistant itself, passes a person's posture on (a fall) and leaves it out where a track has none."""
+    ha = home_assistant
+    path = tmp_path / "edged.toml"
+    write_config(path, broker, extra=FAST, vision='[vision]\nmodel = "face"\npublish = "events"\n')
+    d = daemon_factory(path).start()
+
+    def track() -> dict:
+        hits = [s for e, s in ha.edged_entities().items() if e.startswith("event.") and e.endswith("_track")]
+        return hits[0] if hits else {}
+
+    assert wait_until(lambda: track().get("attributes", {}).get("label") == "face", 120), \
+        (ha.edged_entities(), d.output())
+    fired = track()["attributes"]
+    assert fired["event_type"] in ("new", "update", "end") and isinstance(fired["id"], int), fired
+    assert "posture" not in fired, fired
+
+    config = json.loads(_retained(broker, "homeassistant/event/test-dev/track/config"))
+    for payload, want in (({"type": "update", "id": 7, "label": "person", "dwell_s": 12.5, "posture": "fallen"},
+                           {"event_type": "update", "label": "person", "id": 7, "dwell_s": 12.5, "posture": "fallen"}),
+                          ({"type": "new", "id": 8, "label": "face", "dwell_s": 0.0, "parent": 7},
+                           {"event_type": "new", "label": "face", "id": 8, "dwell_s": 0.0})):
+        text = "{% set value_json = " + json.dumps(payload) + " %}" + config["value_template"]
+        assert json.loads(ha.template(text)) == want
+    assert d.stop() == 0
+    assert ha.complaints() == [], "\n".join(ha.complaints())
+
+
+def _retained(broker, topic: str) -> bytes:
+    """The retained message on `topic`, read with mosquitto_sub."""
+    r = subprocess.run(["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", topic, "-C", "1",
+                        "-W", "10"], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
