@@ -637,6 +637,32 @@ def test_fleet_sim_command_feeds_a_worker(ingest_broker, db, workers):
     assert sum(n for _, n, _, _ in rows) == made and all(lo == 1 and hi == n for _, n, lo, hi in rows)
 
 
+def test_a_dropped_simulated_device_reconnects_without_waiting_to_write(ingest_broker):
+    """A drop is noticed at once, not when the device next writes: a device with nothing more to
+    send comes back well within its keepalive. (A drop at the very end of `edged fleet-sim`, with
+    results in flight, once left them unacknowledged past the 30-s drain.)"""
+    from edged.cloud.fleet import Fleet
+
+    onlines = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: onlines.append(m.payload) if m.payload == b"online" else None
+    sub.connect(ingest_broker.host, ingest_broker.port)
+    sub.subscribe("edged/dropped-0000/status", qos=1)
+    sub.loop_start()
+    fleet = Fleet(ingest_broker.host, ingest_broker.port, 1, id_prefix="dropped", motion_hz=0, detection_every_s=0,
+                  stats_every_s=0, keepalive_s=120).start()
+    try:
+        assert wait_until(lambda: len(onlines) >= 1, 30)
+        fleet.drop(0)
+        # Each connect publishes `online`: the second is the reconnect, with nothing written between.
+        assert wait_until(lambda: len(onlines) >= 2, 60), onlines
+        assert fleet.devices[0].connected
+    finally:
+        fleet.stop()
+        sub.loop_stop()
+        sub.disconnect()
+
+
 def test_track_events_land_and_a_row_the_database_refuses_is_rejected_alone(ingest_broker, db, workers):
     """Events are results like the others (their own view); and a row the database refuses —
     here through a constraint added for the test — goes to `rejected` by itself while the rest of

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import random
 import selectors
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class Fleet:
         self._command(lambda: self._restart(i))
 
     def drop(self, i: int) -> None:
-        """Device i's network drops: the socket closes, paho reconnects and re-sends."""
+        """Device i's network drops: the connection ends, paho notices at once, reconnects and re-sends."""
         self._command(lambda: self._drop(i))
 
     def pause(self) -> None:
@@ -354,11 +355,17 @@ class Fleet:
         self._connect(i)
 
     def _drop(self, i: int) -> None:
+        # The connection ends under paho as a network fault ends it: shut down, not closed, and
+        # still watched, so paho's next read sees the end at once and the loop reconnects. (A
+        # socket closed behind paho's back went unnoticed until paho next wrote: a device with
+        # nothing more to send, its last results unacknowledged, waited out the keepalive.)
         d = self.devices[i]
         sock = d.client.socket()
-        self._unregister(i)
         if sock is not None:
-            sock.close()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone: paho sees that too
         d.connected = False
         d.reconnect_at = time.monotonic() + 0.2
 
