@@ -260,7 +260,17 @@ class DaemonProc:
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Where it is stuck: SIGUSR2 makes the daemon print every thread's stack.
+            self.proc.send_signal(signal.SIGUSR2)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            raise AssertionError(f"the daemon had not exited {timeout:.0f} s after SIGTERM; the end of its "
+                                 f"output, with its threads' stacks:\n{self.output()[-6000:]}") from None
 
     def stop_sequence_s(self) -> float:
         """How long the daemon's last stop took by its own clock: from its "stopping" line to

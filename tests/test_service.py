@@ -98,6 +98,16 @@ def test_watchdog_stops_when_the_camera_hangs(tmp_path, broker):
         time.sleep(2.0)
         assert ns.count("WATCHDOG=1") == n, "petting went on while the camera was hung"
         assert proc.poll() is None  # the daemon does not kill itself: systemd restarts it
+        # Where it is stuck: SIGUSR2 prints every thread's stack and the daemon goes on; systemd's
+        # watchdog kill (SIGABRT) prints them too, before the process ends. Both show the camera
+        # thread in its read.
+        proc.send_signal(signal.SIGUSR2)
+        assert wait_until(lambda: "in _camera_loop" in log.read_text(), 30), log.read_text()[-4000:]
+        assert proc.poll() is None and "Fatal Python error" not in log.read_text()
+        proc.send_signal(signal.SIGABRT)
+        assert proc.wait(60) == -signal.SIGABRT
+        out = log.read_text()
+        assert "Fatal Python error: Aborted" in out and out.count("in _camera_loop") == 2, out[-4000:]
     finally:
         proc.kill()
         proc.wait()

@@ -9,6 +9,7 @@ The main thread handles signals, publishes stats, and stops everything in order.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
@@ -597,6 +598,14 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda s, f: self.stop(f"signal {signal.Signals(s).name}"))
         signal.signal(signal.SIGHUP, lambda s, f: self.reload_event.set())
+        # Every thread's stack on stderr (the journal): after a crash in native code (the
+        # interpreter, the resampler, a delegate) or systemd's watchdog kill (SIGABRT), and on
+        # SIGUSR2, after which the daemon goes on (`systemctl kill -s USR2 edged`).
+        try:
+            faulthandler.enable(all_threads=True)
+            faulthandler.register(signal.SIGUSR2, all_threads=True)
+        except (AttributeError, OSError, RuntimeError, ValueError):  # no stderr to write to
+            pass
 
     def stop(self, reason: str = "") -> None:
         if not self.stop_event.is_set():
