@@ -60,14 +60,17 @@ def _resample_ms(stage, image: np.ndarray, region: tuple[int, int, int, int], n:
     return median(times), min(times)
 
 
-def _stream_ms(graph, images: list, n: int, overlap: bool) -> tuple[float, float, float]:
+def _stream_ms(graph, images: list, n: int, overlap: bool,
+               trace: list | None = None) -> tuple[float, float, float]:
     """ms per frame of `n` frames (the images in turn) through the daemon's FrameRunner; the
     share of that time an interpreter was invoking (the invokes as timed where they ran); and,
     with overlap, the vision thread's CPU time over the invoke thread's (what a free core must
-    hide)."""
+    hide). With `trace` (a list), the stream's finished units are appended to it, followed by
+    the stream's start and end (perf_counter)."""
     from edged.stages.vision.overlap import FrameRunner
 
     runner = FrameRunner(graph, overlap=overlap)  # its invoke thread inherits this thread's CPUs
+    graph.trace = [] if trace is not None else None
     try:
         busy = graph.invoke_ms
         cpu0 = thread_cpu_s()
@@ -75,13 +78,60 @@ def _stream_ms(graph, images: list, n: int, overlap: bool) -> tuple[float, float
         for k in range(n):
             runner.push(images[k % len(images)])
         runner.flush()
-        wall = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        wall = (t1 - t0) * 1000
         cpu1 = thread_cpu_s()
         me = threading.current_thread().name
         cpu = {t: cpu1.get(t, 0.0) - cpu0.get(t, 0.0) for t in (me, "vision-invoke")}
+        if trace is not None:
+            trace.append((graph.trace, t0, t1))
         return wall / n, (graph.invoke_ms - busy) / wall, cpu[me] / max(cpu["vision-invoke"], 1e-9)
     finally:
+        graph.trace = None
         runner.close()
+
+
+IDLE_CAUSES = {
+    "crop": "the next crop's input not ready (its Python outran the invoke before it)",
+    "frame": "between frames (the next frame's first input, the last frame's end)",
+    "other": "another unit's input not ready",
+    "handoff": "input ready: commit, the last invoke's output copy, the thread switch",
+    "ends": "the stream's first input and its last decoding",
+}
+
+
+def idle_causes(units: list, start: float, end: float) -> dict[str, float]:
+    """Where the interpreter idled during a stream, as shares of its time (perf_counter `start`
+    to `end`): between one invoke's end and the next one's start, the part until the next unit's
+    input was ready is that unit's preparation (by kind: a crop, a frame's first unit, another),
+    the rest hand-off; before the first invoke and after the last, the stream's ends. With
+    the interpreter's busy share they sum to 1."""
+    order = sorted(units, key=lambda u: u.invoked)
+    out = dict.fromkeys(IDLE_CAUSES, 0.0)
+    wall = end - start
+    if not order or wall <= 0:
+        return out
+    out["ends"] = (order[0].invoked - start) + (end - order[-1].invoked - order[-1].invoke_ms / 1000.0)
+    for prev, u in zip(order, order[1:]):
+        done = prev.invoked + prev.invoke_ms / 1000.0
+        gap = max(0.0, u.invoked - done)
+        late = min(gap, max(0.0, u.ready - done))
+        kind = ("frame" if u.frame is not prev.frame else
+                "crop" if u.run.spec.source is not None else "other")
+        out[kind] += late
+        out["handoff"] += gap - late
+    return {k: v / wall for k, v in out.items()}
+
+
+def unit_python(units: list) -> dict[str, tuple[float, float, float, float]]:
+    """Per stage: (median, fastest) ms of a unit's preparation and of its decoding on the vision
+    thread."""
+    by: dict[str, tuple[list, list]] = {}
+    for u in units:
+        prep, dec = by.setdefault(u.run.spec.name, ([], []))
+        prep.append(u.ms)
+        dec.append(u.decode_ms)
+    return {name: (median(p), min(p), median(d), min(d)) for name, (p, d) in by.items()}
 
 
 def stages(quick: bool = False) -> list[Figure]:
@@ -208,6 +258,7 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
         r.stage.preprocess(np.zeros((r.stage.preprocess.height, r.stage.preprocess.width, 3), np.uint8))
     busy: dict[tuple[int, bool], list[float]] = {}
     pythons: list[float] = []
+    traces: list = []  # the two-core overlapped streams: (units, start, end)
     _stream_ms(graph, images, len(images), True)  # warm: the second input slots and output copies
     saved = os.sched_getaffinity(0)
     try:
@@ -216,7 +267,8 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
                 pin(cores)
                 for overlap in (False, True):
                     before = _bare_frames_ms(graph, invokes_of)
-                    ms, share, python = _stream_ms(graph, images, n_stream, overlap)
+                    traced = traces if overlap and n_cores == len(sets) else None
+                    ms, share, python = _stream_ms(graph, images, n_stream, overlap, traced)
                     after = _bare_frames_ms(graph, invokes_of)
                     floor = (before + after) / 2
                     key = (n_cores, overlap)
@@ -248,6 +300,25 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
                       note="the Python work per frame (preparing, decoding, merging) against the invokes, in CPU "
                            "time: below 1, a free second core can hide all of it; rounds: "
                            + ", ".join(f"{p:.3f}" for p in pythons)))
+    where = "one core" if len(sets) == 1 else "two cores"
+    shares = [idle_causes(*t) for t in traces]
+    for cause, what in IDLE_CAUSES.items():
+        values = [sh[cause] for sh in shares]
+        out.append(Figure("stages", f"interpreter idle, {where}, overlap on: {cause}", round(median(values), 4), "×",
+                          note=f"share of the stream's time: {what}; rounds: "
+                               + ", ".join(f"{v:.4f}" for v in values)))
+    steady = [sum(u.invoke_ms for u in t[0]) / 1000.0 / ((t[2] - t[1]) * (1.0 - sh["ends"]))
+              for t, sh in zip(traces, shares)]
+    out.append(Figure("stages", f"interpreter busy, {where}, overlap on, within the stream", round(median(steady), 3), "×",
+                      note="the busy share without the stream's first input and last decoding, which a "
+                           "daemon's endless stream does not have; rounds: " + ", ".join(f"{v:.3f}" for v in steady)))
+    units = [u for t in traces for u in t[0]]
+    for name, (prep, prep_min, dec, dec_min) in unit_python(units).items():
+        out.append(Figure("stages", f"Python per unit, stage {name}: prepare", round(prep, 3), "ms",
+                          note=f"median (fastest {prep_min:.3f} ms): crop or view, resampling, normalisation, "
+                               "on the vision thread, overlap on"))
+        out.append(Figure("stages", f"Python per unit, stage {name}: decode", round(dec, 3), "ms",
+                          note=f"median (fastest {dec_min:.3f} ms): decoding and placing its objects"))
     for n_cores, _ in sets:
         if (n_cores, True) in ratios:
             gain = [a / b for a, b in zip(ratios[(n_cores, True)], ratios[(n_cores, False)])]

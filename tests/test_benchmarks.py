@@ -182,6 +182,16 @@ def test_stage_figures_cover_each_stage_and_the_floor(results):
     assert f["pose, pedestrian lying (102x44)"].note.startswith("2 view(s)")
     assert f["pose, astronaut upright (344x498)"].note.startswith("1 view(s)")
     assert f["pose, astronaut: lying ÷ upright"].value > 0
+    # Where the interpreter idled, by cause: with its busy share, the whole of the stream's time.
+    where = "two cores" if len(os.sched_getaffinity(0)) >= 2 else "one core"
+    idle = [x for n, x in f.items() if n.startswith(f"interpreter idle, {where}, overlap on: ")]
+    assert len(idle) == 5 and all(x.value >= 0 for x in idle)
+    busy = [float(v) for v in f[f"interpreter busy, {where}, overlap on"].note.rsplit("rounds: ", 1)[1].split(", ")]
+    assert sum(x.value for x in idle) + busy[-1] == pytest.approx(1.0, abs=0.01)
+    assert busy[-1] <= f[f"interpreter busy, {where}, overlap on, within the stream"].value <= 1.0
+    for stage in ("people", "faces", "faces_in_people"):
+        for part in ("prepare", "decode"):
+            assert f[f"Python per unit, stage {stage}: {part}"].value > 0
     resampled = [n for n in f if n.startswith("resample ")]
     assert len(resampled) == 3 and all(f[n].value > 0 and "fastest" in f[n].note for n in resampled)
 

@@ -306,6 +306,32 @@ def test_detections_on_photos_are_the_same_on_both_routes(request, monkeypatch, 
         assert on_python  # somebody is in view: the routes had something to agree on
 
 
+@pytest.mark.parametrize("model", ["face", "face_full_range"])
+def test_blazeface_float_outputs_read_as_stored_give_exactly_the_dequantised_route(manifest, model):
+    # decode_model reads a float model's outputs as stored (an OutputCopy's own buffers, or the
+    # interpreter's), not through Model.output's copies: the same detections to the last bit,
+    # from the model itself and from a copy taken after the invoke.
+    from edged.runtime import OutputCopy
+
+    entry = manifest[model]
+    st = VisionStage(open_model(entry, threads=1), entry)
+    dec = st.decoder
+    assert dec._as_stored
+    found = 0
+    for name in ("astronaut", "camera", "coffee"):
+        st.preprocess(load(name))
+        st.model.invoke()
+        for threshold in (dec.score_threshold, 0.05):
+            reference = dec.decode([st.model.output(i) for i in range(len(st.model.outputs))], threshold)
+            copy = OutputCopy(st.model, tuple(dec.reads))
+            copy.capture(st.model)
+            for source in (st.model, copy):
+                got = dec.decode_model(source, threshold)
+                assert (got.boxes, got.scores, got.classes) == (reference.boxes, reference.scores, reference.classes)
+            found += len(reference.scores)
+    assert found >= 2  # the astronaut's face at least, at both thresholds
+
+
 def test_ssd_int8_outputs_read_as_stored_keep_the_exact_threshold(person, monkeypatch):
     # The stored-code bound is one code below the threshold; the float comparison decides.
     import edged.stages.vision.boxes

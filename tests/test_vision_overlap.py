@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from conftest import wait_until, write_config
 from edged.fakes.tpu import FakeEdgeTpu
 from edged.models import load_manifest
 from edged.stages.vision.graph import DEFAULT_CHAIN, StageSpec, open_graph
-from edged.stages.vision.overlap import FrameRunner
+from edged.stages.vision.overlap import FrameRunner, Invoker
 from edged.tpu import TpuError, open_for_backend
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,6 +174,47 @@ def test_a_stop_abandons_the_frame_after_the_invoke_running_then(manifest, frame
         gate.set()
         assert runner.close(timeout=30)
     assert len(started) == 1
+
+
+def test_a_unit_handed_to_an_idle_invoke_thread_is_started_before_the_vision_thread_goes_on(manifest, frames):
+    # The invoke thread needs the GIL to start an invoke. Handed a unit while it waits for work,
+    # it has taken it when submit returns, so the vision thread's Python that follows (decoding
+    # the last unit, preparing the next) cannot keep the interpreter idle meanwhile. Shown with a
+    # switch interval so long that the GIL changes hands only where a thread blocks: the unit's
+    # input is committed while the pure-Python loop after submit runs. Before, the invoke thread
+    # waited for that loop to end (in the daemon: up to 5 ms, the default interval).
+    graph = open_graph([StageSpec(name="faces", model="face")], manifest, threads=1)
+    pre = graph.runs[0].stage.preprocess
+    real, entered = pre.commit, threading.Event()
+
+    def commit(slot: int = 0) -> None:  # the first thing a unit's invoke does
+        entered.set()
+        real(slot)
+
+    pre.commit = commit
+    fw = graph.start(frames[0])
+    unit = next(graph.units(fw, overlap=True))
+    invoker = Invoker()
+    saved = sys.getswitchinterval()
+    seen = False
+    try:
+        assert wait_until(lambda: invoker._idle, 30)
+        sys.setswitchinterval(30.0)
+        job = invoker.submit(unit)
+        deadline = time.perf_counter() + 10.0
+        while time.perf_counter() < deadline:  # Python only: no GIL given up here
+            if entered.is_set():
+                seen = True
+                break
+    finally:
+        sys.setswitchinterval(saved)
+    try:
+        assert seen
+        assert job.done.wait(60) and unit.error is None
+        graph.finish(unit)
+        assert fw.objects == graph.detect(frames[0])
+    finally:
+        assert invoker.close(timeout=30)
 
 
 def test_output_copies_reuse_their_buffers(chain, frames):

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from edged.models import ModelEntry, ModelError
-from edged.runtime import TensorSpec
+from edged.runtime import Model, TensorSpec
 from edged.stages.vision import boxes as box_ops
 from edged.stages.vision.boxes import logit, nms, nms_few, sigmoid, sigmoid_py, ssd_anchors
 from edged.stages.vision.decoder import Decoded, Decoder
@@ -49,6 +49,20 @@ class BlazeFaceDecoder(Decoder):
             raise ModelError(f"{where(entry, 'params')}.nms: expected \"weighted\" or \"hard\", "
                              f"got {nms_kind!r}")
         self.weighted = nms_kind == "weighted"
+        # Float outputs are their own values: read as stored, without Model.output's copy.
+        self._as_stored = all(self.outputs[i].dtype == np.float32 and not self.outputs[i].quantized
+                              for i in self.reads)
+
+    def decode_model(self, model: Model, threshold: float) -> Decoded:
+        """For float outputs, `decode` on the outputs as stored (an `OutputCopy`'s own buffers,
+        or one copy from the interpreter): `Model.output` would copy all 2304 x 17 values once
+        more for the few rows a decode reads. Quantised outputs are dequantised as usual."""
+        if not self._as_stored:
+            return super().decode_model(model, threshold)
+        outputs: list = [None] * len(self.outputs)
+        for i in self.reads:
+            outputs[i] = model.raw_output(i)
+        return self.decode(outputs, threshold)
 
     def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
         raw = outputs[self._boxes].reshape(-1, outputs[self._boxes].shape[-1])

@@ -134,8 +134,11 @@ class Unit:
     slot: int
     box: Letterbox
     outputs: object = None
-    ms: float = 0.0          # preprocessing and decoding, on the vision thread
+    ms: float = 0.0          # preprocessing, on the vision thread (finish adds its decoding)
     invoke_ms: float = 0.0
+    ready: float = 0.0       # perf_counter() when its input was prepared
+    invoked: float = 0.0     # perf_counter() when its invoke started (after the commit)
+    decode_ms: float = 0.0   # its decoding, on the vision thread
     error: BaseException | None = None
     turn: int = 0            # the region shown turned this many quarter turns (np.rot90)
     views: int = 1           # views of this region (turns) the stage asked for; the best one counts
@@ -145,7 +148,7 @@ class Unit:
         """Commit the prepared input, invoke, and (with a copy to fill) copy the outputs."""
         st = self.run.stage
         st.preprocess.commit(self.slot)
-        t0 = time.perf_counter()
+        self.invoked = t0 = time.perf_counter()
         st.model.invoke()
         self.invoke_ms = (time.perf_counter() - t0) * 1000.0
         copy = self.outputs
@@ -201,6 +204,7 @@ class VisionGraph:
         self._tiles: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}
         self._share_bufs: dict[tuple[int, int], np.ndarray] = {}
         self.invoke_ms = 0.0  # all invokes of all finished units so far: how long the interpreters ran
+        self.trace: list | None = None  # when a list, every finished unit is appended (benchmarks/stages.py)
         if share_input:
             self._link_shared()
 
@@ -316,8 +320,9 @@ class VisionGraph:
                     outputs = run.copies[slot]
                     if outputs is None:
                         outputs = run.copies[slot] = OutputCopy(st.model, tuple(st.reads))
-                yield Unit(run, fw, region, drop_cut, parent, slot, box, outputs,
-                           ms=(time.perf_counter() - t0) * 1000.0, turn=turn, views=nviews, last_view=last)
+                now = time.perf_counter()
+                yield Unit(run, fw, region, drop_cut, parent, slot, box, outputs, ms=(now - t0) * 1000.0,
+                           ready=now, turn=turn, views=nviews, last_view=last)
 
     def _keep(self, stage: int, n: int, pixels: np.ndarray) -> np.ndarray:
         """A copy of a unit's resampled pixels that outlives the stage's next unit, in a buffer
@@ -375,10 +380,13 @@ class VisionGraph:
             fw.mine[s.name].append(len(fw.found))
             fw.found.append(_Found(DetectedObject(o.label, o.score, fb, signature=o.signature), s.name, unit.parent))
         self.invoke_ms += unit.invoke_ms
-        fw.ms[s.name] += unit.ms + unit.invoke_ms + (time.perf_counter() - t0) * 1000.0
+        unit.decode_ms = (time.perf_counter() - t0) * 1000.0
+        fw.ms[s.name] += unit.ms + unit.invoke_ms + unit.decode_ms
         fw.left[s.name] -= 1
         if fw.left[s.name] == 0:
             self._complete(run, fw)
+        if self.trace is not None:
+            self.trace.append(unit)
 
     def _complete(self, run: StageRun, fw: FrameWork) -> None:
         s = run.spec

@@ -31,11 +31,12 @@ from edged.stages.vision.preprocess import check_image
 
 
 class _Job:
-    __slots__ = ("unit", "done", "skipped")
+    __slots__ = ("unit", "done", "started", "skipped")
 
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
         self.done = threading.Event()
+        self.started = threading.Event()  # taken off the queue by the invoke thread
         self.skipped = False  # not invoked: the stop came first
 
 
@@ -47,27 +48,38 @@ class Invoker:
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._idle = False  # waiting for a job (under _cond)
         self._stop = stop
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, unit: Unit) -> _Job:
+        """Queue `unit`'s invoke. When the invoke thread was idle, return only once it has taken
+        the job: it needs the GIL to start the invoke, and a caller going straight on with
+        Python work (decoding, preparing the next input) would keep it for up to the
+        interpreter's switch interval (5 ms) while the interpreter has nothing to do."""
         job = _Job(unit)
         with self._cond:
             if self._closed:
                 raise RuntimeError("vision: the invoke thread is closed")
+            idle = self._idle
             self._jobs.append(job)
             self._cond.notify()
+        if idle:
+            job.started.wait()  # blocking lets the GIL go; the invoke releases it again
         return job
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._jobs and not self._closed:
+                    self._idle = True
                     self._cond.wait()
+                self._idle = False
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
+            job.started.set()
             if self._stop is not None and self._stop.is_set():
                 job.skipped = True
                 job.done.set()
