@@ -12,7 +12,9 @@ place, the floor any frame path has to pay. The efficiency is measured on a stre
 two scenes in turn) through `FrameRunner`, the daemon's own path, in rounds: each round times the
 stream with overlap off and on, pinned to one core and then to two, each stream between two runs
 of the same invokes bare on the same cores (their mean is its floor), so that a ratio is taken
-within a few seconds of load.
+within a few seconds of load. The resampling of one view is timed with both resamplers (numpy and
+the compiled one, which give the same bytes), and each round also streams once with the numpy
+one for its CPU ratio beside the compiled one's.
 """
 
 from __future__ import annotations
@@ -44,20 +46,40 @@ def _bare_ms(stage, n: int) -> float:
     return median(times)
 
 
-def _resample_ms(stage, image: np.ndarray, region: tuple[int, int, int, int], n: int) -> tuple[float, float]:
+def _view_ms(stage, image: np.ndarray, region: tuple[int, int, int, int], n: int,
+             resampler: str) -> tuple[float, float, float, float]:
     """Median and fastest ms of the stage's resampling of one region of `image` (read in place,
-    as the graph reads its tiles and crops), with its plan and buffers warm. On a shared machine
-    the fastest is the closer to the work itself: the median carries the time other work took."""
+    as the graph reads its tiles and crops), then the same of the whole fill (resampled and
+    normalised into an input slot: a view's preprocessing), by `resampler` ("numpy" or
+    "compiled"), with its plan and buffers warm. On a shared machine the fastest is the closer to
+    the work itself: the median carries the time other work took."""
+    from edged.stages.vision.preprocess import Preprocessor
+
     x0, y0, x1, y1 = region
     sub = image[y0:y1, x0:x1]
-    plan = stage.preprocess.plan(*sub.shape[:2])
-    plan.resample(sub, image, (x0, y0))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        plan.resample(sub, image, (x0, y0))
-        times.append((time.perf_counter() - t0) * 1000)
-    return median(times), min(times)
+    pre = Preprocessor(stage.model, stage.entry, resampler=resampler)
+    plan = pre.plan(*sub.shape[:2])
+    out = []
+    for work in (lambda: plan.resample(sub, image, (x0, y0)), lambda: pre.fill(sub, 1, base=image, at=(x0, y0))):
+        work()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            work()
+            times.append((time.perf_counter() - t0) * 1000)
+        out += [median(times), min(times)]
+    return tuple(out)
+
+
+def _use(graph, resampler: str | None) -> None:
+    """Every stage of `graph` resamples by `resampler` from its next fill on ("numpy", or None for
+    this process's choice); each keeps the plans it made for either, so a switch builds none."""
+    for r in graph.runs:
+        pre = r.stage.preprocess
+        kept = pre.__dict__.setdefault("_bench_plans", {})
+        kept[pre.resampler] = pre._plans
+        pre._plans = kept.get(resampler, {})
+        pre.resampler = resampler
 
 
 def _stream_ms(graph, images: list, n: int, overlap: bool,
@@ -136,6 +158,7 @@ def unit_python(units: list) -> dict[str, tuple[float, float, float, float]]:
 
 def stages(quick: bool = False) -> list[Figure]:
     from edged.models import load_manifest
+    from edged.stages.vision import native
     from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
 
     manifest = load_manifest(REPO / "models")
@@ -154,14 +177,27 @@ def stages(quick: bool = False) -> list[Figure]:
     h, w = img.shape[:2]
     tile = full._tile_boxes(2, h, w)[3]
     people, faces = full.runs[0], full.runs[1]
+    # Both resamplers: the numpy code and the compiled one (edged/stages/vision/_resample.c, the
+    # same bytes), each resampling alone and as the whole fill of the model input.
+    kinds = ["numpy"] + (["compiled"] if native.library()[0] is not None else [])
     for label, run, region in (("frame", people, (0, 0, w, h)), ("2x2 tile", people, tile),
                                ("frame, letterboxed", faces, (0, 0, w, h))):
         pre = run.stage.preprocess
-        ms, fastest = _resample_ms(run.stage, img, region, n_bare)
-        figures.append(Figure("stages", f"resample {label} ({region[2] - region[0]}x{region[3] - region[1]}) "
-                              f"to {pre.width}x{pre.height}", round(ms, 3), "ms",
-                              note=f"median (fastest {fastest:.2f} ms); bilinear in fixed point, the region "
-                                   "read in place"))
+        view = f"{label} ({region[2] - region[0]}x{region[3] - region[1]}) to {pre.width}x{pre.height}"
+        fastest = {}
+        for kind in kinds:
+            ms, best, fill_ms, fill_best = _view_ms(run.stage, img, region, n_bare, kind)
+            fastest[kind] = (best, fill_best)
+            figures.append(Figure("stages", f"resample {view}, {kind}", round(ms, 3), "ms",
+                                  note=f"median (fastest {best:.3f} ms); bilinear in fixed point, the region "
+                                       "read in place"))
+            figures.append(Figure("stages", f"fill {view}, {kind}", round(fill_ms, 3), "ms",
+                                  note=f"median (fastest {fill_best:.3f} ms); resampled and normalised "
+                                       "into the model input"))
+        if len(kinds) == 2:
+            (a, fa), (b, fb) = fastest["numpy"], fastest["compiled"]
+            figures.append(Figure("stages", f"resample {view}: numpy ÷ compiled", round(a / b, 2), "×",
+                                  note=f"fastest of {n_bare} each; the whole fill: {fa / fb:.2f}×"))
     images = []
     invokes_of: list[dict[str, int]] = []   # per frame of the stream: invokes per stage
     for frame_name in FRAMES:
@@ -246,9 +282,13 @@ def _bare_frames_ms(graph, invokes_of) -> float:
 
 
 def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> list[Figure]:
-    """Summed bare invokes / frame time on the stream, overlap off and on, 1 core and 2. Each
-    stream is timed between two runs of the same invokes bare, on the same cores: their mean is
-    its floor, so a change in the machine's load between segments moves both sides."""
+    """Summed bare invokes / frame time on the stream, overlap off and on, 1 core and 2, with this
+    process's resampler (the compiled one when built). Each stream is timed between two runs of
+    the same invokes bare, on the same cores: their mean is its floor, so a change in the
+    machine's load between segments moves both sides. Each round also streams once with the
+    numpy resampler, for its CPU ratio."""
+    from edged.stages.vision import native
+
     have = cpus()
     sets = [(1, {have[0]})] + ([(2, set(have[:2]))] if len(have) >= 2 else [])
     ratios: dict[tuple[int, bool], list[float]] = {}
@@ -259,7 +299,13 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
     busy: dict[tuple[int, bool], list[float]] = {}
     pythons: list[float] = []
     traces: list = []  # the two-core overlapped streams: (units, start, end)
+    numpy_pythons: list[float] = []
+    compiled = native.LIB is not None
     _stream_ms(graph, images, len(images), True)  # warm: the second input slots and output copies
+    if compiled:  # and the numpy resampler's plans, for the comparison below
+        _use(graph, "numpy")
+        _stream_ms(graph, images, len(images), True)
+        _use(graph, None)
     saved = os.sched_getaffinity(0)
     try:
         for _ in range(rounds):
@@ -278,6 +324,14 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
                     busy.setdefault(key, []).append(share)
                     if overlap:
                         pythons.append(python)
+            if compiled:
+                # The same stream with the numpy resampler, overlap on, on the last core set: its
+                # Python work against the invokes, in CPU time as above.
+                _use(graph, "numpy")
+                try:
+                    numpy_pythons.append(_stream_ms(graph, images, n_stream, True)[2])
+                finally:
+                    _use(graph, None)
     finally:
         pin(saved)
     out = []
@@ -288,7 +342,7 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
         out.append(Figure(
             "stages", f"efficiency, {where}, overlap {'on' if overlap else 'off'}", round(value, 3), "×",
             goal=f"≥ {goal}" if goal else "", ok=at_least(value, goal) if goal else None,
-            note=f"summed bare invokes {median(floors[(n_cores, overlap)]):.1f} ms per frame / frame time "
+            note=f"{native.name()} resampler; summed bare invokes {median(floors[(n_cores, overlap)]):.1f} ms per frame / frame time "
                  f"{median(frames[(n_cores, overlap)]):.1f} ms; rounds: {', '.join(f'{r:.3f}' for r in rs)}"))
         out.append(Figure(
             "stages", f"interpreter busy, {where}, overlap {'on' if overlap else 'off'}",
@@ -297,9 +351,14 @@ def _efficiency(graph, images, invokes_of, *, n_stream: int, rounds: int) -> lis
                  "the efficiency without the slowdown of invokes beside other work; rounds: "
                  + ", ".join(f"{b:.3f}" for b in busy[(n_cores, overlap)])))
     out.append(Figure("stages", "vision thread CPU ÷ invoke thread CPU, overlap on", round(median(pythons), 3), "×",
-                      note="the Python work per frame (preparing, decoding, merging) against the invokes, in CPU "
-                           "time: below 1, a free second core can hide all of it; rounds: "
-                           + ", ".join(f"{p:.3f}" for p in pythons)))
+                      note=f"{native.name()} resampler; the Python work per frame (preparing, decoding, merging) "
+                           "against the invokes, in CPU time: below 1, a free second core can hide all of it; "
+                           "rounds: " + ", ".join(f"{p:.3f}" for p in pythons)))
+    if numpy_pythons:
+        out.append(Figure("stages", "vision thread CPU ÷ invoke thread CPU, overlap on, numpy resampler",
+                          round(median(numpy_pythons), 3), "×",
+                          note="the same stream with EDGED_RESAMPLER=numpy's code, in the same rounds: "
+                               + ", ".join(f"{p:.3f}" for p in numpy_pythons)))
     where = "one core" if len(sets) == 1 else "two cores"
     shares = [idle_causes(*t) for t in traces]
     for cause, what in IDLE_CAUSES.items():
