@@ -137,3 +137,18 @@ def test_edged_resampler_numpy_keeps_the_numpy_code():
     env = dict(os.environ, EDGED_RESAMPLER="numpy")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "numpy" and "EDGED_RESAMPLER=numpy" in out and out.split()[-1] == "True"
+
+
+def test_doctor_says_which_resampler_runs():
+    from edged.config import Config
+    from edged.service import doctor
+
+    cfg = Config()
+    check = doctor.check_resampler(cfg)
+    assert (check.status, check.detail.split(":")[0]) == (("ok", "compiled") if native.LIB is not None
+                                                          else ("warn", "numpy"))
+    code = ("from edged.config import Config; from edged.service import doctor; "
+            "c = doctor.check_resampler(Config()); print(c.status, c.detail)")
+    env = dict(os.environ, EDGED_RESAMPLER="numpy")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "info numpy: EDGED_RESAMPLER=numpy"

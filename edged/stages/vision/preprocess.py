@@ -106,6 +106,13 @@ class _Plan:
         self.full = (rh, rw) == (model_h, model_w)
         self.bilinear = bilinear and not self.identity
         self.src = (frame_h, frame_w)
+        self.gather = gather
+        self._views: dict[str, np.ndarray] = {}
+        self.lib = _library(resampler)
+        if self.lib is not None:
+            if not self.identity:
+                self._compiled_taps(frame_h, frame_w, rh, rw)
+            return
         if self.bilinear:
             # Half-pixel centres, as TF's ResizeBilinear and OpenCV's INTER_LINEAR sample: each
             # output pixel blends the 2x2 source pixels around its centre. In fixed point, in two
@@ -130,22 +137,27 @@ class _Plan:
             self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
             cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
             self.cols = np.repeat(cols * 3, 3) + np.tile(np.arange(3, dtype=np.intp), rw)
-        self.gather = gather
-        self._views: dict[str, np.ndarray] = {}
-        self.lib = _library(resampler)
-        if self.lib is not None and not self.identity:
-            # The compiled resampler's taps, one int32 run each: source rows above and below each
-            # output row and the bottom row's weight, then source pixels left and right of each
-            # output pixel, and the right one's weight per element: the numpy code's own values.
-            # Nearest is the same with both taps on the nearest pixel and weights 0 (the blend of
-            # one pixel with itself is that pixel, exactly).
-            if self.bilinear:
-                runs = (self.y0, self.y1, self.by[:, 0], self.x0[::3] // 3, self.x1[::3] // 3, self.bx[0])
-            else:
-                cols = self.cols[::3] // 3
-                runs = (self.rows, self.rows, np.zeros(rh, np.intp), cols, cols, np.zeros(rw * 3, np.intp))
-            self.taps = np.concatenate([np.asarray(r, np.int64) for r in runs]).astype(np.int32)
-            self._taps_at = self.taps.ctypes.data
+
+    def _compiled_taps(self, frame_h: int, frame_w: int, rh: int, rw: int) -> None:
+        """The compiled resampler's taps, one int32 run each: source rows above and below each
+        output row and the bottom row's weight, then source pixels left and right of each output
+        pixel, and the right one's weight per value. The same numbers as the numpy code's index
+        maps and weights (computed by the same expressions, per pixel rather than per value),
+        without its per-value maps: a crop of a new size costs its plan every frame. Nearest is
+        the same with both taps on the nearest pixel and weights 0 (the blend of one pixel with
+        itself is that pixel, exactly)."""
+        if self.bilinear:
+            y0, y1, wy = _taps(frame_h, rh)
+            x0, x1, wx = _taps(frame_w, rw)
+            by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)
+            bx = np.rint(wx.astype(np.float64) * 65536).astype(np.uint32)
+            runs = (y0, y1, by, x0, x1, np.repeat(bx, 3))
+        else:
+            rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
+            cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
+            runs = (rows, rows, np.zeros(rh, np.intp), cols, cols, np.zeros(rw * 3, np.intp))
+        self.taps = np.concatenate(runs, dtype=np.int32, casting="unsafe")
+        self._taps_at = self.taps.ctypes.data
 
     def _view(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
         """The stage's work buffer `name` in this plan's shape; the same view object while the
