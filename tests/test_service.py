@@ -283,6 +283,12 @@ def test_model_swap_on_reload_and_a_bad_model_keeps_the_old_one(tmp_path, broker
         proc.send_signal(signal.SIGHUP)
         assert subscriber.wait(lambda: "person" in labels(), 30), log.read_text()
         assert proc.poll() is None and log.read_text().count("msg=starting") == 1
+        # The starting line says which resampler the vision stage uses (tests/test_resample.py
+        # requires the compiled one wherever a compiler is).
+        from edged.stages.vision import native
+
+        start = next(line for line in log.read_text().splitlines() if "msg=starting" in line)
+        assert f"resampler={native.name()}" in start, start
         assert subscriber.on("status") == [b"online"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(STOP_TIMEOUT_S) == 0
