@@ -88,12 +88,12 @@ def models():
 def _normalisations(models):
     """Every shipped vision model with its own [input] table (float32 from [-1, 1] and [0, 1]
     through the affine route, the quantised uint8 input through the steps route), and two with
-    per-channel mean/std (the table-gather route, float and quantised)."""
+    per-channel mean/std (the table-gather route, float and quantised) and padding of 7."""
     for name, (model, entry) in models.items():
         yield name, model, entry
     for name in ("face", "person"):
         model, entry = models[name]
-        spread = dict(entry.input, mean=[120.0, 110.0, 100.0], std=[60.0, 62.0, 58.0])
+        spread = dict(entry.input, mean=[120.0, 110.0, 100.0], std=[60.0, 62.0, 58.0], pad=7)
         spread.pop("range", None)
         yield f"{name} per-channel", model, dataclasses.replace(entry, input=spread)
 
