@@ -192,7 +192,7 @@ def test_provision_writes_everything(root, source, certs):
         "apt-get update",
         # python3-venv and mosquitto-clients are installed; i2c-tools was removed (config-files)
         "env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-        "python3-systemd i2c-tools libedgetpu1-std python3-picamera2",
+        "python3-systemd i2c-tools gcc libc6-dev libedgetpu1-std python3-picamera2",
         "modprobe i2c-dev",
         "groupadd --system apex",  # video, i2c, plugdev exist on Raspberry Pi OS
         "useradd --system --user-group --home-dir /var/lib/edged --no-create-home "
@@ -213,7 +213,7 @@ def test_provision_writes_everything(root, source, certs):
     record = json.loads((root / "opt/edged/provision.json").read_text())
     assert record["created_groups"] == ["apex"] and record["created_user"] is True
     assert record["installed_packages"] == sorted(
-        ["python3-picamera2", "python3-systemd", "i2c-tools", "libedgetpu1-std"])
+        ["python3-picamera2", "python3-systemd", "i2c-tools", "gcc", "libc6-dev", "libedgetpu1-std"])
 
 
 def test_second_run_changes_nothing(root, source, certs):
@@ -234,7 +234,7 @@ def test_existing_system_state_is_respected(root, source):
     (root / "etc/group").write_text(GROUP.replace("video:x:44:pi", "video:x:44:pi,edged")
                                     + "edged:x:995:\napex:x:993:edged\n")
     status = DPKG_STATUS.replace("deinstall ok config-files", "install ok installed")
-    for pkg in ("python3-picamera2", "python3-systemd"):
+    for pkg in ("python3-picamera2", "python3-systemd", "gcc", "libc6-dev"):
         status += f"\nPackage: {pkg}\nStatus: install ok installed\nVersion: 1\n"
     (root / "var/lib/dpkg/status").write_text(status)
     (root / "boot/firmware/config.txt").write_text(BOOT_CONFIG + "[all]\ndtparam=i2c_arm=on\n")
@@ -314,7 +314,7 @@ def test_uninstall_purge_restores_the_image(root, source, certs):
         "userdel edged",
         "groupdel apex",
         "env DEBIAN_FRONTEND=noninteractive apt-get remove -y "
-        "i2c-tools libedgetpu1-std python3-picamera2 python3-systemd",
+        "gcc i2c-tools libc6-dev libedgetpu1-std python3-picamera2 python3-systemd",
     ]
     again = run(UNINSTALL, "--root", str(root), "--purge")
     assert again.returncode == 0 and "nothing to do" in again.stdout
@@ -401,7 +401,7 @@ def test_plain_debian_has_no_picamera2_and_says_so(debian_root, source):
     assert res.returncode == 0, res.stderr
     installs = [c for c in commands(debian_root) if "apt-get install" in c]
     assert installs == ["env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-                        "python3-systemd i2c-tools"]
+                        "python3-systemd i2c-tools gcc libc6-dev"]
     assert "skip: python3-picamera2 (not in this system's apt sources" in res.stdout
     # A new config does not name a camera this system cannot drive.
     doc = tomllib.loads((debian_root / "etc/edged/edged.toml").read_text())
