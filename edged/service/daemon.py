@@ -196,7 +196,7 @@ class Daemon:
             extra["resampler"] = native.name()
         log.info("starting", extra=fields(version=__version__, device_id=cfg.device_id,
                                           config=cfg.source_path, **extra))
-        if extra and native.LIB is None and not native.STATUS.startswith(f"numpy: {native.ENV}="):
+        if extra and native.fell_back():
             log.warning("vision: the numpy resampler runs (the same results, slower): "
                         f"{native.STATUS.removeprefix('numpy: ')}; {native.INSTALL_HINT}")
         wd = self.watchdog

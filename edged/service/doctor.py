@@ -115,7 +115,7 @@ def check_resampler(cfg: Config) -> Check:
         return Check("resampler", INFO, f"camera disabled: not used ({native.STATUS})")
     if native.LIB is not None:
         return Check("resampler", OK, native.STATUS)
-    if native.STATUS.startswith(f"numpy: {native.ENV}="):
+    if not native.fell_back():  # EDGED_RESAMPLER=numpy asked for it
         return Check("resampler", INFO, native.STATUS)
     return Check("resampler", WARN, native.STATUS + " (the same results, slower)", native.INSTALL_HINT)
 

@@ -75,6 +75,12 @@ def _choose() -> tuple[ctypes.CDLL | None, str]:
 LIB, STATUS = _choose()
 
 
+def fell_back() -> bool:
+    """The numpy resampler runs because the compiled one could not be used (not built, or not
+    loadable), rather than because EDGED_RESAMPLER=numpy asked for it."""
+    return LIB is None and not STATUS.startswith(f"numpy: {ENV}=")
+
+
 def name() -> str:
     """"compiled" or "numpy": the resampler the vision stages use in this process."""
     return "compiled" if LIB is not None else "numpy"
