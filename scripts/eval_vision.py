@@ -39,7 +39,8 @@ from edged.records import DetectedObject  # noqa: E402
 
 SETS = {"closeups": REPO / "tests" / "data" / "vision" / "labels.json",
         "scenes": REPO / "tests" / "data" / "vision" / "scenes.json",
-        "heldout": REPO / "tests" / "data" / "vision" / "heldout.json"}
+        "heldout": REPO / "tests" / "data" / "vision" / "heldout.json",
+        "darknet": REPO / "tests" / "data" / "vision" / "darknet.json"}
 
 Detector = Callable[[np.ndarray], Iterable[DetectedObject]]
 
@@ -182,7 +183,8 @@ def main() -> int:
                 if args.json:
                     continue
                 p = "-" if r["precision"] is None else f"{r['precision']:.2f}"
-                print(f"{set_name:8s} {name:24s} {label:6s} precision {p:>4s} recall {r['recall']:.2f} "
+                rc = "-" if r["recall"] is None else f"{r['recall']:.2f}"
+                print(f"{set_name:8s} {name:24s} {label:6s} precision {p:>4s} recall {rc:>4s} "
                       f"(TP {r['true_positives']}, FP {r['false_positives']}, FN {r['false_negatives']}) "
                       f"{r['ms_median']} ms median")
                 if args.verbose:
