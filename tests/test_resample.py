@@ -54,6 +54,52 @@ def test_compiled_and_numpy_resample_to_the_same_pixels():
         assert np.array_equal(got, want), (h, w, mh, mw, letterbox, ox, oy, turn, bilinear)
 
 
+@pytest.mark.skipif(native.LIB is None, reason="the compiled resampler is not built (see the first test)")
+def test_the_compiled_taps_are_the_numpy_expressions_exactly():
+    # A plan's taps (source rows and pixels, 8- and 16-bit weights) are computed by the library in
+    # float64, one IEEE operation at a time like numpy's; a weight one unit off would change some
+    # pixels only now and then, so the taps themselves are compared, on every pair of sizes a crop
+    # upscaled or a frame downscaled meets (and the extremes: one pixel, 1600 wide).
+    from edged.stages.vision.preprocess import reference_taps
+
+    def taps(frame_h, frame_w, rh, rw, bilinear):
+        out = np.empty(3 * rh + 5 * rw, np.int32)
+        native.LIB.edged_taps(frame_h, frame_w, rh, rw, int(bilinear), out.ctypes.data)
+        return out
+
+    sizes = [(s, d) for s in range(1, 260) for d in (1, 2, 3, 96, 128, 192, 256, 300)]
+    sizes += [(s, d) for s in (1, 2, 439, 576, 768, 1080, 1600) for d in range(1, 321)]
+    for bilinear in (True, False):
+        for src, dst in sizes:
+            for args in ((src, 9, dst, 7), (9, src, 7, dst)):  # the pair on either axis
+                assert np.array_equal(taps(*args, bilinear), reference_taps(*args, bilinear)), (args, bilinear)
+
+
+@pytest.mark.skipif(native.LIB is None, reason="the compiled resampler is not built (see the first test)")
+def test_one_byte_tables_map_exactly_whether_applied_as_steps_or_looked_up():
+    # A one-byte table alike for the three channels and made of at most three steps over the pixel
+    # value (a quantised uint8 input's) is applied with compares and adds; any other by lookup. Both
+    # must give the table's bytes, at the step counts either side of the limit.
+    from edged.stages.vision.preprocess import Scratch, _Plan
+
+    rng = np.random.default_rng(1407)
+    p = np.arange(256)
+    tables = {"identity": p, "p - 128": p - 128, "random": rng.integers(0, 256, 256)}
+    for n in (1, 2, 3, 4):
+        at = np.sort(rng.choice(np.arange(1, 256), n, replace=False))
+        tables[f"{n} steps"] = p + 7 + sum(((p >= a) * int(rng.integers(1, 256))) for a in at)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    plan = _Plan(37, 53, 37, 53, False, True, np.dtype(np.uint8), gather=False, scratch=Scratch(),
+                 resampler="compiled")
+    for name, t in tables.items():
+        for lut in (np.tile(t % 256, 3), np.concatenate([t % 256, (t + 1) % 256, t % 256])):
+            lut = lut.astype(np.uint8)
+            out = np.zeros((37, 53, 3), np.uint8)
+            plan.map(pixels, lut, out)
+            want = lut.reshape(3, 256)[np.arange(3), pixels]
+            assert np.array_equal(out, want), name
+
+
 def test_a_turned_view_is_read_without_a_copy():
     # np.rot90 gives swapped and negative strides; the compiled path reads the view where it lies,
     # where the numpy code first copies it (a pose stage shows wide crops turned upright).

@@ -26,13 +26,68 @@
 
 #include <string.h>
 
+/* On x86-64 the loops below are also built for AVX2 and the loader picks that build on a CPU that
+ * has it (glibc's ifunc): SSE2, the x86-64 baseline, has no 32-bit multiply, which the blend along
+ * the rows needs per value. Integer arithmetic only: every build gives the same bytes. aarch64's
+ * baseline (NEON) has it, and one build serves. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define WIDE __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef WIDE
+#define WIDE
+#endif
+
 /* taps: one int32 array per plan, six runs one after the other:
  *   y0[out_h] y1[out_h] wy[out_h]   source rows above and below each output row, bottom weight
  *   x0[out_w] x1[out_w]             source pixels left and right of each output pixel
  *   wx[3 * out_w]                   the right pixel's weight, per value (the same for the three
  *                                   channels of a pixel) */
 
-static void map_row(const uint8_t *pix, int n, const void *lut, int item, uint8_t *dst)
+/* A one-byte table that maps the three channels alike and is the pixel value plus a constant, plus
+ * at most three steps up from given pixel values on (mod 256): what a quantised uint8 input's
+ * table is (scale close to one code per level, as for p, p - 128, p + (p >= 128)). Applied with
+ * compares and adds, which the compiler vectorises, instead of a lookup per value. */
+typedef struct {
+    int ok;
+    uint8_t base, at[3], step[3];
+} steps_t;
+
+static steps_t find_steps(const uint8_t *t)
+{
+    steps_t s;
+    int i, n = 0;
+    uint8_t prev;
+
+    memset(&s, 0, sizeof s);
+    for (i = 0; i < 256; i++)
+        if (t[256 + i] != t[i] || t[512 + i] != t[i])
+            return s;
+    s.base = prev = t[0];
+    for (i = 1; i < 256; i++) {
+        const uint8_t d = (uint8_t)(t[i] - i);
+        if (d != prev) {
+            if (n == 3)
+                return s;
+            s.at[n] = (uint8_t)i;
+            s.step[n++] = (uint8_t)(d - prev);
+            prev = d;
+        }
+    }
+    s.ok = 1;  /* unused steps: from 0 on, by 0 */
+    return s;
+}
+
+static steps_t no_steps(void)
+{
+    steps_t s;
+
+    memset(&s, 0, sizeof s);
+    return s;
+}
+
+static void map_row(const uint8_t *pix, int n, const void *lut, int item, const steps_t *steps, uint8_t *dst)
 {
     /* pix holds n values, channel-last (value k is channel k % 3); the table has 256 entries per
      * channel, channel-major, each `item` bytes wide. Copies by width so the compiler moves whole
@@ -41,6 +96,16 @@ static void map_row(const uint8_t *pix, int n, const void *lut, int item, uint8_
     switch (item) {
     case 1: {
         const uint8_t *t = (const uint8_t *)lut;
+        if (steps->ok) {
+            /* t[p] = p + base + the steps at or below p, exactly, by find_steps' construction */
+            const uint8_t base = steps->base, a0 = steps->at[0], a1 = steps->at[1], a2 = steps->at[2];
+            const uint8_t s0 = steps->step[0], s1 = steps->step[1], s2 = steps->step[2];
+            for (k = 0; k < n; k++) {
+                const uint8_t p = pix[k];
+                dst[k] = (uint8_t)(p + base + (p >= a0 ? s0 : 0) + (p >= a1 ? s1 : 0) + (p >= a2 ? s2 : 0));
+            }
+            break;
+        }
         for (k = 0; k + 3 <= n; k += 3) {
             dst[k] = t[pix[k]];
             dst[k + 1] = t[256 + pix[k + 1]];
@@ -91,7 +156,7 @@ static int item_ok(int item)
  * table (`lut` not NULL), each value is also mapped through it into `dst` (rows `dst_row` bytes
  * apart, values packed, `item` bytes each). `work` holds 3 * src_w + 6 * out_w + 3 values.
  * Returns 0, or -1 for an item size it does not know. */
-int edged_bilinear(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, ptrdiff_t ch_step,
+WIDE int edged_bilinear(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, ptrdiff_t ch_step,
                    const int32_t *taps, int out_h, int out_w,
                    uint8_t *pixels, ptrdiff_t pixels_row,
                    const void *lut, int item, uint8_t *dst, ptrdiff_t dst_row, uint16_t *work)
@@ -107,8 +172,11 @@ int edged_bilinear(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, pt
     uint16_t *col = work, *left = col + 3 * span + 1, *right = left + n + 1;
     int r, k, j;
 
+    steps_t steps;
+
     if (lut != NULL && !item_ok(item))
         return -1;
+    steps = lut != NULL && item == 1 ? find_steps((const uint8_t *)lut) : no_steps();
     src += (ptrdiff_t)lo * px_step;
     col[3 * span] = 0;
     for (r = 0; r < out_h; r++) {
@@ -141,21 +209,24 @@ int edged_bilinear(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, pt
             out[k] = (uint8_t)((((uint32_t)left[k] << 16) + (uint32_t)(right[k] - left[k]) * (uint32_t)wx[k]
                                 + (1u << 23)) >> 24);
         if (lut != NULL)
-            map_row(out, n, lut, item, dst + (ptrdiff_t)r * dst_row);
+            map_row(out, n, lut, item, &steps, dst + (ptrdiff_t)r * dst_row);
     }
     return 0;
 }
 
 /* The table alone: `src` (h x w pixels, strides as in edged_bilinear) mapped into `dst`. For a
  * frame already at the model's size, and for pixels another stage resampled. Returns 0 or -1. */
-int edged_map(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, ptrdiff_t ch_step,
+WIDE int edged_map(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, ptrdiff_t ch_step,
               int h, int w, const void *lut, int item, uint8_t *dst, ptrdiff_t dst_row,
               uint8_t *row_buf)
 {
     int r, k;
 
+    steps_t steps;
+
     if (!item_ok(item))
         return -1;
+    steps = item == 1 ? find_steps((const uint8_t *)lut) : no_steps();
     for (r = 0; r < h; r++) {
         const uint8_t *in = src + (ptrdiff_t)r * row_step;
         const uint8_t *row = in;
@@ -169,7 +240,74 @@ int edged_map(const uint8_t *src, ptrdiff_t row_step, ptrdiff_t px_step, ptrdiff
             }
             row = row_buf;
         }
-        map_row(row, 3 * w, lut, item, dst + (ptrdiff_t)r * dst_row);
+        map_row(row, 3 * w, lut, item, &steps, dst + (ptrdiff_t)r * dst_row);
     }
     return 0;
+}
+
+/* One axis of a plan's taps, as preprocess._taps computes them in float64: output pixel k of
+ * `dst` samples source position p = clip((k + 0.5) * (src / dst) - 0.5, 0, src - 1) (half-pixel
+ * centres), between pixels i0 = floor(p) and i1 = min(i0 + 1, src - 1), the second weighted by
+ * w = (float)(p - i0) in 1/`one` units: rint(w * one). Every step is one IEEE operation in the
+ * same order as numpy's (setup.py builds with -ffp-contract=off, so no multiply-add is fused), the
+ * truncation of a non-negative double is its floor, the float32 rounding is a cast, and w * one
+ * is exact (`one` is a power of two); only the last rounding (half to even, as np.rint) is done by
+ * hand, which keeps this file free of libm. */
+static void axis_taps(int src, int dst, int32_t one, int32_t *i0s, int32_t *i1s, int32_t *ws, int ws_step)
+{
+    const double scale = (double)src / (double)dst, last = (double)(src - 1);
+    int k, c;
+
+    for (k = 0; k < dst; k++) {
+        double p = ((double)k + 0.5) * scale;
+        int32_t i0, r;
+        float w;
+        double x, frac;
+
+        p = p - 0.5;
+        if (p < 0.0)
+            p = 0.0;
+        if (p > last)
+            p = last;
+        i0 = (int32_t)p;
+        w = (float)(p - (double)i0);
+        x = (double)w * (double)one;
+        r = (int32_t)x;
+        frac = x - (double)r;
+        if (frac > 0.5 || (frac == 0.5 && (r & 1)))
+            r++;
+        i0s[k] = i0;
+        i1s[k] = i0 + 1 < src ? i0 + 1 : src - 1;
+        for (c = 0; c < ws_step; c++)
+            ws[ws_step * k + c] = r;
+    }
+}
+
+/* A plan's taps (the runs edged_bilinear reads) for a src_h x src_w source resampled to
+ * out_h x out_w: bilinear as above, or nearest (both taps on the source pixel whose span holds the
+ * output pixel's centre, min((k + 0.5) * (src / dst), src - 1) truncated, and weights 0). `taps`
+ * holds 3 * out_h + 5 * out_w values. */
+void edged_taps(int src_h, int src_w, int out_h, int out_w, int bilinear, int32_t *taps)
+{
+    int32_t *y0 = taps, *y1 = taps + out_h, *wy = taps + 2 * out_h;
+    int32_t *x0 = taps + 3 * out_h, *x1 = x0 + out_w, *wx = x0 + 2 * out_w;
+    int k;
+
+    if (bilinear) {
+        axis_taps(src_h, out_h, 256, y0, y1, wy, 1);
+        axis_taps(src_w, out_w, 65536, x0, x1, wx, 3);
+        return;
+    }
+    for (k = 0; k < out_h; k++) {
+        double p = ((double)k + 0.5) * ((double)src_h / (double)out_h);
+        int32_t r = (int32_t)p;
+        y0[k] = y1[k] = r < src_h - 1 ? r : src_h - 1;
+        wy[k] = 0;
+    }
+    for (k = 0; k < out_w; k++) {
+        double p = ((double)k + 0.5) * ((double)src_w / (double)out_w);
+        int32_t r = (int32_t)p;
+        x0[k] = x1[k] = r < src_w - 1 ? r : src_w - 1;
+        wx[3 * k] = wx[3 * k + 1] = wx[3 * k + 2] = 0;
+    }
 }

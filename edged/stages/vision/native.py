@@ -38,7 +38,7 @@ def open_library() -> tuple[ctypes.CDLL | None, str]:
         return None, "not built: no C compiler when edged was installed"
     try:
         lib = ctypes.CDLL(str(path))
-        bilinear, mapping = lib.edged_bilinear, lib.edged_map
+        bilinear, mapping, taps = lib.edged_bilinear, lib.edged_map, lib.edged_taps
     except (OSError, AttributeError) as exc:
         return None, f"{path.name}: cannot load: {exc}"
     p, d, i = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int
@@ -46,6 +46,8 @@ def open_library() -> tuple[ctypes.CDLL | None, str]:
     bilinear.restype = i
     mapping.argtypes = [p, d, d, d, i, i, p, i, p, d, p]
     mapping.restype = i
+    taps.argtypes = [i, i, i, i, i, p]
+    taps.restype = None
     return lib, str(path)
 
 

@@ -142,21 +142,10 @@ class _Plan:
         """The compiled resampler's taps, one int32 run each: source rows above and below each
         output row and the bottom row's weight, then source pixels left and right of each output
         pixel, and the right one's weight per value. The same numbers as the numpy code's index
-        maps and weights (computed by the same expressions, per pixel rather than per value),
-        without its per-value maps: a crop of a new size costs its plan every frame. Nearest is
-        the same with both taps on the nearest pixel and weights 0 (the blend of one pixel with
-        itself is that pixel, exactly)."""
-        if self.bilinear:
-            y0, y1, wy = _taps(frame_h, rh)
-            x0, x1, wx = _taps(frame_w, rw)
-            by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)
-            bx = np.rint(wx.astype(np.float64) * 65536).astype(np.uint32)
-            runs = (y0, y1, by, x0, x1, np.repeat(bx, 3))
-        else:
-            rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
-            cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
-            runs = (rows, rows, np.zeros(rh, np.intp), cols, cols, np.zeros(rw * 3, np.intp))
-        self.taps = np.concatenate(runs, dtype=np.int32, casting="unsafe")
+        maps and weights (`reference_taps`), computed by the library in one call: a crop of a new
+        size costs its plan every frame, and the numpy expressions took a dozen calls."""
+        self.taps = np.empty(3 * rh + 5 * rw, np.int32)
+        self.lib.edged_taps(frame_h, frame_w, rh, rw, int(self.bilinear), self.taps.ctypes.data)
         self._taps_at = self.taps.ctypes.data
 
     def _view(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
@@ -335,6 +324,22 @@ def resize_frame(image: np.ndarray, height: int, width: int, *, letterbox: bool 
     return np.array(plan.resample(image), copy=True)
 
 
+def reference_taps(frame_h: int, frame_w: int, rh: int, rw: int, bilinear: bool) -> np.ndarray:
+    """A compiled plan's taps (see `_Plan._compiled_taps`) by the numpy code's own expressions:
+    what `edged_taps` must reproduce exactly (tests/test_resample.py)."""
+    if bilinear:
+        y0, y1, wy = _taps(frame_h, rh)
+        x0, x1, wx = _taps(frame_w, rw)
+        by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)
+        bx = np.rint(wx.astype(np.float64) * 65536).astype(np.uint32)
+        runs = (y0, y1, by, x0, x1, np.repeat(bx, 3))
+    else:
+        rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
+        cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
+        runs = (rows, rows, np.zeros(rh, np.intp), cols, cols, np.zeros(rw * 3, np.intp))
+    return np.concatenate(runs, dtype=np.int32, casting="unsafe")
+
+
 def _taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pos = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0, src - 1)
     i0 = np.floor(pos).astype(np.intp)
@@ -438,8 +443,8 @@ class Preprocessor:
         compiled = plan.lib is not None and whole.dtype == self._lut.dtype and whole.flags.c_contiguous
         if painted is None or painted[0] is not plan or painted[1] is not whole:
             if not plan.full:
-                if compiled:  # the pad pixel through the table: the same values, a fraction of the time
-                    plan.map(self._pad_pixels, self._lut, buf)
+                if compiled:
+                    self._paint(plan, buf)
                 else:
                     buf[...] = self._pad_values
             self._painted[slot] = (plan, whole)
@@ -471,6 +476,18 @@ class Preprocessor:
         else:
             self._map(pixels, dst, plan.mask)
         return plan.box, pixels
+
+    def _paint(self, plan: _Plan, buf: np.ndarray) -> None:
+        """The letterbox padding of `plan` in `buf` (one input slot, (height, width, 3)): the pad
+        pixel through the table (compiled, from a zero-stride pad pixel), on the bands around the
+        rectangle the fill covers, which it overwrites anyway. The same bytes as painting all of
+        `buf` first, in the time of the bands (a new crop size repaints: every frame)."""
+        b = plan.box
+        bottom, right = b.top + b.height, b.left + b.width
+        for y0, y1, x0, x1 in ((0, b.top, 0, self.width), (bottom, self.height, 0, self.width),
+                               (b.top, bottom, 0, b.left), (b.top, bottom, right, self.width)):
+            if y1 > y0 and x1 > x0:
+                plan.map(self._pad_pixels[: y1 - y0, : x1 - x0], self._lut, buf[y0:y1, x0:x1])
 
     def commit(self, slot: int = 0) -> None:
         """Hand input slot `slot` to the interpreter (it copies it: the slot is free again). The
