@@ -39,10 +39,11 @@ def test_every_image_is_there_and_its_source_and_licence_are_listed():
 
 
 def test_default_chain_on_the_second_held_out_set_keeps_its_measured_figures(found):
-    # docs/models.md, "Second held-out set": people 3 of 8 at precision 0.43. The beach's small
-    # people come out as loose boxes, some over two people at once.
+    # docs/models.md, "Second held-out set": people 7 of 8 and no false one with the closer look
+    # at small boxes; 3 of 8 at precision 0.43 before it, when the beach's small people came out
+    # as loose boxes, some over two people at once.
     tp, fp, fn = score_labelled(found, "person", REPO)
-    assert tp >= 3 and fp <= 4, (tp, fp, fn)
+    assert tp >= 7 and fp == 0, (tp, fp, fn)
     tp, fp, fn = score_labelled(found, "face", REPO)
     assert fp == 0, (tp, fp, fn)   # the woman is seen from behind
 

@@ -48,11 +48,12 @@ def test_every_committed_image_is_there_and_its_source_and_licence_are_listed():
 
 
 def test_default_chain_on_the_held_out_set_keeps_its_measured_figures(found):
-    # docs/models.md, "Held-out set", committed images, people from 0.3: people 9 of 17 at
-    # precision 0.90 (8 of 17 from 0.4, the figure held out), faces 3 of 3 at 0.75 (the false one
-    # is the drawn girl's face, below).
+    # docs/models.md, "Held-out set", committed images: people 11 of 17 at precision 0.92 with the
+    # closer look at small and unsure boxes (9 of 17 at 0.90 without it, people from 0.3; 8 of 17
+    # from 0.4, the figure held out), faces 3 of 3 at 0.75 (the false one is the drawn girl's
+    # face, below). Still short of the 0.85 for people.
     tp, fp, fn = score(found, "person")
-    assert tp / (tp + fn) >= 0.5 and tp / (tp + fp) >= 0.85, (tp, fp, fn)
+    assert tp >= 11 and tp / (tp + fp) >= 0.9, (tp, fp, fn)
     tp, fp, fn = score(found, "face")
     assert (tp, fn) == (3, 0) and fp <= 1, (tp, fp, fn)
 

@@ -29,6 +29,13 @@ from edged.stages.vision.boxes import iou_py, turn_box_back
 from edged.stages.vision.preprocess import Letterbox, check_image
 
 
+def _spec(s) -> "StageSpec":
+    """A StageSpec with the fields of a config table (edged.config.VisionStageConfig)."""
+    return StageSpec(name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
+                     margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned,
+                     max_box=s.max_box, replace=s.replace, from_score=s.from_score)
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage: a model and what it runs on."""
@@ -39,10 +46,14 @@ class StageSpec:
     score_threshold: float = 0.0      # 0 = the model's own
     tiles: int = 1                    # on the frame: 1 = whole frame; n = n×n overlapping tiles + the frame
     margin: float = 0.2               # crops: grown by this share of the box on each side
-    region: str = "box"               # crops: "box", or "top" = a square at the box's top (a person's head)
+    region: str = "box"               # crops: "box", "top" = a square at the box's top (a person's head),
+                                      # "square" = a square around the box (its longer side grown by margin)
     max_crops: int = 8                # crops per frame, largest boxes first
     min_crop_px: int = 12             # boxes smaller than this (either side, frame pixels) are not cropped
     turned: bool = False              # on the frame: also on the frame turned a quarter either way
+    max_box: float = 1.0              # crops: only boxes under this share of the frame (both sides)
+    replace: bool = False             # crops: objects of the source's label found in a box replace it
+    from_score: float = 0.0           # crops: also the source's unreported boxes from this score up
 
     @property
     def source(self) -> tuple[str, str] | None:
@@ -55,8 +66,7 @@ class StageSpec:
 
 # The default chain (edged.config.DEFAULT_STAGES, where the daemon's default lives, and why).
 DEFAULT_CHAIN: tuple[StageSpec, ...] = tuple(
-    StageSpec(name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
-              margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned) for s in DEFAULT_STAGES)
+    _spec(s) for s in DEFAULT_STAGES)
 
 # Tiles are for objects the frame pass sees too small. A box spanning more than this share of its
 # tile (either side) spans more than ~0.43 of a 2×2-tiled frame, several times the size at which
@@ -70,6 +80,10 @@ TILE_MAX_SIDE = 0.75
 # it. On the labelled sets every such person had a tile's view inside; the two false people
 # (an orange and an apple filling a close-up) had none.
 FRAME_CHECK_SIDE = 0.5
+# A stage that replaces the boxes it crops (StageSpec.replace) takes only what lies at least this
+# much inside the box: a second look at one person, or at two in one loose box, not at their
+# neighbours, whom the first look reported (or not) on its own.
+REPLACE_INSIDE = 0.5
 
 
 def _inside(a, b) -> float:
@@ -118,6 +132,8 @@ class StageRun:
     copies: list = field(default_factory=lambda: [None, None])  # per slot: its OutputCopy
     share_from: int = -1     # index of an earlier stage with the same input and geometry
     shared_to: bool = False  # a later stage reads this stage's resampled pixels
+    report: float = 0.0      # its objects scored under this are only candidates for a later stage's
+                             # second look (StageSpec.from_score), never in the result
 
 
 @dataclass
@@ -179,7 +195,9 @@ class FrameWork:
     shared: dict = field(default_factory=dict)     # (region, geometry) -> resampled pixels
     whole: dict = field(default_factory=dict)      # stage name -> indices into found from the frame pass
     views: dict = field(default_factory=dict)      # stage name -> (label, frame box) of all its tiles saw
-    dropped: set = field(default_factory=set)      # indices into found that failed the scale check
+    dropped: set = field(default_factory=set)      # indices into found left out of the result: failed the
+                                                   # scale check, replaced, or candidates only
+    cands: dict = field(default_factory=dict)      # stage name -> indices into found of its candidates
     best_view: dict = field(default_factory=dict)  # (stage, region) -> (evidence, objects) of its best view so far
     started: float = field(default_factory=time.perf_counter)
     objects: tuple | None = None                   # set when every stage is complete
@@ -217,7 +235,8 @@ class VisionGraph:
         resampling geometry) resample once: the later ones read the first one's pixels."""
         def key(r: StageRun) -> tuple:
             s = r.spec
-            crop = None if s.source is None else (s.input, s.region, s.margin, s.max_crops, s.min_crop_px)
+            crop = None if s.source is None else (s.input, s.region, s.margin, s.max_crops, s.min_crop_px,
+                                                  s.max_box, s.from_score)
             return (crop, s.tiles if crop is None else 1, r.stage.preprocess.geometry)
         first: dict[tuple, int] = {}
         for i, r in enumerate(self.runs):
@@ -252,8 +271,15 @@ class VisionGraph:
             return out
         label, src = s.source
         found = fw.found
-        parents = [i for i in fw.by_stage.get(src, ()) if found[i].obj.label == label]
+
+        def small(i: int) -> bool:
+            b = found[i].obj.box
+            return found[i].obj.label == label and b[2] - b[0] < s.max_box and b[3] - b[1] < s.max_box
+        parents = [i for i in fw.by_stage.get(src, ()) if small(i)]
         parents.sort(key=lambda i: -_area(found[i].obj.box))
+        if s.from_score > 0:  # then the source's unreported boxes, best first
+            parents += sorted((i for i in fw.cands.get(src, ()) if found[i].obj.score >= s.from_score and small(i)),
+                              key=lambda i: -found[i].obj.score)
         out = []
         for i in parents[: s.max_crops]:
             bx = found[i].obj.box
@@ -261,6 +287,14 @@ class VisionGraph:
             if s.region == "top":
                 y1 = min(y1, y0 + (x1 - x0))
             if x1 - x0 < s.min_crop_px or y1 - y0 < s.min_crop_px:
+                continue
+            if s.region == "square":
+                # Centred on the box, moved to lie inside the frame; a partial view of something
+                # at its edge is left out (drop_cut), as in a tile.
+                side = min(max(x1 - x0, y1 - y0) * (1 + 2 * s.margin), w, h)
+                cx0 = int(min(max(0.0, (x0 + x1 - side) / 2), w - side))
+                cy0 = int(min(max(0.0, (y0 + y1 - side) / 2), h - side))
+                out.append(((cx0, cy0, min(w, cx0 + int(np.ceil(side))), min(h, cy0 + int(np.ceil(side)))), True, i))
                 continue
             mx, my = (x1 - x0) * s.margin, (y1 - y0) * s.margin
             cx0, cy0 = max(0, int(x0 - mx)), max(0, int(y0 - my))
@@ -358,26 +392,34 @@ class VisionGraph:
             objects = run.stage.finish(unit.outputs, unit.box)
         for o in objects:
             b = o.box
+            cand = o.score < run.report  # kept aside for a later stage's second look only
+            to = fw.cands.setdefault(s.name, []) if cand else fw.mine[s.name]
             if unit.turn and unit.views == 1:  # the frame turned: boxes back into its own axes
                 # Not subject to the frame/tile scale check, whose tiles are of the upright frame.
-                fw.mine[s.name].append(len(fw.found))
+                to.append(len(fw.found))
                 fw.found.append(_Found(DetectedObject(o.label, o.score, turn_box_back(b, unit.turn),
                                                       signature=o.signature), s.name, unit.parent))
                 continue
-            if whole:
-                fw.mine[s.name].append(len(fw.found))
-                fw.whole.setdefault(s.name, []).append(len(fw.found))
+            if whole and unit.parent < 0:
+                to.append(len(fw.found))
+                if not cand:
+                    fw.whole.setdefault(s.name, []).append(len(fw.found))
                 fw.found.append(_Found(o, s.name, unit.parent))
                 continue
             fb = ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h, (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h)
-            if unit.drop_cut:  # a tile: what it saw supports the frame pass's large boxes
+            if unit.drop_cut and not cand:  # a tile: what it saw supports the frame pass's large boxes
                 fw.views.setdefault(s.name, []).append((o.label, fb))
                 # A box cut by an edge of the region that is not the frame's is a partial view;
                 # one filling most of the tile is the frame pass's to find (TILE_MAX_SIDE).
                 if ((b[0] < e and x0 > 0) or (b[1] < e and y0 > 0) or (b[2] > 1 - e and x1 < w)
                         or (b[3] > 1 - e and y1 < h) or max(b[2] - b[0], b[3] - b[1]) > TILE_MAX_SIDE):
                     continue
-            fw.mine[s.name].append(len(fw.found))
+            if s.replace:  # what it finds of the box's label, mostly inside the box, replaces the box
+                src = fw.found[unit.parent]
+                if o.label != src.obj.label or _inside(fb, src.obj.box) < REPLACE_INSIDE:
+                    continue
+                fw.dropped.add(unit.parent)
+            to.append(len(fw.found))
             fw.found.append(_Found(DetectedObject(o.label, o.score, fb, signature=o.signature), s.name, unit.parent))
         self.invoke_ms += unit.invoke_ms
         unit.decode_ms = (time.perf_counter() - t0) * 1000.0
@@ -406,6 +448,13 @@ class VisionGraph:
         # Overlaps within one stage (tiles against the frame) are merged before later stages crop.
         kept = {id(f) for f in merge([fw.found[i] for i in mine])}
         fw.by_stage[s.name] = [i for i in mine if id(fw.found[i]) in kept]
+        if s.name in fw.cands:  # candidates: merged alike, and none where a reported box is
+            fw.dropped.update(fw.cands[s.name])
+            found, boxes = fw.found, [fw.found[i] for i in fw.by_stage[s.name]]
+            ck = {id(f) for f in merge([found[i] for i in fw.cands[s.name]])
+                  if not any(k.obj.label == f.obj.label and (iou_py(k.obj.box, f.obj.box) >= 0.4
+                             or _inside(f.obj.box, k.obj.box) >= 0.7) for k in boxes)}
+            fw.cands[s.name] = [i for i in fw.cands[s.name] if id(found[i]) in ck]
         run.last_ms = fw.ms[s.name] + (time.perf_counter() - t0) * 1000.0
         run.invokes = fw.invokes[s.name]
         a = 0.05 if run.frames else 1.0
@@ -486,9 +535,7 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
     if open_entry is None:
         def open_entry(entry):
             return open_model(entry, threads=threads)
-    specs = [s if isinstance(s, StageSpec) else StageSpec(
-        name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
-        margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned) for s in specs]
+    specs = [s if isinstance(s, StageSpec) else _spec(s) for s in specs]
     stages = []
     for i, s in enumerate(specs):
         entry = select(manifest, s.model, "vision", f"vision.stages[{i}].model")
@@ -496,4 +543,11 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
         if entry.decoder == "pose_landmarks":  # keypoints, not boxes
             from edged.stages.vision.pose import PoseStage as kind
         stages.append(kind(open_entry(entry), entry, score_threshold=s.score_threshold or None))
-    return VisionGraph([StageRun(s, st) for s, st in zip(specs, stages)], share_input=share_input)
+    runs = [StageRun(s, st) for s, st in zip(specs, stages)]
+    for s in specs:  # a second look at a stage's unsure boxes: it decodes down to them, reports as before
+        if s.source is not None and s.from_score > 0:
+            run = next(r for r in runs if r.spec.name == s.source[1])
+            if s.from_score < run.stage.score_threshold:
+                run.report = max(run.report, run.stage.score_threshold)
+                run.stage.score_threshold = s.from_score
+    return VisionGraph(runs, share_input=share_input)

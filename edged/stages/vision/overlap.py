@@ -155,6 +155,8 @@ class FrameRunner:
                         self._finish_one()
                 if self._stopping():
                     break  # before the next unit is prepared
+            # A frame whose last stages had nothing to crop completed without a unit to finish.
+            self._deliver()
             if self._stopping():
                 self._drop()
         except BaseException:
