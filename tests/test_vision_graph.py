@@ -221,3 +221,15 @@ def test_doctor_verifies_every_model_of_a_chain():
     assert "person (" in c.detail and "face_full_range (" in c.detail and "motion (" in c.detail, c
     bad = parse('[[vision.stages]]\nname = "people"\nmodel = "nobody"\n')
     assert "no model named 'nobody'" in check_models(bad).detail
+
+
+def test_replace_leaves_other_labels_found_in_a_box_alone():
+    # A face stage on person crops with replace = true: its faces are not people, so each stays an
+    # object of its own and no person is replaced, exactly as without replace.
+    manifest = load_manifest(REPO / "models")
+    img = np.asarray(Image.open(DATA / "scenes" / "group_building.jpg").convert("RGB"))
+    faces = StageSpec("faces_in_people", "face", input="person@people", region="top")
+    plain = open_graph([DEFAULT_CHAIN[0], faces], manifest, threads=1).detect(img)
+    replacing = StageSpec("faces_in_people", "face", input="person@people", region="top", replace=True)
+    assert open_graph([DEFAULT_CHAIN[0], replacing], manifest, threads=1).detect(img) == plain
+    assert any(o.label == "face" for o in plain) and any(o.label == "person" for o in plain)

@@ -407,16 +407,19 @@ class VisionGraph:
                 fw.found.append(_Found(o, s.name, unit.parent))
                 continue
             fb = ((x0 + b[0] * sw) / w, (y0 + b[1] * sh) / h, (x0 + b[2] * sw) / w, (y0 + b[3] * sh) / h)
-            if unit.drop_cut and not cand:  # a tile: what it saw supports the frame pass's large boxes
-                fw.views.setdefault(s.name, []).append((o.label, fb))
+            if unit.drop_cut:  # a tile: what it saw (and reports) supports the frame pass's large boxes
+                if not cand:
+                    fw.views.setdefault(s.name, []).append((o.label, fb))
                 # A box cut by an edge of the region that is not the frame's is a partial view;
                 # one filling most of the tile is the frame pass's to find (TILE_MAX_SIDE).
                 if ((b[0] < e and x0 > 0) or (b[1] < e and y0 > 0) or (b[2] > 1 - e and x1 < w)
                         or (b[3] > 1 - e and y1 < h) or max(b[2] - b[0], b[3] - b[1]) > TILE_MAX_SIDE):
                     continue
-            if s.replace:  # what it finds of the box's label, mostly inside the box, replaces the box
-                src = fw.found[unit.parent]
-                if o.label != src.obj.label or _inside(fb, src.obj.box) < REPLACE_INSIDE:
+            src = fw.found[unit.parent] if s.replace else None
+            if src is not None and o.label == src.obj.label:
+                # What it finds of the box's label, mostly inside the box, replaces the box (other
+                # labels are objects of their own, as in any crop).
+                if _inside(fb, src.obj.box) < REPLACE_INSIDE:
                     continue
                 fw.dropped.add(unit.parent)
             to.append(len(fw.found))
