@@ -21,6 +21,8 @@ invoke would: the daemon's hang check sees it through the model's `invoking_sinc
 
 from __future__ import annotations
 
+import _thread
+import queue
 import threading
 from collections import deque
 
@@ -30,13 +32,41 @@ from edged.stages.vision.graph import FrameWork, Unit, VisionGraph, Wait
 from edged.stages.vision.preprocess import check_image
 
 
+class _Signal:
+    """Set once, waited for by any thread: a lock held until `set` (`threading.Event`'s interface
+    for what a job needs, without its condition and waiter list: two of these per invoke)."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()  # the next waiter passes too
+        return True
+
+
 class _Job:
     __slots__ = ("unit", "done", "started", "skipped")
 
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
-        self.done = threading.Event()
-        self.started = threading.Event()  # taken off the queue by the invoke thread
+        self.done = _Signal()
+        self.started = _Signal()  # taken off the queue by the invoke thread
         self.skipped = False  # not invoked: the stop came first
 
 
@@ -45,10 +75,9 @@ class Invoker:
     once `stop` is set it starts none (a job it skips is done, with `skipped` set)."""
 
     def __init__(self, name: str = "vision-invoke", stop: threading.Event | None = None) -> None:
-        self._jobs: deque[_Job] = deque()
-        self._cond = threading.Condition()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
-        self._idle = False  # waiting for a job (under _cond)
+        self._idle = False  # waiting for a job
         self._stop = stop
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
@@ -58,27 +87,28 @@ class Invoker:
         the job: it needs the GIL to start the invoke, and a caller going straight on with
         Python work (decoding, preparing the next input) would keep it for up to the
         interpreter's switch interval (5 ms) while the interpreter has nothing to do."""
+        if self._closed:
+            raise RuntimeError("vision: the invoke thread is closed")
         job = _Job(unit)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("vision: the invoke thread is closed")
-            idle = self._idle
-            self._jobs.append(job)
-            self._cond.notify()
+        idle = self._idle
+        self._jobs.put(job)
         if idle:
             job.started.wait()  # blocking lets the GIL go; the invoke releases it again
         return job
 
     def _loop(self) -> None:
+        jobs = self._jobs
         while True:
-            with self._cond:
-                while not self._jobs and not self._closed:
-                    self._idle = True
-                    self._cond.wait()
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                # Idle only while nothing is queued: a submit seeing this waits for its job to
+                # start, which is right away (set back before the job is marked started).
+                self._idle = True
+                job = jobs.get()
                 self._idle = False
-                if not self._jobs:
-                    return
-                job = self._jobs.popleft()
+            if job is None:  # close(): after every job queued before it
+                return
             job.started.set()
             if self._stop is not None and self._stop.is_set():
                 job.skipped = True
@@ -93,9 +123,9 @@ class Invoker:
     def close(self, timeout: float | None = None) -> bool:
         """Let the queued invokes finish, then end the thread; False if it is still running after
         `timeout` (an invoke that does not return)."""
-        with self._cond:
+        if not self._closed:
             self._closed = True
-            self._cond.notify()
+            self._jobs.put(None)
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
