@@ -218,6 +218,8 @@ class OutputCopy:
         self.indices = tuple(indices)
         self._raw = {i: np.zeros(model.outputs[i].shape, model.outputs[i].dtype) for i in self.indices}
         self._out = {i: np.zeros(model.outputs[i].shape, np.float32) for i in self.indices}
+        # Where each raw buffer lies (C-contiguous, never moved), for compiled decoders.
+        self.raw_at = {i: a.__array_interface__["data"][0] for i, a in self._raw.items()}
 
     def capture(self, model: Model) -> None:
         """Copy the outputs from `model` (the interpreter's buffers are reused by its next invoke)

@@ -350,12 +350,45 @@ def test_ssd_int8_outputs_read_as_stored_keep_the_exact_threshold(person, monkey
             return (boxes if i == dec._boxes else scores).copy()
 
     assert (bound - spec_s.zero_point) * spec_s.scale < 0 <= (bound + 20 - spec_s.zero_point) * spec_s.scale
-    for few in (0, 10**6):
+    # The library's candidate scan, then numpy's two routes (few candidates, many).
+    for compiled, few in ((dec.compiled, 32), (None, 0), (None, 10**6)):
+        monkeypatch.setattr(dec, "compiled", compiled)
         monkeypatch.setattr(edged.stages.vision.boxes, "FEW", few)
         d = dec.decode_model(Stored(), 0.5)
         assert len(d.scores) == 1 and d.scores[0] > 0.5
         yc, xc, h, w = dec.anchors[900]
         np.testing.assert_allclose(d.boxes[0], [xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], atol=1e-5)
+
+
+def test_ssd_candidates_found_by_the_library_decode_exactly_as_numpy_finds_them(person, monkeypatch):
+    # The compiled scan (edged_ssd_candidates) finds, dequantises and gathers the candidates in one
+    # call where numpy takes a dozen; the detections must be the same to the last bit, from the
+    # model and from an output copy, with people in view, with nobody, and with more candidates
+    # than it gathers (a low threshold: the numpy route takes over).
+    from edged.runtime import OutputCopy
+    from edged.stages.vision import native
+
+    if native.LIB is None:
+        pytest.skip("the compiled resampler's library is not built (tests/test_resample.py says why)")
+    dec = person.decoder
+    assert dec.compiled is not None and dec._int8
+    scene = np.asarray(Image.open(REPO / "tests" / "data" / "vision" / "scenes" / "vtest_0300.jpg").convert("RGB"))
+    counts = []
+    for image in (scene, load("astronaut"), load("coffee")):
+        person.preprocess(image)
+        person.model.invoke()
+        copy = OutputCopy(person.model, tuple(dec.reads))
+        copy.capture(person.model)
+        for threshold in (dec.score_threshold, 0.3, 0.02):
+            for source in (person.model, copy):
+                monkeypatch.setattr(dec, "compiled", None)
+                want = dec.decode_model(source, threshold)
+                monkeypatch.setattr(dec, "compiled", native.LIB)
+                got = dec.decode_model(source, threshold)
+                assert (got.boxes, got.scores, got.classes) == (want.boxes, want.scores, want.classes)
+            raw = copy.raw_output(dec._scores)[..., dec.background:]
+            counts.append(int((raw >= dec._raw_bound(threshold)).sum()))
+    assert min(counts) == 0 and 0 < max(c for c in counts if c <= 32) and max(counts) > 32, counts
 
 
 def test_ssd_anchor_count_for_tf_ssdlite_layout():

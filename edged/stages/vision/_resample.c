@@ -311,3 +311,39 @@ void edged_taps(int src_h, int src_w, int out_h, int out_w, int bilinear, int32_
         wx[3 * k] = wx[3 * k + 1] = wx[3 * k + 2] = 0;
     }
 }
+
+/* The SSD decoder's candidates (edged/stages/vision/ssd.py), for int8 outputs: the stored score
+ * codes of n anchors x c columns (the first `skip` columns background) at or above `bound`, in
+ * row-major order, as numpy.nonzero finds them. For the first `cap` of them: the anchor, the class
+ * (column - skip), its logit and the anchor's four box codes dequantised as numpy does it in
+ * float32, ((float)code - (float)zero_point) * (float)scale, and the anchor's four values. One call
+ * instead of a dozen numpy calls, each slow from caches an invoke has just emptied. Returns how
+ * many there are (all of them, beyond `cap` too). */
+int edged_ssd_candidates(const int8_t *scores, int n, int c, int skip, int bound,
+                         float score_zero, float score_scale, const int8_t *boxes, float box_zero,
+                         float box_scale, const float *anchors, int cap, int32_t *anchor_out,
+                         int32_t *class_out, float *logit_out, float *box_out, float *anchor_vals)
+{
+    int a, j, found = 0;
+
+    for (a = 0; a < n; a++) {
+        const int8_t *row = scores + (ptrdiff_t)a * c;
+        for (j = skip; j < c; j++) {
+            if (row[j] < bound)
+                continue;
+            if (found < cap) {
+                const int8_t *b = boxes + (ptrdiff_t)a * 4;
+                int k;
+                anchor_out[found] = a;
+                class_out[found] = j - skip;
+                logit_out[found] = ((float)row[j] - score_zero) * score_scale;
+                for (k = 0; k < 4; k++) {
+                    box_out[4 * found + k] = ((float)b[k] - box_zero) * box_scale;
+                    anchor_vals[4 * found + k] = anchors[4 * (ptrdiff_t)a + k];
+                }
+            }
+            found++;
+        }
+    }
+    return found;
+}

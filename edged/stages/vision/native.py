@@ -39,6 +39,7 @@ def open_library() -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.CDLL(str(path))
         bilinear, mapping, taps = lib.edged_bilinear, lib.edged_map, lib.edged_taps
+        ssd = lib.edged_ssd_candidates
     except (OSError, AttributeError) as exc:
         return None, f"{path.name}: cannot load: {exc}"
     p, d, i = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int
@@ -48,6 +49,9 @@ def open_library() -> tuple[ctypes.CDLL | None, str]:
     mapping.restype = i
     taps.argtypes = [i, i, i, i, i, p]
     taps.restype = None
+    f = ctypes.c_float
+    ssd.argtypes = [p, i, i, i, i, f, f, p, f, f, p, i, p, p, p, p, p]
+    ssd.restype = i
     return lib, str(path)
 
 
@@ -75,6 +79,14 @@ def _choose() -> tuple[ctypes.CDLL | None, str]:
 
 
 LIB, STATUS = _choose()
+
+
+def address(a) -> int:
+    """Where a numpy array's first element lies, for the library's calls: what `a.ctypes.data`
+    gives, without the ctypes helper object numpy builds for it (several microseconds a call, many
+    times that right after an invoke has emptied the caches). Buffers reused from frame to frame
+    keep theirs (`preprocess.Scratch`, `runtime.OutputCopy`)."""
+    return a.__array_interface__["data"][0]
 
 
 def fell_back() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,17 +50,29 @@ class Scratch:
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
         self._owner: dict[str, object] = {}
+        self._at: dict[str, int] = {}
 
     def get(self, name: str, dtype, shape: tuple[int, ...], init=None) -> np.ndarray:
         """`init(flat)` fills a newly made buffer (it must not depend on the shape asked for)."""
         n = math.prod(shape)
+        buf = self._buffer(name, dtype, n, init)
+        return buf[:n].reshape(shape)
+
+    def _buffer(self, name: str, dtype, n: int, init=None) -> np.ndarray:
         buf = self._bufs.get(name)
         if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
             buf = self._bufs[name] = np.zeros(n, dtype)
+            self._at[name] = native.address(buf)
             self._owner.pop(name, None)
             if init is not None:
                 init(buf)
-        return buf[:n].reshape(shape)
+        return buf
+
+    def at(self, name: str, dtype, n: int) -> int:
+        """The address of buffer `name` (made or grown to `n` items as `get` would): where a
+        prefix `get` hands out starts, for the compiled resampler."""
+        self._buffer(name, dtype, n)
+        return self._at[name]
 
     def held(self, name: str, dtype, shape: tuple[int, ...], owner: object, fill) -> np.ndarray:
         """Buffer `name` as `get` gives it, holding what `fill(array)` writes for `owner`: filled
@@ -163,6 +176,11 @@ class _Plan:
         return None if self.identity else self._view("region", np.uint8, self.shape)
 
     @property
+    def region_at(self) -> int:
+        """The address of `region` (the start of the stage's "region" work buffer)."""
+        return self.work.at("region", np.uint8, math.prod(self.shape))
+
+    @property
     def mask(self) -> np.ndarray:
         return self._view("mask", np.bool_, self.shape)
 
@@ -261,25 +279,31 @@ class _Plan:
         """The compiled resampler: `image` (uint8 RGB, any strides) into `pixels` (this plan's
         region buffer); with `lut`, each value also mapped through it into `dst` (rows of packed
         values in the table's dtype, e.g. the model input's covered rectangle)."""
-        rh, rw, _ = self.shape
-        s0, s1, s2 = image.strides
-        work = self.work.get("row", np.uint16, (3 * self.src[1] + 6 * rw + 3,))  # as _resample.c says
+        at = native.address
         if lut is None:
-            lut_at, item, dst_at, dst_row = None, 0, None, 0
+            self.run_at(at(image), image.strides, at(pixels), pixels.strides[0], None, 0, None, 0)
         else:
-            lut_at, item, dst_at, dst_row = lut.ctypes.data, lut.itemsize, dst.ctypes.data, dst.strides[0]
-        if self.lib.edged_bilinear(image.ctypes.data, s0, s1, s2, self._taps_at, rh, rw,
-                                   pixels.ctypes.data, pixels.strides[0], lut_at, item, dst_at, dst_row,
-                                   work.ctypes.data):
-            raise RuntimeError(f"vision: the compiled resampler refused a {lut.dtype} table")
+            self.run_at(at(image), image.strides, at(pixels), pixels.strides[0], at(lut), lut.itemsize,
+                        at(dst), dst.strides[0])
+
+    def run_at(self, src: int, strides: tuple[int, int, int], pixels: int, pixels_row: int,
+               lut: int | None, item: int, dst: int | None, dst_row: int) -> None:
+        """`run` on addresses (rows `pixels_row` and `dst_row` bytes apart), for callers that keep
+        their buffers' addresses."""
+        rh, rw, _ = self.shape
+        s0, s1, s2 = strides
+        n = 3 * self.src[1] + 6 * rw + 3  # as _resample.c says
+        if self.lib.edged_bilinear(src, s0, s1, s2, self._taps_at, rh, rw, pixels, pixels_row, lut, item, dst,
+                                   dst_row, self.work.at("row", np.uint16, n)):
+            raise RuntimeError(f"vision: the compiled resampler refused a table of {item}-byte values")
 
     def map(self, pixels: np.ndarray, lut: np.ndarray, dst: np.ndarray) -> None:
         """The compiled table alone: uint8 `pixels` (any strides) mapped through `lut` into `dst`."""
         h, w, _ = pixels.shape
         s0, s1, s2 = pixels.strides
-        row = self.work.get("map_row", np.uint8, (w * 3,))
-        if self.lib.edged_map(pixels.ctypes.data, s0, s1, s2, h, w, lut.ctypes.data, lut.itemsize,
-                              dst.ctypes.data, dst.strides[0], row.ctypes.data):
+        at = native.address
+        if self.lib.edged_map(at(pixels), s0, s1, s2, h, w, at(lut), lut.itemsize, at(dst), dst.strides[0],
+                              self.work.at("map_row", np.uint8, w * 3)):
             raise RuntimeError(f"vision: the compiled resampler refused a {lut.dtype} table")
 
 
@@ -397,6 +421,9 @@ class Preprocessor:
         self._slot1: np.ndarray | None = None
         self._painted: list[tuple[_Plan, np.ndarray] | None] = [None, None]
         self._filled: list[np.ndarray | None] = [None, None]  # per slot: the array the last fill filled
+        self._slot_at: list[tuple | None] = [None, None]  # per slot: (its array, address, contiguous)
+        self._lut_at = native.address(self._lut)
+        self._base: tuple | None = None  # (weakref to the last frame, its address)
         self.resamples = 0  # images resampled (fills given another stage's pixels do not count)
         self.resampler = resampler  # None: this process's choice (edged.stages.vision.native)
 
@@ -440,7 +467,11 @@ class Preprocessor:
         self._filled[slot] = whole
         buf = whole[0]
         painted = self._painted[slot]
-        compiled = plan.lib is not None and whole.dtype == self._lut.dtype and whole.flags.c_contiguous
+        known = self._slot_at[slot]
+        if known is None or known[0] is not whole:  # the slot's array, its address, and whether
+            # the compiled path can write it; the same until a model moved off the Edge TPU
+            known = self._slot_at[slot] = (whole, native.address(whole), bool(whole.flags.c_contiguous))
+        compiled = plan.lib is not None and whole.dtype == self._lut.dtype and known[2]
         if painted is None or painted[0] is not plan or painted[1] is not whole:
             if not plan.full:
                 if compiled:
@@ -452,14 +483,19 @@ class Preprocessor:
         if compiled:
             # Compiled: resampled and mapped through the table in one pass, or only mapped (a
             # frame at the model's size, pixels of another stage).
-            dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
             if pixels is None:
                 self.resamples += 1
                 if not plan.identity:
+                    # On addresses kept with their buffers: the slot's, the table's, the work
+                    # buffers', and the frame's (a region's is the frame's plus its offset).
                     pixels = plan.region
-                    plan.run(image, pixels, self._lut, dst)
+                    row = buf.strides[0]
+                    dst_at = known[1] + b.top * row + b.left * buf.strides[1]
+                    plan.run_at(self._source_at(image, base, at), image.strides, plan.region_at, pixels.strides[0],
+                                self._lut_at, self._lut.itemsize, dst_at, row)
                     return plan.box, pixels
                 pixels = image
+            dst = buf if plan.full else buf[b.top:b.top + b.height, b.left:b.left + b.width]
             plan.map(pixels, self._lut, dst)
             return plan.box, pixels
         if pixels is None:
@@ -476,6 +512,16 @@ class Preprocessor:
         else:
             self._map(pixels, dst, plan.mask)
         return plan.box, pixels
+
+    def _source_at(self, image: np.ndarray, base: np.ndarray | None, at: tuple[int, int]) -> int:
+        """The address of `image`'s first pixel: from the frame's own (kept while the frame is the
+        same) when `image` is the region of `base` at `at`."""
+        if base is None:
+            return native.address(image)
+        known = self._base
+        if known is None or known[0]() is not base:
+            known = self._base = (weakref.ref(base), native.address(base))
+        return known[1] + at[1] * base.strides[0] + at[0] * base.strides[1]
 
     def _paint(self, plan: _Plan, buf: np.ndarray) -> None:
         """The letterbox padding of `plan` in `buf` (one input slot, (height, width, 3)): the pad

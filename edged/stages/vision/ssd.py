@@ -11,6 +11,7 @@ import numpy as np
 from edged.models import ModelEntry, ModelError
 from edged.runtime import Model, TensorSpec
 from edged.stages.vision import boxes as box_ops
+from edged.stages.vision import native
 from edged.stages.vision.boxes import logit, nms, nms_few, sigmoid, sigmoid_py
 from edged.stages.vision.decoder import Decoded, Decoder
 from edged.stages.vision.entry import number, per4, where
@@ -48,7 +49,17 @@ class SsdDecoder(Decoder):
         self._scale = tuple(self.box_scale.tolist())
         self.background = int(number(entry, p, "params", "background_classes", 1, lo=0, hi=10))
         self.nms_iou = number(entry, p, "params", "nms_iou", 0.6, lo=0.0, hi=1.0)
+        boxes_spec, scores_spec = self.outputs[self._boxes], self.outputs[self._scores]
+        self._int8 = all(t.dtype == np.int8 and t.quantized for t in (boxes_spec, scores_spec))
+        self._quant = ((float(scores_spec.zero_point), scores_spec.scale),
+                       (float(boxes_spec.zero_point), boxes_spec.scale))
+        self._anchors_at = native.address(self.anchors)
+        self._rows, self._columns = len(self.anchors), scores_spec.shape[-1]
+        self._int8 = self._int8 and math.prod(scores_spec.shape) == self._rows * self._columns \
+            and math.prod(boxes_spec.shape) == self._rows * 4
         self._bounds: dict[float, int | None] = {}  # score threshold → lowest stored code to look at
+        self.compiled = native.LIB  # the library's candidate scan (int8 outputs), or None: numpy's
+        self._few = _FewBuffers(box_ops.FEW)
 
     def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
         enc = outputs[self._boxes].reshape(-1, 4)
@@ -63,6 +74,26 @@ class SsdDecoder(Decoder):
         bound = self._raw_bound(threshold)
         if bound is None:
             return super().decode_model(model, threshold)
+        if self.compiled is not None and self._int8:
+            # The candidates found, dequantised and gathered by one call of the library, exactly
+            # as the numpy code below does it; many candidates go the numpy way.
+            at = getattr(model, "raw_at", None)  # an OutputCopy's buffers stay where they are
+            if at is not None:
+                where = at[self._scores], at[self._boxes]
+            else:
+                raw, boxes = model.raw_output(self._scores), model.raw_output(self._boxes)
+                where = ((native.address(raw), native.address(boxes))
+                         if raw.flags.c_contiguous and boxes.flags.c_contiguous else None)
+            if where is not None:
+                few = self._few
+                n = self.compiled.edged_ssd_candidates(
+                    where[0], self._rows, self._columns, self.background, bound, *self._quant[0],
+                    where[1], *self._quant[1], self._anchors_at, few.cap, *few.at)
+                if n == 0:
+                    return Decoded.empty()
+                if n <= few.cap:
+                    return self._decode_few(few.boxes[:n].tolist(), few.logits[:n].tolist(),
+                                            few.anchors[:n].tolist(), few.classes[:n].tolist(), logit(threshold))
         raw = model.raw_output(self._scores)
         raw = raw.reshape(-1, raw.shape[-1])[:, self.background:]
         if raw.max() < bound:
@@ -136,6 +167,20 @@ class SsdDecoder(Decoder):
         kept.sort(key=lambda k: -k[0])  # stable: ties stay in class order, as in _top
         kept = kept[:self.max_detections]
         return Decoded([b for _, _, b in kept], [sc for sc, _, _ in kept], [c for _, c, _ in kept])
+
+
+class _FewBuffers:
+    """Where the library's candidate scan writes up to `cap` candidates: anchor and class
+    indices, logits, box codes and anchors (float32, as numpy dequantises them); made once."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.anchor = np.zeros(cap, np.int32)
+        self.classes = np.zeros(cap, np.int32)
+        self.logits = np.zeros(cap, np.float32)
+        self.boxes = np.zeros((cap, 4), np.float32)
+        self.anchors = np.zeros((cap, 4), np.float32)
+        self.at = tuple(native.address(a) for a in (self.anchor, self.classes, self.logits, self.boxes, self.anchors))
 
 
 def _dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
