@@ -16,6 +16,7 @@ from edged.models import ModelError, load_manifest, open_model
 from edged.records import Frame
 from edged.runtime import TensorSpec
 from edged.stages.vision import DECODERS, PostprocessDecoder, Preprocessor, VisionStage, nms, nms_few, resize_frame, ssd_anchors
+from edged.stages.vision.boxes import logit
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "samples" / "images"
@@ -330,6 +331,50 @@ def test_blazeface_float_outputs_read_as_stored_give_exactly_the_dequantised_rou
                 assert (got.boxes, got.scores, got.classes) == (reference.boxes, reference.scores, reference.classes)
             found += len(reference.scores)
     assert found >= 2  # the astronaut's face at least, at both thresholds
+
+
+@pytest.mark.parametrize("model", ["face", "face_full_range"])
+def test_blazeface_candidates_found_by_the_library_decode_exactly_as_numpy_finds_them(manifest, model, monkeypatch):
+    # From an output copy the compiled scan (edged_float_candidates) finds and gathers the
+    # candidates in one call; the detections must be numpy's to the last bit, with faces, without,
+    # and with more candidates than it gathers (numpy's route then). Its float32 comparison with
+    # the threshold's logit is numpy's: a float32 array against a Python float.
+    from edged.runtime import OutputCopy
+    from edged.stages.vision import native
+
+    if native.LIB is None:
+        pytest.skip("the compiled resampler's library is not built (tests/test_resample.py says why)")
+    entry = manifest[model]
+    st = VisionStage(open_model(entry, threads=1), entry)
+    dec = st.decoder
+    assert dec.compiled is not None
+    counts = []
+    for name in ("astronaut", "camera", "coffee"):
+        st.preprocess(load(name))
+        st.model.invoke()
+        copy = OutputCopy(st.model, tuple(dec.reads))
+        copy.capture(st.model)
+        for threshold in (dec.score_threshold, 0.2, 0.001):
+            monkeypatch.setattr(dec, "compiled", None)
+            want = dec.decode_model(copy, threshold)
+            monkeypatch.setattr(dec, "compiled", native.LIB)
+            got = dec.decode_model(copy, threshold)
+            assert (got.boxes, got.scores, got.classes) == (want.boxes, want.scores, want.classes)
+            counts.append(int((copy.raw_output(dec._scores) >= np.float32(logit(threshold))).sum()))
+    assert min(counts) == 0 and 0 < max(c for c in counts if c <= 32) and max(counts) > 32, counts
+    # At the threshold itself: a score equal to the float32 limit counts, the float32 just below
+    # does not, and a limit between two float32 values compares as its float32 rounding.
+    scores = copy.raw_output(dec._scores)
+    scores[...] = -8.0
+    scores[0, 5, 0] = 1.5
+    scores[0, 6, 0] = np.nextafter(np.float32(1.5), np.float32(-np.inf))
+    for z in (1.5, 1.5 + 1e-9):  # logits whose float32 rounding is 1.5
+        threshold = 1 / (1 + np.exp(-z))
+        monkeypatch.setattr(dec, "compiled", None)
+        want = dec.decode_model(copy, threshold)
+        monkeypatch.setattr(dec, "compiled", native.LIB)
+        got = dec.decode_model(copy, threshold)
+        assert len(want.scores) == 1 and (got.boxes, got.scores) == (want.boxes, want.scores)
 
 
 def test_ssd_int8_outputs_read_as_stored_keep_the_exact_threshold(person, monkeypatch):

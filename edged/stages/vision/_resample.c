@@ -347,3 +347,29 @@ int edged_ssd_candidates(const int8_t *scores, int n, int c, int skip, int bound
     }
     return found;
 }
+
+/* The BlazeFace decoder's candidates (edged/stages/vision/blazeface.py), for float32 outputs: the
+ * anchors whose score is at or above `limit` (compared in float32, as numpy compares a float32
+ * array with a Python float), in order. For the first `cap` of them: the anchor, its score, the
+ * first four of its `box_step` regressors and its four anchor values. Returns how many there are. */
+int edged_float_candidates(const float *scores, int n, float limit, const float *boxes, int box_step,
+                           const float *anchors, int cap, int32_t *anchor_out, float *score_out,
+                           float *box_out, float *anchor_vals)
+{
+    int a, k, found = 0;
+
+    for (a = 0; a < n; a++) {
+        if (!(scores[a] >= limit))
+            continue;
+        if (found < cap) {
+            anchor_out[found] = a;
+            score_out[found] = scores[a];
+            for (k = 0; k < 4; k++) {
+                box_out[4 * found + k] = boxes[(ptrdiff_t)a * box_step + k];
+                anchor_vals[4 * found + k] = anchors[4 * (ptrdiff_t)a + k];
+            }
+        }
+        found++;
+    }
+    return found;
+}

@@ -3,6 +3,7 @@ weighted NMS."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -10,8 +11,9 @@ import numpy as np
 from edged.models import ModelEntry, ModelError
 from edged.runtime import Model, TensorSpec
 from edged.stages.vision import boxes as box_ops
+from edged.stages.vision import native
 from edged.stages.vision.boxes import logit, nms, nms_few, sigmoid, sigmoid_py, ssd_anchors
-from edged.stages.vision.decoder import Decoded, Decoder
+from edged.stages.vision.decoder import Candidates, Decoded, Decoder
 from edged.stages.vision.entry import number, per4, where
 
 
@@ -52,6 +54,14 @@ class BlazeFaceDecoder(Decoder):
         # Float outputs are their own values: read as stored, without Model.output's copy.
         self._as_stored = all(self.outputs[i].dtype == np.float32 and not self.outputs[i].quantized
                               for i in self.reads)
+        boxes_spec, scores_spec = self.outputs[self._boxes], self.outputs[self._scores]
+        self._rows, self._box_step = n, boxes_spec.shape[-1]
+        # The library's candidate scan (float32 outputs of one score per anchor), or None: numpy's.
+        self.compiled = native.LIB if (self._as_stored and math.prod(scores_spec.shape) == n
+                                       and math.prod(boxes_spec.shape) == n * self._box_step) else None
+        self._anchors = np.ascontiguousarray(self.anchors, np.float32)  # kept: the library reads it
+        self._anchors_at = native.address(self._anchors)
+        self._few = Candidates(box_ops.FEW)
 
     def decode_model(self, model: Model, threshold: float) -> Decoded:
         """For float outputs, `decode` on the outputs as stored (an `OutputCopy`'s own buffers,
@@ -59,6 +69,18 @@ class BlazeFaceDecoder(Decoder):
         more for the few rows a decode reads. Quantised outputs are dequantised as usual."""
         if not self._as_stored:
             return super().decode_model(model, threshold)
+        at = getattr(model, "raw_at", None)  # an OutputCopy's buffers stay where they are
+        if self.compiled is not None and at is not None:
+            # The candidates found and gathered by one call of the library (the same values
+            # `decode` picks with numpy); many candidates go the numpy way.
+            few = self._few
+            n = self.compiled.edged_float_candidates(
+                at[self._scores], self._rows, logit(threshold), at[self._boxes], self._box_step,
+                self._anchors_at, few.cap, few.anchor_at, few.logits_at, few.boxes_at, few.anchors_at)
+            if n == 0:
+                return Decoded.empty()
+            if n <= few.cap:
+                return self._decode_few(few.boxes[:n].tolist(), few.logits[:n].tolist(), few.anchors[:n].tolist())
         outputs: list = [None] * len(self.outputs)
         for i in self.reads:
             outputs[i] = model.raw_output(i)

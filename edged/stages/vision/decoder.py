@@ -12,6 +12,7 @@ import numpy as np
 from edged.models import ModelEntry, ModelError
 from edged.runtime import Model, TensorSpec
 from edged.stages.vision.entry import number, where
+from edged.stages.vision.native import address
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,23 @@ class Decoded:
     @classmethod
     def from_arrays(cls, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> "Decoded":
         return cls([tuple(b) for b in boxes.tolist()], scores.tolist(), [int(c) for c in classes.tolist()])
+
+
+class Candidates:
+    """Where the compiled library's candidate scans (edged_ssd_candidates, edged_float_candidates
+    in _resample.c) write up to `cap` candidates: anchor and class indices, logits (or scores),
+    four box values and the anchor's four values, all float32 as numpy would hold them; made
+    once per decoder, with their addresses."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.anchor = np.zeros(cap, np.int32)
+        self.classes = np.zeros(cap, np.int32)
+        self.logits = np.zeros(cap, np.float32)
+        self.boxes = np.zeros((cap, 4), np.float32)
+        self.anchors = np.zeros((cap, 4), np.float32)
+        self.anchor_at, self.classes_at, self.logits_at, self.boxes_at, self.anchors_at = (
+            address(a) for a in (self.anchor, self.classes, self.logits, self.boxes, self.anchors))
 
 
 class Decoder:

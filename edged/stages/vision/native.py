@@ -39,7 +39,7 @@ def open_library() -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.CDLL(str(path))
         bilinear, mapping, taps = lib.edged_bilinear, lib.edged_map, lib.edged_taps
-        ssd = lib.edged_ssd_candidates
+        ssd, floats = lib.edged_ssd_candidates, lib.edged_float_candidates
     except (OSError, AttributeError) as exc:
         return None, f"{path.name}: cannot load: {exc}"
     p, d, i = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int
@@ -52,6 +52,8 @@ def open_library() -> tuple[ctypes.CDLL | None, str]:
     f = ctypes.c_float
     ssd.argtypes = [p, i, i, i, i, f, f, p, f, f, p, i, p, p, p, p, p]
     ssd.restype = i
+    floats.argtypes = [p, i, f, p, i, p, i, p, p, p, p]
+    floats.restype = i
     return lib, str(path)
 
 

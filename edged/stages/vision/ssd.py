@@ -13,7 +13,7 @@ from edged.runtime import Model, TensorSpec
 from edged.stages.vision import boxes as box_ops
 from edged.stages.vision import native
 from edged.stages.vision.boxes import logit, nms, nms_few, sigmoid, sigmoid_py
-from edged.stages.vision.decoder import Decoded, Decoder
+from edged.stages.vision.decoder import Candidates, Decoded, Decoder
 from edged.stages.vision.entry import number, per4, where
 
 
@@ -59,7 +59,7 @@ class SsdDecoder(Decoder):
             and math.prod(boxes_spec.shape) == self._rows * 4
         self._bounds: dict[float, int | None] = {}  # score threshold → lowest stored code to look at
         self.compiled = native.LIB  # the library's candidate scan (int8 outputs), or None: numpy's
-        self._few = _FewBuffers(box_ops.FEW)
+        self._few = Candidates(box_ops.FEW)
 
     def decode(self, outputs: Sequence[np.ndarray], threshold: float) -> Decoded:
         enc = outputs[self._boxes].reshape(-1, 4)
@@ -88,7 +88,8 @@ class SsdDecoder(Decoder):
                 few = self._few
                 n = self.compiled.edged_ssd_candidates(
                     where[0], self._rows, self._columns, self.background, bound, *self._quant[0],
-                    where[1], *self._quant[1], self._anchors_at, few.cap, *few.at)
+                    where[1], *self._quant[1], self._anchors_at, few.cap, few.anchor_at, few.classes_at,
+                    few.logits_at, few.boxes_at, few.anchors_at)
                 if n == 0:
                     return Decoded.empty()
                 if n <= few.cap:
@@ -167,20 +168,6 @@ class SsdDecoder(Decoder):
         kept.sort(key=lambda k: -k[0])  # stable: ties stay in class order, as in _top
         kept = kept[:self.max_detections]
         return Decoded([b for _, _, b in kept], [sc for sc, _, _ in kept], [c for _, c, _ in kept])
-
-
-class _FewBuffers:
-    """Where the library's candidate scan writes up to `cap` candidates: anchor and class
-    indices, logits, box codes and anchors (float32, as numpy dequantises them); made once."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.anchor = np.zeros(cap, np.int32)
-        self.classes = np.zeros(cap, np.int32)
-        self.logits = np.zeros(cap, np.float32)
-        self.boxes = np.zeros((cap, 4), np.float32)
-        self.anchors = np.zeros((cap, 4), np.float32)
-        self.at = tuple(native.address(a) for a in (self.anchor, self.classes, self.logits, self.boxes, self.anchors))
 
 
 def _dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
