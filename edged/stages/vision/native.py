@@ -6,6 +6,8 @@ The library is found next to this module under any of the interpreter's extensio
 never imported: ctypes opens it, the function signatures are set once here, and a call releases
 the GIL while it runs. `EDGED_RESAMPLER=numpy` in the environment keeps the numpy code even when
 the library is there (for comparisons); the numpy code also runs when the library is missing.
+The same library also builds plans' taps and runs the SSD and BlazeFace decoders' candidate scans
+(the same values as their numpy code, which runs whenever `LIB` is None).
 """
 
 from __future__ import annotations
