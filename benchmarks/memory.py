@@ -130,8 +130,9 @@ def breakdown_worker(workdir: str, vision_model: str) -> dict:
 
 
 def chain_worker() -> dict:
-    """The default chain's own memory: what each stage's interpreter adds as it is opened
-    (tensor arena, XNNPack's packed weights), then what the stages' numpy buffers hold after three
+    """The default chain's own memory: what each model's interpreter adds as it is opened
+    (tensor arena, XNNPack's packed weights; stages naming one model share it), then what the
+    stages' numpy buffers hold after three
     rounds of the demo photos (work arrays, resampling tables, input slots, output copies), as
     numpy reports its allocations to tracemalloc. Same order and thread settings as the daemon."""
     import tracemalloc
@@ -206,7 +207,8 @@ def memory(quick: bool = False, workdir: Path | None = None) -> list[Figure]:
                 figures.append(Figure("memory", "peak RSS, edged run with the default chain + motion",
                                       round(chwm / 1024, 1), "MB", "≤ 100", at_most(chwm / 1024, 100),
                                       "the embedded defaults: person (frame + 2×2 tiles), full-range and "
-                                      "short-range face, on the sample photos at their own size"))
+                                      "short-range face, person again on small people (the same interpreter), "
+                                      "on the sample photos at their own size"))
                 # glibc's defaults on this machine (8 arenas per core, a moving mmap threshold):
                 # any MALLOC_ variable in the environment makes edged leave malloc alone.
                 uhwm, _ = peak_rss(chain_cfg, work, seconds, "chain-untuned",

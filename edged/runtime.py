@@ -3,7 +3,8 @@
 edged runs models inside the daemon's own process. The interpreter comes from LiteRT
 (`ai_edge_litert`, the default on 64-bit Pi OS and x86_64) or, where LiteRT has no wheel
 (32-bit Pi OS), from `tflite_runtime`. A `Model` owns one interpreter; an interpreter is not
-thread-safe, so each stage owns its own `Model` and calls it from one thread.
+thread-safe, so a `Model` is called from one thread. Stages of a vision graph that name the same
+model share its `Model`, used by one unit at a time (edged.stages.vision.graph.open_graph).
 """
 
 from __future__ import annotations

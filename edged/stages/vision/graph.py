@@ -524,14 +524,24 @@ class VisionGraph:
 
     @property
     def models(self) -> list:
-        return [st.model for st in self.stages]
+        """Every model the stages run, once each (stages naming one model share it)."""
+        return list({id(st.model): st.model for st in self.stages}.values())
 
 
 def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
-               open_entry: Callable | None = None, share_input: bool = True) -> VisionGraph:
-    """Open each stage's model from the manifest (one interpreter per stage). `specs` may be
-    StageSpecs or config tables with the same fields; `open_entry(entry)` opens a model (default:
-    on the CPU with `threads`)."""
+               open_entry: Callable | None = None, share_input: bool = True,
+               share_models: bool = True) -> VisionGraph:
+    """Open each stage's model from the manifest. `specs` may be StageSpecs or config tables with
+    the same fields; `open_entry(entry)` opens a model (default: on the CPU with `threads`).
+
+    Stages naming the same model share one interpreter (`share_models`; false: one per stage, for
+    comparisons). That is safe because the interpreter is only ever used a unit at a time: a
+    unit's input committed, its invoke, and its outputs copied (or decoded, without overlap) all
+    happen before the next unit's input is committed, on the one thread that invokes. What a unit
+    is prepared in stays the stage's own: its input slots (a stage on a model an earlier stage
+    opened does not fill the model's own input buffer, which that stage's slot 0 is), its output
+    copies and its decoder. The person model in the default chain (people, people_closer) is
+    opened once: about 13 MB less (docs/benchmarks.md, section 3)."""
     from edged.models import open_model, select
     from edged.stages.vision.stage import VisionStage
 
@@ -540,12 +550,20 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
             return open_model(entry, threads=threads)
     specs = [s if isinstance(s, StageSpec) else _spec(s) for s in specs]
     stages = []
+    opened: dict[str, object] = {}  # model name -> its model, opened for the first stage naming it
     for i, s in enumerate(specs):
         entry = select(manifest, s.model, "vision", f"vision.stages[{i}].model")
         kind = VisionStage
         if entry.decoder == "pose_landmarks":  # keypoints, not boxes
             from edged.stages.vision.pose import PoseStage as kind
-        stages.append(kind(open_entry(entry), entry, score_threshold=s.score_threshold or None))
+        model = opened.get(entry.name) if share_models else None
+        shared = model is not None
+        if model is None:
+            model = opened[entry.name] = open_entry(entry)
+        stage = kind(model, entry, score_threshold=s.score_threshold or None)
+        if shared:
+            stage.preprocess.own_input()
+        stages.append(stage)
     runs = [StageRun(s, st) for s, st in zip(specs, stages)]
     for s in specs:  # a second look at a stage's unsure boxes: it decodes down to them, reports as before
         if s.source is not None and s.from_score > 0:

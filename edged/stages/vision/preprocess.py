@@ -415,9 +415,11 @@ class Preprocessor:
         self._pad_pixels = np.broadcast_to(np.full(3, int(pad), np.uint8), (self.height, self.width, 3))
         self._plans: dict[tuple[int, int], _Plan] = {}
         self._work = Scratch()  # the work buffers of all plans, at the largest size any needed
-        # Input slots: 0 is the model's own input buffer; 1, made on first use, is filled while the
+        # Input slots: 0 is the model's own input buffer (or, see own_input, one of this
+        # preprocessor's own); 1, made on first use, is filled while the
         # interpreter runs on slot 0's input (edged.stages.vision.overlap). Per slot, the plan and
         # buffer whose padding is painted.
+        self._slot0: np.ndarray | None = None  # slot 0 of its own (own_input), else the model's buffer
         self._slot1: np.ndarray | None = None
         self._painted: list[tuple[_Plan, np.ndarray] | None] = [None, None]
         self._filled: list[np.ndarray | None] = [None, None]  # per slot: the array the last fill filled
@@ -446,10 +448,17 @@ class Preprocessor:
         self.commit()
         return box
 
+    def own_input(self) -> None:
+        """Fill slot 0 into an array of this preprocessor's own rather than the model's input
+        buffer: for a stage whose model another stage shares (edged.stages.vision.graph.open_graph),
+        so that neither fills an input the other has prepared and not yet committed."""
+        if self._slot0 is None:
+            self._slot0 = np.zeros_like(self.model.input_buffer(self.index))
+
     def buffer(self, slot: int = 0) -> np.ndarray:
         """Input slot `slot`: an array of the input tensor's shape and dtype."""
         if slot == 0:
-            return self.model.input_buffer(self.index)
+            return self.model.input_buffer(self.index) if self._slot0 is None else self._slot0
         if self._slot1 is None:
             self._slot1 = np.zeros_like(self.model.input_buffer(self.index))
         return self._slot1
@@ -537,8 +546,8 @@ class Preprocessor:
 
     def commit(self, slot: int = 0) -> None:
         """Hand input slot `slot` to the interpreter (it copies it: the slot is free again). The
-        array committed is the one `fill` filled: slot 0 is the model's own buffer, and a model
-        that moved from the Edge TPU to the CPU meanwhile has another one."""
+        array committed is the one `fill` filled: slot 0 is the model's own buffer (unless
+        `own_input`), and a model that moved from the Edge TPU to the CPU meanwhile has another one."""
         self.model.commit_input(self.index, self._filled[slot])
 
     @property

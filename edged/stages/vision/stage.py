@@ -27,7 +27,8 @@ DECODERS: dict[str, type[Decoder]] = {
 class VisionStage:
     """Runs one detector on frames: preprocess → invoke → decode → frame-normalised objects.
 
-    Owns its `Model` (call from one thread). Results are fresh tuples; all intermediate arrays
+    Calls its `Model` from one thread (in a graph, stages naming one model share it: see
+    `edged.stages.vision.graph.open_graph`). Results are fresh tuples; all intermediate arrays
     are reused between calls.
     """
 
