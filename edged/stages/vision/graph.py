@@ -93,6 +93,18 @@ def _inside(a, b) -> float:
     return ix * iy / area if ix > 0 and iy > 0 and area > 0 else 0.0
 
 
+def _replacement(final: list, f: "_Found", src: "_Found") -> int:
+    """Index in `final` of the object of `src`'s label that replaced `src` (found in its crop by a
+    replacing stage) holding most of `f`'s box, at least REPLACE_INSIDE of it; -1 if none does."""
+    best, at = REPLACE_INSIDE, -1
+    for n, g in enumerate(final):
+        if g is not f and g.parent == f.parent and g.obj.label == src.obj.label:
+            v = _inside(f.obj.box, g.obj.box)
+            if v >= best:
+                best, at = v, n
+    return at
+
+
 def _area(b) -> float:
     return (b[2] - b[0]) * (b[3] - b[1])
 
@@ -477,7 +489,11 @@ class VisionGraph:
         for f in final:
             parent = -1
             if f.parent >= 0:
-                parent = index.get(id(found[f.parent]), -1)
+                src = found[f.parent]
+                parent = index.get(id(src), -1)
+                if parent < 0 and f.parent in fw.dropped:
+                    # Its box was replaced by a closer look: the replacement it lies in, if any.
+                    parent = _replacement(final, f, src)
             o = f.obj
             out.append(DetectedObject(o.label, o.score, o.box, f.stage, parent, o.signature))
         return tuple(out)
