@@ -143,13 +143,12 @@ class _Plan:
             # One weight per row and per column; spread to full size in the stage's work buffers
             # when used (numpy allocates a buffer per call for a broadcast ufunc operand, not for
             # a broadcast copy), so a plan keeps no table of its own.
-            self.by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)[:, None]
-            self.bx = np.rint(np.repeat(wx, 3).astype(np.float64) * 65536).astype(np.uint32)[None, :]
+            self.by = _fixed(wy, 256, np.uint16)[:, None]
+            self.bx = np.repeat(_fixed(wx, 65536, np.uint32), 3)[None, :]
         elif not self.identity:
             # Pixel centres of the resampled grid mapped back to the nearest source pixel.
-            self.rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
-            cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
-            self.cols = np.repeat(cols * 3, 3) + np.tile(np.arange(3, dtype=np.intp), rw)
+            self.rows = _nearest(frame_h, rh)
+            self.cols = np.repeat(_nearest(frame_w, rw) * 3, 3) + np.tile(np.arange(3, dtype=np.intp), rw)
 
     def _compiled_taps(self, frame_h: int, frame_w: int, rh: int, rw: int) -> None:
         """The compiled resampler's taps, one int32 run each: source rows above and below each
@@ -354,14 +353,22 @@ def reference_taps(frame_h: int, frame_w: int, rh: int, rw: int, bilinear: bool)
     if bilinear:
         y0, y1, wy = _taps(frame_h, rh)
         x0, x1, wx = _taps(frame_w, rw)
-        by = np.rint(wy.astype(np.float64) * 256).astype(np.uint16)
-        bx = np.rint(wx.astype(np.float64) * 65536).astype(np.uint32)
-        runs = (y0, y1, by, x0, x1, np.repeat(bx, 3))
+        runs = (y0, y1, _fixed(wy, 256, np.uint16), x0, x1, np.repeat(_fixed(wx, 65536, np.uint32), 3))
     else:
-        rows = np.minimum(((np.arange(rh) + 0.5) * (frame_h / rh)).astype(np.intp), frame_h - 1)
-        cols = np.minimum(((np.arange(rw) + 0.5) * (frame_w / rw)).astype(np.intp), frame_w - 1)
+        rows, cols = _nearest(frame_h, rh), _nearest(frame_w, rw)
         runs = (rows, rows, np.zeros(rh, np.intp), cols, cols, np.zeros(rw * 3, np.intp))
     return np.concatenate(runs, dtype=np.int32, casting="unsafe")
+
+
+def _nearest(src: int, dst: int) -> np.ndarray:
+    """Nearest resampling: the source index of each of `dst` pixel centres mapped back."""
+    return np.minimum(((np.arange(dst) + 0.5) * (src / dst)).astype(np.intp), src - 1)
+
+
+def _fixed(w: np.ndarray, one: int, dtype) -> np.ndarray:
+    """Blend weights in fixed point, `one` being a weight of 1 (256 down the columns, 65536 along
+    the rows)."""
+    return np.rint(w.astype(np.float64) * one).astype(dtype)
 
 
 def _taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -50,13 +50,14 @@ class SsdDecoder(Decoder):
         self.background = int(number(entry, p, "params", "background_classes", 1, lo=0, hi=10))
         self.nms_iou = number(entry, p, "params", "nms_iou", 0.6, lo=0.0, hi=1.0)
         boxes_spec, scores_spec = self.outputs[self._boxes], self.outputs[self._scores]
-        self._int8 = all(t.dtype == np.int8 and t.quantized for t in (boxes_spec, scores_spec))
         self._quant = ((float(scores_spec.zero_point), scores_spec.scale),
                        (float(boxes_spec.zero_point), boxes_spec.scale))
         self._anchors_at = native.address(self.anchors)
         self._rows, self._columns = len(self.anchors), scores_spec.shape[-1]
-        self._int8 = self._int8 and math.prod(scores_spec.shape) == self._rows * self._columns \
-            and math.prod(boxes_spec.shape) == self._rows * 4
+        # Outputs the library's scan reads: int8, one row of scores and of four box values per anchor.
+        self._int8 = (all(t.dtype == np.int8 and t.quantized for t in (boxes_spec, scores_spec))
+                      and math.prod(scores_spec.shape) == self._rows * self._columns
+                      and math.prod(boxes_spec.shape) == self._rows * 4)
         self._bounds: dict[float, int | None] = {}  # score threshold → lowest stored code to look at
         self.compiled = native.LIB  # the library's candidate scan (int8 outputs), or None: numpy's
         self._few = Candidates(box_ops.FEW)
