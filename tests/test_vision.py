@@ -593,7 +593,8 @@ def test_crops_of_ever_changing_sizes_share_the_stages_buffers(face):
     pre = face.preprocess
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    pre(img[:239, :239])  # the largest crop here: every work buffer at its largest
+    pre(img[:239, :239])  # the largest crop here: every resampling buffer at its largest
+    pre(img[:16, :239])  # and the widest letterbox padding bands (painted through the table's row)
     grown = pre._work.nbytes
     for h, w in rng.integers(16, 240, (60, 2)):  # 60 other sizes: nothing more is kept
         want = resize_frame(img[:h, :w], pre.height, pre.width, letterbox=True, bilinear=True)
