@@ -43,6 +43,7 @@ class Runtime:
     version: str
     interpreter_cls: Any
     load_delegate: Callable[..., Any]
+    libdir: str = ""  # the package directory holding its shared libraries (see release_start_pages)
 
 
 _runtime: Runtime | None = None
@@ -59,7 +60,9 @@ def runtime() -> Runtime:
                 continue
             top = importlib.import_module(dist)
             version = getattr(top, "__version__", None) or _dist_version(dist)
-            _runtime = Runtime(dist, version, mod.Interpreter, mod.load_delegate)
+            _runtime = Runtime(dist, version, mod.Interpreter, mod.load_delegate,
+                               os.path.dirname(os.path.realpath(top.__file__)))
+            release_start_pages(None, _runtime.libdir)  # what loading the libraries ran once
             break
         else:
             raise RuntimeUnavailable(INSTALL_HINT)
@@ -145,6 +148,8 @@ class Model:
         # set_input's float work buffer for an integer input, made on its first float input: the
         # vision stages fill input_buffer() with integers and never need it (1 MB at 300x300x3).
         self._scratch: list[np.ndarray | None] = [None] * len(self.inputs)
+        # Last: the tensor details above are read from the mapped file too.
+        release_start_pages(self.path, rt.libdir)
 
     def input_buffer(self, i: int = 0) -> np.ndarray:
         """The reused array `set_input(i)` copies from; fill it in place, then call `commit_input`."""
@@ -239,6 +244,64 @@ class OutputCopy:
         else:
             out[...] = raw
         return out
+
+
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>, the same on every architecture
+_madvise: Any = None
+
+
+def release_start_pages(model_path: str | Path | None, libdir: str = "") -> int:
+    """Unmap from this process the file pages that opening an interpreter touched and running
+    it does not need; kB released (0 where there is no /proc/self/smaps, as outside Linux).
+
+    The runtime maps the model file and reads it all while it builds the interpreter: XNNPack
+    packs every weight into memory of its own, and the file's pages are not read again (none
+    comes back over the default chain's frames, docs/benchmarks.md section 3). Building also runs
+    much of the runtime's code once (operator registrations, graph preparation, kernels of other
+    operators); a frame needs about a quarter of it. Both stay mapped, and counted in the
+    daemon's RSS, until told otherwise: this drops them with madvise(MADV_DONTNEED). They are
+    clean pages of files, so what is dropped stays in the page cache, and a page needed again is
+    mapped back from it on first use (a minor fault, once). Only read-only mappings without a
+    private (written) page are touched: the model file, and the code and read-only data of the
+    runtime's own libraries (files under `libdir`)."""
+    global _madvise
+    target = os.path.realpath(model_path) if model_path is not None else None
+    libdir = os.path.join(libdir, "") if libdir else ""
+    try:
+        with open("/proc/self/smaps") as fh:
+            text = fh.read()
+    except OSError:
+        return 0
+    spans: list[tuple[int, int, int]] = []
+    mapping: list | None = None  # [start, end, perms, name, {field: kB}]
+    for line in text.splitlines() + ["0-0 ---p 0 0:0 0"]:
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and len(head[1]) == 4:  # a mapping's first line
+            if mapping is not None:
+                lo, hi, perms, name, kb = mapping
+                wanted = name == target or (libdir and name.startswith(libdir))
+                if wanted and "w" not in perms and kb.get("Rss", 0) and not kb.get("Private_Dirty", 1) \
+                        and not kb.get("Anonymous", 1):
+                    spans.append((lo, hi, kb["Rss"]))
+            lo, _, hi = head[0].partition("-")
+            mapping = [int(lo, 16), int(hi, 16), head[1], head[5] if len(head) > 5 else "", {}]
+        elif mapping is not None and line.endswith(" kB"):
+            key, _, value = line.partition(":")
+            mapping[4][key] = int(value.split()[0])
+    if not spans:
+        return 0
+    if _madvise is None:
+        import ctypes
+
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            _madvise = False
+        else:
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if not _madvise:
+        return 0
+    return sum(kb for lo, hi, kb in spans if _madvise(lo, hi - lo, _MADV_DONTNEED) == 0)
 
 
 EDGETPU_OP = "edgetpu-custom-op"  # the one custom op edgetpu_compiler puts in a compiled model

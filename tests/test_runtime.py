@@ -1,5 +1,6 @@
 """The in-process runtime: interpreter choice, buffer reuse, quantisation, model verification."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -9,13 +10,63 @@ import pytest
 
 from conftest import REPO, SAMPLES
 from edged.models import ModelError, load_manifest, open_model, verify
-from edged.runtime import Model, runtime
+from edged.runtime import Model, release_start_pages, runtime
 
 
 def test_runtime_is_litert_by_default():
     rt = runtime()
     assert rt.name in ("ai_edge_litert", "tflite_runtime")
     assert rt.version
+
+
+def _resident_kb(path=None, under=None) -> list[int]:
+    """Resident kB of each mapping in this process (/proc/self/smaps) of the file `path`, or of
+    the executable mappings of files under the directory `under`."""
+    target, found, name, perms = path and os.path.realpath(path), [], None, ""
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split(None, 5)
+            if len(head) >= 5 and "-" in head[0] and len(head[1]) == 4:
+                name, perms = (head[5].strip() if len(head) > 5 else ""), head[1]
+            elif line.startswith("Rss:") and (name == target if path else
+                                              name.startswith(under + os.sep) and "x" in perms):
+                found.append(int(line.split()[1]))
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps")
+@pytest.mark.parametrize("name", ["person", "face_full_range", "face"])
+def test_an_opened_model_keeps_no_page_of_its_file_mapped_and_invokes_as_before(name):
+    """The runtime maps the model file and reads all of it while it builds the interpreter
+    (XNNPack copies the weights); Model drops those pages from this process afterwards
+    (release_start_pages). The outputs are those of an interpreter that keeps them."""
+    entry = load_manifest()[name]
+    rt = runtime()
+    ref = rt.interpreter_cls(model_path=str(entry.path), num_threads=1)
+    ref.allocate_tensors()
+    assert max(_resident_kb(entry.path)) > 0  # the runtime maps the file and has read it
+    code = sum(_resident_kb(under=rt.libdir))
+    assert code > 0  # and runs its libraries' code
+    spec = ref.get_input_details()[0]
+    image = np.asarray(__import__("PIL.Image").Image.open(SAMPLES / "images" / "astronaut.jpg")
+                       .convert("RGB").resize(tuple(spec["shape"][2:0:-1])))
+    data = image[None].astype(spec["dtype"]) if np.issubdtype(spec["dtype"], np.integer) \
+        else (image[None].astype(np.float32) / 127.5 - 1.0)
+    ref.set_tensor(spec["index"], data)
+    ref.invoke()
+    expected = [ref.get_tensor(o["index"]) for o in ref.get_output_details()]
+
+    m = Model(entry.path, threads=1)
+    assert _resident_kb(entry.path) == [0, 0]  # both interpreters' mappings of the file dropped
+    assert sum(_resident_kb(under=rt.libdir)) < code / 2  # and what building one ran of the code
+    m.set_input(0, data)
+    m.invoke()
+    for i, want in enumerate(expected):
+        np.testing.assert_array_equal(m.raw_output(i), want)
+    ref.invoke()  # the interpreter whose pages were dropped under it reads what it needs back
+    for o, want in zip(ref.get_output_details(), expected):
+        np.testing.assert_array_equal(ref.get_tensor(o["index"]), want)
+    assert release_start_pages(SAMPLES / "no-such-model.tflite") == 0  # nothing of it is mapped
 
 
 def test_quantised_output_dequantises_without_int8_wraparound():
