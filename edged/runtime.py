@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -149,7 +150,7 @@ class Model:
         # vision stages fill input_buffer() with integers and never need it (1 MB at 300x300x3).
         self._scratch: list[np.ndarray | None] = [None] * len(self.inputs)
         # Last: the tensor details above are read from the mapped file too.
-        release_start_pages(self.path, rt.libdir)
+        release_start_pages(self.path, getattr(rt, "libdir", ""))
 
     def input_buffer(self, i: int = 0) -> np.ndarray:
         """The reused array `set_input(i)` copies from; fill it in place, then call `commit_input`."""
@@ -248,6 +249,9 @@ class OutputCopy:
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>, the same on every architecture
 _madvise: Any = None
+# A mapping's first line in /proc/self/smaps (start-end perms offset dev inode path), its fields.
+_SMAPS_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+ *(.*)$", re.M)
+_SMAPS_FIELD = re.compile(r"^(Rss|Private_Dirty|Anonymous): +(\d+) kB$", re.M)
 
 
 def release_start_pages(model_path: str | Path | None, libdir: str = "") -> int:
@@ -272,22 +276,16 @@ def release_start_pages(model_path: str | Path | None, libdir: str = "") -> int:
             text = fh.read()
     except OSError:
         return 0
+    heads = list(_SMAPS_HEAD.finditer(text))
     spans: list[tuple[int, int, int]] = []
-    mapping: list | None = None  # [start, end, perms, name, {field: kB}]
-    for line in text.splitlines() + ["0-0 ---p 0 0:0 0"]:
-        head = line.split(None, 5)
-        if len(head) >= 5 and "-" in head[0] and len(head[1]) == 4:  # a mapping's first line
-            if mapping is not None:
-                lo, hi, perms, name, kb = mapping
-                wanted = name == target or (libdir and name.startswith(libdir))
-                if wanted and "w" not in perms and kb.get("Rss", 0) and not kb.get("Private_Dirty", 1) \
-                        and not kb.get("Anonymous", 1):
-                    spans.append((lo, hi, kb["Rss"]))
-            lo, _, hi = head[0].partition("-")
-            mapping = [int(lo, 16), int(hi, 16), head[1], head[5] if len(head) > 5 else "", {}]
-        elif mapping is not None and line.endswith(" kB"):
-            key, _, value = line.partition(":")
-            mapping[4][key] = int(value.split()[0])
+    for k, head in enumerate(heads):
+        name, perms = head[4], head[3]
+        if "w" in perms or not (name == target or (libdir and name.startswith(libdir))):
+            continue
+        block = text[head.end():heads[k + 1].start() if k + 1 < len(heads) else len(text)]
+        kb = {key: int(value) for key, value in _SMAPS_FIELD.findall(block)}
+        if kb.get("Rss", 0) and kb.get("Private_Dirty", 1) == 0 and kb.get("Anonymous", 1) == 0:
+            spans.append((int(head[1], 16), int(head[2], 16), kb["Rss"]))
     if not spans:
         return 0
     if _madvise is None:
