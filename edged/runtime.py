@@ -145,7 +145,9 @@ class Model:
         self.inputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_input_details())
         self.outputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_output_details())
         self._in_bufs = [np.zeros(t.shape, t.dtype) for t in self.inputs]
-        self._out_bufs = [np.zeros(t.shape, np.float32) for t in self.outputs]
+        # output()'s float32 buffers, made on first use: the vision decoders read the outputs as
+        # stored (raw_output, output copies) and never ask for them.
+        self._out_bufs: list[np.ndarray | None] = [None] * len(self.outputs)
         # set_input's float work buffer for an integer input, made on its first float input: the
         # vision stages fill input_buffer() with integers and never need it (1 MB at 300x300x3).
         self._scratch: list[np.ndarray | None] = [None] * len(self.inputs)
@@ -189,6 +191,8 @@ class Model:
         spec = self.outputs[i]
         raw = self._interp.get_tensor(spec.index)
         out = self._out_bufs[i]
+        if out is None:
+            out = self._out_bufs[i] = np.zeros(spec.shape, np.float32)
         if spec.quantized:
             # Compute in float32: int8 arithmetic would wrap (127 - (-128) overflows).
             np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
@@ -224,7 +228,7 @@ class OutputCopy:
         self.outputs = model.outputs
         self.indices = tuple(indices)
         self._raw = {i: np.zeros(model.outputs[i].shape, model.outputs[i].dtype) for i in self.indices}
-        self._out = {i: np.zeros(model.outputs[i].shape, np.float32) for i in self.indices}
+        self._out: dict[int, np.ndarray] = {}  # output()'s float32 buffers, made on first use, as Model's
         # Where each raw buffer lies (C-contiguous, never moved), for compiled decoders.
         self.raw_at = {i: a.__array_interface__["data"][0] for i, a in self._raw.items()}
 
@@ -238,7 +242,9 @@ class OutputCopy:
         return self._raw[i]
 
     def output(self, i: int) -> np.ndarray:
-        spec, raw, out = self.outputs[i], self._raw[i], self._out[i]
+        spec, raw, out = self.outputs[i], self._raw[i], self._out.get(i)
+        if out is None:
+            out = self._out[i] = np.zeros(spec.shape, np.float32)
         if spec.quantized:
             np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
             out *= spec.scale

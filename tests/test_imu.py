@@ -516,6 +516,29 @@ def test_recorded_csv_motion_through_the_fake():
     assert np.abs(expected).max() > 5        # the recording moves
 
 
+def test_the_replay_takes_the_median_step_as_numpy_does_without_importing_numpy_ma():
+    from edged.sources.imu.replay import median
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 10, 11, 1000):
+        x = rng.normal(size=n) * 10.0 ** rng.integers(-3, 3)
+        assert median(x) == float(np.median(x))
+        x[n // 2] = np.nan
+        assert math.isnan(median(x)) and math.isnan(float(np.median(x)))
+    t = np.cumsum(rng.uniform(0.009, 0.011, 5000))
+    assert median(np.diff(t)) == float(np.median(np.diff(t)))
+    csv = REPO / "samples" / "imu" / "basicmotions_demo.csv"
+    code = ("import sys; from edged.sources.imu.replay import ReplayImu; "
+            f"r = ReplayImu({str(csv)!r}); print(repr(r.duration), 'numpy.ma' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO)}, check=True).stdout.split()
+    from edged.sources.imu.imucsv import read_imu_csv
+
+    rec = read_imu_csv(csv)
+    rt = rec.t - rec.t[0]
+    assert out == [repr(float(rt[-1]) + float(np.median(np.diff(rt)))), "False"]
+
+
 # --- overflow ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chip", list(CHIPS))

@@ -15,6 +15,17 @@ import numpy as np
 from edged.records import ImuBatch
 
 
+def median(x: np.ndarray) -> float:
+    """`np.median` of a 1-D float array, the same value: the middle one, or the mean of the two
+    in the middle (NaN if any is NaN). Without np.median's check for masked arrays, which imports
+    numpy.ma (1.1 MB resident) into a daemon that has no other use for it."""
+    s = np.sort(x)
+    k = len(s) // 2
+    if np.isnan(s[-1]):
+        return float("nan")
+    return float(s[k]) if len(s) % 2 else float((s[k - 1] + s[k]) / 2)
+
+
 class ReplayImu:
     chip_name = "replay"
 
@@ -25,7 +36,7 @@ class ReplayImu:
         rec = read_imu_csv(Path(path))
         self.t = rec.t - rec.t[0]
         self.data = rec.data
-        step = float(np.median(np.diff(self.t))) if len(self.t) > 1 else 0.1
+        step = median(np.diff(self.t)) if len(self.t) > 1 else 0.1
         self.duration = float(self.t[-1]) + step  # one loop, including the last sample's interval
         self.speed = speed
         self.loop = loop
