@@ -147,9 +147,11 @@ def check_stages(specs) -> list[str]:
             if getattr(s, "turned", False):
                 problems.append(f"{key}.turned: only a stage on the frame can turn it")
         else:
-            for k, off in (("replace", False), ("from_score", 0.0), ("max_box", 1.0)):
+            for k, off in (("replace", False), ("from_score", 0.0), ("max_box", 1.0), ("confirm", False)):
                 if getattr(s, k, off) != off:
                     problems.append(f"{key}.{k}: only a stage that crops an earlier stage's boxes has it")
+        if getattr(s, "confirm", False) and s.replace:
+            problems.append(f"{key}.confirm: a confirming stage reports the boxes it looks at; it cannot replace them")
         if s.region not in STAGE_REGIONS:
             problems.append(f"{key}.region: expected one of {', '.join(map(repr, STAGE_REGIONS))}, got {s.region!r}")
         seen.setdefault(s.name, i)
@@ -180,6 +182,11 @@ class VisionStageConfig:
     # Crops: also the source stage's boxes scored from this up to its own threshold (which are not
     # reported themselves): a second look at what the source was unsure of. 0 = none.
     from_score: float = field(default=0.0, metadata=_check(min=0.0, max=1.0))
+    # Crops: look at the source stage's boxes that the result so far left out (scored from
+    # `from_score`, or dropped by the merge), and report each one the stage's model finds a
+    # skeleton in that no reported box claims (edged.stages.vision.confirm). Needs a model with
+    # the "paf" decoder.
+    confirm: bool = False
     # On the frame: also on the frame turned a quarter either way (two more invokes), boxes turned
     # back: a detector of upright people (the `person` model) then finds people lying across the view.
     turned: bool = False
@@ -204,6 +211,14 @@ DEFAULT_STAGES: tuple[VisionStageConfig, ...] = (
     VisionStageConfig(name="people_closer", model="person", input="person@people", region="square",
                       margin=0.5, max_box=0.25, replace=True, from_score=0.15),
 )
+
+# Not in the default chain (it costs about 22 MB of memory and a sixth more time on frames with
+# people; docs/models.md, "People confirmed by their skeletons"): a fifth stage that looks at the
+# people stage's boxes the chain left out (scored 0.15-0.3, or dropped by the merge because they
+# overlap another person's) with the `openpose` model, and reports each one that holds a skeleton
+# no reported box claims. Declare the default chain's stages and this one in [[vision.stages]].
+PEOPLE_CONFIRMED = VisionStageConfig(name="people_confirmed", model="openpose", input="person@people",
+                                     region="square", margin=0.5, confirm=True, from_score=0.15)
 
 
 @dataclass

@@ -15,7 +15,7 @@ Dalal-Triggs SVM, winStride 8, padding 8, scale 1.05, run on the frame upscaled 
 from 64 px tall fit its 128-px window; each box shrunk to the window's middle, where its training
 people stand). Both need OpenCV 4 (OpenCV 5 moved the cascades out of the main package).
 
-    .venv/bin/python scripts/eval_vision.py [--models face,face_full_range,person] [--chain] [--peers] [-v]
+    .venv/bin/python scripts/eval_vision.py [--models face,face_full_range,person] [--chain] [--confirm] [--peers] [-v]
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def main() -> int:
     ap.add_argument("--models", default="face,face_full_range,person")
     ap.add_argument("--sets", default="closeups,scenes")
     ap.add_argument("--chain", action="store_true", help="also score the default chain of stages")
+    ap.add_argument("--confirm", action="store_true",
+                    help="also score the default chain followed by the confirming stage (people_confirmed)")
     ap.add_argument("--peers", action="store_true", help="also score OpenCV's Haar and HOG detectors")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -171,6 +173,12 @@ def main() -> int:
         from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
         detectors["default chain"] = (open_graph(DEFAULT_CHAIN, manifest, threads=args.threads).detect,
                                       ("person", "face"))
+    if args.confirm:
+        from edged.config import PEOPLE_CONFIRMED
+        from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
+        detectors["chain + people_confirmed"] = (
+            open_graph(list(DEFAULT_CHAIN) + [PEOPLE_CONFIRMED], manifest, threads=args.threads).detect,
+            ("person", "face"))
     if args.peers:
         detectors.update(peers())
     results = []

@@ -24,6 +24,9 @@ class Decoded:
     boxes: list[tuple[float, float, float, float]]
     scores: list[float]
     classes: list[int]
+    # Per detection, for decoders that find keypoints ("paf"): an (n, 3) array of x, y
+    # (model-normalised) and confidence (0: not found). None for box-only decoders.
+    keypoints: list | None = None
 
     @classmethod
     def empty(cls) -> "Decoded":

@@ -25,6 +25,7 @@ from edged.config import DEFAULT_STAGES, STAGE_INPUT_FRAME as FRAME, STAGE_REGIO
 from edged.config import check_stages as check_graph  # noqa: F401 — the declaration's checks live with the config
 from edged.records import DetectedObject
 from edged.runtime import OutputCopy
+from edged.stages.vision import confirm as confirming
 from edged.stages.vision.boxes import iou_py, turn_box_back
 from edged.stages.vision.preprocess import Letterbox, check_image
 
@@ -33,7 +34,7 @@ def _spec(s) -> "StageSpec":
     """A StageSpec with the fields of a config table (edged.config.VisionStageConfig)."""
     return StageSpec(name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
                      margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned,
-                     max_box=s.max_box, replace=s.replace, from_score=s.from_score)
+                     max_box=s.max_box, replace=s.replace, from_score=s.from_score, confirm=s.confirm)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class StageSpec:
     max_box: float = 1.0              # crops: only boxes under this share of the frame (both sides)
     replace: bool = False             # crops: objects of the source's label found in a box replace it
     from_score: float = 0.0           # crops: also the source's unreported boxes from this score up
+    confirm: bool = False             # crops: the source's boxes left out of the result so far, each
+                                      # reported if a skeleton found there is nobody else's (confirm.py)
 
     @property
     def source(self) -> tuple[str, str] | None:
@@ -211,6 +214,9 @@ class FrameWork:
                                                    # scale check, replaced, or candidates only
     cands: dict = field(default_factory=dict)      # stage name -> indices into found of its candidates
     best_view: dict = field(default_factory=dict)  # (stage, region) -> (evidence, objects) of its best view so far
+    claims: dict = field(default_factory=dict)     # confirming stage name -> boxes of the result before it, and
+                                                   # those it confirmed so far (they claim skeletons first)
+    apart: list = field(default_factory=list)      # indices into found of confirmed boxes: kept out of the merge
     started: float = field(default_factory=time.perf_counter)
     objects: tuple | None = None                   # set when every stage is complete
     finished: float = 0.0                          # perf_counter() then
@@ -287,9 +293,19 @@ class VisionGraph:
         def small(i: int) -> bool:
             b = found[i].obj.box
             return found[i].obj.label == label and b[2] - b[0] < s.max_box and b[3] - b[1] < s.max_box
-        parents = [i for i in fw.by_stage.get(src, ()) if small(i)]
-        parents.sort(key=lambda i: -_area(found[i].obj.box))
-        if s.from_score > 0:  # then the source's unreported boxes, best first
+        if s.confirm:
+            # The source's boxes the result so far left out (every earlier stage is complete).
+            result = [f.obj.box for f in merge([f for i, f in enumerate(found) if i not in fw.dropped
+                                                and f.obj.label == label])]
+            fw.claims[s.name] = result
+            mine = [i for i, f in enumerate(found) if f.stage == src and small(i)]
+            parents = [mine[k] for k in confirming.candidates([found[i].obj.box for i in mine],
+                                                              [found[i].obj.score for i in mine],
+                                                              result, s.from_score)]
+        else:
+            parents = [i for i in fw.by_stage.get(src, ()) if small(i)]
+            parents.sort(key=lambda i: -_area(found[i].obj.box))
+        if s.from_score > 0 and not s.confirm:  # then the source's unreported boxes, best first
             parents += sorted((i for i in fw.cands.get(src, ()) if found[i].obj.score >= s.from_score and small(i)),
                               key=lambda i: -found[i].obj.score)
         out = []
@@ -326,8 +342,10 @@ class VisionGraph:
         for idx, run in enumerate(self.runs):
             s = run.spec
             if s.source is not None:
-                while not fw.complete(s.source[1]):
-                    yield Wait(s.source[1])
+                # A confirming stage looks at what the result so far left out: all earlier stages.
+                for name in ([r.spec.name for r in self.runs[:idx]] if s.confirm else [s.source[1]]):
+                    while not fw.complete(name):
+                        yield Wait(name)
             t0 = time.perf_counter()
             st = run.stage
             turns_of = getattr(st, "turns", None)  # a pose stage shows a wide crop turned upright too
@@ -400,6 +418,9 @@ class VisionGraph:
             if best is None or ev > best[0]:
                 best = fw.best_view[key] = (ev, run.stage.finish(unit.outputs, unit.box, unit.turn))
             objects = best[1] if unit.last_view else ()
+        elif s.confirm:
+            objects = ()
+            self._confirm(unit)
         else:
             objects = run.stage.finish(unit.outputs, unit.box)
         for o in objects:
@@ -445,6 +466,30 @@ class VisionGraph:
         if self.trace is not None:
             self.trace.append(unit)
 
+    def _confirm(self, unit: Unit) -> None:
+        """A confirming stage's crop: report its candidate box if a skeleton there is nobody else's."""
+        run, fw = unit.run, unit.frame
+        st = run.stage
+        dec = st.decoder.decode_model(unit.outputs, st.score_threshold)
+        h, w = fw.image.shape[:2]
+        x0, y0, x1, y1 = unit.region
+        lb, mh, mw = unit.box, st.preprocess.height, st.preprocess.width
+        # model-normalised → frame-normalised, without clipping (a part may lie in the padding)
+        ax, bx = (mw / lb.width) * (x1 - x0) / w, x0 / w - (lb.left / lb.width) * (x1 - x0) / w
+        ay, by = (mh / lb.height) * (y1 - y0) / h, y0 / h - (lb.top / lb.height) * (y1 - y0) / h
+        skeletons = []
+        for b, kp in zip(dec.boxes, dec.keypoints or ()):
+            parts = kp[kp[:, 2] > 0, :2] * (ax, ay) + (bx, by)
+            skeletons.append(((b[0] * ax + bx, b[1] * ay + by, b[2] * ax + bx, b[3] * ay + by), parts))
+        src = fw.found[unit.parent]
+        others = fw.claims[run.spec.name]
+        if skeletons and confirming.confirmed(skeletons, src.obj.box, others):
+            others.append(src.obj.box)
+            o = src.obj
+            fw.mine[run.spec.name].append(len(fw.found))
+            fw.apart.append(len(fw.found))
+            fw.found.append(_Found(DetectedObject(o.label, o.score, o.box), run.spec.name))
+
     def _complete(self, run: StageRun, fw: FrameWork) -> None:
         s = run.spec
         t0 = time.perf_counter()
@@ -483,7 +528,10 @@ class VisionGraph:
     @staticmethod
     def _result(fw: FrameWork) -> tuple[DetectedObject, ...]:
         found = fw.found
-        final = merge([f for i, f in enumerate(found) if i not in fw.dropped])
+        apart = set(fw.apart)
+        final = merge([f for i, f in enumerate(found) if i not in fw.dropped and i not in apart])
+        if apart:
+            final = sorted(final + [found[i] for i in fw.apart], key=lambda f: -f.obj.score)
         index = {id(f): n for n, f in enumerate(final)}
         out = []
         for f in final:
@@ -569,6 +617,10 @@ def open_graph(specs: Sequence, manifest, *, threads: int | None = None,
     opened: dict[str, object] = {}  # model name -> its model, opened for the first stage naming it
     for i, s in enumerate(specs):
         entry = select(manifest, s.model, "vision", f"vision.stages[{i}].model")
+        if s.confirm and entry.decoder != "paf":
+            from edged.models import ModelError
+            raise ModelError(f"vision.stages[{i}].model: a confirming stage needs a model that finds "
+                             f"skeletons (decoder \"paf\"); {entry.name!r} has decoder {entry.decoder!r}")
         kind = VisionStage
         if entry.decoder == "pose_landmarks":  # keypoints, not boxes
             from edged.stages.vision.pose import PoseStage as kind

@@ -12,6 +12,7 @@ from edged.records import DetectedObject, Detections, Frame
 from edged.runtime import Model
 from edged.stages.vision.blazeface import BlazeFaceDecoder
 from edged.stages.vision.decoder import Decoder
+from edged.stages.vision.paf import PafDecoder
 from edged.stages.vision.postprocess import PostprocessDecoder
 from edged.stages.vision.preprocess import Letterbox, Preprocessor
 from edged.stages.vision.ssd import SsdDecoder
@@ -19,7 +20,7 @@ from edged.stages.vision.entry import where
 
 
 DECODERS: dict[str, type[Decoder]] = {
-    d.name: d for d in (BlazeFaceDecoder, SsdDecoder, PostprocessDecoder)
+    d.name: d for d in (BlazeFaceDecoder, SsdDecoder, PostprocessDecoder, PafDecoder)
 }
 
 
