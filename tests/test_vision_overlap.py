@@ -472,3 +472,21 @@ def test_a_hang_in_a_later_stage_on_the_invoke_thread_is_caught(tmp_path, broker
     assert re.search(r"Edge TPU inference hung; exiting so the service restarts on the CPU.* model=face", out), out
     assert "Traceback" not in out
     assert '"fault": "hang"' in (tmp_path / "state" / "tpu-fault.json").read_text()
+
+
+def test_a_confirming_stage_with_overlap_gives_the_objects_of_a_plain_run(manifest):
+    # The confirming stage waits for every earlier stage (it looks at what the result so far left
+    # out): frames where it confirms a person (vtest_0700), looks and confirms none (orange), has
+    # nothing to look at (building), back to back so that its units meet the next frame's.
+    from edged.config import PEOPLE_CONFIRMED
+
+    g = open_graph(list(DEFAULT_CHAIN) + [PEOPLE_CONFIRMED], manifest, threads=1)
+    frames = [load(n) for n in ("vtest_0700.jpg", "orange.jpg", "building.jpg", "vtest_0700.jpg")]
+    expected = [g.detect(f) for f in frames]
+    assert any(o.stage == "people_confirmed" for o in expected[0])
+    runner = FrameRunner(g, overlap=True)
+    try:
+        got = run_all(runner, frames, range(len(frames)))
+    finally:
+        assert runner.close()
+    assert [objs for _, objs, _ in got] == expected
