@@ -233,6 +233,41 @@ def stages(quick: bool = False) -> list[Figure]:
                                                f"or crop, of which {python:.2f} ms besides the bare invoke"))
     figures += _efficiency(full, images, invokes_of, n_stream=n_stream, rounds=rounds)
     figures += _pose_turns(manifest, 3 if quick else 20)
+    figures += _confirming(manifest, 2 if quick else 10)
+    return figures
+
+
+def _confirming(manifest, n: int) -> list[Figure]:
+    """The optional confirming stage (people_confirmed, the openpose model; docs/models.md,
+    "People confirmed by their skeletons"): its bare invoke, and what it adds to the default chain's
+    frame on vtest_0700, where it looks at the people stage's unsure boxes and confirms a walker."""
+    from edged.config import PEOPLE_CONFIRMED
+    from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
+
+    img = np.asarray(Image.open(SCENES / "vtest_0700.jpg").convert("RGB"))
+    plain = open_graph(DEFAULT_CHAIN, manifest, threads=1)
+    chain = open_graph(list(DEFAULT_CHAIN) + [PEOPLE_CONFIRMED], manifest, threads=1)
+    run = chain.runs[-1]
+    bare = _bare_ms(run.stage, n)
+    figures = [Figure("stages", "bare invoke, openpose (optional people_confirmed stage)", round(bare, 2), "ms",
+                      note="median of invoke() alone, one thread; 1.15 GMAC at 192x192")]
+    ms = {}
+    for name, g in (("default chain", plain), ("with people_confirmed", chain)):
+        g.detect(img)  # warm
+        times, stage_ms = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            g.detect(img)
+            times.append((time.perf_counter() - t0) * 1000)
+            stage_ms.append(g.runs[-1].last_ms)
+        ms[name] = (median(times), median(stage_ms))
+    k = max(run.invokes, 1)
+    added = ms["with people_confirmed"][0] - ms["default chain"][0]
+    figures.append(Figure("stages", "vtest_0700: frame, default chain + people_confirmed",
+                          round(ms["with people_confirmed"][0], 1), "ms",
+                          note=f"adds {added:.1f} ms; {run.invokes} crop(s), "
+                               f"{ms['with people_confirmed'][1] / k:.2f} ms per crop, of which "
+                               f"{ms['with people_confirmed'][1] / k - bare:.2f} ms besides the bare invoke"))
     return figures
 
 
