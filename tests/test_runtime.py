@@ -1,5 +1,6 @@
 """The in-process runtime: interpreter choice, buffer reuse, quantisation, model verification."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import REPO, SAMPLES
 from edged.models import ModelError, load_manifest, open_model, verify
-from edged.runtime import Model, release_start_pages, runtime
+from edged.runtime import Model, runtime
 
 
 def test_runtime_is_litert_by_default():
@@ -19,9 +20,17 @@ def test_runtime_is_litert_by_default():
     assert rt.version
 
 
-def _resident_kb(path=None, under=None) -> list[int]:
-    """Resident kB of each mapping in this process (/proc/self/smaps) of the file `path`, or of
-    the executable mappings of files under the directory `under`."""
+# Run in a fresh process, so that no other test's interpreter in this one maps the same files.
+_RELEASE_CHECK = r"""
+import json, os, sys
+import numpy as np
+from PIL import Image
+from edged.models import load_manifest
+from edged.runtime import Model, release_start_pages, runtime
+
+def resident_kb(path=None, under=None):
+    # Resident kB of each mapping (/proc/self/smaps) of the file `path`, or of the executable
+    # mappings of the files under the directory `under`.
     target, found, name, perms = path and os.path.realpath(path), [], None, ""
     with open("/proc/self/smaps") as fh:
         for line in fh:
@@ -33,40 +42,46 @@ def _resident_kb(path=None, under=None) -> list[int]:
                 found.append(int(line.split()[1]))
     return found
 
+entry, rt, out = load_manifest()[sys.argv[1]], runtime(), {}
+ref = rt.interpreter_cls(model_path=str(entry.path), num_threads=1)
+ref.allocate_tensors()
+out["file_before"], out["code_before"] = resident_kb(entry.path), sum(resident_kb(under=rt.libdir))
+spec = ref.get_input_details()[0]
+image = np.asarray(Image.open(sys.argv[2]).convert("RGB").resize(tuple(spec["shape"][2:0:-1])))
+data = image[None].astype(spec["dtype"]) if np.issubdtype(spec["dtype"], np.integer) \
+    else (image[None].astype(np.float32) / 127.5 - 1.0)
+ref.set_tensor(spec["index"], data)
+ref.invoke()
+expected = [ref.get_tensor(o["index"]) for o in ref.get_output_details()]
+m = Model(entry.path, threads=1)
+out["file_after"], out["code_after"] = resident_kb(entry.path), sum(resident_kb(under=rt.libdir))
+m.set_input(0, data)
+m.invoke()
+out["model_same"] = all(np.array_equal(m.raw_output(i), want) for i, want in enumerate(expected))
+ref.invoke()  # the interpreter whose pages were dropped under it reads what it needs back
+out["ref_same"] = all(np.array_equal(ref.get_tensor(o["index"]), want)
+                      for o, want in zip(ref.get_output_details(), expected))
+out["unmapped"] = release_start_pages(os.path.join(sys.argv[2] + ".no-such-model"), "")
+print(json.dumps(out))
+"""
+
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps")
 @pytest.mark.parametrize("name", ["person", "face_full_range", "face"])
 def test_an_opened_model_keeps_no_page_of_its_file_mapped_and_invokes_as_before(name):
     """The runtime maps the model file and reads all of it while it builds the interpreter
-    (XNNPack copies the weights); Model drops those pages from this process afterwards
-    (release_start_pages). The outputs are those of an interpreter that keeps them."""
-    entry = load_manifest()[name]
-    rt = runtime()
-    ref = rt.interpreter_cls(model_path=str(entry.path), num_threads=1)
-    ref.allocate_tensors()
-    assert max(_resident_kb(entry.path)) > 0  # the runtime maps the file and has read it
-    code = sum(_resident_kb(under=rt.libdir))
-    assert code > 0  # and runs its libraries' code
-    spec = ref.get_input_details()[0]
-    image = np.asarray(__import__("PIL.Image").Image.open(SAMPLES / "images" / "astronaut.jpg")
-                       .convert("RGB").resize(tuple(spec["shape"][2:0:-1])))
-    data = image[None].astype(spec["dtype"]) if np.issubdtype(spec["dtype"], np.integer) \
-        else (image[None].astype(np.float32) / 127.5 - 1.0)
-    ref.set_tensor(spec["index"], data)
-    ref.invoke()
-    expected = [ref.get_tensor(o["index"]) for o in ref.get_output_details()]
-
-    m = Model(entry.path, threads=1)
-    assert _resident_kb(entry.path) == [0, 0]  # both interpreters' mappings of the file dropped
-    assert sum(_resident_kb(under=rt.libdir)) < code / 2  # and what building one ran of the code
-    m.set_input(0, data)
-    m.invoke()
-    for i, want in enumerate(expected):
-        np.testing.assert_array_equal(m.raw_output(i), want)
-    ref.invoke()  # the interpreter whose pages were dropped under it reads what it needs back
-    for o, want in zip(ref.get_output_details(), expected):
-        np.testing.assert_array_equal(ref.get_tensor(o["index"]), want)
-    assert release_start_pages(SAMPLES / "no-such-model.tflite") == 0  # nothing of it is mapped
+    (XNNPack copies the weights); Model drops those pages from this process afterwards, and
+    those of the runtime's code that building ran (release_start_pages). The outputs are those of
+    an interpreter that keeps them."""
+    run = subprocess.run([sys.executable, "-c", _RELEASE_CHECK, name, str(SAMPLES / "images" / "astronaut.jpg")],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert max(out["file_before"]) > 0 and out["code_before"] > 0  # the file was read, the code ran
+    assert len(out["file_after"]) == 2 and not any(out["file_after"])  # both interpreters' mappings
+    assert out["code_after"] < out["code_before"] / 2
+    assert out["model_same"] and out["ref_same"]
+    assert out["unmapped"] == 0  # nothing of a file that is not mapped
 
 
 def test_quantised_output_dequantises_without_int8_wraparound():
