@@ -212,11 +212,12 @@ DEFAULT_STAGES: tuple[VisionStageConfig, ...] = (
                       margin=0.5, max_box=0.25, replace=True, from_score=0.15),
 )
 
-# Not in the default chain (it costs about 17 MB of memory and a sixth more time on frames with
-# people; docs/models.md, "People confirmed by their skeletons"): a fifth stage that looks at the
-# people stage's boxes the chain left out (scored 0.15-0.3, or dropped by the merge because they
-# overlap another person's) with the `openpose` model, and reports each one that holds a skeleton
-# no reported box claims. Declare the default chain's stages and this one in [[vision.stages]].
+# Not in the default chain (it costs about 17 MB of memory and 17-33 % more time per frame over
+# the labelled sets with people; docs/models.md, "People confirmed by their skeletons"): a fifth
+# stage that looks at the people stage's boxes the chain left out (scored 0.15-0.3, or dropped by
+# the merge because they overlap another person's) with the `openpose` model, and reports each one
+# that holds a skeleton no reported box claims. Declare the default chain's stages and this one in
+# [[vision.stages]].
 PEOPLE_CONFIRMED = VisionStageConfig(name="people_confirmed", model="openpose", input="person@people",
                                      region="square", margin=0.5, confirm=True, from_score=0.15)
 

@@ -37,7 +37,6 @@ from edged.stages.vision.decoder import Decoded, Decoder
 from edged.stages.vision.entry import number
 
 PARTS = 18
-NECK, NOSE = 1, 0
 HEAD_PARTS = (0, 14, 15, 16, 17)  # nose, eyes, ears
 # The limbs, as (part, part, x channel, y channel) of the field block, in the order the people
 # are assembled: from the neck to the shoulders, arms, hips, legs, then the head. The last two
