@@ -719,3 +719,29 @@ def test_plans_sharing_work_buffers_in_turn_resample_as_alone(resampler):
     for p in plans:
         own = sum(v.nbytes for v in vars(p).values() if isinstance(v, np.ndarray))
         assert own < 64_000, own
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_shipped_full_range_model_gives_the_outputs_of_mediapipes_bit_for_bit(threads):
+    """models/face_detection_full_range_f32.tflite is MediaPipe's float16, partly sparse model
+    with the unpacked float32 weights stored (scripts/convert_face_full_range.py): no unpacking
+    operators left, and every output the same bits as the original's, fed as edged feeds it."""
+    from edged.runtime import Model
+
+    entry = load_manifest()["face_full_range"]
+    shipped = Model(entry.path, threads=threads)
+    original = Model(REPO / "tests" / "data" / "vision" / "face_detection_full_range_sparse.tflite", threads=threads)
+    kinds = {op["op_name"] for op in shipped._interp._get_ops_details()}
+    assert "CONV_2D" in kinds and not kinds & {"DEQUANTIZE", "DENSIFY"}
+    assert {"DEQUANTIZE", "DENSIFY"} <= {op["op_name"] for op in original._interp._get_ops_details()}
+    stage_new, stage_old = VisionStage(shipped, entry), VisionStage(original, entry)
+    photos = sorted((REPO / "samples" / "images").glob("*.jpg")) + sorted((REPO / "tests" / "data" / "vision").glob("*.jpg"))
+    found = 0
+    for p in photos:
+        image = np.asarray(Image.open(p).convert("RGB"))
+        a, b = stage_new.detect(image), stage_old.detect(image)
+        for i in range(len(shipped.outputs)):
+            np.testing.assert_array_equal(shipped.raw_output(i), original.raw_output(i))
+        assert a == b
+        found += len(a)
+    assert found > 0  # the photos have faces in them
