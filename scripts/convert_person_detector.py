@@ -99,18 +99,24 @@ def to_model_range(img300: np.ndarray) -> np.ndarray:
     return (img300.astype(np.float32) * (2.0 / 255.0) - 1.0)[None]
 
 
-def calibration_set(images: list[tuple[str, np.ndarray]], n_crops: int, seed: int) -> list[np.ndarray]:
+def crop_variants(images: list[tuple[str, np.ndarray]], n_crops: int, seed: int,
+                  share: tuple[float, float] = (0.4, 0.9)) -> list[np.ndarray]:
+    """Each image as is, mirrored, and as n_crops random crops (each side a share of the image's
+    drawn from `share`): the calibration images of a full-int8 conversion, seeded."""
     rng = np.random.default_rng(seed)
     out = []
     for _, img in images:
-        variants = [img, img[:, ::-1]]
+        out += [img, img[:, ::-1]]
         h, w = img.shape[:2]
         for _ in range(n_crops):
-            ch, cw = int(h * rng.uniform(0.4, 0.9)), int(w * rng.uniform(0.4, 0.9))
+            ch, cw = int(h * rng.uniform(*share)), int(w * rng.uniform(*share))
             y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            variants.append(img[y:y + ch, x:x + cw])
-        out.extend(to_model_range(stretch(v)) for v in variants)
+            out.append(img[y:y + ch, x:x + cw])
     return out
+
+
+def calibration_set(images: list[tuple[str, np.ndarray]], n_crops: int, seed: int) -> list[np.ndarray]:
+    return [to_model_range(stretch(v)) for v in crop_variants(images, n_crops, seed)]
 
 
 def cut_graph(tf, graph_def):

