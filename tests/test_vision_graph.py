@@ -40,6 +40,30 @@ def test_check_graph_names_each_problem():
     assert check_graph(DEFAULT_CHAIN) == []
 
 
+def test_within_and_alone_score_go_together():
+    problems = check_graph([StageSpec("p", "person"), StageSpec("f", "face", within="person"),
+                            StageSpec("g", "face", alone_score=0.7),
+                            StageSpec("h", "face", within="person", alone_score=0.7)])
+    assert [p.split(":")[0] for p in problems] == ["vision.stages[1].alone_score", "vision.stages[2].within"], problems
+
+
+def test_an_object_outside_every_box_of_its_within_label_needs_alone_score():
+    from edged.stages.vision.graph import FrameWork, VisionGraph
+
+    person = _Found(DetectedObject("person", 0.9, (0.1, 0.1, 0.4, 0.9)), "people")
+    inner = _Found(DetectedObject("face", 0.65, (0.2, 0.12, 0.3, 0.22)), "faces")   # in the person
+    edge = _Found(DetectedObject("face", 0.62, (0.34, 0.1, 0.44, 0.2)), "faces")    # 0.6 of it in it
+    lone = _Found(DetectedObject("face", 0.7, (0.6, 0.1, 0.7, 0.2)), "faces")       # in no one
+    sure = _Found(DetectedObject("face", 0.8, (0.8, 0.1, 0.9, 0.2)), "faces")       # in no one, sure
+    other = _Found(DetectedObject("face", 0.7, (0.6, 0.5, 0.7, 0.6)), "crop_faces")  # a stage without the rule
+    fw = FrameWork(np.zeros((4, 4, 3), np.uint8), found=[person, inner, edge, lone, sure, other])
+    got = VisionGraph._result(fw, {"faces": ("person", 0.75)})
+    assert [(o.label, o.score) for o in got] == [("person", 0.9), ("face", 0.8), ("face", 0.7), ("face", 0.65),
+                                                  ("face", 0.62)], got
+    assert [o.stage for o in got if o.score == 0.7] == ["crop_faces"]
+    assert len(VisionGraph._result(fw)) == 6
+
+
 def test_merge_keeps_the_best_and_drops_partial_views():
     whole = _Found(DetectedObject("person", 0.6, (0.1, 0.1, 0.5, 0.9)), "frame")
     dup = _Found(DetectedObject("person", 0.9, (0.11, 0.1, 0.5, 0.88)), "tile")
@@ -204,6 +228,13 @@ def test_config_reads_stages_and_names_the_line_of_each_problem():
     assert [(s.name, s.model, s.input, s.tiles, s.region) for s in good.vision.stages] == [
         ("people", "person", "frame", 2, "box"), ("faces", "face", "person@people", 1, "top")]
     assert parse("").vision.stages == []
+    alone = parse('[[vision.stages]]\nname = "faces"\nmodel = "face_full_range"\nwithin = "person"\n'
+                  'alone_score = 0.8\n').vision.stages[0]
+    assert (alone.within, alone.alone_score) == ("person", 0.8)
+    with pytest.raises(ConfigError) as e:
+        parse('[[vision.stages]]\nname = "faces"\nmodel = "face"\nwithin = "a person"\n', "c.toml")
+    assert any(p.startswith("c.toml:4: vision.stages[0].within: expected a label") for p in e.value.problems), \
+        e.value.problems
     text = ('[[vision.stages]]\nname = "people"\nmodel = "person"\n'
             '[[vision.stages]]\nname = "faces"\nmodel = "face"\ninput = "face@nobody"\ntiles = 9\n')
     with pytest.raises(ConfigError) as e:

@@ -34,7 +34,8 @@ def _spec(s) -> "StageSpec":
     """A StageSpec with the fields of a config table (edged.config.VisionStageConfig)."""
     return StageSpec(name=s.name, model=s.model, input=s.input, score_threshold=s.score_threshold, tiles=s.tiles,
                      margin=s.margin, region=s.region, max_crops=s.max_crops, turned=s.turned,
-                     max_box=s.max_box, replace=s.replace, from_score=s.from_score, confirm=s.confirm)
+                     max_box=s.max_box, replace=s.replace, from_score=s.from_score, confirm=s.confirm,
+                     within=s.within, alone_score=s.alone_score)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class StageSpec:
     from_score: float = 0.0           # crops: also the source's unreported boxes from this score up
     confirm: bool = False             # crops: the source's boxes left out of the result so far, each
                                       # reported if a skeleton found there is nobody else's (confirm.py)
+    within: str = ""                  # a label whose reported boxes vouch for this stage's objects:
+    alone_score: float = 0.0          # an object lying in none of them needs this score (ALONE_INSIDE)
 
     @property
     def source(self) -> tuple[str, str] | None:
@@ -87,6 +90,12 @@ FRAME_CHECK_SIDE = 0.5
 # much inside the box: a second look at one person, or at two in one loose box, not at their
 # neighbours, whom the first look reported (or not) on its own.
 REPLACE_INSIDE = 0.5
+
+
+# An object of a stage with `within` lies in a box of that label when at least this share of it
+# is inside the box (a face in a person's box; a person's box often ends at the chin of someone
+# facing the camera and looking down, so half a face is enough).
+ALONE_INSIDE = 0.5
 
 
 def _inside(a, b) -> float:
@@ -241,6 +250,9 @@ class VisionGraph:
         self._share_bufs: dict[tuple[int, int], np.ndarray] = {}
         self.invoke_ms = 0.0  # all invokes of all finished units so far: how long the interpreters ran
         self.trace: list | None = None  # when a list, every finished unit is appended (benchmarks/stages.py)
+        # stage name -> (label, score): its objects in no reported box of that label need the score
+        self._alone = {r.spec.name: (r.spec.within, r.spec.alone_score) for r in self.runs
+                       if r.spec.within and r.spec.alone_score > 0}
         if share_input:
             self._link_shared()
 
@@ -522,16 +534,22 @@ class VisionGraph:
         run.mean_ms += a * (run.last_ms - run.mean_ms)
         run.mean_invokes += a * (run.invokes - run.mean_invokes)
         if len(fw.by_stage) == len(self.runs):
-            fw.objects = self._result(fw)
+            fw.objects = self._result(fw, self._alone)
             fw.finished = time.perf_counter()
 
     @staticmethod
-    def _result(fw: FrameWork) -> tuple[DetectedObject, ...]:
+    def _result(fw: FrameWork, alone: dict | None = None) -> tuple[DetectedObject, ...]:
         found = fw.found
         apart = set(fw.apart)
         final = merge([f for i, f in enumerate(found) if i not in fw.dropped and i not in apart])
         if apart:
             final = sorted(final + [found[i] for i in fw.apart], key=lambda f: -f.obj.score)
+        if alone:
+            # A stage's objects outside every reported box of its `within` label need `alone_score`.
+            def vouched(f: _Found, label: str) -> bool:
+                return any(g.obj.label == label and _inside(f.obj.box, g.obj.box) >= ALONE_INSIDE for g in final)
+            final = [f for f in final if f.stage not in alone or f.obj.score >= alone[f.stage][1]
+                     or vouched(f, alone[f.stage][0])]
         index = {id(f): n for n, f in enumerate(final)}
         out = []
         for f in final:
