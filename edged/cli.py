@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(r)
 
     c = sub.add_parser("check-config", help="validate a config file without starting",
-                       description="Validate a config file; print one line per problem; exit 2 if any.")
+                       description="Validate a config file, and that the models it names are in the manifest "
+                                   "`edged run` reads; print one line per problem; exit 2 if any.")
     c.add_argument("path", help="TOML config file")
 
     cf = sub.add_parser("config", help="print a complete config file: the one in effect, or the defaults",
@@ -490,8 +491,32 @@ def cmd_run(args) -> int:
 
 def cmd_check_config(args) -> int:
     from edged import config
+    from edged.models import ModelError, default_models_dir, load_manifest, select
 
     cfg = config.load(args.path)
+    # `edged run` opens every model the config names from the manifest, and refuses to start on
+    # one it lacks or of the wrong kind: a problem here too (a name's sha256 is `edged doctor`'s).
+    wanted = []
+    if cfg.camera.enabled:
+        if cfg.vision.stages:
+            wanted += [(s.model, f"vision.stages[{i}].model") for i, s in enumerate(cfg.vision.stages)]
+        elif cfg.vision.model:
+            wanted.append((cfg.vision.model, "vision.model"))
+        else:
+            wanted += [(s.model, "vision (the default chain)") for s in cfg.vision.chain()]
+    if cfg.imu.enabled:
+        wanted.append((cfg.motion.model, "motion.model"))
+    if wanted:
+        manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
+        lines, problems = config.key_lines(args.path), []
+        for name, key in wanted:
+            try:
+                select(manifest, name, "motion" if key == "motion.model" else "vision", key)
+            except ModelError as exc:
+                at = f"{args.path}:{lines[key]}" if key in lines else str(args.path)
+                problems.append(f"{at}: {exc}")
+        if problems:
+            raise config.ConfigError(list(dict.fromkeys(problems)))
     print(f"{args.path}: ok (device_id={cfg.device_id}, broker={cfg.mqtt.host}:{cfg.mqtt.port})")
     return 0
 

@@ -460,6 +460,11 @@ def load(path: str | Path | None) -> Config:
     return parse(text, str(path))
 
 
+def key_lines(path: str | Path) -> dict[str, int]:
+    """{dotted key: its line} of a config file that `load` accepted (for later checks' lines)."""
+    return _key_lines(_read_regular(Path(path), MAX_CONFIG_BYTES).decode("utf-8"))
+
+
 def _read_regular(path: Path, limit: int) -> bytes:
     """A regular file's bytes. Anything else (a FIFO, a device, a directory) is refused before a
     byte is read, so nothing blocks; so is a file over `limit` bytes."""

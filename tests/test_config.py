@@ -69,3 +69,35 @@ def test_missing_file(tmp_path):
     r = run_cli("check-config", str(tmp_path / "nope.toml"))
     assert r.returncode == 2
     assert r.stderr.strip() == f"edged: {tmp_path / 'nope.toml'}: config file not found"
+
+
+def test_check_config_names_each_model_the_manifest_lacks_as_edged_run_would(tmp_path):
+    # `edged run` refuses to start on a model name the manifest lacks, or of the wrong kind; so does
+    # check-config, one line each with its file, line and key, before anything is started.
+    p = tmp_path / "edged.toml"
+    p.write_text('[vision]\nmodel = "nobody"\n[motion]\nmodel = "person"\n')
+    r = run_cli("check-config", str(p))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"edged: {p}:2: vision.model: no model named 'nobody' in the manifest "
+        "(have: face, face_full_range, motion, openpose, person, pose)",
+        f"edged: {p}:4: motion.model: model 'person' is a vision model, not a motion model"]
+    run = run_cli("run", "--config", str(p))
+    assert run.returncode == 2 and "vision.model: no model named 'nobody'" in run.stderr
+    p.write_text('[[vision.stages]]\nname = "people"\nmodel = "person"\n'
+                 '[[vision.stages]]\nname = "steps"\nmodel = "motion"\n')
+    r = run_cli("check-config", str(p))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"edged: {p}:6: vision.stages[1].model: model 'motion' is a motion model, not a vision model")
+    # A source that is off needs no model: its names are not looked up.
+    p.write_text('[camera]\nenabled = false\n[vision]\nmodel = "nobody"\n')
+    assert run_cli("check-config", str(p)).returncode == 0
+    # A models_dir without the default chain's models: each name missing, once.
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.toml").write_text("")
+    p.write_text(f'models_dir = "{tmp_path / "m"}"\n[imu]\nenabled = false\n')
+    r = run_cli("check-config", str(p))
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert [ln.split("no model named ")[1].split(" ")[0] for ln in lines] == ["'person'", "'face_full_range'", "'face'"]
+    assert all(ln.startswith(f"edged: {p}: vision (the default chain): ") for ln in lines), lines
