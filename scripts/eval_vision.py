@@ -168,6 +168,12 @@ def main() -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="list misses and false alarms")
     args = ap.parse_args()
     manifest = load_manifest(REPO / "models")
+    unknown = [n for n in args.models.split(",") if n and n not in manifest]
+    bad_sets = [s for s in args.sets.split(",") if s not in SETS]
+    if unknown or bad_sets:
+        ap.error("; ".join([f"--models: no model named {n!r} in models/manifest.toml (have: "
+                            f"{', '.join(sorted(manifest))})" for n in unknown]
+                           + [f"--sets: no set named {s!r} (have: {', '.join(SETS)})" for s in bad_sets]))
     detectors = {n: model_detector(manifest, n, args.threads) for n in args.models.split(",") if n}
     if args.chain:
         from edged.stages.vision.graph import DEFAULT_CHAIN, open_graph
