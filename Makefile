@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?=
 
-.PHONY: run test fuzz test-systemd test-ha bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker stop clean
+.PHONY: run test fuzz test-systemd test-ha check-aarch64 bench deps test-deps cloud-deps systemd-deps venv test-venv cloud-venv broker stop clean
 
 run: deps venv broker
 	@echo "edged: watch the results with:  mosquitto_sub -v -t 'edged/#'"
@@ -30,6 +30,12 @@ fuzz: deps test-deps test-venv
 # Not part of `make test`. docs/deploy.md, "Checked under a real systemd", says what it checks.
 test-systemd: deps test-deps systemd-deps test-venv
 	$(PY) -m pytest -q -s -p no:cacheprovider tests/boot_systemd.py
+
+# The compiled resampler library built for aarch64 (the Pi's architecture) and checked there under
+# qemu user emulation: its resampling and decoding against numpy (scripts/check-aarch64 says what
+# it fetches and runs; root or sudo; no model runs there, nothing is timed). Not part of `make test`.
+check-aarch64: deps test-deps test-venv
+	scripts/check-aarch64
 
 # Optional, not in CI: edged against a real Home Assistant Core (tests-ha/), installed from PyPI
 # into its own venv. 2024.3.3 is the newest release that runs on Python 3.11 (Debian 12's);
