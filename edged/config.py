@@ -214,8 +214,9 @@ class VisionStageConfig:
 # over two small people becomes two); where it finds nothing, a reported box stays and an unsure
 # one is dropped. It costs one person invoke per such box, none on a frame without any (docs/models.md).
 # A face the full-range model finds where no reported person holds it counts from 0.75 rather
-# than the model's 0.6: the real faces found so on the labelled sets scored 0.82-0.90, a drawn
-# face on a people-free picture 0.64 (docs/models.md, "Faces outside every person").
+# than the model's 0.6: on the labelled sets the one real face no person held scored 0.89 and a
+# drawn face on a people-free picture 0.64, and every real face the model scored under 0.75 lay
+# in a reported person (docs/models.md, "Faces outside every person").
 # The daemon runs it when the config names neither `vision.model` nor `[[vision.stages]]`;
 # `edged detect` runs it without --model. edged.stages.vision.graph.DEFAULT_CHAIN is this.
 DEFAULT_STAGES: tuple[VisionStageConfig, ...] = (

@@ -93,8 +93,7 @@ REPLACE_INSIDE = 0.5
 
 
 # An object of a stage with `within` lies in a box of that label when at least this share of it
-# is inside the box (a face in a person's box; a person's box often ends at the chin of someone
-# facing the camera and looking down, so half a face is enough).
+# is inside the box: a face at the top edge of its person's box, partly above it, still counts.
 ALONE_INSIDE = 0.5
 
 
