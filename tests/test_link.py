@@ -5,7 +5,7 @@ import socket
 import ssl
 
 from edged import config
-from edged.delivery.link import Link, describe_error, describe_error_text
+from edged.delivery.link import Link, describe_drop_before_connack, describe_error, describe_error_text
 from edged.delivery.outbox import Outbox
 
 
@@ -46,3 +46,18 @@ def test_connection_errors_in_words():
     assert "requires a client certificate" in describe_error_text(
         "failed to receive on socket: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required")
     assert "rejected the client certificate" in describe_error_text("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+
+
+def test_a_tls_hang_up_before_connack_without_a_client_certificate_names_the_certificate():
+    # A broker that requires a client certificate ends the connection after the handshake; the
+    # client reads either its alert or, when the close comes first, only the hang-up. Both name
+    # the missing certificate; with one set, or without TLS, a hang-up is not taken for that.
+    eof = "failed to receive on socket: EOF occurred in violation of protocol (_ssl.c:2427)"
+    alert = "failed to receive on socket: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required"
+    for text in (eof, alert, "failed to receive on socket: [Errno 104] Connection reset by peer"):
+        got = describe_drop_before_connack(text, tls=True, client_cert=False)
+        assert "the broker requires a client certificate" in got and "mqtt.cert_file" in got, got
+    assert "requires a client certificate" not in describe_drop_before_connack(eof, tls=True, client_cert=True)
+    assert describe_drop_before_connack(eof, tls=False, client_cert=False) == describe_error_text(eof)
+    unknown_ca = "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"
+    assert "rejected the client certificate" in describe_drop_before_connack(unknown_ca, tls=True, client_cert=True)

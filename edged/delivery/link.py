@@ -260,8 +260,11 @@ class Link:
             log.warning("connection lost; spooling and reconnecting",
                         extra=fields(broker=self.broker, reason=why))
         elif self._last_error:
-            # Dropped before CONNACK: typically the broker rejecting our client certificate.
-            self._fail("error", describe_error_text(self._last_error))
+            # Dropped before CONNACK, past the TLS handshake: typically the broker rejecting our
+            # client certificate, or the lack of one.
+            m = self.cfg.mqtt
+            self._fail("error", describe_drop_before_connack(self._last_error, tls=bool(m.tls or m.ca_file),
+                                                             client_cert=bool(m.cert_file)))
         self._last_error = None
         self._next_delay()
 
@@ -455,6 +458,23 @@ def describe_error(exc: BaseException, *, tls: bool = False) -> str:
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return "timed out: the broker is unreachable from here (network, firewall?)"
     return f"{type(exc).__name__}: {exc}"
+
+
+def describe_drop_before_connack(text: str, *, tls: bool, client_cert: bool) -> str:
+    """The error of a connection the broker ended after the TLS handshake and before its CONNACK.
+
+    A TLS 1.3 broker that requires a client certificate checks it after the client's side of the
+    handshake is done, sends a "certificate required" alert and hangs up: whether the client
+    reads the alert or only the hang-up (an EOF, a reset) depends on which comes first, its read
+    or the close. With TLS, no client certificate set and such a hang-up, the broker is taken to
+    require one; the handshake itself succeeded, so the port is a TLS listener."""
+    low = text.lower()
+    hung_up = any(k in low for k in ("eof occurred in violation of protocol", "unexpected eof",
+                                     "connection reset", "broken pipe"))
+    if tls and not client_cert and hung_up:
+        return (f"the broker requires a client certificate, it seems: it ended the TLS connection "
+                f"before answering ({text}) and none is set: set mqtt.cert_file and mqtt.key_file")
+    return describe_error_text(text)
 
 
 def describe_error_text(text: str) -> str:
