@@ -496,22 +496,13 @@ def cmd_check_config(args) -> int:
     cfg = config.load(args.path)
     # `edged run` opens every model the config names from the manifest, and refuses to start on
     # one it lacks or of the wrong kind: a problem here too (a name's sha256 is `edged doctor`'s).
-    wanted = []
-    if cfg.camera.enabled:
-        if cfg.vision.stages:
-            wanted += [(s.model, f"vision.stages[{i}].model") for i, s in enumerate(cfg.vision.stages)]
-        elif cfg.vision.model:
-            wanted.append((cfg.vision.model, "vision.model"))
-        else:
-            wanted += [(s.model, "vision (the default chain)") for s in cfg.vision.chain()]
-    if cfg.imu.enabled:
-        wanted.append((cfg.motion.model, "motion.model"))
-    if wanted:
+    uses = cfg.model_uses()
+    if uses:
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
         lines, problems = config.key_lines(args.path), []
-        for name, key in wanted:
+        for name, task, key in uses:
             try:
-                select(manifest, name, "motion" if key == "motion.model" else "vision", key)
+                select(manifest, name, task, key)
             except ModelError as exc:
                 at = f"{args.path}:{lines[key]}" if key in lines else str(args.path)
                 problems.append(f"{at}: {exc}")

@@ -433,6 +433,23 @@ class Config:
     def topic(self, leaf: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device_id}/{leaf}"
 
+    def model_uses(self) -> list[tuple[str, str, str]]:
+        """(model name, task, the key naming it) of each model the daemon opens with this config,
+        in order: the vision stages' (or `vision.model`, or the default chain's) while the camera
+        is on, then `motion.model` while the IMU is on. A model several stages name is listed once
+        per stage."""
+        uses = []
+        if self.camera.enabled:
+            if self.vision.stages:
+                uses += [(s.model, "vision", f"vision.stages[{i}].model") for i, s in enumerate(self.vision.stages)]
+            elif self.vision.model:
+                uses.append((self.vision.model, "vision", "vision.model"))
+            else:
+                uses += [(s.model, "vision", "vision (the default chain)") for s in self.vision.chain()]
+        if self.imu.enabled:
+            uses.append((self.motion.model, "motion", "motion.model"))
+        return uses
+
     def fleet_topic(self, leaf: str) -> str:
         """A topic every device under the prefix reads (never writes): `<prefix>/fleet/<leaf>`."""
         return f"{self.mqtt.topic_prefix}/fleet/{leaf}"

@@ -123,8 +123,7 @@ def check_resampler(cfg: Config) -> Check:
 def check_models(cfg: Config) -> Check:
     from edged.models import ModelError, default_models_dir, load_manifest, verify
 
-    wanted = [(name, "vision") for name in cfg.vision.model_names()] if cfg.camera.enabled else []
-    wanted += [(cfg.motion.model, "motion")] if cfg.imu.enabled else []
+    wanted = list(dict.fromkeys((name, task) for name, task, _ in cfg.model_uses()))
     if not wanted:
         return Check("models", INFO, "camera and IMU disabled: no model needed")
     try:
@@ -365,7 +364,7 @@ def _models_without_edgetpu(cfg: Config) -> list[str]:
         manifest = load_manifest(Path(cfg.models_dir) if cfg.models_dir else default_models_dir())
     except ModelError:
         return []  # the models check reports it
-    names = (cfg.vision.model_names() if cfg.camera.enabled else []) + ([cfg.motion.model] if cfg.imu.enabled else [])
+    names = list(dict.fromkeys(name for name, _, _ in cfg.model_uses()))
     entries = [manifest[n] for n in names if n in manifest]
     return [] if any(e.edgetpu_path for e in entries) else names
 
