@@ -10,5 +10,8 @@ fused multiply-add, which aarch64 compilers would otherwise emit), so they come 
 
 from setuptools import Extension, setup
 
+# scripts/check-aarch64 reads this line's list to cross-compile the file the same way.
+COMPILE_ARGS = ["-O3", "-std=c99", "-ffp-contract=off"]
+
 setup(ext_modules=[Extension("edged.stages.vision._resample", ["edged/stages/vision/_resample.c"],
-                             extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off"], optional=True)])
+                             extra_compile_args=COMPILE_ARGS, optional=True)])
