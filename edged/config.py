@@ -262,11 +262,6 @@ class VisionConfig:
             return list(self.stages)
         return [] if self.model else [replace(s) for s in DEFAULT_STAGES]
 
-    def model_names(self) -> list[str]:
-        """Every vision model the config runs, once each, in stage order."""
-        return list(dict.fromkeys([s.model for s in self.chain()] or [self.model]))
-
-
 
 IMU_CHIPS = ("mpu6050", "mpu6000", "mpu6500", "mpu9250", "lsm6ds3", "lsm6dsl", "lsm6ds3tr-c",
              "lsm6dsox", "lsm6dso", "bmi160")  # edged.sources.imu.source.CHIP_ALIASES

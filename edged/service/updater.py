@@ -259,14 +259,8 @@ class Updater:
     # -- what the config runs ------------------------------------------------------------------
 
     def tracked(self) -> dict[str, str]:
-        """Model name -> task, for the stages the config enables."""
-        out = {}
-        if self.cfg.camera.enabled:
-            for name in self.cfg.vision.model_names():  # a graph of stages, or one model
-                out[name] = "vision"
-        if self.cfg.imu.enabled:
-            out[self.cfg.motion.model] = "motion"
-        return out
+        """Model name -> task, for the models the daemon opens with this config."""
+        return {name: task for name, task, _ in self.cfg.model_uses()}
 
     def entry(self, name: str, version: int) -> "ModelEntry":
         """The installed release as a manifest entry (files verified when a pipeline opens it)."""
