@@ -189,17 +189,10 @@ class Model:
     def output(self, i: int) -> np.ndarray:
         """Output tensor `i` as float32 (dequantised), in a buffer reused by the next call."""
         spec = self.outputs[i]
-        raw = self._interp.get_tensor(spec.index)
         out = self._out_bufs[i]
         if out is None:
             out = self._out_bufs[i] = np.zeros(spec.shape, np.float32)
-        if spec.quantized:
-            # Compute in float32: int8 arithmetic would wrap (127 - (-128) overflows).
-            np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
-            out *= spec.scale
-        else:
-            out[...] = raw
-        return out
+        return _dequantise(spec, self._interp.get_tensor(spec.index), out)
 
     def raw_output(self, i: int) -> np.ndarray:
         """Output tensor `i` as the model stores it (e.g. int8), a fresh copy."""
@@ -242,15 +235,22 @@ class OutputCopy:
         return self._raw[i]
 
     def output(self, i: int) -> np.ndarray:
-        spec, raw, out = self.outputs[i], self._raw[i], self._out.get(i)
+        spec, out = self.outputs[i], self._out.get(i)
         if out is None:
             out = self._out[i] = np.zeros(spec.shape, np.float32)
-        if spec.quantized:
-            np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
-            out *= spec.scale
-        else:
-            out[...] = raw
-        return out
+        return _dequantise(spec, self._raw[i], out)
+
+
+def _dequantise(spec: TensorSpec, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`raw` as float32 into `out` (its shape), by the tensor's scale and zero point if it is
+    quantised. Returns `out`."""
+    if spec.quantized:
+        # Compute in float32: int8 arithmetic would wrap (127 - (-128) overflows).
+        np.subtract(raw, spec.zero_point, out=out, dtype=np.float32)
+        out *= spec.scale
+    else:
+        out[...] = raw
+    return out
 
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>, the same on every architecture
