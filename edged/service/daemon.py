@@ -100,8 +100,7 @@ class Daemon:
         self.command_counts = {"commands": 0, "commands_refused": 0, "commands_failed": 0,
                                "commands_dropped": 0, "snapshots_refused": 0, "resend_requests": 0,
                                "resend_refused": 0}
-        self._snapshot_budget = None
-        self._resend_budget = None
+        self._budgets: dict = {}  # command -> its per-minute commands.Budget (see _budget)
         self._state_lock = threading.Lock()
         self._state: dict = {"labels": [], "motion": None, "motion_score": None}
         self._state_dirty = False
@@ -421,9 +420,7 @@ class Daemon:
         cc = self.cfg.commands
         if not cc.snapshot:
             return commands.reply(cmd, False, error="snapshots are disabled (commands.snapshot = false)")
-        budget = self._snapshot_budget
-        if budget is None or (budget.count, budget.nbytes) != (cc.snapshots_per_minute, cc.snapshot_bytes_per_minute):
-            budget = self._snapshot_budget = commands.Budget(cc.snapshots_per_minute, cc.snapshot_bytes_per_minute)
+        budget = self._budget("snapshot", cc.snapshots_per_minute, cc.snapshot_bytes_per_minute)
         over = budget.allows()
         if over:
             self.command_counts["snapshots_refused"] += 1
@@ -447,6 +444,16 @@ class Daemon:
         self.link.publish_now("snapshot", jpeg, qos=1)
         return commands.reply(cmd, True, bytes=len(jpeg), ts=round(ts, 3), topic=self.cfg.topic("snapshot"))
 
+    def _budget(self, command: str, count: int, amount: int, unit: str = "bytes"):
+        """The per-minute budget of `command`: kept from request to request, made anew (spent
+        nothing) when a reload changed its limits."""
+        from edged.delivery import commands
+
+        budget = self._budgets.get(command)
+        if budget is None or (budget.count, budget.nbytes) != (count, amount):
+            budget = self._budgets[command] = commands.Budget(count, amount, unit=unit)
+        return budget
+
     def _resend(self, cmd) -> bytes:
         """Put results the cloud asks for again back into the outbox (docs/mqtt.md, "Resend"):
         within the per-request cap and the per-minute budgets, from what the outbox still holds;
@@ -457,10 +464,7 @@ class Daemon:
         self.command_counts["resend_requests"] += 1
         if not cc.resend:
             return commands.reply(cmd, False, error="resend is disabled (commands.resend = false)")
-        budget = self._resend_budget
-        if budget is None or (budget.count, budget.nbytes) != (cc.resend_per_minute, cc.resend_rows_per_minute):
-            budget = self._resend_budget = commands.Budget(cc.resend_per_minute, cc.resend_rows_per_minute,
-                                                           unit="rows")
+        budget = self._budget("resend", cc.resend_per_minute, cc.resend_rows_per_minute, unit="rows")
         over = budget.allows()
         if over:
             self.command_counts["resend_refused"] += 1
