@@ -8,7 +8,6 @@ on first open: a single machine needs no `--migrate` step (it works too).
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import time
@@ -169,11 +168,7 @@ class SqliteStore:
                 if n.status is not None:
                     c.execute(_STATUS, (device, n.status, now))
                 if n.stats is not None:
-                    dropped, backend, models = (n.stats.get(k) for k in ("dropped", "backend", "models"))
-                    c.execute(_STATS, (device, json.dumps(n.stats), n.stats_ts,
-                                       dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
-                                       backend if isinstance(backend, str) else None,
-                                       json.dumps(models) if isinstance(models, (dict, list)) else None))
+                    c.execute(_STATS, (device, *n.stats_row()))
         out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
         return out
 

@@ -146,6 +146,15 @@ class DeviceNews:
     stats: dict | None = None
     stats_ts: float | None = None
 
+    def stats_row(self) -> tuple:
+        """The stats message as both stores write it: (JSON, ts, dropped, backend, models JSON),
+        a field of the wrong type as NULL."""
+        dropped, backend, models = (self.stats.get(k) for k in ("dropped", "backend", "models"))
+        return (json.dumps(self.stats), self.stats_ts,
+                dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
+                backend if isinstance(backend, str) else None,
+                json.dumps(models) if isinstance(models, (dict, list)) else None)
+
 
 @dataclass
 class Outcome:
@@ -253,13 +262,7 @@ def write(conn, results: list[Result], rejected: list[Rejected], news: dict[str,
             if n.status is not None:
                 conn.execute(_STATUS, (device, n.status))
             if n.stats is not None:
-                models = n.stats.get("models")
-                dropped = n.stats.get("dropped")
-                backend = n.stats.get("backend")
-                conn.execute(_STATS, (device, json.dumps(n.stats), n.stats_ts,
-                                      dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else None,
-                                      backend if isinstance(backend, str) else None,
-                                      json.dumps(models) if isinstance(models, (dict, list)) else None))
+                conn.execute(_STATS, (device, *n.stats_row()))
         out.duplicates = {d: p[3] for d, p in per.items() if p[3]}
     return out
 
